@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny host configs built in code (odd sizes), nothing downloaded."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+VOCAB = 101
+
+
+def tiny_gpt2_config(**overrides):
+    from transformers import GPT2Config
+
+    kw = dict(n_layer=4, n_embd=32, n_head=2, n_inner=37, vocab_size=VOCAB, n_positions=64, bos_token_id=0,
+              eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    kw.update(overrides)
+    return GPT2Config(**kw)
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    kw = dict(num_hidden_layers=4, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+HOST_CONFIGS = {"gpt2": tiny_gpt2_config, "llama": tiny_llama_config}
+
+
+def tiny_prmoe(host="gpt2", moe_layers=(1, 3), num_experts=(3, 5), seed=0, **layout):
+    """A PRMoEForCausalLM on a tiny host, random weights from `seed`."""
+    from moe_convert.configuration_prmoe import PRMoEConfig
+    from moe_convert.modeling import PRMoEForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = PRMoEConfig(text_config=HOST_CONFIGS[host]().to_dict(), moe_layers=list(moe_layers),
+                      num_experts=list(num_experts), **layout)
+    return PRMoEForCausalLM(cfg)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def host(request):
+    return request.param
