@@ -1,0 +1,140 @@
+"""PRMoEForCausalLM: round-trips, generate(), Auto classes, trust_remote_code, training, bad configs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, BertConfig
+
+from conftest import HOST_CONFIGS, VOCAB, tiny_prmoe
+from moe_convert.configuration_prmoe import PRMoEConfig
+from moe_convert.errors import MoEConvertError
+from moe_convert.modeling import PRMoEForCausalLM
+from moe_convert.moe import PRMoELayer
+
+
+@pytest.fixture
+def saved(tmp_path, host):
+    model = tiny_prmoe(host, seed=3).eval()
+    model.save_pretrained(tmp_path)
+    return model, tmp_path
+
+
+def test_save_reload_identical_logits_and_generate(saved):
+    model, path = saved
+    reloaded = PRMoEForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    prompt = ids[:1, :4]
+    a = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    b = reloaded.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert a.shape == (1, 12) and torch.equal(a, b)
+
+
+def test_generate_with_cache_equals_full_forward(saved):
+    model, _ = saved
+    prompt = torch.randint(0, VOCAB, (1, 5))
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    seq = prompt
+    with torch.no_grad():  # greedy by hand, no cache
+        for _ in range(6):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_auto_classes_after_import(saved):
+    model, path = saved
+    assert isinstance(AutoConfig.from_pretrained(path), PRMoEConfig)
+    auto = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert type(auto) is PRMoEForCausalLM
+    ids = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(auto(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_import_is_light_and_registers_lazily():
+    code = (
+        "import sys, moe_convert; assert 'torch' not in sys.modules, 'import pulled torch';"
+        "from transformers import AutoConfig, AutoModelForCausalLM;"
+        "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING;"
+        "from moe_convert.configuration_prmoe import PRMoEConfig;"
+        "assert MODEL_FOR_CAUSAL_LM_MAPPING[PRMoEConfig].__name__ == 'PRMoEForCausalLM'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_trust_remote_code_in_fresh_process(saved, tmp_path_factory):
+    model, path = saved
+    ids = torch.randint(0, VOCAB, (2, 9))
+    out = tmp_path_factory.mktemp("remote") / "logits.pt"
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True).eval()\n"
+        "assert 'moe_convert' not in sys.modules, 'loaded our package instead of the saved code'\n"
+        f"ids = torch.tensor({ids.tolist()})\n"
+        f"torch.save(m(ids).logits.detach(), {str(out)!r})\n"
+    )
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path_factory.mktemp("modules")))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path_factory.mktemp("cwd"))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(out), model(ids).logits, rtol=0, atol=0)
+
+
+def test_config_json_records_layout(saved):
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model_type"] == "prmoe" and cfg["moe_layers"] == [1, 3] and cfg["num_experts"] == [3, 5]
+    assert cfg["auto_map"]["AutoModelForCausalLM"].endswith("PRMoEForCausalLM")
+
+
+def test_training_reduces_loss_and_reaches_every_moe_parameter(host):
+    model = tiny_prmoe(host, seed=5).train()
+    ids = torch.randint(0, VOCAB, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(8):
+        out = model(ids, labels=ids)
+        assert torch.allclose(out.loss, out.ce_loss + model.config.aux_loss_coef * out.aux_loss)
+        opt.zero_grad()
+        out.loss.backward()
+        if step == 0:
+            for layer in model.moe_layers():
+                for name, p in layer.named_parameters():
+                    assert p.grad is not None and p.grad.abs().sum() > 0, name
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_moe_layers_placed_as_configured(host):
+    model = tiny_prmoe(host, moe_layers=(0, 2), num_experts=(2, 7), num_experts_per_tok=2, residual=False)
+    layers = model.moe_layers()
+    assert [m.experts.num_experts for m in layers] == [2, 7]
+    assert all(m.top_k == 2 and not m.residual for m in layers)
+    assert sum(isinstance(m, PRMoELayer) for m in model.modules()) == 2
+
+
+@pytest.mark.parametrize(
+    "layout, field",
+    [
+        (dict(moe_layers=[1], num_experts=[0]), "num_experts"),
+        (dict(moe_layers=[1], num_experts=[2], num_experts_per_tok=3), "top_k"),
+        (dict(moe_layers=[4], num_experts=[2]), "moe_layers"),
+        (dict(moe_layers=[1, 3], num_experts=[2]), "num_experts"),
+        (dict(moe_layers=[1], num_experts=[2], capacity_factor=0.0), "capacity_factor"),
+    ],
+)
+def test_bad_layout_names_the_field(layout, field):
+    with pytest.raises(MoEConvertError, match=field):
+        PRMoEConfig(text_config=HOST_CONFIGS["gpt2"]().to_dict(), **layout)
+
+
+def test_unknown_host_names_supported_ones():
+    cfg = PRMoEConfig(text_config=BertConfig(num_hidden_layers=2).to_dict(), moe_layers=[1], num_experts=[2])
+    with pytest.raises(MoEConvertError, match="gpt2, llama, mistral, qwen2"):
+        PRMoEForCausalLM(cfg)
