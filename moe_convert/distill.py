@@ -1,0 +1,135 @@
+"""Mixture-of-Students: build a shallower student from a (PR-MoE or dense) teacher, and the KD loss.
+
+Student construction (DESIGN.md section 5, PAPER.md "MoS and staged KD"): the student keeps a
+subset of the teacher's decoder layers in order. The default drops the `k` layers right after
+layer 0 — for the paper's 24-layer PR-MoE-32/64 and k=3 that removes two early, small MoE layers
+and one dense layer and keeps every deep, large MoE layer (21 layers, 8x32 + 2x64), exactly the
+paper's L21 student. A kept layer stays MoE with its expert count, so the pyramid is preserved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import parse_int_list
+from .errors import MoEConvertError
+from .modeling import host_spec
+
+
+@dataclass
+class StudentPlan:
+    """Which teacher layer each student layer comes from, and the student's MoE layers."""
+
+    teacher_depth: int
+    kept: list[int]  # kept[i] = teacher layer of student layer i
+    moe_layers: list[int]  # student indices of MoE layers
+    num_experts: list[int]
+
+    @property
+    def depth(self) -> int:
+        return len(self.kept)
+
+    @property
+    def dropped(self) -> list[int]:
+        return [t for t in range(self.teacher_depth) if t not in self.kept]
+
+
+def student_depth(teacher_depth: int, student_layers: int) -> int:
+    """`-k` means teacher depth minus k; a positive number is the absolute depth."""
+    depth = teacher_depth + student_layers if student_layers < 0 else student_layers
+    if not 0 < depth < teacher_depth:
+        raise MoEConvertError(
+            f"student_layers: the student must have between 1 and {teacher_depth - 1} layers "
+            f"(teacher has {teacher_depth}), got {student_layers} -> {depth}"
+        )
+    return depth
+
+
+def plan_student(teacher_config, student_layers: int, keep_layers: str | list[int] | None = None) -> StudentPlan:
+    """The student's layer plan; `keep_layers` names the teacher layers to keep (overrides the default)."""
+    host, moe = _host_and_moe(teacher_config)
+    L = host.num_hidden_layers
+    if keep_layers is not None:
+        kept = parse_int_list(keep_layers, "keep_layers")
+        if sorted(set(kept)) != kept or not all(0 <= t < L for t in kept):
+            raise MoEConvertError(f"keep_layers: must be increasing teacher layer indices in 0..{L - 1}, got {kept}")
+        if not 0 < len(kept) < L:
+            raise MoEConvertError(f"keep_layers: must keep between 1 and {L - 1} layers, got {len(kept)}")
+    else:
+        depth = student_depth(L, student_layers)
+        drop = L - depth
+        kept = [0] + list(range(1 + drop, L)) if depth > 1 else [L - 1]
+    moe_layers = [i for i, t in enumerate(kept) if t in moe]
+    return StudentPlan(L, kept, moe_layers, [moe[kept[i]] for i in moe_layers])
+
+
+def _host_and_moe(config) -> tuple:
+    """(host config, {teacher MoE layer: experts}) for a PR-MoE or a dense config."""
+    if getattr(config, "model_type", None) == "prmoe":
+        return config.text_config, dict(zip(config.moe_layers, config.num_experts))
+    host_spec(config.model_type)  # a clear error for hosts we cannot build students of
+    return config, {}
+
+
+def student_config(teacher_config, plan: StudentPlan):
+    """The teacher's config with the student's depth (and MoE layout when the teacher is PR-MoE)."""
+    host, _ = _host_and_moe(teacher_config)
+    host = type(host).from_dict(host.to_dict())
+    host.num_hidden_layers = plan.depth
+    if getattr(host, "layer_types", None):  # per-layer attention kinds (Mistral/Qwen2 sliding windows)
+        host.layer_types = [host.layer_types[t] for t in plan.kept]
+    if getattr(teacher_config, "model_type", None) != "prmoe":
+        return host
+    cfg = type(teacher_config).from_dict(teacher_config.to_dict())
+    cfg.text_config = host
+    cfg.moe_layers, cfg.num_experts = plan.moe_layers, plan.num_experts
+    cfg.provenance = {**teacher_config.provenance, "student_of_layers": plan.kept}
+    cfg.layout  # validate
+    return cfg
+
+
+def build_student(teacher: torch.nn.Module, plan: StudentPlan, init: str = "teacher", seed: int = 0):
+    """A student model; `init="teacher"` copies the kept layers, embeddings, final norm and head."""
+    if init not in ("teacher", "scratch"):
+        raise MoEConvertError(f"student_init: must be 'teacher' or 'scratch', got {init!r}")
+    cfg = student_config(teacher.config, plan)
+    torch.manual_seed(seed)
+    student = type(teacher)(cfg)
+    if init == "teacher":
+        host, _ = _host_and_moe(teacher.config)
+        prefix = ("host." if cfg.model_type == "prmoe" else "") + host_spec(host.model_type).layers + "."
+        student.load_state_dict(remap_layers(teacher.state_dict(), prefix, plan.kept), strict=True)
+    return student
+
+
+def remap_layers(state: dict, prefix: str, kept: list[int]) -> dict:
+    """Keep the tensors of layers `kept` (renumbered 0..n-1) and every non-layer tensor."""
+    new_index = {t: i for i, t in enumerate(kept)}
+    out = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            out[key] = value
+            continue
+        layer, rest = key[len(prefix):].split(".", 1)
+        if int(layer) in new_index:
+            out[f"{prefix}{new_index[int(layer)]}.{rest}"] = value
+    return out
+
+
+def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float) -> dict[str, torch.Tensor]:
+    """(1 - a) CE + a T^2 KL(p_teacher^T || p_student^T), both over the same non-padding positions.
+
+    logits (B, S, V) predict the next token; labels (B, S) with -100 at padding, as transformers'
+    causal-LM loss takes them (shifted here). Returns `ce`, `kd` and their mix `loss`.
+    """
+    mask = labels[:, 1:] != -100  # (B, S-1)
+    s = student_logits[:, :-1][mask].float()  # (N, V)
+    t = teacher_logits[:, :-1][mask].float()
+    ce = F.cross_entropy(s, labels[:, 1:][mask])
+    log_ps = F.log_softmax(s / temperature, dim=-1)
+    log_pt = F.log_softmax(t / temperature, dim=-1)
+    kd = temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+    return {"ce": ce, "kd": kd, "loss": (1 - alpha) * ce + alpha * kd}

@@ -1,0 +1,88 @@
+"""Mixture-of-Students construction and the KD loss formula."""
+
+import math
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from conftest import VOCAB, tiny_gpt2_config, tiny_prmoe
+from moe_convert.configuration_prmoe import PRMoEConfig
+from moe_convert.distill import build_student, kd_loss, plan_student, student_config
+from moe_convert.errors import MoEConvertError
+
+
+def paper_teacher_config():
+    from transformers import GPT2Config
+
+    host = GPT2Config(n_layer=24, n_embd=64, n_head=2, vocab_size=VOCAB)
+    return PRMoEConfig(text_config=host.to_dict(), moe_layers=list(range(1, 24, 2)), num_experts=[32] * 10 + [64] * 2)
+
+
+def test_default_plan_is_the_papers_L21_student():
+    plan = plan_student(paper_teacher_config(), -3)
+    assert plan.depth == 21 and plan.dropped == [1, 2, 3]  # two early small MoE layers and one dense layer
+    assert plan.num_experts == [32] * 8 + [64] * 2  # PAPER.md: 10 MoE layers, 8x32 + 2x64
+    assert plan_student(paper_teacher_config(), 21).kept == plan.kept
+
+
+def test_named_layers_and_bad_depths():
+    cfg = paper_teacher_config()
+    plan = plan_student(cfg, -1, keep_layers="0,2,3,5,7,9,11,13,15,17,19,21,22,23")
+    assert plan.depth == 14 and plan.moe_layers == [i for i, t in enumerate(plan.kept) if t % 2 == 1]
+    for bad in (-24, 0, 24, 30):
+        with pytest.raises(MoEConvertError, match="student_layers"):
+            plan_student(cfg, bad)
+    with pytest.raises(MoEConvertError, match="keep_layers"):
+        plan_student(cfg, -1, keep_layers="3,1")
+
+
+def test_teacher_init_copies_kept_layers_exactly(host):
+    teacher = tiny_prmoe(host, moe_layers=(1, 3), num_experts=(3, 5), seed=2).eval()
+    plan = plan_student(teacher.config, -1)  # drops layer 1 (a MoE layer), keeps 0, 2, 3
+    student = build_student(teacher, plan, "teacher").eval()
+    assert plan.kept == [0, 2, 3] and student.config.moe_layers == [2] and student.config.num_experts == [5]
+    t_layers = teacher.host.get_submodule("transformer.h" if host == "gpt2" else "model.layers")
+    s_layers = student.host.get_submodule("transformer.h" if host == "gpt2" else "model.layers")
+    for i, t in enumerate(plan.kept):
+        for (name, a), (_, b) in zip(t_layers[t].state_dict().items(), s_layers[i].state_dict().items()):
+            assert torch.equal(a, b), (i, t, name)
+    assert torch.equal(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        assert student(ids).logits.shape == (2, 10, VOCAB)
+
+
+def test_dense_teacher_student():
+    torch.manual_seed(0)
+    teacher = GPT2LMHeadModel(tiny_gpt2_config())
+    plan = plan_student(teacher.config, -2)
+    student = build_student(teacher, plan, "teacher")
+    assert student.config.num_hidden_layers == 2 and plan.kept == [0, 3]
+    assert torch.equal(student.transformer.h[1].mlp.c_fc.weight, teacher.transformer.h[3].mlp.c_fc.weight)
+    scratch = build_student(teacher, plan, "scratch")
+    assert not torch.equal(scratch.transformer.h[1].mlp.c_fc.weight, teacher.transformer.h[3].mlp.c_fc.weight)
+    assert student_config(teacher.config, plan).n_layer == 2
+
+
+def test_kd_loss_is_the_formula_on_hand_made_logits():
+    # One sequence of 3 tokens, vocabulary 2; position 1's label is padding.
+    s = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]]])
+    t = torch.tensor([[[0.0, 1.0], [3.0, 0.0], [9.0, 9.0]]])
+    labels = torch.tensor([[-100, 1, -100]])  # only position 0 predicts a real label (token 1)
+    alpha, T = 0.25, 2.0
+    out = kd_loss(s, t, labels, alpha, T)
+    # position 0 only: student logits (1, 0), teacher logits (0, 1), at temperature 2
+    ps = [math.exp(0.5) / (math.exp(0.5) + 1), 1 / (math.exp(0.5) + 1)]
+    pt = [1 / (1 + math.exp(0.5)), math.exp(0.5) / (1 + math.exp(0.5))]
+    kl = sum(p * math.log(p / q) for p, q in zip(pt, ps))
+    ce = -math.log(1 / (1 + math.e))
+    assert out["ce"].item() == pytest.approx(ce, rel=1e-6)
+    assert out["kd"].item() == pytest.approx(T * T * kl, rel=1e-6)
+    assert out["loss"].item() == pytest.approx((1 - alpha) * ce + alpha * T * T * kl, rel=1e-6)
+
+
+def test_kd_is_zero_when_student_equals_teacher():
+    logits = torch.randn(2, 7, VOCAB)
+    labels = torch.randint(0, VOCAB, (2, 7))
+    assert kd_loss(logits, logits.clone(), labels, 0.5, 1.0)["kd"].abs().item() < 1e-6
