@@ -8,6 +8,7 @@ moe_convert` itself, and so the CLI's `--help`, stays instant.
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import sys
@@ -15,26 +16,17 @@ import sys
 __version__ = "0.1.0"
 
 
-def _register_config() -> None:
-    from transformers import AutoConfig
-
-    from .configuration_prmoe import PRMoEConfig
-
-    AutoConfig.register(PRMoEConfig.model_type, PRMoEConfig, exist_ok=True)
-
-
-def _register_model() -> None:
-    from transformers import AutoModelForCausalLM
-
-    from .modeling import PRMoEConfig, PRMoEForCausalLM
-
-    AutoModelForCausalLM.register(PRMoEConfig, PRMoEForCausalLM, exist_ok=True)
-
-
+# transformers module -> our module that registers itself with the Auto classes when imported
 _REGISTER_AFTER = {
-    "transformers.models.auto.configuration_auto": _register_config,
-    "transformers.models.auto.modeling_auto": _register_model,
+    "transformers.models.auto.configuration_auto": ".configuration_prmoe",
+    "transformers.models.auto.modeling_auto": ".modeling",
 }
+
+
+def _register(transformers_module: str) -> None:
+    # A plain import: if our module is itself mid-import (it triggered transformers), this returns
+    # the partial module and its own last lines do the registration.
+    importlib.import_module(_REGISTER_AFTER[transformers_module], __name__)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
@@ -54,17 +46,17 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
         def exec_then_register(module):
             exec_module(module)
-            _REGISTER_AFTER[name]()
+            _register(name)
 
         spec.loader.exec_module = exec_then_register
         return spec
 
 
 def _install() -> None:
-    pending = {name: fn for name, fn in _REGISTER_AFTER.items() if name not in sys.modules}
-    for name, fn in _REGISTER_AFTER.items():
+    pending = [name for name in _REGISTER_AFTER if name not in sys.modules]
+    for name in _REGISTER_AFTER:
         if name not in pending:
-            fn()
+            _register(name)
     if pending and not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())
 

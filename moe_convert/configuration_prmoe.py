@@ -60,3 +60,7 @@ class PRMoEConfig(PreTrainedConfig):
         fields.pop("num_layers")
         fields["num_experts_per_tok"] = fields.pop("top_k")
         return cls(text_config=host_config, provenance=provenance, **fields, **kwargs)
+
+
+if __name__.startswith("moe_convert."):  # the installed package; a trust_remote_code copy is resolved by transformers
+    AutoConfig.register(PRMoEConfig.model_type, PRMoEConfig, exist_ok=True)

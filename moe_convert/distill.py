@@ -9,7 +9,12 @@ paper's L21 student. A kept layer stays MoE with its expert count, so the pyrami
 
 from __future__ import annotations
 
+import gc
+import json
+import shutil
+import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 from .config import parse_int_list
 from .errors import MoEConvertError
 from .modeling import host_spec
+from .train import METRICS, SAVE_DTYPES, Trainer, TrainJob, TrainResult, causal_lm_loss, evaluate, load_model, max_positions
 
 
 @dataclass
@@ -133,3 +139,157 @@ def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: f
     log_pt = F.log_softmax(t / temperature, dim=-1)
     kd = temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
     return {"ce": ce, "kd": kd, "loss": (1 - alpha) * ce + alpha * kd}
+
+
+# --- the staged-KD run ---------------------------------------------------------------------------
+
+
+@dataclass
+class DistillJob(TrainJob):
+    """One `distill` run; `model` is the teacher directory (`teacher` in recipes and on the CLI)."""
+
+    student_layers: int = -1
+    keep_layers: str | None = None  # teacher layers to keep, e.g. "0,4,5,...,23" (overrides the default)
+    student_init: str = "teacher"  # "teacher": copy kept layers; "scratch": random init (the paper)
+    alpha: float = 0.5  # weight of the KD term while KD is on
+    temperature: float = 1.0
+    kd_stop: float = 0.5  # KD for the first kd_stop of the steps, then CE only, teacher released
+    teacher_dtype: str = "fp32"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise MoEConvertError(f"alpha: must be in [0, 1], got {self.alpha}")
+        if not self.temperature > 0:
+            raise MoEConvertError(f"temperature: must be > 0, got {self.temperature}")
+        if not 0.0 <= self.kd_stop <= 1.0:
+            raise MoEConvertError(f"kd_stop: must be in [0, 1] (a fraction of the steps), got {self.kd_stop}")
+        if self.student_init not in ("teacher", "scratch"):
+            raise MoEConvertError(f"student_init: must be 'teacher' or 'scratch', got {self.student_init!r}")
+        if self.teacher_dtype not in SAVE_DTYPES:
+            raise MoEConvertError(f"teacher_dtype: must be one of {', '.join(SAVE_DTYPES)}, got {self.teacher_dtype!r}")
+
+    @property
+    def kd_steps(self) -> int:
+        """Optimizer steps that use KD: steps [0, kd_steps)."""
+        return round(self.kd_stop * self.config.steps)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DistillJob":
+        d = dict(d)
+        if "teacher" in d:
+            d["model"] = d.pop("teacher")
+        return super().from_dict(d)
+
+
+class StagedKD:
+    """The staged-KD loss and its switch, as a `Trainer` plug-in (`loss_fn`, `on_step`).
+
+    Whether step `s` uses KD depends on `s` alone, so a resume continues exactly across the switch.
+    At the switch the teacher is dropped and its memory released; later steps never touch it.
+    """
+
+    def __init__(self, teacher, kd_steps: int, alpha: float, temperature: float):
+        self.teacher, self.kd_steps, self.alpha, self.temperature = teacher, kd_steps, alpha, temperature
+
+    def on_step(self, step: int) -> None:
+        if step >= self.kd_steps and self.teacher is not None:
+            self.teacher = None
+            gc.collect()
+
+    def loss(self, model, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        if self.teacher is None:
+            return {**causal_lm_loss(model, batch, step), "kd_on": torch.zeros(())}
+        with torch.inference_mode():
+            teacher_logits = self.teacher(input_ids=batch).logits
+        out = model(input_ids=batch)
+        # clone: inference-mode tensors cannot take part in the student's autograd graph
+        logs = kd_loss(out.logits, teacher_logits.clone(), batch, self.alpha, self.temperature)
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None:
+            logs["aux"] = aux
+            logs["loss"] = logs["loss"] + _unwrap(model).config.aux_loss_coef * aux
+        return {**logs, "kd_on": torch.ones(())}
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+@dataclass
+class DistillResult:
+    plan: StudentPlan
+    teacher: dict  # layers, total/active params, eval loss/ppl
+    student: dict
+    kd_steps: int
+    step_seconds: dict[str, float | None]  # median step time while KD is on / after the switch
+    train: TrainResult
+
+
+def _params(config) -> dict:
+    from .summary import summarize_config
+
+    s = summarize_config(config)
+    return {"total_params": s.total_params, "active_params": s.active_params}
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None = None, overwrite: bool = False,
+                progress: bool = True) -> DistillResult:
+    """The `distill` command: plan and build the student, train it with staged KD, save it."""
+    from accelerate import PartialState
+
+    from .data import load_packed, load_tokenizer
+    out = Path(job.output)
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise MoEConvertError(f"output: {out} is not empty; pass --resume to continue it or --overwrite to replace it")
+    tokenizer = load_tokenizer(job.model)
+    teacher = load_model(job.model)
+    vocab = teacher.config.get_text_config().vocab_size
+    if len(tokenizer) > vocab:
+        raise MoEConvertError(
+            f"tokenizer: {len(tokenizer)} tokens but the teacher's vocabulary has {vocab}; teacher and data "
+            "must share one tokenizer"
+        )
+    plan = plan_student(teacher.config, job.student_layers, job.keep_layers)
+    with PartialState().main_process_first():
+        data = load_packed(job.data, tokenizer, job.seq_len, text_field=job.text_field,
+                           eval_fraction=job.eval_fraction, max_positions=max_positions(teacher.config))
+    student = build_student(teacher, plan, job.student_init, seed=job.config.seed)
+    if overwrite and not resume and PartialState().is_main_process:
+        shutil.rmtree(out, ignore_errors=True)
+
+    teacher.to(SAVE_DTYPES[job.teacher_dtype]).eval().requires_grad_(False)
+    teacher_eval_file = out / "teacher_eval.json"
+    if resume and teacher_eval_file.exists():
+        teacher_eval = json.loads(teacher_eval_file.read_text())
+    else:
+        teacher_eval = evaluate(teacher, data.eval[: job.config.eval_windows or None])
+    teacher_row = {"layers": teacher.config.get_text_config().num_hidden_layers, **_params(teacher.config),
+                   "eval_loss": teacher_eval["loss"], "eval_ppl": teacher_eval["ppl"]}
+    kd = StagedKD(teacher if job.kd_steps > 0 else None, job.kd_steps, job.alpha, job.temperature)
+    del teacher  # from here the StagedKD plug-in holds the only reference
+    trainer = Trainer(student, data, job.config, out, loss_fn=kd.loss, on_step=kd.on_step, progress=progress)
+    if kd.teacher is not None:
+        kd.teacher.to(trainer.accelerator.device)
+    if trainer.accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        teacher_eval_file.write_text(json.dumps(teacher_eval))
+    result = trainer.fit(resume=resume, stop_after=stop_after)
+    if result.steps == job.config.steps:
+        trainer.save_model(tokenizer, SAVE_DTYPES[job.save_dtype])
+
+    tokens_per_step = job.config.batch_size * job.seq_len
+    records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()] if (out / METRICS).exists() else []
+    times = {"kd": [], "ce": []}
+    for r in records:
+        if r.get("kind") == "train" and r.get("tokens_per_s"):
+            times["kd" if r.get("kd_on") else "ce"].append(tokens_per_step / r["tokens_per_s"])
+    student_cfg = _unwrap(trainer.model).config
+    student_row = {"layers": plan.depth, **_params(student_cfg), "eval_loss": result.eval_loss,
+                   "eval_ppl": result.eval_ppl}
+    return DistillResult(plan, teacher_row, student_row, job.kd_steps,
+                         {phase: _median(v) for phase, v in times.items()}, result)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import transformers
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
@@ -155,3 +155,6 @@ class PRMoEForCausalLM(PreTrainedModel, GenerationMixin):
 
 PRMoEConfig.register_for_auto_class()
 PRMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+if __name__.startswith("moe_convert."):  # the installed package; a trust_remote_code copy is resolved by transformers
+    AutoModelForCausalLM.register(PRMoEConfig, PRMoEForCausalLM, exist_ok=True)

@@ -81,8 +81,8 @@ def test_trust_remote_code_in_fresh_process(saved, tmp_path_factory):
     )
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path_factory.mktemp("modules")))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path_factory.mktemp("cwd"))
-    with torch.no_grad():
-        torch.testing.assert_close(torch.load(out), model(ids).logits, rtol=0, atol=0)
+    with torch.no_grad():  # another process may pick other CPU kernels: fp32 rounding, not exact bits
+        torch.testing.assert_close(torch.load(out), model(ids).logits, rtol=1e-5, atol=1e-6)
 
 
 def test_config_json_records_layout(saved):
