@@ -1,19 +1,50 @@
-"""Token routing, sort-based dispatch, expert matmuls over contiguous slices, and combine.
+"""Token routing, sort-based dispatch, expert matmuls over contiguous slices, and a fused combine.
 
-This is the fast path both the PR-MoE layer (`moe.py`) and the inference runtime call. It never
-builds a `tokens x experts x capacity` one-hot tensor: the gate produces a dense token->expert
-mapping, a stable sort groups the assignments by expert, each expert multiplies one contiguous
-slice, and an index-add scatters the weighted results back (DeepSpeed-MoE paper, section 5.3).
+This is the fast path both the PR-MoE layer (`moe.py`) and the inference runtime (`runtime.py`)
+call. It never builds a `tokens x experts x capacity` one-hot tensor: the gate produces a dense
+token->expert mapping, a stable sort groups the assignments by expert, each expert multiplies one
+contiguous slice, and an index-add scatters the weighted results back (DeepSpeed-MoE paper,
+section 5.3) straight into the residual branch's output. Experts that got no tokens are never read.
+
+The expert matmuls have two backends, picked per call by `pick_backend` from measurements on CPU
+(README "Export, inference kernels, benchmarks"; `moe-convert bench layer` re-measures them):
+- "loop": one `addmm` per expert that received tokens, over its contiguous slice;
+- "grouped_mm": `torch.nn.functional.grouped_mm` with per-expert offsets (one call per matrix).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .config import expert_capacity
+
+# Activations by config name, as fused torch functions (one pass over memory instead of several).
+ACTIVATIONS = {
+    "gelu_new": functools.partial(F.gelu, approximate="tanh"),  # GPT-2's tanh GELU
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "gelu_fast": functools.partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "relu": F.relu,
+}
+# transformers' activation modules with a fused equivalent above (same function to fp32 rounding).
+_FUSED_BY_CLASS = {
+    "NewGELUActivation": "gelu_new", "GELUTanh": "gelu_pytorch_tanh", "PytorchGELUTanh": "gelu_pytorch_tanh",
+    "FastGELUActivation": "gelu_fast", "GELUActivation": "gelu", "GELU": "gelu", "SiLUActivation": "silu",
+    "SiLU": "silu", "ReLU": "relu",
+}
+
+
+def fused_activation(act):
+    """The fused torch function computing `act` (a transformers/torch activation module), else `act` itself."""
+    if isinstance(act, torch.nn.GELU) and act.approximate == "tanh":
+        return ACTIVATIONS["gelu_pytorch_tanh"]
+    return ACTIVATIONS.get(_FUSED_BY_CLASS.get(type(act).__name__), act)
 
 
 @dataclass
@@ -99,36 +130,108 @@ def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], act) -> torch.Tensor:
     return h @ w["w_out"]
 
 
-def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, stacked: dict[str, torch.Tensor], act) -> torch.Tensor:
+def _loop_linear(x: torch.Tensor, slices: list[tuple[int, int, int]], w: torch.Tensor, b: torch.Tensor | None,
+                 differentiable: bool) -> torch.Tensor:
+    """x (N, in) grouped by expert, w [E, in, out] -> (N, out): one matmul per (expert, start, stop) slice.
+
+    Without autograd each slice's product is written in place into one output buffer; with autograd
+    the slices are concatenated (`out=` has no backward).
+    """
+    if differentiable:
+        parts = [x[s:t] @ w[e] if b is None else torch.addmm(b[e], x[s:t], w[e]) for e, s, t in slices]
+        return torch.cat(parts) if parts else x.new_zeros(0, w.shape[-1])
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    for e, s, t in slices:
+        if b is None:
+            torch.mm(x[s:t], w[e], out=out[s:t])
+        else:
+            torch.addmm(b[e], x[s:t], w[e], out=out[s:t])
+    return out
+
+
+def _grouped_linear(x: torch.Tensor, counts: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x (N, in) grouped by expert, w [E, in, out] -> (N, out) in one `grouped_mm` call (empty groups skipped)."""
+    y = F.grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
+    if b is not None:
+        y = y + b.repeat_interleave(counts, dim=0, output_size=x.shape[0])  # (N, out) bias of each row's expert
+    return y
+
+
+def grouped_mm_ok(x: torch.Tensor, stacked: dict[str, torch.Tensor]) -> bool:
+    """`grouped_mm` exists and (on CPU) every matrix row stride is a multiple of 16 bytes, as it demands."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    return all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0
+               for w in stacked.values() if w.dim() == 3) and x.shape[-1] * x.element_size() % 16 == 0
+
+
+def pick_backend(x: torch.Tensor, counts: torch.Tensor, stacked: dict[str, torch.Tensor]) -> str:
+    """The faster expert-matmul backend for this call, from measurements (README, `bench layer`).
+
+    On CPU (torch 2.13, fp32 and bf16, T=64..4096, E=4..128, d=512) `grouped_mm` is a loop of
+    matmuls inside ATen and never beat our own per-expert loop (1.0-1.6x slower; the loop also
+    skips the bias gather). On CUDA we follow transformers' default (one grouped GEMM kernel for
+    calls big enough to fill the device); that branch is not measured here (no GPU).
+    """
+    if x.device.type == "cuda" and grouped_mm_ok(x, stacked) and x.shape[0] >= 64:
+        return "grouped_mm"
+    return "loop"
+
+
+def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, stacked: dict[str, torch.Tensor], act,
+               backend: str | None = None) -> torch.Tensor:
     """Run each expert on its contiguous slice of the expert-sorted tokens.
 
     x_sorted (N, d), counts (E,), stacked weights [E, ...] -> (N, d). Experts that received no
-    tokens are skipped: their weights are never read.
+    tokens are skipped: their weights are never read. All experts' first matmuls run, then one
+    activation over the whole (N, f) intermediate, then all second matmuls.
     """
-    outs = []
-    start = 0
-    for e, n in enumerate(counts.tolist()):
-        if n == 0:
-            continue
-        outs.append(ffn(x_sorted[start : start + n], {k: v[e] for k, v in stacked.items()}, act))
-        start += n
-    if not outs:
-        return x_sorted.new_zeros(0, x_sorted.shape[-1])
-    return torch.cat(outs)
+    act = fused_activation(act)
+    backend = backend or pick_backend(x_sorted, counts, stacked)
+    if backend == "grouped_mm":
+        def linear(h, name, bias=None):
+            return _grouped_linear(h, counts, stacked[name], stacked.get(bias) if bias else None)
+    else:
+        differentiable = torch.is_grad_enabled() and (x_sorted.requires_grad or any(
+            w.requires_grad for w in stacked.values()))
+        ends = counts.cumsum(0).tolist()
+        slices = [(e, t - n, t) for e, (n, t) in enumerate(zip(counts.tolist(), ends)) if n]
+
+        def linear(h, name, bias=None):
+            return _loop_linear(h, slices, stacked[name], stacked.get(bias) if bias else None, differentiable)
+
+    if "w_gate" in stacked:
+        h = act(linear(x_sorted, "w_gate")) * linear(x_sorted, "w_up")  # (N, f)
+    else:
+        h = act(linear(x_sorted, "w_in", "b_in"))  # (N, f)
+    return linear(h, "w_out", "b_out")  # (N, d)
 
 
-def combine(y_sorted: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:
-    """Un-sort: weighted expert outputs (N, d) scattered back to their tokens -> (T, d)."""
-    out = y_sorted.new_zeros(num_tokens, y_sorted.shape[-1])
-    return out.index_add_(0, routing.token, y_sorted * routing.weight.unsqueeze(-1).to(y_sorted.dtype))
+def combine(y_sorted: torch.Tensor, routing: Routing, num_tokens: int,
+            residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Un-sort: weighted expert outputs (N, d) scattered back to their tokens -> (T, d).
+
+    With `residual = (coef (T, 2), dense (T, d))` the PR-MoE mix `coef0 * moe + coef1 * dense` is
+    fused in: the scatter adds `coef0 * weight * y` straight into `coef1 * dense`.
+    """
+    weight = routing.weight  # (N,)
+    if residual is None:
+        out = y_sorted.new_zeros(num_tokens, y_sorted.shape[-1])
+    else:
+        coef, dense = residual
+        out = dense * coef[:, 1:].to(dense.dtype)  # (T, d)
+        weight = weight * coef[routing.token, 0].to(weight.dtype)
+    return out.index_add_(0, routing.token, y_sorted * weight.unsqueeze(-1).to(y_sorted.dtype))
 
 
 def moe_forward(x: torch.Tensor, router_weight: torch.Tensor, stacked: dict, act, top_k=1, capacity_factor=None,
-                min_capacity=4, dropout: float = 0.0, training: bool = False) -> tuple[torch.Tensor, Routing]:
-    """Routed-expert branch for x (T, d): gate in fp32, dispatch by sort, experts, combine -> (T, d)."""
+                min_capacity=4, dropout: float = 0.0, training: bool = False,
+                residual: tuple[torch.Tensor, torch.Tensor] | None = None,
+                backend: str | None = None) -> tuple[torch.Tensor, Routing]:
+    """PR-MoE branch for x (T, d): gate in fp32, dispatch by sort, experts, combine (+ residual mix) -> (T, d)."""
     logits = F.linear(x.float(), router_weight.float())  # (T, E) fp32, as DeepSpeed's gate
     routing = route(logits, top_k, capacity_factor, min_capacity)
-    y = expert_ffn(x[routing.token], routing.counts, stacked, act)  # (N, d)
+    y = expert_ffn(x[routing.token], routing.counts, stacked, act, backend)  # (N, d)
     if dropout and training:
         y = F.dropout(y, dropout, training=True)
-    return combine(y, routing, x.shape[0]), routing
+    return combine(y, routing, x.shape[0], residual), routing

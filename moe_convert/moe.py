@@ -72,13 +72,12 @@ class PRMoELayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (T, d)
+        # residual: coef (T, 2) and the dense FFN's output (T, d), mixed inside the kernel's combine
+        residual = (self.coefficient(x).softmax(dim=-1), self.mlp(x)) if self.residual else None
         y, routing = moe_forward(
             x, self.router.weight, self.experts.stacked(), self.experts.act, self.top_k, self.capacity_factor,
-            self.min_capacity, self.experts.dropout, self.training,
+            self.min_capacity, self.experts.dropout, self.training, residual,
         )  # (T, d)
-        if self.residual:
-            coef = self.coefficient(x).softmax(dim=-1)  # (T, 2)
-            y = y * coef[:, 0:1] + self.mlp(x) * coef[:, 1:]
         self.aux_loss = routing.aux_loss
         self.expert_counts = routing.first_choice_counts.detach()
         return y.reshape(shape)

@@ -1,0 +1,316 @@
+"""`moe-convert bench layer`: one PR-MoE layer (top-1 + residual, GPT-2 kind FFN, f = 4d) timed across
+implementations on the same inputs and weights, against the hardware floor measured in the same run.
+
+Implementations (each computes `c0 * moe(x) + c1 * mlp(x)` with an fp32 top-1 gate):
+- `moe_convert`: our kernels (`kernels.moe_forward`, backend picked by `pick_backend`);
+  `moe_convert[loop]` / `moe_convert[grouped_mm]` force one expert-matmul backend (the dispatch table's evidence);
+- `deepspeed`: `deepspeed.moe.layer.MoE(d, GPT2MLP, E, k=1, use_residual=True, drop_tokens=False)`;
+- `einsum`: the paper's baseline, a faithful small copy of DeepSpeed's old dense one-hot dispatch
+  (`einsum("sec,sm->ecm")`, per-expert FFNs on the [E, C, d] buffer, `einsum("sec,ecm->sm")`), dropless;
+- `hf_eager`, `hf_grouped_mm`, `hf_batched_mm`: transformers' experts backends on its own non-gated
+  experts class (`NemotronHExperts`, no biases: the bench's biases are zero so every row computes the same function);
+- `dense_ffn`: a dense FFN of the same useful FLOPs (expert branch + residual branch = 2 FFNs over T tokens);
+- `floor`: max(useful FLOPs / measured GEMM rate, bytes of the weights that must be read / measured bandwidth).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from .errors import MoEConvertError
+from .kernels import ACTIVATIONS, ffn, moe_forward
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ACT = "gelu_pytorch_tanh"  # GPT-2's tanh GELU, fused in every implementation
+BATCHED_MM_LIMIT = 2 * 2**30  # hf_batched_mm copies the chosen expert's weights per token: skip past 2 GiB
+
+
+def init_single_process_dist() -> None:
+    """torch.distributed with gloo, world size 1, on a free local port (DeepSpeed's MoE wants a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def deepspeed_moe_class():
+    """`deepspeed.moe.layer.MoE`, ready to build (process group up), its log kept off stdout.
+
+    DeepSpeed's logger binds to `sys.stdout` when first imported, so it is imported with stdout
+    pointed at stderr: `--json` output must stand alone. ImportError when DeepSpeed is not installed.
+    """
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.moe.layer import MoE
+    from deepspeed.utils import logger
+
+    logger.setLevel("WARNING")
+    init_single_process_dist()
+    return MoE
+
+
+@dataclass
+class LayerWeights:
+    """One PR-MoE layer's tensors, GPT-2 kind, [in, out] layout."""
+
+    router: torch.Tensor  # (E, d)
+    stacked: dict[str, torch.Tensor]  # w_in [E, d, f], b_in [E, f], w_out [E, f, d], b_out [E, d]
+    dense: dict[str, torch.Tensor]  # the residual FFN, same keys without E
+    coef_w: torch.Tensor  # (2, d)
+    coef_b: torch.Tensor  # (2,)
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.shape[0]
+
+
+def make_weights(E: int, d: int, dtype: torch.dtype, seed: int = 0) -> LayerWeights:
+    g = torch.Generator().manual_seed(seed)
+    f = 4 * d
+
+    def rnd(*shape, std):
+        return (torch.randn(*shape, generator=g) * std).to(dtype)
+
+    def zeros(*shape):
+        return torch.zeros(*shape, dtype=dtype)
+
+    stacked = {"w_in": rnd(E, d, f, std=d**-0.5), "b_in": zeros(E, f), "w_out": rnd(E, f, d, std=f**-0.5),
+               "b_out": zeros(E, d)}
+    dense = {"w_in": rnd(d, f, std=d**-0.5), "b_in": zeros(f), "w_out": rnd(f, d, std=f**-0.5), "b_out": zeros(d)}
+    return LayerWeights(rnd(E, d, std=d**-0.5), stacked, dense, rnd(2, d, std=d**-0.5), zeros(2))
+
+
+# --- implementations: each builds a callable x (T, d) -> y (T, d) from the same weights -------------
+def _residual(w: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return F.linear(x, w.coef_w, w.coef_b).softmax(-1), ffn(x, w.dense, ACTIVATIONS[ACT])
+
+
+def impl_moe_convert(w: LayerWeights, backend: str | None = None) -> Callable:
+    def run(x):
+        return moe_forward(x, w.router, w.stacked, ACTIVATIONS[ACT], residual=_residual(w, x), backend=backend)[0]
+    return run
+
+
+def _top1(w: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 gate: (T,) expert ids and (T,) raw top-1 probabilities."""
+    probs = F.linear(x.float(), w.router.float()).softmax(-1)
+    p, e = probs.max(-1)
+    return e, p
+
+
+def _mix(w, x, moe_out):
+    coef, dense = _residual(w, x)
+    return moe_out * coef[:, 0:1] + dense * coef[:, 1:]
+
+
+def impl_einsum(w: LayerWeights) -> Callable:
+    """DeepSpeed <= 0.19.3's dense dispatch (GShard einsums), dropless capacity = max count."""
+    act = ACTIVATIONS[ACT]
+
+    def run(x):
+        E = w.num_experts
+        e, p = _top1(w, x)
+        mask = F.one_hot(e, E)  # (T, E)
+        loc = (mask.cumsum(0) - 1) * mask  # (T, E) slot of each token inside its expert
+        C = int(mask.sum(0).max())
+        combine = (p[:, None] * mask)[:, :, None] * F.one_hot(loc.sum(1), C)[:, None, :]  # (T, E, C) fp32
+        dispatched = torch.einsum("sec,sm->ecm", (combine > 0).to(x.dtype), x)  # (E, C, d)
+        out = torch.stack([ffn(dispatched[j], {k: v[j] for k, v in w.stacked.items()}, act) for j in range(E)])
+        return _mix(w, x, torch.einsum("sec,ecm->sm", combine.to(x.dtype), out))  # (T, d)
+    return run
+
+
+def impl_hf(w: LayerWeights, backend: str) -> Callable | None:
+    """transformers' experts backends (`eager`, `grouped_mm`, `batched_mm`) on its non-gated experts class."""
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    E, d = w.router.shape
+    f = 4 * d
+    cfg = SimpleNamespace(n_routed_experts=E, hidden_size=d, moe_intermediate_size=f, moe_latent_size=None,
+                          mlp_hidden_act=ACT, _experts_implementation=backend)
+    experts = NemotronHExperts(cfg).to(w.router.dtype)
+    with torch.no_grad():
+        experts.up_proj.copy_(w.stacked["w_in"].transpose(1, 2))  # [E, f, d]
+        experts.down_proj.copy_(w.stacked["w_out"].transpose(1, 2))  # [E, d, f]
+
+    def run(x):
+        e, p = _top1(w, x)
+        return _mix(w, x, experts(x, e[:, None], p[:, None].to(x.dtype)).to(x.dtype))
+    return run
+
+
+def impl_deepspeed(w: LayerWeights) -> Callable:
+    MoE = deepspeed_moe_class()
+    from transformers import GPT2Config
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+    E, d = w.router.shape
+    cfg = GPT2Config(n_embd=d, activation_function=ACT, resid_pdrop=0.0)
+    layer = MoE(d, GPT2MLP(4 * d, cfg), num_experts=E, k=1, use_residual=True, drop_tokens=False).eval()
+    sd = {"deepspeed_moe.gate.wg.weight": w.router, "coefficient.weight": w.coef_w, "coefficient.bias": w.coef_b}
+    conv = {"c_fc.weight": "w_in", "c_fc.bias": "b_in", "c_proj.weight": "w_out", "c_proj.bias": "b_out"}
+    for key, ours in conv.items():
+        sd[f"mlp.{key}"] = w.dense[ours]
+        for j in range(E):
+            sd[f"deepspeed_moe.experts.deepspeed_experts.{j}.{key}"] = w.stacked[ours][j]
+    layer.load_state_dict({k: v.float() for k, v in sd.items()})
+    layer.to(w.router.dtype)
+
+    def run(x):
+        return layer(x[None])[0][0]
+    return run
+
+
+def impl_dense(w: LayerWeights) -> Callable:
+    """Same useful FLOPs as the layer's two branches: one dense FFN over 2T tokens."""
+    act = ACTIVATIONS[ACT]
+    return lambda x: ffn(torch.cat([x, x]), w.dense, act)
+
+
+IMPLS: dict[str, Callable[[LayerWeights], Callable | None]] = {
+    "moe_convert": impl_moe_convert,
+    "moe_convert[loop]": lambda w: impl_moe_convert(w, "loop"),
+    "moe_convert[grouped_mm]": lambda w: impl_moe_convert(w, "grouped_mm"),
+    "deepspeed": impl_deepspeed,
+    "einsum": impl_einsum,
+    "hf_eager": lambda w: impl_hf(w, "eager"),
+    "hf_grouped_mm": lambda w: impl_hf(w, "grouped_mm"),
+    "hf_batched_mm": lambda w: impl_hf(w, "batched_mm"),
+    "dense_ffn": impl_dense,
+}
+
+
+# --- the machine and the floor -------------------------------------------------------------------
+def _median_ms(fn: Callable, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+@dataclass
+class Machine:
+    gemm_gflops: float  # dense matmul rate in the bench dtype
+    bandwidth_gbs: float  # memory read bandwidth (sum over a tensor far larger than the caches)
+
+
+def measure_machine(d: int, dtype: torch.dtype, repeats: int = 5) -> Machine:
+    """Best GEMM rate of a (2048, d) x (d, 4d) matmul in `dtype`; best read bandwidth summing 256 MiB.
+
+    Best, not median: the floor is a lower bound, and on a shared machine the slow samples measure
+    the neighbours.
+    """
+    a, b = torch.randn(2048, d, dtype=dtype), torch.randn(d, 4 * d, dtype=dtype)
+    big = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB
+    gemm_ms = min(_median_ms(lambda: a @ b, 1) for _ in range(repeats))
+    bw_ms = min(_median_ms(big.sum, 1) for _ in range(repeats))
+    return Machine(2 * 2048 * d * 4 * d / gemm_ms / 1e6, big.numel() * 4 / bw_ms / 1e6)
+
+
+def floor_ms(w: LayerWeights, x: torch.Tensor, m: Machine) -> tuple[float, float, float]:
+    """(floor, compute part, bytes part) in ms: useful FLOPs and weights every correct implementation must read."""
+    T, d = x.shape
+    E, f = w.num_experts, 4 * d
+    hit = int(_top1(w, x)[0].unique().numel())  # experts that received tokens
+    flops = T * (2 * d * E + 2 * (2 * 2 * d * f) + 2 * d * 2)  # router + expert FFN + dense FFN + coefficient
+    per_ffn = 2 * d * f + f + d
+    weights = (hit * per_ffn + per_ffn + E * d + 2 * d + 2) * x.element_size()
+    compute, memory = flops / m.gemm_gflops / 1e6, weights / m.bandwidth_gbs / 1e6
+    return max(compute, memory), compute, memory
+
+
+@dataclass
+class BenchRow:
+    impl: str
+    tokens: int
+    hidden: int
+    experts: int
+    dtype: str
+    ms: float | None
+    vs_floor: float | None = None  # ms / floor ms (>= 1)
+    speedup_vs_deepspeed: float | None = None  # deepspeed ms / ms (> 1: faster than DeepSpeed)
+    max_err: float | None = None  # max |y - y_moe_convert| / max |y_moe_convert|
+    note: str = ""
+
+
+def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32", impls: list[str] | None = None,
+                repeats: int = 5, seed: int = 0, threads: int | None = None,
+                on_step: Callable[[str], None] = lambda s: None) -> tuple[Machine, list[BenchRow]]:
+    """Time every implementation on the same weights and input per expert count; medians over `repeats`."""
+    if dtype not in DTYPES:
+        raise MoEConvertError(f"--dtype {dtype!r} is not known; choose one of {', '.join(DTYPES)}")
+    impls = impls or list(IMPLS)
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown:
+        raise MoEConvertError(f"--impls: unknown {', '.join(unknown)}; known: {', '.join(IMPLS)}")
+    if tokens < 1 or hidden < 1 or any(e < 1 for e in experts) or repeats < 1:
+        raise MoEConvertError("bench layer: --tokens, --hidden, --experts and --repeats must be >= 1")
+    if "deepspeed" in impls:
+        try:
+            deepspeed_moe_class()
+        except ImportError:
+            impls = [i for i in impls if i != "deepspeed"]
+    if threads:
+        torch.set_num_threads(threads)
+    torch_dtype = DTYPES[dtype]
+    machine = measure_machine(hidden, torch_dtype)
+    rows: list[BenchRow] = []
+    with torch.inference_mode():
+        for E in experts:
+            w = make_weights(E, hidden, torch_dtype, seed)
+            x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed + 1)).to(torch_dtype)
+            fns, notes = {}, {}
+            for name in impls:
+                if name == "hf_batched_mm" and tokens * 2 * hidden * 4 * hidden * x.element_size() > BATCHED_MM_LIMIT:
+                    notes[name] = "skipped: per-token weight copies exceed 2 GiB"
+                    continue
+                on_step(f"E={E}: set up {name}")
+                fns[name] = IMPLS[name](w)
+            ref = impl_moe_convert(w)(x).float()
+            times: dict[str, list[float]] = {name: [] for name in fns}
+            errs = {}
+            for name, fn in fns.items():  # warm up, and check every implementation computes the same layer
+                y = fn(x).float()
+                if name != "dense_ffn":  # a cost reference only: it computes 2T tokens of one FFN
+                    errs[name] = float((y - ref).abs().max() / ref.abs().max())
+            for r in range(repeats):  # interleaved rounds, so drift on a shared machine hits every impl alike
+                on_step(f"E={E}: round {r + 1}/{repeats}")
+                for name, fn in fns.items():
+                    t = time.perf_counter()
+                    fn(x)
+                    times[name].append((time.perf_counter() - t) * 1e3)
+            again = measure_machine(hidden, torch_dtype)  # after the rounds too: keep the best seen
+            machine = Machine(max(machine.gemm_gflops, again.gemm_gflops), max(machine.bandwidth_gbs, again.bandwidth_gbs))
+            floor, compute, memory = floor_ms(w, x, machine)
+            ms = {name: statistics.median(ts) for name, ts in times.items()}
+            for name in impls:
+                row = BenchRow(name, tokens, hidden, E, dtype, ms.get(name), max_err=errs.get(name),
+                               note=notes.get(name, ""))
+                if row.ms is not None:
+                    row.vs_floor = row.ms / floor
+                    row.speedup_vs_deepspeed = ms["deepspeed"] / row.ms if "deepspeed" in ms else None
+                rows.append(row)
+            rows.append(BenchRow("floor", tokens, hidden, E, dtype, floor, 1.0,
+                                 ms["deepspeed"] / floor if "deepspeed" in ms else None,
+                                 note=f"{'compute' if compute >= memory else 'bytes'}-bound: "
+                                      f"compute {compute:.2f} ms, bytes {memory:.2f} ms"))
+    return machine, rows

@@ -1,0 +1,371 @@
+"""Inference straight from a `--format safetensors` export: plain tensors, our kernels, a KV cache.
+
+No transformers model class runs here: the GPT-2 and Llama-family forwards are written out below
+over the exported tensors (host-native names), and every MoE layer goes through
+`kernels.moe_forward` with the residual mix fused into its combine. `generate` decodes greedily or
+by sampling (temperature, top-k, top-p) and reports tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import MoEConvertError
+from .export import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file)
+from .kernels import ACTIVATIONS, ffn, moe_forward
+
+
+def _open(file: Path):
+    from safetensors import safe_open
+
+    if not file.is_file():
+        raise MoEConvertError(f"export file {file} is missing")
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as e:  # safetensors' errors on a truncated/corrupt header or data section
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MoEConvertError(f"cannot read {file}: {first} (truncated or corrupt?)") from None
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of an export directory, checked for our format name and a version we can read."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MoEConvertError(f"{path} is not a directory")
+    first = path / SINGLE_FILE if (path / SINGLE_FILE).exists() else path / SHARED_FILE
+    if not first.exists():
+        raise MoEConvertError(f"{path} is not a moe-convert export (no {SINGLE_FILE} or {SHARED_FILE}); "
+                              f"make one with `moe-convert export MODEL --format safetensors`")
+    meta = _open(first).metadata() or {}
+    if MANIFEST_KEY not in meta:
+        raise MoEConvertError(f"{first} has no moe-convert manifest: not a `--format safetensors` export")
+    manifest = json.loads(meta[MANIFEST_KEY])
+    if manifest.get("format") != FORMAT_NAME or manifest.get("version", 0) > FORMAT_VERSION:
+        raise MoEConvertError(f"{first}: format {manifest.get('format')!r} v{manifest.get('version')} is not "
+                              f"{FORMAT_NAME} v<={FORMAT_VERSION}")
+    return manifest
+
+
+def load_export(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(manifest, tensors by host-native name) with each layer's experts re-joined across EP rank files."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    ep = manifest["ep_size"]
+    files = [SINGLE_FILE] if ep == 1 else [SHARED_FILE] + [experts_file(r, ep) for r in range(ep)]
+    parts: dict[str, list[torch.Tensor]] = {}
+    for name in files:
+        handle = _open(path / name)
+        for key in handle.keys():
+            try:
+                parts.setdefault(key, []).append(handle.get_tensor(key))
+            except Exception as e:
+                raise MoEConvertError(f"cannot read tensor {key} from {path / name}: {e} (truncated?)") from None
+    tensors = {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in parts.items()}  # [E, in, out] from rank slices
+    for entry in manifest["layers"]:
+        w = tensors.get(f"{entry['prefix']}.router.weight")
+        if w is None or w.shape[0] != entry["experts"]:
+            raise MoEConvertError(f"{path}: MoE layer {entry['layer']} is incomplete (router for "
+                                  f"{entry['experts']} experts missing)")
+    return manifest, tensors
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer, preallocated to `max_len` positions: (B, H_kv, max_len, head_dim)."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    length: int = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, H_kv, L, hd) keys/values; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.k[layer].shape[2]:
+            raise MoEConvertError(f"sequence of {end} tokens exceeds the cache's {self.k[layer].shape[2]}")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # prompt + new tokens
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
+
+
+class Runtime:
+    """A decoder-only LM over exported tensors; subclasses give the host's embedding, norms and attention."""
+
+    def __init__(self, manifest: dict, tensors: dict[str, torch.Tensor]):
+        from .modeling import host_spec  # the host adapter (weight names), not a model class
+
+        self.manifest, self.t = manifest, tensors
+        self.cfg = manifest["host_config"]
+        self.spec = host_spec(manifest["host"])
+        self.dtype = next(v.dtype for v in tensors.values() if v.is_floating_point())
+        if manifest["activation"] not in ACTIVATIONS:
+            raise MoEConvertError(f"activation {manifest['activation']!r} is not supported by the runtime "
+                                  f"(supported: {', '.join(ACTIVATIONS)})")
+        self.act = ACTIVATIONS[manifest["activation"]]
+        self.moe = {e["layer"]: e for e in manifest["layers"]}
+        self.num_layers = self.cfg["num_hidden_layers"] if "num_hidden_layers" in self.cfg else self.cfg["n_layer"]
+        self.ffns = [self._ffn_weights(i) for i in range(self.num_layers)]
+
+    def _kernel_ffn(self, prefix: str) -> dict[str, torch.Tensor]:
+        """A host FFN's tensors under `prefix` as `kernels.ffn` wants them ([in, out])."""
+        return {ours: self.t[prefix + key].t() if transposed else self.t[prefix + key]
+                for ours, (key, transposed) in self.spec.expert_keys.items()}
+
+    def _ffn_weights(self, i: int) -> dict:
+        prefix = f"{self.spec.layers}.{i}.{self.spec.ffn_attr}."
+        if i not in self.moe:
+            return {"dense": self._kernel_ffn(prefix)}
+        w = {"router": self.t[prefix + "router.weight"],
+             "stacked": {name: self.t[prefix + "experts." + name] for name in self.spec.expert_keys}}
+        if self.manifest["residual"]:
+            w["dense"] = self._kernel_ffn(prefix + "mlp.")
+            w["coef"] = (self.t[prefix + "coefficient.weight"], self.t[prefix + "coefficient.bias"])
+        return w
+
+    def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Decoder layer i's FFN on x (B, L, d): dense, or PR-MoE through our kernels."""
+        w, shape = self.ffns[i], x.shape
+        x = x.reshape(-1, shape[-1])  # (T, d)
+        if "router" not in w:
+            return ffn(x, w["dense"], self.act).reshape(shape)
+        residual = None
+        if "dense" in w:
+            residual = (F.linear(x, *w["coef"]).softmax(-1), ffn(x, w["dense"], self.act))  # (T, 2), (T, d)
+        m = self.manifest
+        y, _ = moe_forward(x, w["router"], w["stacked"], self.act, m["top_k"], m["capacity_factor"],
+                           m["min_capacity"], residual=residual)
+        return y.reshape(shape)
+
+    # --- host-specific pieces ------------------------------------------------------------------
+    num_kv_heads: int
+    head_dim: int
+
+    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor: ...
+
+    def attn_norm(self, i: int, x: torch.Tensor) -> torch.Tensor: ...
+
+    def ffn_norm(self, i: int, x: torch.Tensor) -> torch.Tensor: ...
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def qkv(self, i: int, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    def attn_out(self, i: int, o: torch.Tensor) -> torch.Tensor: ...
+
+    def attn_scale(self, i: int) -> float:
+        return 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def lm_head(self) -> torch.Tensor: ...
+
+    # --- the shared pre-norm decoder --------------------------------------------------------------
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        shape = (batch, self.num_kv_heads, max_len, self.head_dim)
+        return KVCache([torch.empty(shape, dtype=self.dtype) for _ in range(self.num_layers)],
+                       [torch.empty(shape, dtype=self.dtype) for _ in range(self.num_layers)])
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """ids (B, L) following the cache's `length` positions -> logits (B, L, V); the cache advances."""
+        B, L = ids.shape
+        past = cache.length
+        pos = torch.arange(past, past + L)  # (L,)
+        mask = torch.arange(past + L)[None, :] <= pos[:, None]  # (L, past+L) causal
+        x = self.embed(ids, pos)  # (B, L, d)
+        for i in range(self.num_layers):
+            q, k, v = self.qkv(i, self.attn_norm(i, x), pos)  # (B, H, L, hd), (B, H_kv, L, hd) x2
+            k, v = cache.update(i, k, v)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.attn_scale(i),
+                                               enable_gqa=q.shape[1] != k.shape[1])  # (B, H, L, hd)
+            x = x + self.attn_out(i, o.transpose(1, 2).reshape(B, L, -1))
+            x = x + self.ffn(i, self.ffn_norm(i, x))
+        cache.length += L
+        return self.final_norm(x) @ self.lm_head.t()  # (B, L, V)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, L, V) of a whole sequence (one prefill)."""
+        return self.forward(ids, self.new_cache(ids.shape[0], ids.shape[1]))
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None) -> Generation:
+        """Greedy (temperature 0) or sampled continuation of `prompt` with a KV cache; stops at EOS."""
+        if not prompt:
+            raise MoEConvertError("generate: the prompt is empty")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        cache = self.new_cache(1, len(prompt) + max_new_tokens)
+        tokens, step = list(prompt), torch.tensor([prompt])
+        start = time.perf_counter()
+        prefill_s = 0.0
+        for n in range(max_new_tokens):
+            logits = self.forward(step, cache)[0, -1].float()  # (V,)
+            nxt = sample(logits, temperature, top_k, top_p, gen)
+            if n == 0:
+                prefill_s = time.perf_counter() - start
+            tokens.append(nxt)
+            if nxt == eos_token_id:
+                break
+            step = torch.tensor([[nxt]])
+        total = time.perf_counter() - start
+        return Generation(tokens, len(tokens) - len(prompt), prefill_s, total - prefill_s)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           gen: torch.Generator | None) -> int:
+    """Next token from logits (V,): argmax at temperature 0, else top-k / top-p (nucleus) sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens after the nucleus (the first always stays)
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+
+
+class GPT2Runtime(Runtime):
+    """GPT-2: learned positions, LayerNorm, fused `c_attn` Conv1D ([in, out]), tied LM head."""
+
+    def __init__(self, manifest, tensors):
+        super().__init__(manifest, tensors)
+        c = self.cfg
+        self.heads = c["n_head"]
+        self.num_kv_heads, self.head_dim, self.eps = self.heads, c["n_embd"] // c["n_head"], c["layer_norm_epsilon"]
+
+    def _ln(self, name: str, x):
+        return F.layer_norm(x, x.shape[-1:], self.t[name + ".weight"], self.t[name + ".bias"], self.eps)
+
+    def embed(self, ids, pos):
+        return self.t["transformer.wte.weight"][ids] + self.t["transformer.wpe.weight"][pos]
+
+    def attn_norm(self, i, x):
+        return self._ln(f"transformer.h.{i}.ln_1", x)
+
+    def ffn_norm(self, i, x):
+        return self._ln(f"transformer.h.{i}.ln_2", x)
+
+    def final_norm(self, x):
+        return self._ln("transformer.ln_f", x)
+
+    def qkv(self, i, x, pos):
+        p = f"transformer.h.{i}.attn.c_attn."
+        B, L, _ = x.shape
+        qkv = torch.addmm(self.t[p + "bias"], x.reshape(B * L, -1), self.t[p + "weight"])  # (B*L, 3d)
+        return [t.reshape(B, L, self.heads, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1)]
+
+    def attn_out(self, i, o):
+        p = f"transformer.h.{i}.attn.c_proj."
+        return (torch.addmm(self.t[p + "bias"], o.reshape(-1, o.shape[-1]), self.t[p + "weight"])).reshape(o.shape)
+
+    def attn_scale(self, i):
+        scale = 1.0 / math.sqrt(self.head_dim) if self.cfg.get("scale_attn_weights", True) else 1.0
+        return scale / (i + 1) if self.cfg.get("scale_attn_by_inverse_layer_idx") else scale
+
+    @property
+    def lm_head(self):
+        return self.t.get("lm_head.weight", self.t["transformer.wte.weight"])
+
+
+class LlamaRuntime(Runtime):
+    """Llama / Mistral / Qwen2: RMSNorm, rotary positions, grouped-query attention, Linear ([out, in])."""
+
+    def __init__(self, manifest, tensors):
+        super().__init__(manifest, tensors)
+        c = self.cfg
+        rope = c.get("rope_parameters") or {"rope_type": "default", "rope_theta": c.get("rope_theta", 10000.0)}
+        if rope.get("rope_type", "default") != "default":
+            raise MoEConvertError(f"rope_type {rope['rope_type']!r} is not supported by the runtime (default only)")
+        self.heads, self.num_kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+        self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
+        self.eps = c["rms_norm_eps"]
+        self.inv_freq = 1.0 / rope["rope_theta"] ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+
+    def _rms(self, name: str, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.t[name + ".weight"] * h.to(x.dtype)
+
+    def _linear(self, name: str, x):
+        return F.linear(x, self.t[name + ".weight"], self.t.get(name + ".bias"))
+
+    def embed(self, ids, pos):
+        return self.t["model.embed_tokens.weight"][ids]
+
+    def attn_norm(self, i, x):
+        return self._rms(f"model.layers.{i}.input_layernorm", x)
+
+    def ffn_norm(self, i, x):
+        return self._rms(f"model.layers.{i}.post_attention_layernorm", x)
+
+    def final_norm(self, x):
+        return self._rms("model.norm", x)
+
+    def qkv(self, i, x, pos):
+        p = f"model.layers.{i}.self_attn."
+        B, L, _ = x.shape
+        freqs = pos[:, None].float() * self.inv_freq[None, :]  # (L, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (L, hd)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+        def heads(name, n):
+            return self._linear(p + name, x).reshape(B, L, n, self.head_dim).transpose(1, 2)  # (B, n, L, hd)
+
+        def rotate(t):
+            t1, t2 = t.chunk(2, dim=-1)
+            return t * cos + torch.cat([-t2, t1], dim=-1) * sin
+
+        return rotate(heads("q_proj", self.heads)), rotate(heads("k_proj", self.num_kv_heads)), heads(
+            "v_proj", self.num_kv_heads)
+
+    def attn_out(self, i, o):
+        return self._linear(f"model.layers.{i}.self_attn.o_proj", o)
+
+    @property
+    def lm_head(self):
+        return self.t.get("lm_head.weight", self.t["model.embed_tokens.weight"])
+
+
+RUNTIMES: dict[str, type[Runtime]] = {"gpt2": GPT2Runtime, "llama": LlamaRuntime, "mistral": LlamaRuntime,
+                                      "qwen2": LlamaRuntime}
+
+
+def load_runtime(path: str | Path) -> Runtime:
+    """Load and verify an export, ready to run."""
+    manifest, tensors = load_export(path)
+    if manifest["host"] not in RUNTIMES:
+        raise MoEConvertError(f"the runtime has no forward for host {manifest['host']!r} "
+                              f"(supported: {', '.join(RUNTIMES)})")
+    return RUNTIMES[manifest["host"]](manifest, tensors)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer copied into the export (one-line error when there is none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise MoEConvertError(f"{path} has no usable tokenizer ({str(e).splitlines()[0] if str(e) else e}); "
+                              "export from a model directory that has tokenizer files") from None

@@ -1,0 +1,86 @@
+"""`bench layer` at a tiny size (every implementation runs and computes the same layer; no timing
+assertions), and the kernels' two expert-matmul backends and fused activations against each other."""
+
+import json
+
+import pytest
+import torch
+from transformers.activations import ACT2FN
+from typer.testing import CliRunner
+
+from moe_convert.bench import IMPLS
+from moe_convert.cli import app
+from moe_convert.kernels import ACTIVATIONS, fused_activation, moe_forward, route
+
+
+def test_bench_layer_json_runs_every_implementation():
+    res = CliRunner().invoke(app, ["bench", "layer", "--tokens", "24", "--hidden", "32", "--experts", "4,6",
+                                   "--repeats", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    for E in (4, 6):
+        got = {r["impl"]: r for r in rows if r["experts"] == E}
+        assert set(got) == set(IMPLS) | {"floor"}
+        for r in got.values():
+            assert {"impl", "tokens", "hidden", "experts", "dtype", "ms"} <= set(r)
+            assert r["tokens"] == 24 and r["hidden"] == 32 and r["dtype"] == "fp32"
+            assert r["ms"] is not None and 0 < r["ms"] < 60_000, r
+            assert r["gemm_gflops"] > 0 and r["bandwidth_gbs"] > 0
+            if r["impl"] not in ("floor", "dense_ffn"):
+                assert r["max_err"] < 1e-4, r  # every implementation computes the same layer
+        assert got["floor"]["ms"] <= min(r["ms"] for r in got.values()) * 1.0001 or got["floor"]["vs_floor"] == 1.0
+        assert got["moe_convert"]["speedup_vs_deepspeed"] == pytest.approx(got["deepspeed"]["ms"] / got["moe_convert"]["ms"])
+
+
+def test_bench_layer_bad_input():
+    res = CliRunner().invoke(app, ["bench", "layer", "--tokens", "8", "--experts", "4", "--impls", "nope"])
+    assert res.exit_code == 2 and "unknown nope" in res.output
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backends_agree_forward_and_backward(kind, dtype):
+    """loop and grouped_mm (16-byte aligned sizes) give the same outputs and gradients, empty experts included."""
+    torch.manual_seed(0)
+    T, d, f, E = 40, 16, 24, 6
+    names = {"mlp": {"w_in": (E, d, f), "b_in": (E, f), "w_out": (E, f, d), "b_out": (E, d)},
+             "gated": {"w_gate": (E, d, f), "w_up": (E, d, f), "w_out": (E, f, d)}}[kind]
+    stacked = {k: (torch.randn(*s) * 0.3).to(dtype).requires_grad_() for k, s in names.items()}
+    router = torch.randn(E, d)
+    router[2] = -100  # expert 2 gets no token (inputs are positive)
+    x = (torch.rand(T, d) + 0.1).to(dtype).requires_grad_()
+    outs, grads = [], []
+    for backend in ("loop", "grouped_mm"):
+        y, routing = moe_forward(x, router, stacked, ACTIVATIONS["silu"], top_k=2, backend=backend)
+        assert routing.counts[2] == 0
+        y.float().pow(2).sum().backward()
+        outs.append(y.detach().float())
+        grads.append([t.grad.clone().float() for t in (x, *stacked.values())])
+        for t in (x, *stacked.values()):
+            t.grad = None
+    for a, b in zip([outs[0], *grads[0]], [outs[1], *grads[1]]):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        else:  # bf16 sums in a different order: compare as a whole, to bf16 precision
+            assert (a - b).norm() / a.norm() < 2e-2
+
+
+def test_no_grad_path_equals_autograd_path():
+    torch.manual_seed(1)
+    E, d, f = 5, 12, 20
+    stacked = {"w_in": torch.randn(E, d, f), "b_in": torch.randn(E, f), "w_out": torch.randn(E, f, d),
+               "b_out": torch.randn(E, d)}
+    x, router = torch.randn(30, 12), torch.randn(E, d)
+    residual = (torch.rand(30, 2).softmax(-1), torch.randn(30, d))
+    with torch.no_grad():
+        a, _ = moe_forward(x, router, stacked, ACTIVATIONS["gelu_new"], residual=residual)
+    b, _ = moe_forward(x.requires_grad_(), router, stacked, ACTIVATIONS["gelu_new"], residual=residual)
+    torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
+    r = route(torch.nn.functional.linear(x, router))  # and the fused combine equals the unfused mix
+    assert r.counts.sum() == 30
+
+
+@pytest.mark.parametrize("name", ["gelu_new", "gelu_pytorch_tanh", "gelu", "silu", "relu"])
+def test_fused_activations_equal_transformers(name):
+    x = torch.randn(1000) * 4
+    torch.testing.assert_close(fused_activation(ACT2FN[name])(x), ACT2FN[name](x), rtol=1e-6, atol=1e-6)

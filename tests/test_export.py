@@ -1,0 +1,155 @@
+"""`moe-convert export`: the inference layout against the source weights, EP splits, the HF and
+DeepSpeed formats (loaded into real `deepspeed.moe.layer.MoE` modules), and bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from conftest import tiny_gpt2_config, tiny_prmoe
+from moe_convert.bench import deepspeed_moe_class
+from moe_convert.cli import app
+from moe_convert.export import MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file, export
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """host -> (model, saved dir): tiny PR-MoE models with 4 and 6 experts (EP 2 divides both)."""
+    out = {}
+    for i, host in enumerate(["gpt2", "llama"]):
+        model = tiny_prmoe(host, num_experts=(4, 6), seed=10 + i).eval()
+        path = tmp_path_factory.mktemp(f"src-{host}")
+        model.save_pretrained(path)
+        out[host] = (model, path)
+    return out
+
+
+def read(path):
+    with safe_open(str(path), framework="pt") as h:
+        return {k: h.get_tensor(k) for k in h.keys()}, json.loads(h.metadata()[MANIFEST_KEY])
+
+
+def test_safetensors_layout_holds_the_source_weights(saved, host, tmp_path):
+    model, src = saved[host]
+    result = export(src, tmp_path / "out")
+    assert result.files == [SINGLE_FILE]
+    tensors, manifest = read(tmp_path / "out" / SINGLE_FILE)
+    expected = {k.removeprefix("host."): v for k, v in model.state_dict().items()
+                if not (k == "host.lm_head.weight" and model.config.tie_word_embeddings)}
+    assert set(tensors) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(tensors[k], v), k
+    assert manifest["format"] == "moe-convert-inference" and manifest["version"] == 1
+    assert manifest["top_k"] == 1 and manifest["dtype"] == "fp32" and manifest["host"] == host
+    assert [(e["layer"], e["experts"]) for e in manifest["layers"]] == [(1, 4), (3, 6)]
+    d, f = model.config.text_config.hidden_size, 37
+    first = manifest["layers"][0]["prefix"]
+    w = "w_in" if host == "gpt2" else "w_gate"
+    assert tensors[f"{first}.experts.{w}"].shape == (4, d, f)  # stacked [E, in, out]
+    assert tensors[f"{first}.experts.w_out"].shape == (4, f, d)
+
+
+def test_bf16_export_casts_every_float(saved, tmp_path):
+    model, src = saved["llama"]
+    export(src, tmp_path / "out", dtype="bf16")
+    tensors, manifest = read(tmp_path / "out" / SINGLE_FILE)
+    assert manifest["dtype"] == "bf16" and all(t.dtype == torch.bfloat16 for t in tensors.values())
+    ref = model.state_dict()["host.model.layers.1.mlp.experts.w_up"]
+    assert torch.equal(tensors["model.layers.1.mlp.experts.w_up"], ref.to(torch.bfloat16))
+
+
+def test_ep_size_2_files_recombine_to_the_unsplit_weights(saved, host, tmp_path):
+    _, src = saved[host]
+    export(src, tmp_path / "full")
+    result = export(src, tmp_path / "ep", ep_size=2)
+    assert result.files == [SHARED_FILE, experts_file(0, 2), experts_file(1, 2)]
+    full, _ = read(tmp_path / "full" / SINGLE_FILE)
+    shared, manifest = read(tmp_path / "ep" / SHARED_FILE)
+    ranks = [read(tmp_path / "ep" / experts_file(r, 2))[0] for r in range(2)]
+    assert manifest["ep_size"] == 2 and manifest["layers"][1]["ranks"] == [[0, 3], [3, 6]]
+    assert not any(".experts." in k for k in shared) and set(ranks[0]) == set(ranks[1])
+    assert all(".experts." in k for k in ranks[0])
+    for k in ranks[0]:
+        assert ranks[0][k].shape[0] == full[k].shape[0] // 2
+    recombined = {**shared, **{k: torch.cat([ranks[0][k], ranks[1][k]]) for k in ranks[0]}}
+    assert set(recombined) == set(full)
+    for k, v in full.items():
+        assert torch.equal(recombined[k], v), k
+
+
+def test_ep_size_that_does_not_divide_is_refused(saved, tmp_path):
+    _, src = saved["gpt2"]
+    res = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "out"), "--ep-size", "4"])
+    assert res.exit_code == 2
+    assert "does not divide the 6 experts of MoE layer 3" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []  # no half output left
+
+
+def test_hf_format_round_trips(saved, tmp_path):
+    from moe_convert.modeling import PRMoEForCausalLM
+
+    model, src = saved["gpt2"]
+    res = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "hf"), "--format", "hf",
+                              "--max-shard-size", "100KB", "--json"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()  # sharded with an index
+    again = PRMoEForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 101, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_moe():
+    return deepspeed_moe_class()
+
+
+def test_deepspeed_format_loads_into_deepspeed_moe(saved, host, tmp_path, deepspeed_moe):
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    model, src = saved[host]
+    export(src, tmp_path / "ds", fmt="deepspeed")
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    host_cfg = model.config.text_config
+    for entry, layer in zip(manifest["layers"], model.moe_layers()):
+        sd, meta = read(tmp_path / "ds" / entry["file"])
+        assert meta["layers"] == manifest["layers"]
+        expert = GPT2MLP(37, host_cfg) if host == "gpt2" else LlamaMLP(host_cfg)
+        ds = deepspeed_moe(host_cfg.hidden_size, expert, num_experts=entry["experts"], k=manifest["top_k"],
+                           use_residual=True, drop_tokens=False).eval()
+        ds.load_state_dict(sd, strict=True)
+        x = torch.randn(3, 7, host_cfg.hidden_size) * 3
+        with torch.no_grad():
+            ours = layer(x)
+            theirs, aux, _ = ds(x)
+        assert (layer.expert_counts > 0).sum() > 1  # several experts really used
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(aux, layer.aux_loss, rtol=1e-5, atol=1e-6)
+    non_moe, _ = read(tmp_path / "ds" / "non_moe.safetensors")
+    assert not any(".mlp.router" in k or ".experts." in k for k in non_moe)
+
+
+def test_not_our_model_is_a_one_line_error(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    GPT2LMHeadModel(tiny_gpt2_config()).save_pretrained(tmp_path / "dense")
+    res = runner.invoke(app, ["export", str(tmp_path / "dense"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "is not a moe-convert PR-MoE model" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    res = runner.invoke(app, ["export", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
+
+
+def test_unknown_format_and_existing_output(saved, tmp_path):
+    _, src = saved["gpt2"]
+    res = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "out"), "--format", "onnx"])
+    assert res.exit_code == 2 and "--format 'onnx' is not known" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    (tmp_path / "out").mkdir()
+    res = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "already exists" in res.output

@@ -1,0 +1,123 @@
+"""The runtime (plain tensors + our kernels + KV cache) against the source PRMoEForCausalLM:
+logits, greedy tokens, EP-split exports, sampling controls, and bad exports."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import VOCAB, tiny_prmoe
+from moe_convert.cli import app
+from moe_convert.export import SINGLE_FILE, export
+from moe_convert.runtime import load_runtime
+
+runner = CliRunner()
+
+
+def save_tokenizer(path):
+    """A word-level tokenizer over VOCAB made-up words, built in code (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>").save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(host, dtype, ep) -> (source model, export dir); the source dirs carry a tokenizer."""
+    out = {}
+    for i, host in enumerate(["gpt2", "llama"]):
+        model = tiny_prmoe(host, num_experts=(4, 6), seed=20 + i).eval()
+        src = tmp_path_factory.mktemp(f"src-{host}")
+        model.save_pretrained(src)
+        save_tokenizer(src)
+        for dtype, ep in [("fp32", 1), ("bf16", 1), ("fp32", 2)]:
+            dst = tmp_path_factory.mktemp(f"exp-{host}") / "out"
+            export(src, dst, dtype=dtype, ep_size=ep)
+            out[host, dtype, ep] = (model, dst)
+    return out
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_fp32_logits_equal_the_source_model(exported, host, ep):
+    model, path = exported[host, "fp32", ep]
+    rt = load_runtime(path)
+    ids = torch.randint(0, VOCAB, (3, 13))
+    with torch.no_grad():
+        ref = model(ids).logits
+    torch.testing.assert_close(rt.logits(ids), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_logits_within_bf16_tolerance(exported, host):
+    model, path = exported[host, "bf16", 1]
+    rt = load_runtime(path)
+    ids = torch.randint(0, VOCAB, (2, 11))
+    with torch.no_grad():
+        ref = model(ids).logits
+    got = rt.logits(ids)
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - ref).norm() / ref.norm()
+    assert err < 2e-2, err  # bf16 keeps ~3 significant digits
+
+
+def test_kv_cache_decoding_equals_one_full_pass(exported, host):
+    _, path = exported[host, "fp32", 1]
+    rt = load_runtime(path)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    cache = rt.new_cache(2, 12)
+    steps = [rt.forward(ids[:, :5], cache)] + [rt.forward(ids[:, t:t + 1], cache) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), rt.logits(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_tokens_equal_transformers_generate(exported, host):
+    model, path = exported[host, "fp32", 1]
+    rt = load_runtime(path)
+    prompt = torch.randint(2, VOCAB, (1, 6))
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=0, pad_token_id=0)
+    out = rt.generate(prompt[0].tolist(), 12, eos_token_id=0)
+    assert out.tokens == ref[0].tolist()
+    assert out.new_tokens == len(ref[0]) - 6 and out.tokens_per_s > 0
+
+
+def test_sampling_controls(exported):
+    _, path = exported["gpt2", "fp32", 1]
+    rt = load_runtime(path)
+    prompt = [5, 6, 7]
+    greedy = rt.generate(prompt, 10).tokens
+    assert rt.generate(prompt, 10, temperature=1.0, top_k=1, seed=1).tokens == greedy  # top-1 sampling is greedy
+    assert rt.generate(prompt, 10, temperature=1.0, top_p=1e-6, seed=1).tokens == greedy  # nucleus of one token
+    a = rt.generate(prompt, 10, temperature=5.0, seed=3).tokens
+    assert a == rt.generate(prompt, 10, temperature=5.0, seed=3).tokens  # same seed, same text
+    assert any(rt.generate(prompt, 10, temperature=5.0, seed=s).tokens != a for s in range(4, 8))
+
+
+def test_generate_cli_prints_text_and_speed(exported):
+    _, path = exported["llama", "fp32", 1]
+    res = runner.invoke(app, ["generate", str(path), "--prompt", "w5 w6 w7", "--max-new-tokens", "5", "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    out = json.loads(res.stdout)
+    assert 1 <= out["new_tokens"] <= 5 and out["tokens_per_s"] > 0 and len(out["tokens"]) == out["new_tokens"]
+    res = runner.invoke(app, ["generate", str(path), "--prompt", "w5 w6", "--max-new-tokens", "3",
+                              "--temperature", "0.8", "--top-p", "0.9", "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("w5 w6") and "tokens/s" in res.output
+
+
+def test_truncated_export_is_a_one_line_error(exported, tmp_path):
+    import shutil
+
+    _, path = exported["gpt2", "fp32", 1]
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    data = (bad / SINGLE_FILE).read_bytes()
+    (bad / SINGLE_FILE).write_bytes(data[: len(data) // 2])
+    res = runner.invoke(app, ["generate", str(bad), "--prompt", "w5"])
+    assert res.exit_code == 2 and "truncated" in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    res = runner.invoke(app, ["generate", str(tmp_path), "--prompt", "w5"])  # not an export at all
+    assert res.exit_code == 2 and "is not a moe-convert export" in res.output
