@@ -55,15 +55,151 @@ def not_yet(issue: int) -> None:
 
 
 @app.command()
-def upcycle():
+def upcycle(
+    source: str = typer.Argument(..., help="Dense checkpoint: a local model directory or a hub id (from the cache when offline)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output directory (built under a temporary name, renamed when complete)."),
+    pyramid: Optional[str] = typer.Option(None, help="Experts per pyramid stage, e.g. 32,64: the last two MoE layers get the last count (paper rule). Default: 8 experts everywhere unless --experts is given."),
+    pyramid_split: Optional[str] = typer.Option(None, help="MoE layers per --pyramid stage, e.g. 8,4 (must add up to the MoE layer count). Default: the paper rule."),
+    experts: Optional[str] = typer.Option(None, help="One expert count per MoE layer, e.g. 32,32,64 (instead of --pyramid). Default: none."),
+    moe_every: int = typer.Option(2, help="MoE on every K-th layer: 0-based layers K-1, 2K-1, ... Default: 2 (layers 1, 3, 5, ...)."),
+    top_k: int = typer.Option(1, help="Experts per token (top-1 combines with the raw probability, top-k>1 renormalises). Default: 1."),
+    residual: bool = typer.Option(True, "--residual/--no-residual", help="PR-MoE residual dense FFN beside the experts. Default: on."),
+    capacity_factor: Optional[float] = typer.Option(None, help="Expert capacity factor; overflow tokens skip the experts. Default: dropless."),
+    aux_loss_coef: float = typer.Option(0.01, help="Load-balancing loss weight for later training. Default: 0.01."),
+    init: str = typer.Option("preserve", help="Expert init: preserve (function-preserving: upcycled logits = dense), copy (DeepSpeed: experts = dense FFN), noise:SIGMA, drop:RATE (Drop-Upcycling). Default: preserve."),
+    seed: int = typer.Option(0, help="Seed for routers, noise and dropped units; same inputs + seed give byte-identical files. Default: 0."),
+    max_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB, 2GiB. Default: 5GB."),
+    dtype: str = typer.Option("auto", help="Output dtype: auto (the source's), fp32, bf16, fp16. Default: auto."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (only once the new one is complete). Default: off."),
+    fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="Load both models and measure max |dlogits|, KL and expert spread on a fixed sample (skipped automatically when the upcycled model needs over half the free RAM). Default: on."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table. Default: off."),
+):
     """Dense HF checkpoint (hub id or local dir) -> PR-MoE checkpoint dir, streaming."""
-    not_yet(3)
+    with reporting_errors():
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+        from transformers.utils import logging as hf_logging
+
+        from .upcycle import upcycle as run_upcycle
+
+        hf_logging.disable_progress_bar()
+        if pyramid is None and experts is None:
+            pyramid = "8"
+        bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                       TimeRemainingColumn(), console=err_console, transient=True, disable=json_out)
+        task = bar.add_task("writing shards", total=None)
+
+        def progress(done, total):  # the bar appears once writing starts, after all validation
+            if not bar.live.is_started:
+                bar.start()
+            bar.update(task, completed=done, total=total)
+
+        try:
+            summary = run_upcycle(
+                source, output, pyramid=pyramid, pyramid_split=pyramid_split, experts=experts, moe_every=moe_every,
+                top_k=top_k, residual=residual, capacity_factor=capacity_factor, aux_loss_coef=aux_loss_coef,
+                init=init, seed=seed, max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite,
+                fidelity=fidelity, progress=progress,
+            )
+        finally:
+            if bar.live.is_started:
+                bar.stop()
+        if json_out:
+            print_json(summary.to_dict())
+            return
+        from rich.table import Table
+
+        def fmt(x):
+            return "-" if x is None else f"{x:.3g}"
+
+        table = Table(title=f"upcycled {summary.source} -> {summary.output}", show_header=False)
+        counts = summary.experts_per_layer
+        shares = summary.max_expert_share or [None] * len(counts)
+        rows = [
+            ("host / layers", f"{summary.host}, {summary.num_layers} layers"),
+            ("MoE layers", ", ".join(map(str, summary.moe_layers))),
+            ("experts per layer", ", ".join(map(str, counts))),
+            ("top-k / residual", f"{summary.top_k} / {'on' if summary.residual else 'off'}"),
+            ("init / seed", f"{summary.init} / {summary.seed}"),
+            ("total params", f"{summary.total_params:,}"),
+            ("active params / token", f"{summary.active_params:,}"),
+            ("size on disk", f"{summary.size_on_disk / 1e6:,.1f} MB in {summary.shards} shard(s), {summary.dtype}"),
+            ("fidelity", summary.fidelity),
+            ("max |dlogits|", fmt(summary.max_abs_logit_diff)),
+            ("mean KL(dense||upcycled)", fmt(summary.kl)),
+            ("largest expert share (x fair)",
+             ", ".join("-" if s is None else f"{s:.2f} ({s * e:.1f}x)" for s, e in zip(shares, counts))),
+            ("time", f"{summary.seconds:.1f} s"),
+        ]
+        for k, v in rows:
+            table.add_row(k, v)
+        console.print(table)
+
+
+DATA_HELP = ("builtin:pydoc (the Python reference shipped with CPython), a .txt/.json/.jsonl/.parquet file, "
+             "a directory of them, or a hub dataset name")
 
 
 @app.command()
-def train():
-    """Continue training a dense or PR-MoE model with CE (+ aux loss)."""
-    not_yet(4)
+def train(
+    model: Path = typer.Argument(..., help="Model directory (dense HF causal LM or PR-MoE) with its tokenizer."),
+    data: str = typer.Option(..., "--data", help=DATA_HELP),
+    output: Path = typer.Option(..., "-o", "--output", help="Output directory: final model, metrics.jsonl, checkpoints/."),
+    text_field: str = typer.Option("text", help="Field holding the text in JSON/Parquet data."),
+    seq_len: int = typer.Option(128, help="Tokens per packed training window."),
+    eval_fraction: float = typer.Option(0.1, help="Fraction of documents held out (crc32 rule, see data.py)."),
+    steps: int = typer.Option(100, help="Optimizer steps (the LR schedule spans them)."),
+    batch_size: int = typer.Option(8, help="Global batch in windows per optimizer step (all processes, all micro-batches)."),
+    grad_accum: int = typer.Option(1, help="Micro-batches accumulated per optimizer step."),
+    lr: float = typer.Option(3e-4, help="Peak learning rate (AdamW)."),
+    min_lr_ratio: float = typer.Option(0.1, help="Cosine decay ends at lr * this."),
+    warmup_steps: int = typer.Option(10, help="Linear warmup steps."),
+    weight_decay: float = typer.Option(0.1, help="AdamW weight decay (matrices only)."),
+    beta1: float = typer.Option(0.9, help="AdamW beta1."),
+    beta2: float = typer.Option(0.95, help="AdamW beta2."),
+    clip: float = typer.Option(1.0, help="Max gradient norm; 0 disables clipping."),
+    eval_every: int = typer.Option(50, help="Steps between held-out evals (one always runs at the end); 0 = end only."),
+    eval_windows: int = typer.Option(0, help="Held-out windows per eval; 0 = all."),
+    save_every: int = typer.Option(0, help="Steps between save_state checkpoints; 0 = none."),
+    keep_checkpoints: int = typer.Option(2, help="Newest checkpoints kept."),
+    log_every: int = typer.Option(1, help="Steps between metrics.jsonl records."),
+    mixed_precision: str = typer.Option("no", help="no | bf16 | fp16 (fp16 needs a GPU)."),
+    seed: int = typer.Option(0, help="Seed of the data order and of dropout."),
+    save_dtype: str = typer.Option("fp32", help="dtype of the saved final model: fp32 | bf16 | fp16."),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from the newest checkpoint in OUTPUT."),
+    stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) after this step; resume later. Default: run all steps."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Continue training a dense or PR-MoE model with CE (+ aux loss); 1 process or torchrun (DDP)."""
+    with reporting_errors():
+        from .train import TrainConfig, TrainJob, run_training
+
+        cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio,
+                          warmup_steps=warmup_steps, weight_decay=weight_decay, beta1=beta1, beta2=beta2, clip=clip,
+                          eval_every=eval_every, eval_windows=eval_windows, save_every=save_every,
+                          keep_checkpoints=keep_checkpoints, log_every=log_every, mixed_precision=mixed_precision,
+                          seed=seed)
+        job = TrainJob(model=str(model), data=data, output=str(output), text_field=text_field, seq_len=seq_len,
+                       eval_fraction=eval_fraction, save_dtype=save_dtype, config=cfg)
+        result = run_training(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
+        from accelerate import PartialState
+
+        if not PartialState().is_main_process:  # already set up by run_training
+            return
+        if json_out:
+            print_json(vars(result))
+            return
+        from rich.table import Table
+
+        table = Table(title=f"train -> {output}")
+        for col in ("steps", "train loss", "eval loss", "eval ppl", "tokens/s", "seconds"):
+            table.add_column(col, justify="right")
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        table.add_row(str(result.steps), fmt(result.train_loss, ".4f"), fmt(result.eval_loss, ".4f"),
+                      fmt(result.eval_ppl, ".2f"), fmt(result.tokens_per_s, ",.0f"), fmt(result.seconds, ".1f"))
+        console.print(table)
+        if result.steps < steps:
+            console.print(f"stopped after step {result.steps}; continue with --resume")
 
 
 @app.command()
@@ -73,33 +209,209 @@ def distill():
 
 
 @app.command()
-def export():
+def export(
+    model: Path = typer.Argument(..., help="Our PR-MoE model directory (from upcycle / train / distill)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output directory (built under a temporary name, renamed when complete)."),
+    fmt: str = typer.Option("safetensors", "--format", help="safetensors (inference layout + manifest, read by `generate`), hf (our model directory), deepspeed (per-layer DeepSpeed MoE state dicts). Default: safetensors."),
+    dtype: str = typer.Option("fp32", help="Weight dtype: fp32, bf16, fp16. Default: fp32."),
+    ep_size: int = typer.Option(1, help="Expert-parallel ranks: one experts file per rank (contiguous expert ranges) plus shared.safetensors; must divide every layer's expert count (safetensors only). Default: 1."),
+    max_shard_size: str = typer.Option("5GB", help="Largest shard for --format hf, e.g. 5GB, 500MB. Default: 5GB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (only once the new one is complete). Default: off."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table. Default: off."),
+):
     """Model dir -> inference layout (safetensors), HF dir, or DeepSpeed state dicts."""
-    not_yet(6)
+    with reporting_errors():
+        import time
+        from dataclasses import asdict
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress
+
+        from .export import count_tensors, export as run_export, open_source
+
+        start = time.perf_counter()
+        src = open_source(model)
+        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                      console=err_console, transient=True, disable=json_out) as bar:
+            task = bar.add_task(f"export {fmt}", total=count_tensors(src, fmt, max(ep_size, 1)))
+            result = run_export(model, output, fmt, dtype, ep_size, overwrite, max_shard_size, src=src,
+                                on_tensor=lambda name: bar.advance(task))
+        if json_out:
+            print_json(asdict(result))
+            return
+        from rich.table import Table
+
+        cfg = src.config
+        table = Table(title=f"exported {model} -> {output}", show_header=False)
+        for k, v in [("format / dtype", f"{result.format} / {result.dtype}"),
+                     ("host / layers", f"{cfg.text_config.model_type}, {cfg.text_config.num_hidden_layers} layers"),
+                     ("MoE layers (experts)", ", ".join(f"{l} ({e})" for l, e in zip(cfg.moe_layers, cfg.num_experts))),
+                     ("ep size", str(result.ep_size)),
+                     ("files", ", ".join(result.files)),
+                     ("tokenizer files", ", ".join(result.tokenizer_files) or "none"),
+                     ("size", f"{result.bytes / 1e6:,.1f} MB"),
+                     ("time", f"{time.perf_counter() - start:.1f} s")]:
+            table.add_row(k, v)
+        console.print(table)
 
 
 @app.command(name="eval")
-def eval_():
-    """Held-out loss, perplexity and tokens/s."""
-    not_yet(4)
+def eval_(
+    model: Path = typer.Argument(..., help="Model directory with its tokenizer."),
+    data: str = typer.Option(..., "--data", help=DATA_HELP),
+    text_field: str = typer.Option("text", help="Field holding the text in JSON/Parquet data."),
+    seq_len: int = typer.Option(128, help="Tokens per packed window."),
+    eval_fraction: float = typer.Option(0.1, help="Fraction of documents held out (same rule as train)."),
+    split: str = typer.Option("eval", help="Which split to score: eval (held out) | train."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    max_windows: int = typer.Option(0, help="Score at most this many windows; 0 = all."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Held-out loss, perplexity and tokens/s (and the unigram-baseline perplexity of the same tokenizer)."""
+    with reporting_errors():
+        from .data import load_packed, load_tokenizer, unigram_perplexity
+        from .errors import MoEConvertError
+        from .summary import load_config
+        from .train import evaluate, load_model, max_positions
+
+        if split not in ("eval", "train"):
+            raise MoEConvertError(f"split: must be eval or train, got {split!r}")
+        tokenizer = load_tokenizer(model)
+        packed = load_packed(data, tokenizer, seq_len, text_field=text_field, eval_fraction=eval_fraction,
+                             max_positions=max_positions(load_config(model)))
+        lm = load_model(model)
+        windows = getattr(packed, split)[: max_windows or None]
+        if len(windows) == 0:
+            raise MoEConvertError(f"eval: the {split} split is empty (eval_fraction={eval_fraction})")
+        result = {"model": str(model), "data": data, "split": split, **evaluate(lm, windows, batch_size),
+                  "unigram_ppl": unigram_perplexity(packed.train, windows, len(tokenizer))}
+        if json_out:
+            print_json(result)
+            return
+        from rich.table import Table
+
+        table = Table(title=f"eval {model} on {data} ({split})")
+        for col in ("windows", "tokens", "loss", "perplexity", "unigram ppl", "tokens/s"):
+            table.add_column(col, justify="right")
+        table.add_row(str(result["windows"]), f"{result['tokens']:,}", f"{result['loss']:.4f}", f"{result['ppl']:.2f}",
+                      f"{result['unigram_ppl']:.2f}", f"{result['tokens_per_s']:,.0f}")
+        console.print(table)
 
 
 @app.command()
-def inspect():
-    """Layer table: experts per layer, total vs active params, dtype, size on disk."""
-    not_yet(4)
+def inspect(
+    model: Path = typer.Argument(..., help="Model directory, or a config .json file alone (no weights needed)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Layer table: experts per layer, total vs active params, dtype, size on disk (meta device: instant)."""
+    with reporting_errors():
+        from .summary import summarize
+
+        s = summarize(model)
+        if json_out:
+            print_json(s.to_dict())
+            return
+        from rich.table import Table
+
+        table = Table(title=f"{model}  ({s.model_type}, host {s.host}, top-{s.top_k})")
+        for col in ("layer", "FFN", "experts", "params", "active/token"):
+            table.add_column(col, justify="right")
+        for r in s.layers:
+            table.add_row(str(r.index), r.ffn, str(r.experts or "-"), f"{r.params:,}", f"{r.active_params:,}")
+        console.print(table)
+        size = "-" if s.size_on_disk is None else f"{s.size_on_disk / 2**20:,.1f} MiB"
+        short = lambda n: f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"  # noqa: E731
+        console.print(f"total params {s.total_params:,} ({short(s.total_params)})   active per token "
+                      f"{s.active_params:,} ({short(s.active_params)})   dtype {s.dtype}   size on disk {size}")
 
 
 @app.command()
-def generate():
+def generate(
+    export_dir: Path = typer.Argument(..., metavar="EXPORT", help="A `moe-convert export --format safetensors` directory."),
+    prompt: str = typer.Option(..., help="Prompt text (tokenized with the tokenizer copied into the export)."),
+    max_new_tokens: int = typer.Option(32, help="Tokens to generate (fewer if EOS comes first). Default: 32."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples from softmax(logits / temperature). Default: 0."),
+    top_k: Optional[int] = typer.Option(None, help="Sample only among the K most likely tokens (with --temperature > 0). Default: off."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling: the smallest set with probability >= P (with --temperature > 0). Default: off."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed (same seed, same text). Default: none."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads. Default: torch's choice."),
+    json_out: bool = typer.Option(False, "--json", help="Print text, tokens and speed as JSON. Default: off."),
+):
     """Text from an export through our inference kernels (KV-cache decoding)."""
-    not_yet(6)
+    with reporting_errors():
+        import torch
+
+        from .errors import MoEConvertError
+        from .runtime import load_runtime, load_tokenizer
+
+        if max_new_tokens < 1:
+            raise MoEConvertError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise MoEConvertError(f"--top-p must be in (0, 1], got {top_p}")
+        if threads:
+            torch.set_num_threads(threads)
+        runtime = load_runtime(export_dir)
+        tokenizer = load_tokenizer(export_dir)
+        ids = tokenizer(prompt)["input_ids"]
+        eos = runtime.cfg.get("eos_token_id")
+        out = runtime.generate(ids, max_new_tokens, temperature, top_k, top_p, seed,
+                               eos[0] if isinstance(eos, list) else eos)
+        text = tokenizer.decode(out.tokens[len(ids):], skip_special_tokens=True)
+        if json_out:
+            print_json({"prompt": prompt, "text": text, "tokens": out.tokens[len(ids):], "new_tokens": out.new_tokens,
+                        "prefill_s": out.prefill_s, "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s})
+            return
+        console.print(prompt + text, highlight=False, markup=False)
+        err_console.print(f"{out.new_tokens} tokens, {out.tokens_per_s:.1f} tokens/s "
+                          f"(prefill {out.prefill_s * 1e3:.1f} ms for {len(ids)} prompt tokens)")
 
 
 @bench_app.command("layer")
-def bench_layer():
+def bench_layer(
+    tokens: int = typer.Option(4096, help="Tokens through the layer (4096 ~ prefill, 8 ~ decode). Default: 4096."),
+    hidden: int = typer.Option(512, help="Hidden size d; experts are GPT-2 FFNs d -> 4d -> d. Default: 512."),
+    experts: str = typer.Option("8,32,128", help="Expert counts to run, comma-separated. Default: 8,32,128."),
+    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16. Default: fp32."),
+    impls: Optional[str] = typer.Option(None, help="Comma-separated subset of: moe_convert, moe_convert[loop], moe_convert[grouped_mm], deepspeed, einsum, hf_eager, hf_grouped_mm, hf_batched_mm, dense_ffn. Default: all (deepspeed when installed)."),
+    repeats: int = typer.Option(5, help="Timed rounds per implementation (median reported). Default: 5."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads. Default: torch's choice."),
+    seed: int = typer.Option(0, help="Seed of the weights and inputs. Default: 0."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON list of rows (impl, tokens, hidden, experts, dtype, ms, ...). Default: off."),
+):
     """One MoE layer: ours vs DeepSpeed vs transformers vs the hardware floor."""
-    not_yet(6)
+    with reporting_errors():
+        from dataclasses import asdict
+
+        from rich.progress import Progress, SpinnerColumn
+
+        from .bench import bench_layer as run_bench
+        from .config import parse_int_list
+
+        counts = parse_int_list(experts, "experts")
+        names = [s.strip() for s in impls.split(",")] if impls else None
+        with Progress(SpinnerColumn(), "[progress.description]{task.description}", console=err_console,
+                      transient=True, disable=json_out) as bar:
+            task = bar.add_task("measuring the machine", total=None)
+            machine, rows = run_bench(tokens, hidden, counts, dtype, names, repeats, seed, threads,
+                                      on_step=lambda s: bar.update(task, description=s))
+        if json_out:
+            print_json([asdict(r) | {"gemm_gflops": machine.gemm_gflops, "bandwidth_gbs": machine.bandwidth_gbs}
+                        for r in rows])
+            return
+        from rich.markup import escape
+        from rich.table import Table
+
+        def fmt(x, spec=".2f"):
+            return "-" if x is None else format(x, spec)
+
+        table = Table(title=f"bench layer: T={tokens} d={hidden} top-1+residual {dtype}; "
+                            f"GEMM {machine.gemm_gflops:.0f} GFLOP/s, bandwidth {machine.bandwidth_gbs:.1f} GB/s")
+        for col in ("E", "impl", "ms", "x floor", "vs DS", "max rel err", "note"):
+            table.add_column(col, justify="left" if col in ("impl", "note") else "right", no_wrap=col != "note")
+        for r in rows:
+            table.add_row(str(r.experts), escape(r.impl), fmt(r.ms), fmt(r.vs_floor), fmt(r.speedup_vs_deepspeed),
+                          fmt(r.max_err, ".1e"), r.note)
+        Console(width=max(console.width, 130)).print(table)  # wide enough for the impl names, even in a pipe
+        console.print("x floor = ms / floor (>= 1); vs DS = DeepSpeed ms / ms (> 1: faster than DeepSpeed)")
 
 
 @app.command()

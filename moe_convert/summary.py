@@ -1,0 +1,118 @@
+"""`inspect`: the layer table, total and active parameters, dtype and size of a model, from its
+config alone.
+
+The model is built on the meta device (shapes, no storage), so a paper-sized config answers in
+well under a second and the counts come from the very modules training would build, not from a
+formula that could drift from them. Parameters are counted once each (tied embeddings once).
+Active parameters per token = total minus, in every MoE layer, the experts a token does not
+reach: `(E - top_k) * params_per_expert`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import MoEConvertError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+@dataclass
+class LayerRow:
+    index: int
+    ffn: str  # "dense", "MoE" or "PR-MoE" (residual)
+    experts: int  # 0 for a dense layer
+    params: int
+    active_params: int
+
+
+@dataclass
+class ModelSummary:
+    model_type: str  # "prmoe" or the dense host's type
+    host: str
+    layers: list[LayerRow]
+    top_k: int
+    total_params: int
+    active_params: int
+    dtype: str  # of the weights on disk when there are any, else the config's
+    size_on_disk: int | None  # bytes of weight files; None for a config alone
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_config(path: str | Path):
+    """A model directory's config.json, or a config .json file itself, as a transformers config."""
+    import moe_convert  # noqa: F401  registers PRMoEConfig
+    from transformers import AutoConfig
+
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise MoEConvertError(f"inspect: {path} is neither a model directory with config.json nor a config file")
+    try:
+        d = json.loads(file.read_text())
+        return AutoConfig.for_model(d.pop("model_type"), **d)
+    except (json.JSONDecodeError, KeyError, ValueError) as e:
+        raise MoEConvertError(f"inspect: {file} is not a model config: {e}") from None
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def summarize_config(config) -> ModelSummary:
+    """Build the model on the meta device and count its parameters layer by layer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .modeling import PRMoEForCausalLM, host_spec
+    from .moe import PRMoELayer
+
+    text = config.get_text_config()
+    spec = host_spec(text.model_type)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    prefix = "host." if isinstance(model, PRMoEForCausalLM) else ""
+    top_k = getattr(config, "num_experts_per_tok", 1) if prefix else 1
+    rows = []
+    for i, layer in enumerate(model.get_submodule(prefix + spec.layers)):
+        ffn = getattr(layer, spec.ffn_attr)
+        params = _count(layer)
+        if isinstance(ffn, PRMoELayer):
+            E = ffn.experts.num_experts
+            inactive = (E - top_k) * _count(ffn.experts) // E
+            rows.append(LayerRow(i, "PR-MoE" if ffn.residual else "MoE", E, params, params - inactive))
+        else:
+            rows.append(LayerRow(i, "dense", 0, params, params))
+    total = _count(model)
+    inactive = sum(r.params - r.active_params for r in rows)
+    dtype = str(getattr(text, "dtype", None) or getattr(config, "dtype", None) or "float32").replace("torch.", "")
+    return ModelSummary(config.model_type, text.model_type, rows, top_k, total, total - inactive, dtype, None)
+
+
+def _safetensors_dtypes(file: Path) -> set[str]:
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def summarize(path: str | Path) -> ModelSummary:
+    """`inspect MODEL`: config-only counts plus what the weight files on disk say (size, dtype)."""
+    path = Path(path)
+    summary = summarize_config(load_config(path))
+    if path.is_dir():
+        files = [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES]
+        if files:
+            summary.size_on_disk = sum(f.stat().st_size for f in files)
+            dtypes = set().union(*(_safetensors_dtypes(f) for f in files if f.suffix == ".safetensors"))
+            if dtypes:
+                summary.dtype = ",".join(sorted(SAFETENSORS_DTYPES.get(d, d.lower()) for d in dtypes))
+    return summary

@@ -1,0 +1,456 @@
+"""The training loop `train` runs and `distill` reuses: Accelerate, one CPU process or torchrun (DDP).
+
+Reusable API::
+
+    cfg = TrainConfig(steps=200, batch_size=16, lr=3e-4)       # validated at construction
+    trainer = Trainer(model, data, cfg, out_dir, loss_fn=causal_lm_loss, on_step=None,
+                      extra_state=())
+    result = trainer.fit(resume=False, stop_after=None)         # -> TrainResult
+    trainer.save_model(tokenizer, dtype=None)                    # final save_pretrained + tokenizer
+
+- `loss_fn(model, batch, step) -> dict[str, Tensor]`: `batch` is this process's micro-batch of
+  token windows, `(b, seq_len)` int64 on the device; the dict must hold `"loss"` (what is
+  backpropagated); every other entry is averaged over micro-batches and processes and logged.
+  The default, `causal_lm_loss`, logs `ce` and `aux` next to `loss` for our PR-MoE models
+  (`outputs.loss` already includes `aux_loss_coef * aux`).
+- `on_step(step)` runs before optimizer step `step` (0-based), also as the first call after a
+  resume. A phase change decided from `step` alone (distill: KD off from step k, teacher freed)
+  therefore continues exactly across a resume.
+- `extra_state`: objects with `state_dict` / `load_state_dict` saved in every checkpoint.
+- `trainer.accelerator` places a teacher and autocasts it; `evaluate(model, windows, batch_size,
+  accelerator)` is the held-out CE (`ce_loss` for PR-MoE) that periodic evals and `eval` use;
+  `run_training(TrainJob)` is the whole `train` command (also a recipe's `train` step).
+
+Exact resume: batch `step` is a pure function of (seed, step) — an epoch-seeded permutation of the
+train windows, the global batch split into `grad_accum` micro-batches and each of those into one
+contiguous slice per process — and `save_state` stores model, optimizer, scheduler and every RNG.
+So an interrupted run resumed from a checkpoint logs the same loss at every step as one that was
+never stopped, and N processes (per-process micro-batch = batch_size / (grad_accum * N)) log the
+same curve as one process with the same global batch, to float tolerance. (For PR-MoE models the
+aux loss is computed over each process's own tokens, as DeepSpeed does per rank, so there the
+curves match up to that term.) `loss_fn` must return the same keys on every process at a step.
+
+Output directory: the final model (`config.json` moved in last, so a directory with
+`config.json` is complete), `metrics.jsonl` (one record per logged step and per eval) and
+`checkpoints/step-NNNNNN/` (`save_state` plus `trainer_state.json`, written last).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from .data import PackedData
+from .errors import MoEConvertError
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor, int], dict[str, torch.Tensor]]
+
+
+FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,)}  # annotation -> accepted types
+
+
+def check_types(obj) -> None:
+    """Each scalar field must have its annotated type (YAML reads `3e-4` as a string)."""
+    for f in fields(obj):
+        value, allowed = getattr(obj, f.name), FIELD_TYPES.get(f.type)
+        if allowed and (isinstance(value, bool) or not isinstance(value, allowed)):
+            raise MoEConvertError(f"{f.name}: expected {f.type}, got {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by `train` and `distill`; every field is a CLI option."""
+
+    steps: int = 100  # optimizer steps; the LR schedule spans them
+    batch_size: int = 8  # global batch in windows per optimizer step (over processes and accumulation)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    warmup_steps: int = 10  # linear warmup from lr / warmup_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip: float = 1.0  # max gradient norm; 0 = no clipping
+    eval_every: int = 50  # steps between held-out evals (and one at the end); 0 = only at the end
+    eval_windows: int = 0  # held-out windows per eval; 0 = all
+    save_every: int = 0  # steps between save_state checkpoints; 0 = none
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    log_every: int = 1  # steps between metric records
+    mixed_precision: str = "no"
+    seed: int = 0  # of the data order and of dropout
+
+    def __post_init__(self):
+        check_types(self)
+        positive = ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise MoEConvertError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "eval_windows", "save_every"):
+            if getattr(self, name) < 0:
+                raise MoEConvertError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "clip"):
+            if not getattr(self, name) >= 0:
+                raise MoEConvertError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise MoEConvertError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise MoEConvertError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise MoEConvertError(
+                f"mixed_precision: must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
+        if self.batch_size % self.grad_accum:
+            raise MoEConvertError(f"batch_size: {self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of `lr` at optimizer step `step` (0-based): linear warmup, then cosine decay."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class TrainJob:
+    """One `train` run: what to train, on which data, where to; one recipe step of kind `train`."""
+
+    model: str
+    data: str
+    output: str
+    text_field: str = "text"
+    seq_len: int = 128
+    eval_fraction: float = 0.1
+    save_dtype: str = "fp32"
+    config: TrainConfig = None
+
+    def __post_init__(self):
+        self.config = self.config or TrainConfig()
+        check_types(self)
+        if self.save_dtype not in SAVE_DTYPES:
+            raise MoEConvertError(f"save_dtype: must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
+        if self.seq_len < 2:
+            raise MoEConvertError(f"seq_len: must be >= 2, got {self.seq_len}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise MoEConvertError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainJob":
+        """Flat mapping (a recipe step) -> job; `TrainConfig` fields sit beside the job's own."""
+        job_fields = {f.name for f in fields(cls)} - {"config"}
+        cfg_fields = {f.name for f in fields(TrainConfig)}
+        unknown = set(d) - job_fields - cfg_fields
+        if unknown:
+            raise MoEConvertError(f"train: unknown field(s) {', '.join(sorted(unknown))}; allowed: "
+                                  f"{', '.join(sorted(job_fields | cfg_fields))}")
+        missing = {"model", "data", "output"} - set(d)
+        if missing:
+            raise MoEConvertError(f"train: missing field(s) {', '.join(sorted(missing))}")
+        cfg = TrainConfig(**{k: v for k, v in d.items() if k in cfg_fields})
+        return cls(**{k: v for k, v in d.items() if k in job_fields}, config=cfg)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "config"}
+        return {**d, **asdict(self.config)}
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps completed in total (including before a resume)
+    train_loss: float  # mean logged loss over the last `log_every`-spaced records of this run (<= 10)
+    eval_loss: float | None
+    eval_ppl: float | None
+    tokens_per_s: float
+    seconds: float
+    output: str
+    processes: int
+
+
+def causal_lm_loss(model, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    """Next-token CE (+ the PR-MoE aux loss our models add to `loss` when labels are given)."""
+    out = model(input_ids=batch, labels=batch)
+    logs = {"loss": out.loss}
+    if getattr(out, "aux_loss", None) is not None:
+        logs["ce"] = out.ce_loss
+        logs["aux"] = out.aux_loss
+    return logs
+
+
+def cpu_only() -> bool:
+    """Accelerate treats torchrun processes on CPU as one process each unless told `cpu=True`."""
+    return not torch.cuda.is_available()
+
+
+def max_positions(config) -> int | None:
+    text = config.get_text_config()
+    return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Any causal LM directory (dense HF or our PR-MoE) via `AutoModelForCausalLM`."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise MoEConvertError(f"model: {path} is not a model directory (no config.json)")
+    import moe_convert  # noqa: F401  registers PRMoE with the Auto classes
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise MoEConvertError(f"model: could not load {path}: {str(e).splitlines()[0]}") from None
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: matrices decay, biases and norms (1-D) do not."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, batch_size: int = 8, accelerator=None) -> dict:
+    """Held-out CE over `windows` (N, L) (sharded over processes): loss, perplexity, tokens/s."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    shard = windows[rank::world]
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of window losses, windows)
+    start = time.perf_counter()
+    for i in range(0, len(shard), batch_size):
+        batch = shard[i:i + batch_size].to(device)
+        out = model(input_ids=batch, labels=batch)
+        ce = out.ce_loss if getattr(out, "ce_loss", None) is not None else out.loss
+        totals += torch.stack([ce.double() * len(batch), torch.tensor(len(batch), dtype=torch.float64, device=device)])
+    if accelerator is not None:
+        totals = accelerator.reduce(totals, reduction="sum")
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+    tokens = int(totals[1].item()) * windows.shape[1]
+    return {"loss": loss, "ppl": math.exp(loss) if loss == loss else float("nan"), "windows": int(totals[1].item()),
+            "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
+
+
+def _checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints (trainer_state.json written last), oldest first."""
+    return sorted(p.parent for p in (out_dir / CHECKPOINTS).glob("step-*/trainer_state.json"))
+
+
+class Trainer:
+    """Runs `TrainConfig` over packed data with a pluggable loss; see the module docstring."""
+
+    def __init__(self, model, data: PackedData, cfg: TrainConfig, out_dir: str | Path, *,
+                 loss_fn: LossFn = causal_lm_loss, on_step: Callable[[int], None] | None = None,
+                 extra_state: Iterable = (), accelerator=None, progress: bool = True):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
+        self.loss_fn, self.on_step, self.progress = loss_fn, on_step, progress
+        if accelerator is None:
+            if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+                raise MoEConvertError("mixed_precision: fp16 needs a GPU; use bf16 on CPU")
+            # MoE experts that get no tokens in a step have no gradient: DDP must expect that.
+            ddp = DistributedDataParallelKwargs(find_unused_parameters=hasattr(model, "moe_layers"))
+            if AcceleratorState._shared_state.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision:
+                AcceleratorState._reset_state()  # a new run in this process (tests, recipes); keeps the process group
+            accelerator = Accelerator(cpu=cpu_only(), mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
+        self.accelerator = acc = accelerator
+        world = acc.num_processes
+        if cfg.batch_size % (cfg.grad_accum * world):
+            raise MoEConvertError(
+                f"batch_size: {cfg.batch_size} is not divisible by grad_accum ({cfg.grad_accum}) x processes ({world})"
+            )
+        self.micro = cfg.batch_size // (cfg.grad_accum * world)  # windows per process per micro-batch
+        optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                      betas=(cfg.beta1, cfg.beta2))
+        # Not prepared: Accelerate would step a prepared scheduler once per process.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(self.scheduler, *extra_state)
+        self._order: tuple[int, torch.Tensor] = (-1, torch.empty(0))
+
+    # -- data: batch `step` is a pure function of (seed, step) -------------------------------------
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """Window order of one pass over the train split, (N_train,), seeded by (seed, epoch)."""
+        if self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.data.train), generator=g))
+        return self._order[1]
+
+    def _window_ids(self, start: int, count: int) -> torch.Tensor:
+        """Ids of the windows at positions [start, start+count) of the endless stream of epoch orders."""
+        n = len(self.data.train)
+        return torch.tensor([int(self._epoch_order(p // n)[p % n]) for p in range(start, start + count)])
+
+    def micro_batch(self, step: int, micro: int) -> torch.Tensor:
+        """This process's windows for micro-batch `micro` of optimizer step `step`: (micro, seq_len)."""
+        acc = self.accelerator
+        start = step * self.cfg.batch_size + (micro * acc.num_processes + acc.process_index) * self.micro
+        return self.data.train[self._window_ids(start, self.micro)]
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> Path:
+        acc = self.accelerator
+        path = self.out_dir / CHECKPOINTS / f"step-{step:06d}"
+        acc.save_state(str(path), safe_serialization=False)  # tied embeddings: plain torch files
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (path / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(self.cfg)}, indent=1))
+            for old in _checkpoints(self.out_dir)[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+        return path
+
+    def _resume(self) -> int:
+        ckpts = _checkpoints(self.out_dir)
+        if not ckpts:
+            raise MoEConvertError(f"resume: no complete checkpoint under {self.out_dir / CHECKPOINTS}")
+        state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+        self.accelerator.load_state(str(ckpts[-1]))
+        step = state["step"]
+        if self.accelerator.is_main_process:  # drop records the resumed run will write again
+            metrics = self.out_dir / METRICS
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            metrics.write_text("".join(f"{l}\n" for l in lines if json.loads(l)["step"] <= step))
+        return step
+
+    def _log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.out_dir / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate(self) -> dict:
+        windows = self.data.eval[: self.cfg.eval_windows or None]
+        return evaluate(self.model, windows, self.micro * self.cfg.grad_accum, self.accelerator)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def fit(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+        """Train to `cfg.steps` (or stop, checkpointed, after step `stop_after`)."""
+        from accelerate.utils import set_seed
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        cfg, acc = self.cfg, self.accelerator
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        if resume:
+            start = self._resume()  # restores the RNGs too
+        else:
+            start = 0
+            set_seed(cfg.seed)  # dropout (and anything else random) starts from the seed
+            if acc.is_main_process:
+                (self.out_dir / METRICS).unlink(missing_ok=True)
+        stop = min(cfg.steps, stop_after or cfg.steps)
+        tokens_per_step = cfg.batch_size * self.data.seq_len
+        recent, ev, t_run = [], None, time.perf_counter()
+        bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                       TimeRemainingColumn(), disable=not (self.progress and acc.is_main_process), transient=False)
+        with bar:
+            task = bar.add_task("train", total=cfg.steps, completed=start, info="")
+            for step in range(start, stop):
+                if self.on_step is not None:
+                    self.on_step(step)
+                self.model.train()
+                t0 = time.perf_counter()
+                sums: dict[str, torch.Tensor] = {}
+                for micro in range(cfg.grad_accum):
+                    batch = self.micro_batch(step, micro).to(acc.device)
+                    last = micro == cfg.grad_accum - 1
+                    with nullcontext() if last else acc.no_sync(self.model):
+                        out = self.loss_fn(self.model, batch, step)
+                        acc.backward(out["loss"] / cfg.grad_accum)
+                    for k, v in out.items():
+                        sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.clip or float("inf"))
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                keys = sorted(sums)
+                means = acc.reduce(torch.stack([sums[k] for k in keys]), reduction="mean").tolist()
+                done, dt = step + 1, time.perf_counter() - t0
+                record = {"kind": "train", "step": done, **dict(zip(keys, means)), "lr": lr,
+                          "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt}
+                recent = (recent + [record["loss"]])[-10:]
+                if done % cfg.log_every == 0 or done == stop:
+                    self._log(record)
+                bar.update(task, completed=done, info=f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s")
+                final = done == cfg.steps
+                if len(self.data.eval) and ((cfg.eval_every and done % cfg.eval_every == 0) or final):
+                    ev = self.evaluate()
+                    self._log({"kind": "eval", "step": done, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"]})
+                if (cfg.save_every and done % cfg.save_every == 0 and not final) or (done == stop and not final):
+                    self.save_checkpoint(done)
+        seconds = time.perf_counter() - t_run
+        ran = max(stop - start, 0)
+        return TrainResult(
+            steps=stop, train_loss=sum(recent) / len(recent) if recent else float("nan"),
+            eval_loss=ev["loss"] if ev else None, eval_ppl=ev["ppl"] if ev else None,
+            tokens_per_s=ran * tokens_per_step / seconds if seconds > 0 else 0.0, seconds=seconds,
+            output=str(self.out_dir), processes=acc.num_processes,
+        )
+
+    def save_model(self, tokenizer, dtype: torch.dtype | None = None) -> None:
+        """Final `save_pretrained` + tokenizer into the output dir; `config.json` is moved in last."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            if dtype is not None:
+                model = model.to(dtype)
+            tmp = self.out_dir / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            (self.out_dir / "config.json").unlink(missing_ok=True)
+            for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+                os.replace(f, self.out_dir / f.name)
+            tmp.rmdir()
+        acc.wait_for_everyone()
+
+
+def run_training(job: TrainJob, *, resume: bool = False, stop_after: int | None = None, overwrite: bool = False,
+                 progress: bool = True) -> TrainResult:
+    """The `train` command (and a recipe's `train` step): load, train, save the final model."""
+    from accelerate import PartialState
+
+    from .data import load_packed, load_tokenizer
+    from .summary import load_config
+
+    out = Path(job.output)
+    state = PartialState(cpu=cpu_only())  # under torchrun: sets up the process group (gloo on CPU)
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise MoEConvertError(f"output: {out} is not empty; pass --resume to continue it or --overwrite to replace it")
+    if overwrite and not resume and state.is_main_process:
+        shutil.rmtree(out, ignore_errors=True)
+    state.wait_for_everyone()  # every process has checked OUTPUT before any writes to it
+    tokenizer = load_tokenizer(job.model)
+    with state.main_process_first():  # one process tokenizes and fills the cache
+        data = load_packed(job.data, tokenizer, job.seq_len, text_field=job.text_field,
+                           eval_fraction=job.eval_fraction, max_positions=max_positions(load_config(job.model)))
+    model = load_model(job.model)
+    trainer = Trainer(model, data, job.config, out, progress=progress)
+    result = trainer.fit(resume=resume, stop_after=stop_after)
+    if result.steps == job.config.steps:
+        trainer.save_model(tokenizer, SAVE_DTYPES[job.save_dtype])
+    return result

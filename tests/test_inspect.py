@@ -1,0 +1,84 @@
+"""`inspect`: paper sizes from config alone (meta device, fast), and exact counts against real models."""
+
+import json
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moe_convert.cli import app
+from moe_convert.config import build_layout
+from moe_convert.configuration_prmoe import PRMoEConfig
+from moe_convert.summary import summarize, summarize_config
+
+from conftest import tiny_prmoe
+
+# (d_model, layout, paper total): GPT-2 vocab, 2048 positions, 24 layers, 16 heads (paper Table 1/4)
+PAPER = {
+    "350M+MoE-128": (1024, dict(pyramid="128", residual=False), 13.15e9),
+    "350M+PR-MoE-32/64": (1024, dict(pyramid="32,64"), 4.12e9),
+    "1.3B+MoE-128": (2048, dict(pyramid="128", residual=False), 52.47e9),
+    "1.3B+PR-MoE-64/128": (2048, dict(pyramid="64,128"), 31.39e9),
+}
+
+
+def paper_config(d: int, layout: dict) -> PRMoEConfig:
+    from transformers import GPT2Config
+
+    host = GPT2Config(vocab_size=50257, n_positions=2048, n_embd=d, n_layer=24, n_head=16)
+    return PRMoEConfig.from_layout(host, build_layout(24, **layout))
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_paper_sizes_from_config_alone(name, tmp_path):
+    d, layout, total = PAPER[name]
+    cfg = paper_config(d, layout)
+    summarize_config(cfg)  # warm the imports
+    start = time.perf_counter()
+    s = summarize_config(cfg)
+    assert time.perf_counter() - start < 1.0
+    assert abs(s.total_params - total) / total < 0.005, s.total_params
+    assert [r.index for r in s.layers if r.experts] == list(range(1, 24, 2))
+    # active: the dense model (+ the residual FFN) + one expert per MoE layer -> ~350M / 1.3B class
+    dense_class = 0.35e9 if d == 1024 else 1.3e9
+    extra_ffn = 12 * (8 * d * d + 5 * d) if layout.get("residual", True) else 0
+    assert s.active_params == pytest.approx(dense_class + extra_ffn, rel=0.05)
+    # the CLI reads a config file alone, no weights
+    (tmp_path / "config.json").write_text(cfg.to_json_string())
+    out = CliRunner().invoke(app, ["inspect", str(tmp_path / "config.json"), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["total_params"] == s.total_params
+
+
+def test_counts_match_a_real_model(host, tmp_path):
+    model = tiny_prmoe(host, moe_layers=(1, 3), num_experts=(3, 5), num_experts_per_tok=2)
+    model.save_pretrained(tmp_path)
+    s = summarize(tmp_path)
+    real_total = sum(p.numel() for p in model.parameters())
+    per_expert = {i: sum(p.numel() for p in m.experts.parameters()) // m.experts.num_experts
+                  for i, m in zip((1, 3), model.moe_layers())}
+    assert s.total_params == real_total
+    assert s.active_params == real_total - (3 - 2) * per_expert[1] - (5 - 2) * per_expert[3]
+    assert [(r.ffn, r.experts) for r in s.layers] == [("dense", 0), ("PR-MoE", 3), ("dense", 0), ("PR-MoE", 5)]
+    layers = model.host.get_submodule("transformer.h" if host == "gpt2" else "model.layers")
+    assert [r.params for r in s.layers] == [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    weights = [f for f in tmp_path.iterdir() if f.suffix == ".safetensors"]
+    assert s.size_on_disk == sum(f.stat().st_size for f in weights) and s.dtype == "float32"
+
+
+def test_dense_model_with_tied_embeddings_counts_them_once(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=24, n_head=2, vocab_size=97, n_positions=16))
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    out = CliRunner().invoke(app, ["inspect", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    s = summarize(tmp_path)
+    assert s.total_params == s.active_params == sum(p.numel() for p in model.parameters())
+    assert s.dtype == "bfloat16" and "dense" in out.output
+
+
+def test_inspect_bad_path_is_one_line(tmp_path):
+    out = CliRunner().invoke(app, ["inspect", str(tmp_path / "nope")])
+    assert out.exit_code == 2 and out.output.count("\n") == 1 and "config" in out.output

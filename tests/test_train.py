@@ -1,0 +1,279 @@
+"""The training loop: exact resume (also across a loss-phase switch), accumulation and multi-process
+equivalence, the LR schedule, PR-MoE CE/aux logging, the saved model, and recipe validation."""
+
+import inspect
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from moe_convert.cli import app
+from moe_convert.data import load_documents, load_packed, load_tokenizer, split_documents, train_bpe_tokenizer
+from moe_convert.errors import MoEConvertError
+from moe_convert.recipe import load_recipe, parse_recipe
+from moe_convert.train import TrainConfig, Trainer, causal_lm_loss, load_model
+
+from conftest import tiny_gpt2_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = "builtin:pydoc"
+SEQ = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    old = os.environ.get("MOE_CONVERT_CACHE")
+    os.environ["MOE_CONVERT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("MOE_CONVERT_CACHE")
+    else:
+        os.environ["MOE_CONVERT_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = split_documents(load_documents(DATA).texts, 0.1)["train"][:500]
+    return train_bpe_tokenizer(texts, vocab_size=300)
+
+
+def save(model, tokenizer, path: Path) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tokenizer, tmp_path_factory):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = tiny_gpt2_config(n_layer=2, vocab_size=len(tokenizer), resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    return save(GPT2LMHeadModel(cfg), tokenizer, tmp_path_factory.mktemp("dense"))
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tokenizer, tmp_path_factory):
+    from moe_convert.configuration_prmoe import PRMoEConfig
+    from moe_convert.modeling import PRMoEForCausalLM
+
+    torch.manual_seed(1)
+    cfg = PRMoEConfig(text_config=tiny_gpt2_config(vocab_size=len(tokenizer)).to_dict(), moe_layers=[1, 3],
+                      num_experts=[3, 4])
+    return save(PRMoEForCausalLM(cfg), tokenizer, tmp_path_factory.mktemp("moe"))
+
+
+def train_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", str(model), "--data", DATA, "-o", str(out), "--seq-len", str(SEQ), "--batch-size", "4",
+            "--steps", "8", "--warmup-steps", "2", "--lr", "3e-3", "--eval-every", "4", "--eval-windows", "8",
+            "--json", *extra]
+
+
+def invoke(args: list[str]):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def test_resume_continues_exactly(dense_dir, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    invoke(train_args(dense_dir, full))
+    invoke(train_args(dense_dir, part, "--stop-after", "4"))
+    assert not (part / "config.json").exists(), "a stopped run must not look like a finished model"
+    assert (part / "checkpoints" / "step-000004" / "trainer_state.json").exists()
+    assert sorted(losses(part)) == [1, 2, 3, 4]
+    invoke(train_args(dense_dir, part, "--resume"))
+    a, b = losses(full), losses(part)
+    assert sorted(a) == list(range(1, 9)) and a == b  # bit-identical at every step (dropout on)
+    wa, wb = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a[8] < a[1]
+
+
+class Counter:
+    """Extra checkpointed state: counts the steps that ran in this object's lifetime plus restored ones."""
+
+    def __init__(self):
+        self.n = 0
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, d):
+        self.n = d["n"]
+
+
+def phased_run(dense_dir, tokenizer, out, resume=False, stop_after=None):
+    """A two-phase loss (extra penalty before step 3, as distill's KD switch) with an on_step hook."""
+    counter, calls = Counter(), []
+
+    def loss_fn(model, batch, step):
+        logs = causal_lm_loss(model, batch, step)
+        if step < 3:
+            logs["penalty"] = model(input_ids=batch).logits.float().pow(2).mean()
+            logs["loss"] = logs["loss"] + 0.1 * logs["penalty"]
+        return logs
+
+    def on_step(step):
+        calls.append(step)
+        counter.n += 1
+
+    data = load_packed(DATA, tokenizer, SEQ)
+    cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=1, lr=3e-3, eval_every=0, eval_windows=4)
+    trainer = Trainer(load_model(dense_dir), data, cfg, out, loss_fn=loss_fn, on_step=on_step,
+                      extra_state=[counter], progress=False)
+    trainer.fit(resume=resume, stop_after=stop_after)
+    return calls, counter.n
+
+
+def test_resume_across_a_phase_switch_is_exact(dense_dir, tokenizer, tmp_path):
+    calls, n = phased_run(dense_dir, tokenizer, tmp_path / "a")
+    assert calls == list(range(6)) and n == 6
+    phased_run(dense_dir, tokenizer, tmp_path / "b", stop_after=2)
+    calls, n = phased_run(dense_dir, tokenizer, tmp_path / "b", resume=True)
+    assert calls == [2, 3, 4, 5] and n == 6  # the hook sees the resumed step first; extra state restored
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_grad_accumulation_matches_the_full_batch(tokenizer, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(2)
+    model_dir = save(GPT2LMHeadModel(tiny_gpt2_config(n_layer=2, vocab_size=len(tokenizer))), tokenizer,
+                     tmp_path / "m")
+    invoke(train_args(model_dir, tmp_path / "a1", "--steps", "5"))
+    invoke(train_args(model_dir, tmp_path / "a4", "--steps", "5", "--grad-accum", "4"))
+    a, b = losses(tmp_path / "a1"), losses(tmp_path / "a4")
+    assert a.keys() == b.keys() and all(math.isclose(a[s], b[s], rel_tol=1e-5) for s in a)
+
+
+def test_lr_schedule_warmup_then_cosine(dense_dir, tmp_path):
+    invoke(train_args(dense_dir, tmp_path / "o", "--min-lr-ratio", "0.2"))
+    records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    peak, warm, steps = 3e-3, 2, 8
+    want = [peak * (s + 1) / warm if s < warm else
+            peak * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * (s - warm) / (steps - warm)))) for s in range(steps)]
+    assert lrs == pytest.approx(want, rel=1e-9)
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 8]
+
+
+def test_prmoe_logs_ce_and_aux_and_saves_a_loadable_model(moe_dir, tmp_path):
+    out = tmp_path / "o"
+    result = json.loads(invoke(train_args(moe_dir, out, "--steps", "10")).stdout)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    for r in train:  # loss = ce + aux_loss_coef * aux, as the model defines it
+        assert r["loss"] == pytest.approx(r["ce"] + 0.01 * r["aux"], rel=1e-5) and r["aux"] >= 0.99
+    evals = [r["eval_loss"] for r in records if r["kind"] == "eval"]
+    assert evals[-1] < evals[0] and result["eval_loss"] == pytest.approx(evals[-1])
+    model = load_model(out)
+    assert type(model).__name__ == "PRMoEForCausalLM" and [m.experts.num_experts for m in model.moe_layers()] == [3, 4]
+    ev = json.loads(invoke(["eval", str(out), "--data", DATA, "--seq-len", str(SEQ), "--max-windows", "8",
+                            "--json"]).stdout)
+    assert ev["loss"] == pytest.approx(result["eval_loss"], rel=1e-4)  # same 8 held-out windows
+    assert ev["ppl"] == pytest.approx(math.exp(ev["loss"]))
+
+
+def test_mixed_precision_and_refusals(dense_dir, tmp_path):
+    out = tmp_path / "bf16"
+    result = json.loads(invoke(train_args(dense_dir, out, "--steps", "3", "--mixed-precision", "bf16")).stdout)
+    assert math.isfinite(result["train_loss"])
+    refused = CliRunner().invoke(app, train_args(dense_dir, out))  # non-empty output without --overwrite
+    assert refused.exit_code == 2 and "--overwrite" in refused.output
+    bad = CliRunner().invoke(app, train_args(dense_dir, tmp_path / "x", "--batch-size", "6", "--grad-accum", "4"))
+    assert bad.exit_code == 2 and "not divisible" in bad.output
+    if not torch.cuda.is_available():
+        fp16 = CliRunner().invoke(app, train_args(dense_dir, tmp_path / "y", "--mixed-precision", "fp16"))
+        assert fp16.exit_code == 2 and "fp16 needs a GPU" in fp16.output
+
+
+def test_cli_defaults_are_the_config_defaults():
+    from typer.main import get_command
+
+    params = {p.name: p.default for p in get_command(app).commands["train"].params}
+    for name, param in inspect.signature(TrainConfig).parameters.items():
+        assert params[name] == param.default, name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_vs_one(model_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Train 4 steps with batch 4 under torchrun --nproc_per_node 2 (gloo) and in this process."""
+    args = train_args(model_dir, tmp_path / "two", "--steps", "4")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "moe_convert", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["processes"] == 2  # printed once, by rank 0
+    invoke(train_args(model_dir, tmp_path / "one", "--steps", "4"))
+    return tmp_path / "one", tmp_path / "two"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tokenizer, tmp_path):
+    """Per-process micro-batch 2 on 2 processes == one process with batch 4, to float tolerance."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(3)
+    model_dir = save(GPT2LMHeadModel(tiny_gpt2_config(n_layer=2, vocab_size=len(tokenizer))), tokenizer,
+                     tmp_path / "m")
+    load_packed(DATA, tokenizer, SEQ)  # fill the cache once
+    one, two = torchrun_vs_one(model_dir, tmp_path)
+    a, b = losses(one), losses(two)
+    assert a.keys() == b.keys() == {1, 2, 3, 4}
+    assert all(math.isclose(a[s], b[s], rel_tol=1e-5) for s in a), (a, b)
+    wa, wb = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_prmoe(moe_dir, tmp_path):
+    """DDP with experts that get no tokens. The aux loss is computed per process over its own tokens
+    (as DeepSpeed does per rank), so only the first step's CE (same weights) must match exactly."""
+    load_packed(DATA, load_tokenizer(moe_dir), SEQ)
+    one, two = torchrun_vs_one(moe_dir, tmp_path)
+    ce = [{r["step"]: r["ce"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+           if r["kind"] == "train"} for d in (one, two)]
+    assert ce[0][1] == pytest.approx(ce[1][1], rel=1e-5)
+    assert all(ce[0][s] == pytest.approx(ce[1][s], rel=1e-2) for s in ce[0])
+    assert load_model(two).moe_layers()
+
+
+def test_every_recipe_validates():
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.steps and all(step.kind == "train" for step in recipe.steps)
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"steps": [{"train": {"model": "m", "data": "d", "output": "o", "lr": "3e-4"}}]}, "lr: expected float"),
+    ({"steps": [{"train": {"model": "m", "data": "d", "output": "o", "stepz": 3}}]}, "unknown field(s) stepz"),
+    ({"steps": [{"train": {"model": "m", "data": "d"}}]}, "missing field(s) output"),
+    ({"steps": [{"train": {"model": "m", "data": "d", "output": "o", "batch_size": 0}}]}, "batch_size: must be >= 1"),
+    ({"steps": [{"bake": {}}]}, "unknown kind 'bake'"),
+    ({"stepz": []}, "exactly one key"),
+])
+def test_bad_recipes_are_refused_with_the_field(doc, message):
+    with pytest.raises(MoEConvertError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_recipe(doc)
