@@ -139,7 +139,50 @@ DATA_HELP = ("builtin:pydoc (the Python reference shipped with CPython), a .txt/
              "a directory of them, or a hub dataset name")
 
 
+def with_train_options(command):
+    """Give `command` one --option per `TrainConfig` field (default and help from the dataclass).
+
+    The command receives them gathered as `train_options: dict`, so `train` and `distill` share one
+    definition of the optimisation options.
+    """
+    import dataclasses
+    import functools
+    import inspect as pyinspect
+
+    from .config import TrainConfig
+
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    extra = [
+        pyinspect.Parameter(f.name, pyinspect.Parameter.KEYWORD_ONLY, annotation=type(f.default),
+                            default=typer.Option(f.default, help=f.metadata["help"]))
+        for f in dataclasses.fields(TrainConfig)
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        return command(**{k: v for k, v in kwargs.items() if k not in names},
+                       train_options={k: kwargs[k] for k in names})
+
+    sig = pyinspect.signature(command)
+    own = [p for p in sig.parameters.values() if p.name != "train_options"]
+    wrapper.__signature__ = sig.replace(parameters=own + extra)
+    wrapper.__annotations__ = {k: v for k, v in command.__annotations__.items() if k != "train_options"}
+    wrapper.__annotations__.update({p.name: p.annotation for p in extra})
+    return wrapper
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 @app.command()
+@with_train_options
 def train(
     model: Path = typer.Argument(..., help="Model directory (dense HF causal LM or PR-MoE) with its tokenizer."),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
@@ -147,44 +190,21 @@ def train(
     text_field: str = typer.Option("text", help="Field holding the text in JSON/Parquet data."),
     seq_len: int = typer.Option(128, help="Tokens per packed training window."),
     eval_fraction: float = typer.Option(0.1, help="Fraction of documents held out (crc32 rule, see data.py)."),
-    steps: int = typer.Option(100, help="Optimizer steps (the LR schedule spans them)."),
-    batch_size: int = typer.Option(8, help="Global batch in windows per optimizer step (all processes, all micro-batches)."),
-    grad_accum: int = typer.Option(1, help="Micro-batches accumulated per optimizer step."),
-    lr: float = typer.Option(3e-4, help="Peak learning rate (AdamW)."),
-    min_lr_ratio: float = typer.Option(0.1, help="Cosine decay ends at lr * this."),
-    warmup_steps: int = typer.Option(10, help="Linear warmup steps."),
-    weight_decay: float = typer.Option(0.1, help="AdamW weight decay (matrices only)."),
-    beta1: float = typer.Option(0.9, help="AdamW beta1."),
-    beta2: float = typer.Option(0.95, help="AdamW beta2."),
-    clip: float = typer.Option(1.0, help="Max gradient norm; 0 disables clipping."),
-    eval_every: int = typer.Option(50, help="Steps between held-out evals (one always runs at the end); 0 = end only."),
-    eval_windows: int = typer.Option(0, help="Held-out windows per eval; 0 = all."),
-    save_every: int = typer.Option(0, help="Steps between save_state checkpoints; 0 = none."),
-    keep_checkpoints: int = typer.Option(2, help="Newest checkpoints kept."),
-    log_every: int = typer.Option(1, help="Steps between metrics.jsonl records."),
-    mixed_precision: str = typer.Option("no", help="no | bf16 | fp16 (fp16 needs a GPU)."),
-    seed: int = typer.Option(0, help="Seed of the data order and of dropout."),
     save_dtype: str = typer.Option("fp32", help="dtype of the saved final model: fp32 | bf16 | fp16."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from the newest checkpoint in OUTPUT."),
     stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) after this step; resume later. Default: run all steps."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    train_options: dict = None,
 ):
     """Continue training a dense or PR-MoE model with CE (+ aux loss); 1 process or torchrun (DDP)."""
     with reporting_errors():
         from .train import TrainConfig, TrainJob, run_training
 
-        cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio,
-                          warmup_steps=warmup_steps, weight_decay=weight_decay, beta1=beta1, beta2=beta2, clip=clip,
-                          eval_every=eval_every, eval_windows=eval_windows, save_every=save_every,
-                          keep_checkpoints=keep_checkpoints, log_every=log_every, mixed_precision=mixed_precision,
-                          seed=seed)
         job = TrainJob(model=str(model), data=data, output=str(output), text_field=text_field, seq_len=seq_len,
-                       eval_fraction=eval_fraction, save_dtype=save_dtype, config=cfg)
+                       eval_fraction=eval_fraction, save_dtype=save_dtype, config=TrainConfig(**train_options))
         result = run_training(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
-        from accelerate import PartialState
-
-        if not PartialState().is_main_process:  # already set up by run_training
+        if not _is_main_process():
             return
         if json_out:
             print_json(vars(result))
@@ -194,18 +214,68 @@ def train(
         table = Table(title=f"train -> {output}")
         for col in ("steps", "train loss", "eval loss", "eval ppl", "tokens/s", "seconds"):
             table.add_column(col, justify="right")
-        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        table.add_row(str(result.steps), fmt(result.train_loss, ".4f"), fmt(result.eval_loss, ".4f"),
-                      fmt(result.eval_ppl, ".2f"), fmt(result.tokens_per_s, ",.0f"), fmt(result.seconds, ".1f"))
+        table.add_row(str(result.steps), _fmt(result.train_loss, ".4f"), _fmt(result.eval_loss, ".4f"),
+                      _fmt(result.eval_ppl, ".2f"), _fmt(result.tokens_per_s, ",.0f"), _fmt(result.seconds, ".1f"))
         console.print(table)
-        if result.steps < steps:
+        if result.steps < job.config.steps:
             console.print(f"stopped after step {result.steps}; continue with --resume")
 
 
 @app.command()
-def distill():
+@with_train_options
+def distill(
+    teacher: Path = typer.Option(..., "--teacher", help="Teacher model directory (PR-MoE or dense) with its tokenizer."),
+    data: str = typer.Option(..., "--data", help=DATA_HELP),
+    output: Path = typer.Option(..., "-o", "--output", help="Output directory: student model, metrics.jsonl, checkpoints/."),
+    student_layers: int = typer.Option(-1, help="Student depth: -k = teacher depth minus k, or an absolute depth."),
+    keep_layers: Optional[str] = typer.Option(None, help="Teacher layers to keep, e.g. 0,4,5,...; default: drop the "
+                                              "layers right after layer 0 (the paper's L21 student for -3)."),
+    student_init: str = typer.Option("teacher", help="teacher: copy kept layers, embeddings, final norm | scratch: random (the paper)."),
+    kd_stop: float = typer.Option(0.5, help="KD for the first KD_STOP of the steps, then CE only with the teacher released (0 = no KD, 1 = KD throughout)."),
+    alpha: float = typer.Option(0.5, help="Weight of the KD term: (1 - alpha) CE + alpha T^2 KL."),
+    temperature: float = typer.Option(1.0, help="KD softmax temperature T."),
+    teacher_dtype: str = typer.Option("fp32", help="Teacher precision: fp32 | bf16 | fp16."),
+    text_field: str = typer.Option("text", help="Field holding the text in JSON/Parquet data."),
+    seq_len: int = typer.Option(128, help="Tokens per packed training window."),
+    eval_fraction: float = typer.Option(0.1, help="Fraction of documents held out (crc32 rule, see data.py)."),
+    save_dtype: str = typer.Option("fp32", help="dtype of the saved student: fp32 | bf16 | fp16."),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from the newest checkpoint in OUTPUT (also across the KD stop)."),
+    stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) after this step; resume later."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    train_options: dict = None,
+):
     """MoE teacher -> shallower Mixture-of-Students with staged knowledge distillation."""
-    not_yet(5)
+    with reporting_errors():
+        from .distill import DistillJob, run_distill
+        from .train import TrainConfig
+
+        job = DistillJob(model=str(teacher), data=data, output=str(output), text_field=text_field, seq_len=seq_len,
+                         eval_fraction=eval_fraction, save_dtype=save_dtype, student_layers=student_layers,
+                         keep_layers=keep_layers, student_init=student_init, alpha=alpha, temperature=temperature,
+                         kd_stop=kd_stop, teacher_dtype=teacher_dtype, config=TrainConfig(**train_options))
+        result = run_distill(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
+        if not _is_main_process():
+            return
+        if json_out:
+            print_json(result.to_dict())
+            return
+        from rich.table import Table
+
+        plan = result.plan
+        console.print(f"student: teacher layers {plan.kept} kept, {plan.dropped} dropped; "
+                      f"MoE at {plan.moe_layers} with {plan.num_experts} experts; KD for steps 1..{result.kd_steps}")
+        table = Table(title=f"distill -> {output}")
+        for col in ("model", "layers", "total params", "active params", "eval ppl", "step s (KD)", "step s (CE)"):
+            table.add_column(col, justify="right")
+        t, s, times = result.teacher, result.student, result.step_seconds
+        table.add_row("teacher", str(t["layers"]), f"{t['total_params']:,}", f"{t['active_params']:,}",
+                      _fmt(t["eval_ppl"], ".2f"), "", "")
+        table.add_row("student", str(s["layers"]), f"{s['total_params']:,}", f"{s['active_params']:,}",
+                      _fmt(s["eval_ppl"], ".2f"), _fmt(times["kd"], ".3f"), _fmt(times["ce"], ".3f"))
+        console.print(table)
+        if result.train.steps < job.config.steps:
+            console.print(f"stopped after step {result.train.steps}; continue with --resume")
 
 
 @app.command()

@@ -7,9 +7,11 @@ Every check raises `MoEConvertError` naming the field and what is allowed.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 from .errors import MoEConvertError
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 @dataclass
@@ -160,3 +162,73 @@ def build_layout(
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
     """DeepSpeed's capacity: ceil(k * T / E * cf), at least `min_capacity` (top-2 doubles, as in top2gating)."""
     return max(math.ceil(top_k * num_tokens / num_experts * capacity_factor), min_capacity)
+
+
+def option(default, help: str):
+    """A dataclass field that is also a CLI option: its default and its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
+FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,)}  # annotation -> accepted types
+
+
+def check_types(obj) -> None:
+    """Each scalar field must have its annotated type (YAML reads `3e-4` as a string)."""
+    for f in fields(obj):
+        value, allowed = getattr(obj, f.name), FIELD_TYPES.get(f.type)
+        if allowed and (isinstance(value, bool) or not isinstance(value, allowed)):
+            raise MoEConvertError(f"{f.name}: expected {f.type}, got {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by `train` and `distill`; every field is a CLI option (help in metadata)."""
+
+    steps: int = option(100, "Optimizer steps (the LR schedule spans them).")
+    batch_size: int = option(8, "Global batch in windows per optimizer step (all processes, all micro-batches).")
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
+    lr: float = option(3e-4, "Peak learning rate (AdamW).")
+    min_lr_ratio: float = option(0.1, "Cosine decay ends at lr * this.")
+    warmup_steps: int = option(10, "Linear warmup steps.")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only).")
+    beta1: float = option(0.9, "AdamW beta1.")
+    beta2: float = option(0.95, "AdamW beta2.")
+    clip: float = option(1.0, "Max gradient norm; 0 disables clipping.")
+    eval_every: int = option(50, "Steps between held-out evals (one always runs at the end); 0 = end only.")
+    eval_windows: int = option(0, "Held-out windows per eval; 0 = all.")
+    save_every: int = option(0, "Steps between save_state checkpoints; 0 = none.")
+    keep_checkpoints: int = option(2, "Newest checkpoints kept.")
+    log_every: int = option(1, "Steps between metrics.jsonl records.")
+    mixed_precision: str = option("no", "no | bf16 | fp16 (fp16 needs a GPU).")
+    seed: int = option(0, "Seed of the data order and of dropout.")
+
+    def __post_init__(self):
+        check_types(self)
+        positive = ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise MoEConvertError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "eval_windows", "save_every"):
+            if getattr(self, name) < 0:
+                raise MoEConvertError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "clip"):
+            if not getattr(self, name) >= 0:
+                raise MoEConvertError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise MoEConvertError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise MoEConvertError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise MoEConvertError(
+                f"mixed_precision: must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
+        if self.batch_size % self.grad_accum:
+            raise MoEConvertError(f"batch_size: {self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of `lr` at optimizer step `step` (0-based): linear warmup, then cosine decay."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

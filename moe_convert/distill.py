@@ -13,7 +13,7 @@ import gc
 import json
 import shutil
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -224,6 +224,9 @@ class DistillResult:
     kd_steps: int
     step_seconds: dict[str, float | None]  # median step time while KD is on / after the switch
     train: TrainResult
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def _params(config) -> dict:

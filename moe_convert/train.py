@@ -50,80 +50,15 @@ from pathlib import Path
 import torch
 
 from .data import PackedData
+from .config import TrainConfig, check_types
 from .errors import MoEConvertError
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, int], dict[str, torch.Tensor]]
-
-
-FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,)}  # annotation -> accepted types
-
-
-def check_types(obj) -> None:
-    """Each scalar field must have its annotated type (YAML reads `3e-4` as a string)."""
-    for f in fields(obj):
-        value, allowed = getattr(obj, f.name), FIELD_TYPES.get(f.type)
-        if allowed and (isinstance(value, bool) or not isinstance(value, allowed)):
-            raise MoEConvertError(f"{f.name}: expected {f.type}, got {value!r}")
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings shared by `train` and `distill`; every field is a CLI option."""
-
-    steps: int = 100  # optimizer steps; the LR schedule spans them
-    batch_size: int = 8  # global batch in windows per optimizer step (over processes and accumulation)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
-    warmup_steps: int = 10  # linear warmup from lr / warmup_steps
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    clip: float = 1.0  # max gradient norm; 0 = no clipping
-    eval_every: int = 50  # steps between held-out evals (and one at the end); 0 = only at the end
-    eval_windows: int = 0  # held-out windows per eval; 0 = all
-    save_every: int = 0  # steps between save_state checkpoints; 0 = none
-    keep_checkpoints: int = 2  # newest checkpoints kept
-    log_every: int = 1  # steps between metric records
-    mixed_precision: str = "no"
-    seed: int = 0  # of the data order and of dropout
-
-    def __post_init__(self):
-        check_types(self)
-        positive = ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise MoEConvertError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "eval_windows", "save_every"):
-            if getattr(self, name) < 0:
-                raise MoEConvertError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "clip"):
-            if not getattr(self, name) >= 0:
-                raise MoEConvertError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise MoEConvertError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise MoEConvertError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise MoEConvertError(
-                f"mixed_precision: must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
-            )
-        if self.batch_size % self.grad_accum:
-            raise MoEConvertError(f"batch_size: {self.batch_size} is not divisible by grad_accum={self.grad_accum}")
-
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of `lr` at optimizer step `step` (0-based): linear warmup, then cosine decay."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 @dataclass
