@@ -7,6 +7,7 @@ transformers are imported inside the commands that need them.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,10 @@ app.add_typer(bench_app, name="bench")
 
 console = Console()
 err_console = Console(stderr=True)
+# Our commands draw their own progress and print one-line errors: silence transformers' and the hub's
+# own per-load progress bars and advisory warnings (a user's explicit setting wins).
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @contextmanager
