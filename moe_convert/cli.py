@@ -343,22 +343,10 @@ def eval_(
 ):
     """Held-out loss, perplexity and tokens/s (and the unigram-baseline perplexity of the same tokenizer)."""
     with reporting_errors():
-        from .data import load_packed, load_tokenizer, unigram_perplexity
-        from .errors import MoEConvertError
-        from .summary import load_config
-        from .train import evaluate, load_model, max_positions
+        from .train import eval_model
 
-        if split not in ("eval", "train"):
-            raise MoEConvertError(f"split: must be eval or train, got {split!r}")
-        tokenizer = load_tokenizer(model)
-        packed = load_packed(data, tokenizer, seq_len, text_field=text_field, eval_fraction=eval_fraction,
-                             max_positions=max_positions(load_config(model)))
-        lm = load_model(model)
-        windows = getattr(packed, split)[: max_windows or None]
-        if len(windows) == 0:
-            raise MoEConvertError(f"eval: the {split} split is empty (eval_fraction={eval_fraction})")
-        result = {"model": str(model), "data": data, "split": split, **evaluate(lm, windows, batch_size),
-                  "unigram_ppl": unigram_perplexity(packed.train, windows, len(tokenizer))}
+        result = eval_model(model, data, text_field=text_field, seq_len=seq_len, eval_fraction=eval_fraction,
+                            split=split, batch_size=batch_size, max_windows=max_windows)
         if json_out:
             print_json(result)
             return
@@ -489,10 +477,95 @@ def bench_layer(
         console.print("x floor = ms / floor (>= 1); vs DS = DeepSpeed ms / ms (> 1: faster than DeepSpeed)")
 
 
+def _bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 1e3:,.1f} kB"
+
+
+def _params(n) -> str:
+    return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.2f}M"
+
+
 @app.command()
-def run():
-    """Run a recipe: the steps above chained from one YAML file."""
-    not_yet(7)
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML: steps (upcycle, train, distill, export, eval, bench) chained."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides: kind.field=value (every step "
+                                                    "of that kind), N.field=value (step N), output=DIR (run dir)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (each step's model: layers, experts, "
+                                 "total/active params, size, peak memory) without loading weights. Default: off."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan / summary as JSON. Default: off."),
+):
+    """Run a recipe: the steps above chained from one YAML file; finished steps are skipped; writes report.md."""
+    with reporting_errors():
+        from dataclasses import asdict
+
+        from .recipe import load_recipe
+        from .run import execute, plan_recipe
+
+        r = load_recipe(recipe, overrides or [])
+        plans = plan_recipe(r)
+        if dry_run:
+            if json_out:
+                print_json([asdict(p) for p in plans])
+                return
+            from rich.table import Table
+
+            table = Table(title=f"plan: {recipe} -> {r.output}")
+            for col in ("step", "kind", "status", "layers", "experts per MoE layer", "total", "active", "size",
+                        "peak mem (est.)", "output"):  # noqa: E501
+                table.add_column(col, justify="right" if col in ("total", "active", "size", "layers") else "left")
+            for p in plans:
+                m = p.model or {}
+                experts = _compact(m.get("experts")) if m else ""
+                table.add_row(str(p.index), p.kind, "done" if p.complete else "to do", str(m.get("layers", "")),
+                              experts, _params(m["total_params"]) if m else "", _params(m["active_params"]) if m else "",
+                              _bytes(m.get("size_bytes")) if m else "", _bytes(p.peak_bytes), p.output)
+            console.print(table)
+            for p in plans:
+                if p.note:
+                    console.print(f"step {p.index}: {p.note}")
+            return
+
+        def report_step(step, status):
+            if not json_out:
+                verb = {"skip": "[dim]skip (complete)[/]", "start": "[bold]run[/]", "done": "[green]done[/]"}[status]
+                console.print(f"step {step.index} {step.kind}: {verb}  -> {step.output}")
+
+        from .report import write_report
+
+        state = execute(r, on_step=report_step)
+        report, rows = write_report(r, state)
+        if json_out:
+            print_json({"report": str(report), "models": rows})
+            return
+        from rich.table import Table
+
+        table = Table(title=f"{recipe}: summary (report: {report})")
+        for col in ("model", "layers", "experts per MoE layer", "total", "active", "held-out ppl", "tokens/s"):
+            table.add_column(col, justify="left" if col in ("model", "experts per MoE layer") else "right")
+        for row in rows:
+            table.add_row(row["model"], str(row["layers"]), _compact(row["experts"]) or "dense",
+                          _params(row["total_params"]), _params(row["active_params"]), f"{row['eval_ppl']:.2f}",
+                          f"{row['tokens_per_s']:,.0f}")
+        console.print(table)
+
+
+def _compact(counts) -> str:
+    """[32]*10 + [64]*2 -> '10x32 + 2x64'."""
+    if not counts:
+        return ""
+    groups, prev, n = [], counts[0], 0
+    for c in counts + [None]:
+        if c == prev:
+            n += 1
+        else:
+            groups.append(f"{n}x{prev}")
+            prev, n = c, 1
+    return " + ".join(groups)
 
 
 def main() -> None:

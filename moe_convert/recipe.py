@@ -1,67 +1,249 @@
-"""Recipe files: YAML listing steps, each `{kind: {fields}}`, validated before anything runs.
+"""Recipe files: the steps of a run (upcycle, train, distill, export, eval, bench), chained.
 
+    output: runs/demo                       # the run directory (default: runs/<recipe file name>)
     steps:
-      - train: {model: runs/init, data: "builtin:pydoc", output: checkpoints/tiny-gpt2, steps: 600}
+      - upcycle: {source: checkpoints/tiny-gpt2, pyramid: "4,8"}
+      - train: {data: "builtin:pydoc", steps: 150}
+      - distill: {data: "builtin:pydoc", student_layers: -1, kd_stop: 0.5}
+      - export: {format: safetensors}
+      - eval: {data: "builtin:pydoc"}
 
-Each step kind maps to the dataclass that validates its fields (`STEP_KINDS`); adding a kind
-(upcycle, distill, export, ...) is adding an entry. Top-level keys other than `steps` are refused.
+Chaining: a step's input (`source` of upcycle, `model` of train/export, `teacher` of distill)
+defaults to the output of the last step that produced a model; `output` defaults to
+`<run dir>/<index>-<kind>`; `eval` scores every model the run has produced (the dense source
+included) unless it names `models`. Overrides `kind.field=value` set a field on every step of that
+kind, `N.field=value` on step N (0-based), `output=DIR` the run directory; values are read as YAML.
+Each step kind maps to the dataclass that validates its fields (`STEP_KINDS`); everything is
+validated before any work, and every error names the step and the field.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from .config import check_types, parse_int_list
 from .errors import MoEConvertError
 
+# kind -> name of the field that takes the previous model (None: the kind takes no model)
+INPUT_FIELD = {"upcycle": "source", "train": "model", "distill": "teacher", "export": "model", "eval": None,
+               "bench": None}
+MAKES_MODEL = ("upcycle", "train", "distill")  # kinds whose output is a model directory
 
-def _train_step(fields: dict):
+
+@dataclass
+class UpcycleStep:
+    """`upcycle` options (see `moe-convert upcycle --help`); `source_config` is a config.json that
+    describes `source` for `--dry-run` where the source itself is not available (e.g. offline)."""
+
+    source: str
+    output: str
+    pyramid: str | None = None
+    pyramid_split: str | None = None
+    experts: str | None = None
+    moe_every: int = 2
+    top_k: int = 1
+    residual: bool = True
+    capacity_factor: float | None = None
+    aux_loss_coef: float = 0.01
+    init: str = "preserve"
+    seed: int = 0
+    max_shard_size: str = "5GB"
+    dtype: str = "auto"
+    fidelity: bool = True
+    source_config: str | None = None
+
+    def __post_init__(self):
+        check_types(self)
+        from .upcycle import InitSpec
+
+        InitSpec.parse(self.init)
+        for name in ("pyramid", "pyramid_split", "experts"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, ",".join(map(str, parse_int_list(value, name))))
+        if (self.pyramid is None) == (self.experts is None):
+            raise MoEConvertError("pyramid/experts: give exactly one of them")
+
+    def upcycle_kwargs(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("source", "output", "source_config")}
+
+
+@dataclass
+class ExportStep:
+    model: str
+    output: str
+    format: str = "safetensors"
+    dtype: str = "fp32"
+    ep_size: int = 1
+    max_shard_size: str = "5GB"
+
+    def __post_init__(self):
+        check_types(self)
+        from .export import DTYPES, FORMATS
+
+        if self.format not in FORMATS:
+            raise MoEConvertError(f"format: {self.format!r} is not known; choose one of {', '.join(FORMATS)}")
+        if self.dtype not in DTYPES:
+            raise MoEConvertError(f"dtype: {self.dtype!r} is not known; choose one of {', '.join(DTYPES)}")
+        if self.ep_size < 1:
+            raise MoEConvertError(f"ep_size: must be >= 1, got {self.ep_size}")
+
+
+@dataclass
+class EvalStep:
+    data: str
+    output: str
+    models: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    seq_len: int = 128
+    eval_fraction: float = 0.1
+    batch_size: int = 8
+    max_windows: int = 0
+
+    def __post_init__(self):
+        check_types(self)
+        if not isinstance(self.models, list) or not all(isinstance(m, str) for m in self.models):
+            raise MoEConvertError(f"models: expected a list of model directories, got {self.models!r}")
+
+
+@dataclass
+class BenchStep:
+    output: str
+    tokens: int = 4096
+    hidden: int = 512
+    experts: str = "8,32,128"
+    dtype: str = "fp32"
+    repeats: int = 3
+
+    def __post_init__(self):
+        check_types(self)
+        self.experts = ",".join(map(str, parse_int_list(self.experts, "experts")))
+
+
+def _dataclass_step(cls):
+    def build(d: dict):
+        allowed = {f.name for f in fields(cls)}
+        unknown = set(d) - allowed
+        if unknown:
+            raise MoEConvertError(f"unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+        return cls(**d)
+
+    return build
+
+
+def _train_step(d: dict):
     from .train import TrainJob
 
-    return TrainJob.from_dict(fields)
+    return TrainJob.from_dict(d)
 
 
-STEP_KINDS: dict[str, Callable[[dict], Any]] = {"train": _train_step}
+def _distill_step(d: dict):
+    from .distill import DistillJob
+
+    return DistillJob.from_dict(d)
+
+
+STEP_KINDS = {
+    "upcycle": _dataclass_step(UpcycleStep),
+    "train": _train_step,
+    "distill": _distill_step,
+    "export": _dataclass_step(ExportStep),
+    "eval": _dataclass_step(EvalStep),
+    "bench": _dataclass_step(BenchStep),
+}
 
 
 @dataclass
 class Step:
+    index: int
     kind: str
-    spec: Any  # the kind's validated dataclass, e.g. TrainJob
+    spec: Any  # the kind's validated dataclass (UpcycleStep, TrainJob, DistillJob, ...)
+    input: str | None = None  # the model this step reads (None for eval/bench)
+
+    @property
+    def output(self) -> str:
+        return self.spec.output
 
 
 @dataclass
 class Recipe:
-    path: Path
+    path: Path | None
+    output: Path  # the run directory
     steps: list[Step]
 
 
-def parse_recipe(data: Any, where: str = "recipe") -> list[Step]:
-    if not isinstance(data, dict) or set(data) != {"steps"}:
-        raise MoEConvertError(f"{where}: expected a mapping with exactly one key, 'steps'")
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`kind.field=value`, `N.field=value` or `output=DIR` (values read as YAML) on the raw recipe."""
+    import yaml
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise MoEConvertError(f"override {item!r}: expected key=value, e.g. distill.kd_stop=0.7")
+        value = yaml.safe_load(raw) if raw else ""
+        if key == "output":
+            data["output"] = value
+            continue
+        target, dot, name = key.partition(".")
+        if not dot or not name:
+            raise MoEConvertError(f"override {item!r}: expected kind.field=value or N.field=value")
+        steps = data.get("steps") if isinstance(data.get("steps"), list) else []
+        hits = [s for i, s in enumerate(steps) if isinstance(s, dict) and len(s) == 1
+                and (str(i) == target or next(iter(s)) == target)]
+        if not hits:
+            raise MoEConvertError(f"override {item!r}: the recipe has no step {target!r}")
+        for s in hits:
+            body = next(iter(s.values()))
+            if body is None:
+                s[next(iter(s))] = body = {}
+            body[name] = value
+    return data
+
+
+def parse_recipe(data: Any, where: str = "recipe", default_output: str | Path = "runs/recipe") -> Recipe:
+    """Validate a recipe mapping and resolve its chaining; errors name the step and the field."""
+    if not isinstance(data, dict) or "steps" not in data or set(data) - {"steps", "output"}:
+        raise MoEConvertError(f"{where}: expected a mapping with 'steps' (and optionally 'output'), "
+                              f"got keys {sorted(data) if isinstance(data, dict) else type(data).__name__}")
     if not isinstance(data["steps"], list) or not data["steps"]:
         raise MoEConvertError(f"{where}: 'steps' must be a non-empty list")
-    steps = []
+    run_dir = Path(data.get("output") or default_output)
+    steps, previous, models = [], None, []
     for i, item in enumerate(data["steps"]):
         if not isinstance(item, dict) or len(item) != 1:
             raise MoEConvertError(f"{where}: step {i} must be a mapping {{kind: {{fields}}}}")
-        (kind, fields), = item.items()
+        (kind, body), = item.items()
         if kind not in STEP_KINDS:
             raise MoEConvertError(f"{where}: step {i} has unknown kind {kind!r}; known: {', '.join(STEP_KINDS)}")
-        if not isinstance(fields, dict):
+        if body is not None and not isinstance(body, dict):
             raise MoEConvertError(f"{where}: step {i} ({kind}) needs a mapping of fields")
+        body = dict(body or {})
+        body.setdefault("output", str(run_dir / f"{i}-{kind}"))
+        input_field = INPUT_FIELD[kind]
+        if input_field is not None and previous is not None:
+            body.setdefault(input_field, previous)
+        if kind == "eval" and not body.get("models"):
+            body["models"] = list(models)
         try:
-            steps.append(Step(kind, STEP_KINDS[kind](fields)))
-        except MoEConvertError as e:
+            spec = STEP_KINDS[kind](body)
+        except (MoEConvertError, TypeError) as e:
             raise MoEConvertError(f"{where}: step {i} ({kind}): {e}") from None
-        except TypeError as e:
-            raise MoEConvertError(f"{where}: step {i} ({kind}): {e}") from None
-    return steps
+        step = Step(i, kind, spec, body.get(input_field) if input_field else None)
+        steps.append(step)
+        if kind == "upcycle" and not models:
+            models.append(step.input)  # the dense source is worth scoring too
+        if kind in MAKES_MODEL:
+            previous = step.output
+            models.append(step.output)
+    return Recipe(None, run_dir, steps)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file; a one-line error names the step and field at fault."""
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read and validate a recipe file (plus `key=value` overrides) before any work starts."""
     import yaml
 
     path = Path(path)
@@ -71,4 +253,7 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise MoEConvertError(f"recipe: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return Recipe(path, parse_recipe(data, str(path)))
+    recipe = parse_recipe(apply_overrides(data, list(overrides)) if overrides else data, str(path),
+                          default_output=Path("runs") / path.stem)
+    recipe.path = path
+    return recipe

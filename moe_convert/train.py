@@ -184,6 +184,26 @@ def evaluate(model, windows: torch.Tensor, batch_size: int = 8, accelerator=None
             "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
 
 
+def eval_model(model: str | Path, data: str, *, text_field: str = "text", seq_len: int = 128,
+               eval_fraction: float = 0.1, split: str = "eval", batch_size: int = 8, max_windows: int = 0) -> dict:
+    """The `eval` command: a model directory's loss, perplexity and tokens/s on a data split, with the
+    unigram-baseline perplexity of the same tokenizer."""
+    from .data import load_packed, load_tokenizer, unigram_perplexity
+    from .summary import load_config
+
+    if split not in ("eval", "train"):
+        raise MoEConvertError(f"split: must be eval or train, got {split!r}")
+    tokenizer = load_tokenizer(model)
+    packed = load_packed(data, tokenizer, seq_len, text_field=text_field, eval_fraction=eval_fraction,
+                         max_positions=max_positions(load_config(model)))
+    lm = load_model(model)
+    windows = getattr(packed, split)[: max_windows or None]
+    if len(windows) == 0:
+        raise MoEConvertError(f"eval: the {split} split is empty (eval_fraction={eval_fraction})")
+    return {"model": str(model), "data": data, "split": split, **evaluate(lm, windows, batch_size),
+            "unigram_ppl": unigram_perplexity(packed.train, windows, len(tokenizer))}
+
+
 def _checkpoints(out_dir: Path) -> list[Path]:
     """Complete checkpoints (trainer_state.json written last), oldest first."""
     return sorted(p.parent for p in (out_dir / CHECKPOINTS).glob("step-*/trainer_state.json"))

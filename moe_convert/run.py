@@ -1,0 +1,201 @@
+"""`run RECIPE`: plan a recipe's steps on configs alone, run them in order, write the report.
+
+The plan needs no weights: each step's output config follows from its input's (upcycle adds the
+MoE layout, distill removes layers, train/export keep it), and the counts come from the model
+built on the meta device (`summary.summarize_config`). Peak-memory figures are estimates of
+what the step holds: upcycle = dense model + one MoE layer (it streams); train = 16 bytes per
+parameter (fp32 weights, gradients and two Adam moments; activations excluded); distill = that for
+the student + the teacher's weights; export = one stacked tensor (it streams); eval = the weights.
+
+A step whose output is complete is skipped, so an interrupted run continues where it stopped; a
+train/distill step with checkpoints resumes from the newest one. Results are kept in
+`<run dir>/run_state.json`; `report.md` and its plots are written at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import MoEConvertError
+from .recipe import Recipe, Step
+
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+STATE_FILE = "run_state.json"
+
+
+@dataclass
+class StepPlan:
+    index: int
+    kind: str
+    output: str
+    complete: bool
+    model: dict | None  # the model this step produces: layers, experts, params, size
+    peak_bytes: int | None  # estimated (see the module docstring)
+    note: str = ""
+
+
+def _load_source_config(step: Step):
+    """The config of an upcycle source: a local dir, the hub cache, or the recipe's `source_config`."""
+    from .summary import load_config
+
+    source = Path(step.spec.source).expanduser()
+    if source.is_dir():
+        return load_config(source)
+    if step.spec.source_config:
+        return load_config(step.spec.source_config)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(step.spec.source, "config.json")
+    if isinstance(cached, str):
+        return load_config(cached)
+    raise MoEConvertError(f"step {step.index} (upcycle): source {step.spec.source!r} is not available here; "
+                          "add source_config: <a config.json describing it> to plan it")
+
+
+def _dtype_bytes(name: str | None, default: int = 4) -> int:
+    return DTYPE_BYTES.get(str(name).replace("torch.", ""), default) if name else default
+
+
+def _model_row(config, dtype_bytes: int) -> dict:
+    from .summary import summarize_config
+
+    s = summarize_config(config)
+    moe = [r for r in s.layers if r.experts]
+    return {"layers": len(s.layers), "moe_layers": [r.index for r in moe], "experts": [r.experts for r in moe],
+            "total_params": s.total_params, "active_params": s.active_params,
+            "largest_layer_params": max((r.params for r in s.layers), default=0),
+            "size_bytes": s.total_params * dtype_bytes}
+
+
+def plan_recipe(recipe: Recipe) -> list[StepPlan]:
+    """Every step with the model it produces and an estimate of its peak memory, from configs only."""
+    from .config import build_layout
+    from .configuration_prmoe import PRMoEConfig
+    from .distill import plan_student, student_config
+
+    configs: dict[str, tuple] = {}  # model dir -> (config, its row)
+    plans = []
+    for step in recipe.steps:
+        spec, model, peak = step.spec, None, None
+        try:
+            if step.kind == "upcycle":
+                dense = _load_source_config(step)
+                dense_row = _model_row(dense, _dtype_bytes(getattr(dense, "dtype", None)))
+                configs.setdefault(spec.source, (dense, dense_row))
+                layout = build_layout(dense.num_hidden_layers, moe_every=spec.moe_every, pyramid=spec.pyramid,
+                                      pyramid_split=spec.pyramid_split, experts=spec.experts, top_k=spec.top_k,
+                                      residual=spec.residual, capacity_factor=spec.capacity_factor,
+                                      aux_loss_coef=spec.aux_loss_coef)
+                config = PRMoEConfig.from_layout(dense, layout)
+                out_bytes = dense_row["size_bytes"] // dense_row["total_params"] if spec.dtype == "auto" \
+                    else _dtype_bytes(spec.dtype)
+                model = _model_row(config, out_bytes)
+                peak = dense_row["size_bytes"] + model["largest_layer_params"] * out_bytes
+            elif step.kind in ("train", "distill", "export"):
+                if step.input not in configs and not (Path(step.input) / "config.json").is_file():
+                    plans.append(StepPlan(step.index, step.kind, step.output, is_complete(recipe, step), None, None,
+                                          f"input {step.input} does not exist yet (made outside this recipe)"))
+                    continue
+                if step.input not in configs:
+                    from .summary import load_config
+
+                    configs[step.input] = (cfg := load_config(step.input), _model_row(cfg, 4))
+                config, row = configs[step.input]
+                if step.kind == "distill":
+                    config = student_config(config, plan_student(config, spec.student_layers, spec.keep_layers))
+                dtype = spec.dtype if step.kind == "export" else spec.save_dtype
+                model = _model_row(config, _dtype_bytes(dtype))
+                if step.kind == "train":
+                    peak = 16 * model["total_params"]
+                elif step.kind == "distill":
+                    peak = 16 * model["total_params"] + row["total_params"] * _dtype_bytes(spec.teacher_dtype)
+                else:
+                    peak = model["largest_layer_params"] * _dtype_bytes(dtype)
+            elif step.kind == "eval":
+                peak = max((configs[m][1]["total_params"] * 4 for m in spec.models if m in configs), default=None)
+        except MoEConvertError as e:
+            raise MoEConvertError(f"step {step.index} ({step.kind}): {e}") from None
+        if model is not None and step.kind in ("upcycle", "train", "distill"):
+            configs[step.output] = (config, model)
+        plans.append(StepPlan(step.index, step.kind, step.output, is_complete(recipe, step), model, peak))
+    return plans
+
+
+def is_complete(recipe: Recipe, step: Step) -> bool:
+    out = Path(step.output)
+    if step.kind in ("upcycle", "train", "distill"):
+        return (out / "config.json").is_file()  # written last by each of them
+    if step.kind == "export":
+        return out.is_dir()  # renamed into place only when complete
+    return str(step.index) in _read_state(recipe)
+
+
+def _read_state(recipe: Recipe) -> dict:
+    path = recipe.output / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_state(recipe: Recipe, index: int, result) -> None:
+    state = _read_state(recipe)
+    state[str(index)] = result
+    recipe.output.mkdir(parents=True, exist_ok=True)
+    tmp = recipe.output / f"{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state, indent=1, default=str))
+    tmp.replace(recipe.output / STATE_FILE)
+
+
+def _has_checkpoint(output: str) -> bool:
+    return any(Path(output).glob("checkpoints/step-*/trainer_state.json"))
+
+
+def run_step(step: Step):
+    """Run one step; returns its result as plain data."""
+    spec = step.spec
+    if step.kind == "upcycle":
+        from .upcycle import upcycle
+
+        return upcycle(spec.source, spec.output, **spec.upcycle_kwargs(), overwrite=True).to_dict()
+    if step.kind in ("train", "distill"):
+        resume = _has_checkpoint(spec.output)
+        if step.kind == "train":
+            from .train import run_training
+
+            return asdict(run_training(spec, resume=resume, overwrite=not resume))
+        from .distill import run_distill
+
+        return run_distill(spec, resume=resume, overwrite=not resume).to_dict()
+    if step.kind == "export":
+        from .export import export
+
+        return asdict(export(spec.model, spec.output, spec.format, spec.dtype, spec.ep_size, overwrite=True,
+                             max_shard_size=spec.max_shard_size))
+    if step.kind == "eval":
+        from .train import eval_model
+
+        return [eval_model(m, spec.data, text_field=spec.text_field, seq_len=spec.seq_len,
+                           eval_fraction=spec.eval_fraction, batch_size=spec.batch_size,
+                           max_windows=spec.max_windows) for m in spec.models]
+    from .bench import bench_layer
+
+    machine, rows = bench_layer(spec.tokens, spec.hidden, [int(e) for e in spec.experts.split(",")], spec.dtype,
+                                repeats=spec.repeats)
+    return {"machine": asdict(machine), "rows": [asdict(r) for r in rows]}
+
+
+def execute(recipe: Recipe, on_step=lambda step, status: None) -> dict:
+    """Run every step not yet complete, in order; `on_step(step, "skip" | "start" | "done")` reports."""
+    plan_recipe(recipe)  # validates the whole chain before any work
+    for step in recipe.steps:
+        if is_complete(recipe, step):
+            on_step(step, "skip")
+            continue
+        on_step(step, "start")
+        start = time.perf_counter()
+        result = run_step(step)
+        _write_state(recipe, step.index, {"kind": step.kind, "seconds": time.perf_counter() - start,
+                                          "result": result})
+        on_step(step, "done")
+    return _read_state(recipe)

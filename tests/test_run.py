@@ -1,0 +1,124 @@
+"""`run`: recipes validate and dry-run (paper-scale plans show the paper's sizes), overrides, errors
+before any work, and a real run that is killed mid-train and finishes without redoing steps."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moe_convert.cli import app
+from moe_convert.errors import MoEConvertError
+from moe_convert.recipe import apply_overrides, load_recipe, parse_recipe
+from moe_convert.run import plan_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def in_repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes name paths relative to the repository root
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_dry_runs(recipe):
+    result = CliRunner().invoke(app, ["run", str(recipe), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    plans = json.loads(result.output)
+    assert len(plans) == len(load_recipe(recipe).steps)
+
+
+def _totals(recipe: str) -> dict[str, float]:
+    return {p.kind: p.model["total_params"] / 1e9 for p in plan_recipe(load_recipe(ROOT / "recipes" / recipe)) if p.model}
+
+
+def test_paper_scale_plans_show_the_papers_sizes():
+    t350 = _totals("paper-350m-prmoe-32-64-mos.yaml")
+    assert t350["upcycle"] == pytest.approx(4.12, rel=5e-3)  # PAPER.md: 350M+PR-MoE-32/64 4.12B
+    assert t350["distill"] == pytest.approx(3.5, rel=2e-2)  # "+MoS 3.5B"
+    t13 = _totals("paper-1.3b-prmoe-64-128-mos.yaml")
+    assert t13["upcycle"] == pytest.approx(31.39, rel=5e-3)  # 1.3B+PR-MoE-64/128 31.39B
+    assert t13["distill"] == pytest.approx(27, rel=2e-2)  # "+MoS 27B"
+    xl = plan_recipe(load_recipe(ROOT / "recipes" / "gpt2-xl-prmoe-32-128.yaml"))[0].model
+    assert xl["experts"] == [32] * 22 + [128] * 2 and 20e9 < xl["total_params"] < 22e9  # "≈ 21B"
+
+
+def test_chaining_and_overrides():
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", ["distill.kd_stop=0.7", "1.steps=3", "output=/tmp/x"])
+    up, train, distill, export, ev = recipe.steps
+    assert train.spec.model == up.output and distill.spec.model == train.output and export.spec.model == distill.output
+    assert distill.spec.kd_stop == 0.7 and train.spec.config.steps == 3 and str(recipe.output) == "/tmp/x"
+    assert ev.spec.models == ["checkpoints/tiny-gpt2", up.output, train.output, distill.output]
+
+
+@pytest.mark.parametrize("doc, overrides, message", [
+    ({"steps": [{"bake": {}}]}, [], "unknown kind 'bake'"),
+    ({"steps": [{"train": {"model": "m", "data": "d", "stepz": 3}}]}, [], "unknown field(s) stepz"),
+    ({"steps": [{"train": {"model": "m", "data": "d", "lr": "3e-4"}}]}, [], "lr: expected float"),
+    ({"steps": [{"train": {"model": "m", "data": "d", "batch_size": 0}}]}, [], "batch_size: must be >= 1"),
+    ({"steps": [{"upcycle": {"source": "s", "pyramid": "8,x"}}]}, [], "pyramid"),
+    ({"steps": [{"upcycle": {"source": "s", "pyramid": "8", "init": "magic"}}]}, [], "init"),
+    ({"steps": [{"distill": {"teacher": "t", "data": "d", "kd_stop": 1.5}}]}, [], "kd_stop"),
+    ({"steps": [{"export": {"model": "m", "format": "onnx"}}]}, [], "format"),
+    ({"steps": [{"train": {"model": "m", "data": "d"}}]}, ["distill.kd_stop=0.7"], "no step 'distill'"),
+    ({"stepz": []}, [], "expected a mapping with 'steps'"),
+])
+def test_bad_recipes_fail_naming_the_field(doc, overrides, message):
+    with pytest.raises(MoEConvertError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_recipe(apply_overrides(doc, overrides))
+
+
+def test_bad_recipe_cli_is_one_line_and_does_no_work(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output: {tmp_path / 'run'}\nsteps:\n  - upcycle: {{source: checkpoints/tiny-gpt2, pyramid: '4,8'}}\n"
+                      "  - train: {data: 'builtin:pydoc', stepz: 3}\n")
+    result = CliRunner().invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 2 and "step 1 (train)" in result.output and "stepz" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+SMALL = ["train.steps=24", "train.save_every=4", "train.seq_len=32", "train.eval_every=0", "train.log_every=1",
+         "train.batch_size=8", "distill.steps=4", "distill.seq_len=32", "distill.eval_every=0",
+         "distill.batch_size=8", "eval.seq_len=32", "eval.max_windows=8"]
+
+
+def _run_cmd(out: Path) -> list[str]:
+    return [sys.executable, "-m", "moe_convert", "run", "recipes/demo.yaml", *SMALL, f"output={out}"]
+
+
+@pytest.mark.slow
+def test_killed_mid_train_resumes_without_redoing_steps(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(_run_cmd(out), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    ckpts = out / "1-train" / "checkpoints"
+    deadline = time.time() + 240
+    while not any(ckpts.glob("step-*/trainer_state.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # as hard as a kill gets: no cleanup code runs
+    proc.wait()
+    assert not (out / "1-train" / "config.json").exists()
+    upcycled = (out / "0-upcycle" / "config.json").stat().st_mtime_ns
+
+    done = subprocess.run(_run_cmd(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "step 0 upcycle: skip" in done.stdout and (out / "0-upcycle" / "config.json").stat().st_mtime_ns == upcycled
+    steps = [json.loads(l)["step"] for l in (out / "1-train" / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in l]
+    assert steps == list(range(1, 25))  # resumed from the checkpoint: every step logged exactly once
+    assert "summary" in done.stdout and "student (step 2)" in done.stdout
+
+    report = (out / "report.md").read_text()
+    pngs = sorted(out.glob("*.png"))
+    assert {p.name for p in pngs} >= {"loss-1-train.png", "loss-2-distill.png", "experts-teacher.png",
+                                      "experts-student.png"}
+    for png in pngs:
+        assert png.name in report and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
