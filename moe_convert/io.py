@@ -1,0 +1,288 @@
+"""Checkpoint I/O that never holds more than one tensor: lazy reader, streaming shard writer, atomic dirs.
+
+`CheckpointReader` opens a Hugging Face model directory (single or sharded safetensors, or a
+`.bin` through `torch.load(weights_only=True)`) and reads one tensor at a time. `ShardWriter`
+knows every output tensor's name, shape and dtype before the first byte is written, so it writes
+each shard's safetensors header first and appends tensors (or row-slices of them) as they are
+produced (mergekit's lazy loader and tensor writer). `atomic_output_dir` builds an output under a
+temporary name and renames it when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import struct
+from collections.abc import Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import MoEConvertError
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+# torch dtype <-> the safetensors header's dtype string
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+# Files a tokenizer (and generation) needs beside the weights; copied verbatim to an output dir.
+TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template*", "spiece.model", "generation_config.json")
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000, '2GiB' -> 2 * 2**30, '500MB', '1024' (bytes); as transformers' max_shard_size."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if unit not in _SIZE_UNITS:
+        raise MoEConvertError(f"size: expected a number of bytes or e.g. 5GB, 500MB, 2GiB, got {text!r}")
+    size = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if size < 1:
+        raise MoEConvertError(f"size: must be at least 1 byte, got {text!r}")
+    return size
+
+
+class CheckpointReader:
+    """A model directory's tensors by name, each read on demand (never a whole shard)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise MoEConvertError(f"{self.path} has no config.json: not a model directory")
+        try:
+            self.config: dict = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MoEConvertError(f"{config_file} is not valid JSON: {e}") from None
+        self._file_of: dict[str, Path] = {}  # tensor name -> file holding it
+        self._handles: dict[Path, object] = {}  # open safe_open handles / mmap'ed .bin dicts
+        for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (BIN_WEIGHTS, BIN_INDEX)):
+            if (self.path / index).is_file():
+                weight_map = json.loads((self.path / index).read_text())["weight_map"]
+                self._file_of = {name: self.path / f for name, f in weight_map.items()}
+                break
+            if (self.path / single).is_file():
+                self._file_of = {name: self.path / single for name in self._open(self.path / single).keys()}
+                break
+        else:
+            raise MoEConvertError(f"{self.path} has no {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}")
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            if not file.is_file():
+                raise MoEConvertError(f"checkpoint file {file} is missing")
+            try:
+                if file.suffix == ".safetensors":
+                    from safetensors import safe_open
+
+                    self._handles[file] = safe_open(str(file), framework="pt")
+                else:  # pickled state dict: tensors only, memory-mapped so nothing is read up front
+                    self._handles[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except MoEConvertError:
+                raise
+            except Exception as e:  # safetensors / pickle errors on truncated or corrupt files
+                raise MoEConvertError(f"cannot read {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                                      " (truncated or corrupt?)") from None
+        return self._handles[file]
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self._file_of[name]
+        handle = self._open(file)
+        try:
+            return handle.get_tensor(name) if file.suffix == ".safetensors" else handle[name]
+        except Exception as e:
+            raise MoEConvertError(f"cannot read tensor {name!r} from {file}: {e}") from None
+
+    def _meta(self, name: str) -> tuple[torch.Size, torch.dtype]:
+        file = self._file_of[name]
+        handle = self._open(file)
+        if file.suffix != ".safetensors":
+            t = handle[name]
+            return t.shape, t.dtype
+        s = handle.get_slice(name)
+        by_name = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+        return torch.Size(s.get_shape()), by_name[s.get_dtype()]
+
+    def shape(self, name: str) -> torch.Size:
+        return self._meta(name)[0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta(name)[1]
+
+
+@dataclass(frozen=True)
+class _Slot:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    shard: int
+    begin: int  # byte offset inside the shard's data section
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _shard_name(i: int, n: int) -> str:
+    return SAFE_WEIGHTS if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+class ShardWriter:
+    """Writes a planned set of tensors into size-capped safetensors shards, streaming.
+
+    Usage: `w = ShardWriter(out, parse_size("5GB")); w.begin(plan)` with `plan` a list of
+    `(name, shape, dtype)` in write order; then `w.write(name, tensor)` for each, in plan order (a
+    tensor may also be given as an iterable of row blocks that concatenate along dim 0, so a
+    stacked `[E, ...]` tensor is never whole in memory); `w.finish()` writes the index last.
+    A shard is cut before a tensor that would push it past `max_shard_bytes` (one tensor larger
+    than the cap gets a shard of its own). Identical input gives byte-identical files.
+    """
+
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int, metadata: dict[str, str] | None = None):
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.slots: list[_Slot] = []
+        self.files: list[str] = []
+        self._next = 0  # index of the next slot to write
+        self._file = None  # open shard being filled
+        self._file_shard = -1  # which shard `_file` is
+        self._written = 0  # bytes written into the current slot
+
+    def begin(self, plan: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        shard, used = 0, 0
+        for name, shape, dtype in plan:
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{name}: dtype {dtype} has no safetensors encoding")
+            nbytes = math.prod(shape) * dtype.itemsize
+            if used and used + nbytes > self.max_shard_bytes:
+                shard, used = shard + 1, 0
+            self.slots.append(_Slot(name, tuple(int(s) for s in shape), dtype, shard, used, used + nbytes))
+            used += nbytes
+        n = self.slots[-1].shard + 1 if self.slots else 1
+        self.files = [_shard_name(i, n) for i in range(n)]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.slots)
+
+    def _header(self, shard: int) -> bytes:
+        header: dict = {"__metadata__": self.metadata}
+        for s in self.slots:
+            if s.shard == shard:
+                header[s.name] = {"dtype": SAFETENSORS_DTYPES[s.dtype], "shape": list(s.shape),
+                                  "data_offsets": [s.begin, s.end]}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+        return struct.pack("<Q", len(raw)) + raw
+
+    def write(self, name: str, data: torch.Tensor | Iterable[torch.Tensor]) -> None:
+        if self._next >= len(self.slots) or self.slots[self._next].name != name:
+            expected = self.slots[self._next].name if self._next < len(self.slots) else "nothing"
+            raise ValueError(f"ShardWriter: got {name!r}, expected {expected!r} (write in plan order)")
+        slot = self.slots[self._next]
+        if self._file_shard != slot.shard:
+            self._close_file()
+            self._file, self._file_shard = open(self.out_dir / self.files[slot.shard], "wb"), slot.shard
+            self._file.write(self._header(slot.shard))
+        self._written = 0
+        for block in ([data] if isinstance(data, torch.Tensor) else data):
+            self._append(slot, block)
+        if self._written != slot.nbytes:
+            raise ValueError(f"ShardWriter: {name} got {self._written} bytes, planned {slot.nbytes}")
+        self._next += 1
+
+    def _append(self, slot: _Slot, block: torch.Tensor) -> None:
+        whole = tuple(block.shape) == slot.shape
+        if block.dtype != slot.dtype or not (whole or tuple(block.shape[1:]) == slot.shape[1:]):
+            raise ValueError(f"ShardWriter: {slot.name} planned {slot.shape} {slot.dtype}, "
+                             f"got a block {tuple(block.shape)} {block.dtype}")
+        raw = block.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._written += raw.nbytes
+        if self._written > slot.nbytes:
+            raise ValueError(f"ShardWriter: {slot.name} got more bytes than its planned {slot.nbytes}")
+        self._file.write(memoryview(raw))
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def finish(self) -> list[str]:
+        """Close the last shard and write the index (when sharded); returns the shard file names."""
+        if self._next != len(self.slots):
+            raise ValueError(f"ShardWriter: {len(self.slots) - self._next} planned tensors were never written")
+        self._close_file()
+        if not self.slots:  # an empty plan still gives a valid (empty) safetensors file
+            (self.out_dir / self.files[0]).write_bytes(self._header(0))
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {s.name: self.files[s.shard] for s in self.slots}}
+            (self.out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return list(self.files)
+
+    def close(self) -> None:
+        """Release the open file without finishing (after an error)."""
+        self._close_file()
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False):
+    """Yield a temporary sibling of `out` to fill; it becomes `out` only if the block completes.
+
+    An existing `out` is refused unless `overwrite` (and then replaced only at the very end). On
+    any failure or interrupt the temporary directory is removed, so nothing that looks like a
+    finished checkpoint is left behind.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise MoEConvertError(f"output {out} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer files and generation_config.json found in `src` to `dst`; returns their names."""
+    src, dst = Path(src), Path(dst)
+    names = sorted({p.name for pattern in TOKENIZER_FILES for p in src.glob(pattern) if p.is_file()})
+    for name in names:
+        shutil.copyfile(src / name, dst / name)
+    return names

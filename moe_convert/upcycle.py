@@ -1,0 +1,447 @@
+"""Dense checkpoint in, PR-MoE checkpoint out, streaming (DESIGN.md section 4).
+
+1. resolve SOURCE (local dir or hub id) and read its config; pick the host adapter;
+2. build the MoE layout from the options and instantiate the PR-MoE model on the meta device:
+   its state dict (less tied weights, as `save_pretrained` drops them) is the output plan;
+3. for the function-preserving init, calibrate the routers on the dense model's hidden states;
+4. stream: every tensor is read from the dense checkpoint, transformed, and appended to a
+   size-capped shard whose header was written first; stacked experts are produced one expert at a
+   time, so memory does not grow with the expert count;
+5. write config.json + the modeling code (trust_remote_code), tokenizer and generation config,
+   rename the temporary directory into place;
+6. load both models and measure fidelity on a fixed sample.
+
+Init modes (`--init`):
+- `preserve` (default): function-preserving. Coefficient weight and bias 0 (c = 0.5 / 0.5), every
+  expert a copy of the dense FFN with its output projection scaled by E, and a router so small
+  that p_e = 1/E (1 + O(1e-5)) for every token: y = 0.5 * p_e * E * M(x) + 0.5 * M(x) = M(x). The
+  router is drawn at random in the whitened, mean-centred space of the dense hidden states at that
+  layer (measured on a seeded calibration sample), so its argmax still spreads tokens evenly.
+  Top-k > 1 renormalises the k weights to 1, so there the experts are plain copies.
+- `copy`: DeepSpeed / sparse upcycling: experts and residual FFN = dense FFN, router normal(0,
+  initializer_range), coefficient `nn.Linear` default init.
+- `noise:S`: `copy` plus N(0, S^2) noise on every expert tensor.
+- `drop:R`: Drop-Upcycling: `copy`, then a fraction R of each expert's hidden units (a different
+  seeded subset per expert) re-initialised from N(mean, std) of the dropped slice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+from . import __version__
+from .config import MoELayout, build_layout
+from .configuration_prmoe import PRMoEConfig
+from .errors import MoEConvertError
+from .io import CheckpointReader, ShardWriter, atomic_output_dir, copy_tokenizer_files, parse_size
+from .modeling import HostSpec, PRMoEForCausalLM, host_spec
+from .moe import EXPERT_PARAMS
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+INIT_MODES = ("preserve", "copy", "noise:SIGMA", "drop:RATE")
+ROUTER_LOGIT_STD = 1e-5  # preserve: std of router logits over tokens; p_e = 1/E * (1 + O(this))
+WHITEN_KEEP = 0.05  # preserve: whiten only principal directions with singular value >= this * the largest
+SAMPLE_SEQS, SAMPLE_LEN = 8, 32  # calibration / fidelity sample: sequences x tokens
+FIDELITY_SEED = 1234  # the fixed fidelity sample (when the source has no tokenizer)
+FIDELITY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. In 1905 Albert Einstein published four papers that changed "
+    "physics. Mixture-of-experts models route each token to a few experts, so they hold many parameters but "
+    "compute with only some of them. She opened the window, and the smell of rain filled the small kitchen. "
+)
+_STREAM_ROUTER, _STREAM_COEF, _STREAM_DROP, _STREAM_PARAM = 0, 1, 2, 3  # seed streams per (layer, expert)
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """`--init`: preserve | copy | noise:SIGMA | drop:RATE."""
+
+    mode: str
+    value: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> "InitSpec":
+        mode, _, arg = text.partition(":")
+        if mode in ("preserve", "copy") and not arg:
+            return cls(mode)
+        if mode in ("noise", "drop") and arg:
+            try:
+                value = float(arg)
+            except ValueError:
+                value = float("nan")
+            if mode == "noise" and value > 0 or mode == "drop" and 0 < value <= 1:
+                return cls(mode, value)
+            allowed = "SIGMA > 0" if mode == "noise" else "0 < RATE <= 1"
+            raise MoEConvertError(f"init: {text!r} needs {allowed}")
+        raise MoEConvertError(f"init: expected one of {', '.join(INIT_MODES)}, got {text!r}")
+
+    def __str__(self) -> str:
+        return self.mode if self.mode in ("preserve", "copy") else f"{self.mode}:{self.value:g}"
+
+
+@dataclass
+class UpcycleSummary:
+    """What `upcycle` wrote and the fidelity it measured (None where the check was skipped)."""
+
+    output: str
+    source: str
+    host: str
+    init: str
+    seed: int
+    dtype: str
+    num_layers: int
+    moe_layers: list[int]
+    experts_per_layer: list[int]
+    top_k: int
+    residual: bool
+    total_params: int
+    active_params: int
+    size_on_disk: int
+    shards: int
+    seconds: float
+    max_abs_logit_diff: float | None = None
+    kl: float | None = None
+    max_expert_share: list[float] | None = None  # per MoE layer: largest fraction of sample tokens on one expert
+    fidelity: str = ""  # what the fidelity sample was, or why the check was skipped
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_source(source: str) -> Path:
+    """A local model directory, or a hub id resolved through the cache (downloading when online)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    offline = constants.is_offline_mode()
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+    try:
+        local = Path(snapshot_download(source, allow_patterns=patterns, local_files_only=offline))
+        if not any(local.glob("*.safetensors")):
+            local = Path(snapshot_download(source, allow_patterns=patterns + ["pytorch_model*.bin"],
+                                           local_files_only=offline))
+    except HFValidationError:
+        raise MoEConvertError(f"{source!r} is not a local directory and not a valid hub model id") from None
+    except Exception as e:
+        if offline:
+            raise MoEConvertError(f"{source!r} is not a local directory and is not in the hub cache (offline)") from None
+        raise MoEConvertError(f"{source!r} is not a local directory and could not be downloaded: "
+                              f"{str(e).splitlines()[0]}") from None
+    return local
+
+
+def _generator(seed: int, *stream: int) -> torch.Generator:
+    """An independent, reproducible random stream per (seed, layer, expert, purpose)."""
+    state = np.random.SeedSequence([seed, *stream]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+@dataclass
+class _LayerPlan:
+    """One MoE layer: where its dense FFN lives in the source and what it expands to."""
+
+    index: int  # decoder layer
+    num_experts: int
+    prefix: str  # host key prefix of the FFN, e.g. "transformer.h.1.mlp."
+    router: torch.Tensor | None = field(default=None, repr=False)  # (E, d) calibrated (preserve)
+
+
+class _Upcycler:
+    """Maps each output tensor name to the tensor it should hold, reading the dense checkpoint lazily."""
+
+    def __init__(self, reader: CheckpointReader, spec: HostSpec, host_config, layout: MoELayout,
+                 init: InitSpec, seed: int, dtype: torch.dtype, expected: dict[str, torch.Size]):
+        self.reader, self.spec, self.host_config, self.layout = reader, spec, host_config, layout
+        self.init, self.seed, self.dtype = init, seed, dtype
+        self.layers = {f"host.{spec.layers}.{i}.{spec.ffn_attr}.": _LayerPlan(i, e, f"{spec.layers}.{i}.{spec.ffn_attr}.")
+                       for i, e in zip(layout.moe_layers, layout.num_experts)}
+        # Dense tensors the output needs, under the host's own names, each found under either
+        # spelling (GPT-2 hub files have no `transformer.` prefix; transformers v5 writes it).
+        base = getattr(transformers, spec.causal_lm).base_model_prefix
+        needed = {name.removeprefix("host.") for name in expected}
+        for plan in self.layers.values():
+            needed |= {plan.prefix + key for key, _ in spec.expert_keys.values()}
+        self.source_name = {}
+        for name in reader.keys():
+            for canonical in (name, f"{base}.{name}"):
+                if canonical in needed:
+                    self.source_name[canonical] = name
+
+    def dense(self, key: str) -> torch.Tensor:
+        if key not in self.source_name:
+            raise MoEConvertError(f"{self.reader.path}: the dense checkpoint has no tensor {key!r}")
+        return self.reader.get(self.source_name[key])
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def tensor(self, name: str, shape: torch.Size) -> torch.Tensor | Iterator[torch.Tensor]:
+        """The output tensor `name`, or for stacked experts an iterator of (1, ...) blocks."""
+        layer_prefix = next((p for p in self.layers if name.startswith(p)), None)
+        if layer_prefix is None:
+            return self._checked(name, self._cast(self.dense(name.removeprefix("host."))), shape)
+        layer, rest = self.layers[layer_prefix], name[len(layer_prefix):]
+        if rest.startswith("mlp."):  # the residual dense FFN, unchanged
+            return self._checked(name, self._cast(self.dense(layer.prefix + rest[len("mlp."):])), shape)
+        if rest.startswith("experts."):
+            return self._experts(layer, rest[len("experts."):], shape)
+        if rest == "router.weight":
+            return self._router(layer, shape)
+        if rest.startswith("coefficient."):
+            return self._coefficient(layer, rest, shape)
+        raise MoEConvertError(f"no rule to produce {name}")  # a new PRMoELayer parameter upcycle does not know
+
+    @staticmethod
+    def _checked(name: str, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        if t.shape != shape:
+            raise MoEConvertError(f"{name}: the dense checkpoint has shape {tuple(t.shape)}, "
+                                  f"its config implies {tuple(shape)}")
+        return t.contiguous()
+
+    def _experts(self, layer: _LayerPlan, param: str, shape: torch.Size) -> Iterator[torch.Tensor]:
+        key, transposed = self.spec.expert_keys[param]
+        base = self.dense(layer.prefix + key).float()
+        base = self._checked(f"{layer.prefix}{key}", base.t() if transposed else base, shape[1:])  # [in, out]
+        dims = EXPERT_PARAMS[self.spec.ffn_kind][param]
+        param_id = list(EXPERT_PARAMS[self.spec.ffn_kind]).index(param)
+        E, mode = layer.num_experts, self.init.mode
+        scale = E if mode == "preserve" and self.layout.top_k == 1 and param in ("w_out", "b_out") else 1
+        for e in range(E):
+            w = base * scale if scale != 1 else base.clone()
+            if mode == "noise":
+                w += self.init.value * torch.randn(w.shape, generator=_generator(self.seed, layer.index, e,
+                                                                                  _STREAM_PARAM + param_id))
+            elif mode == "drop" and "f" in dims:  # hidden units live on the inner (f) dimension
+                self._drop(w, dims.index("f") - 1, layer, e, param_id)
+            yield self._cast(w).unsqueeze(0)  # (1, in, out) / (1, out)
+
+    def _drop(self, w: torch.Tensor, axis: int, layer: _LayerPlan, e: int, param_id: int) -> None:
+        """Drop-Upcycling: re-initialise this expert's dropped hidden units along `axis` (in place)."""
+        f = w.shape[axis]
+        n = round(self.init.value * f)
+        if n == 0:
+            return
+        units = torch.randperm(f, generator=_generator(self.seed, layer.index, e, _STREAM_DROP))[:n]  # same per expert
+        dropped = w.index_select(axis, units)
+        std = dropped.std().nan_to_num(0.0) if dropped.numel() > 1 else torch.tensor(0.0)
+        fresh = torch.randn(dropped.shape, generator=_generator(self.seed, layer.index, e, _STREAM_PARAM + param_id))
+        w.index_copy_(axis, units, dropped.mean() + std * fresh)
+
+    def _router(self, layer: _LayerPlan, shape: torch.Size) -> torch.Tensor:
+        if layer.router is not None:
+            return self._cast(layer.router)
+        std = getattr(self.host_config, "initializer_range", 0.02)
+        return self._cast(std * torch.randn(shape, generator=_generator(self.seed, layer.index, _STREAM_ROUTER)))
+
+    def _coefficient(self, layer: _LayerPlan, rest: str, shape: torch.Size) -> torch.Tensor:
+        if self.init.mode == "preserve":  # c = softmax(0) = (0.5, 0.5) for every token
+            return torch.zeros(shape, dtype=self.dtype)
+        bound = 1 / math.sqrt(self.host_config.hidden_size)  # nn.Linear's default init, as DeepSpeed leaves it
+        stream = _STREAM_COEF if rest == "coefficient.weight" else _STREAM_COEF + 100
+        g = _generator(self.seed, layer.index, stream)
+        return self._cast(torch.empty(shape).uniform_(-bound, bound, generator=g))
+
+
+def calibrated_router(x: torch.Tensor, num_experts: int, generator: torch.Generator) -> torch.Tensor:
+    """Router weight (E, d) with logits of std ROUTER_LOGIT_STD whose argmax spreads the tokens of x (T, d).
+
+    Logits `x W^T` are made independent of the mean hidden state (W is orthogonal to it, the
+    router has no bias to absorb it) and equally sensitive to every principal direction of the
+    centred states (whitening), so a random W sends each token to a near-uniformly random expert.
+    """
+    mean = x.mean(0)  # (d,)
+    _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)  # vh (r, d)
+    keep = s >= WHITEN_KEEP * s[0]
+    whiten = vh[keep] * (math.sqrt(x.shape[0]) / s[keep, None])  # (r', d): centred x -> unit-variance coords
+    w = torch.randn(num_experts, whiten.shape[0], generator=generator) @ whiten  # (E, d)
+    unit_mean = mean / mean.norm().clamp_min(1e-12)
+    w = w - torch.outer(w @ unit_mean, unit_mean)  # x W^T no longer sees the mean state
+    logits_std = ((x - mean) @ w.t()).std(0).clamp_min(1e-30)  # (E,)
+    return w * (ROUTER_LOGIT_STD / logits_std[:, None])
+
+
+def _sample_ids(vocab: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, vocab, (SAMPLE_SEQS, seq_len), generator=generator)  # (B, L)
+
+
+def _fidelity_sample(src: Path, host_config) -> tuple[torch.Tensor, str]:
+    """The fixed sample: the tokenizer-encoded FIDELITY_TEXT if the source has a tokenizer, else fixed ids."""
+    seq_len = min(SAMPLE_LEN, getattr(host_config, "max_position_embeddings", SAMPLE_LEN) or SAMPLE_LEN)
+    if any(src.glob("tokenizer*")):
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(src)(FIDELITY_TEXT * 8)["input_ids"]
+        if len(ids) >= SAMPLE_SEQS * seq_len:
+            ids = torch.tensor(ids[: SAMPLE_SEQS * seq_len]).view(SAMPLE_SEQS, seq_len)
+            return ids.clamp_max(host_config.vocab_size - 1), f"{SAMPLE_SEQS}x{seq_len} tokens of fixed text"
+    ids = _sample_ids(host_config.vocab_size, seq_len, torch.Generator().manual_seed(FIDELITY_SEED))
+    return ids, f"{SAMPLE_SEQS}x{seq_len} fixed random token ids"
+
+
+def _load_dense(src: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def _calibrate(dense, spec: HostSpec, layers: dict[str, _LayerPlan], seed: int) -> None:
+    """preserve: fit each MoE layer's router to the dense hidden states entering that FFN."""
+    cfg = dense.config
+    seq_len = min(SAMPLE_LEN, getattr(cfg, "max_position_embeddings", SAMPLE_LEN) or SAMPLE_LEN)
+    decoder = dense.get_submodule(spec.layers)
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [getattr(decoder[p.index], spec.ffn_attr).register_forward_pre_hook(
+        lambda m, args, i=p.index: seen.__setitem__(i, args[0].reshape(-1, args[0].shape[-1]).float()))
+        for p in layers.values()]
+    try:
+        dense(_sample_ids(cfg.vocab_size, seq_len, _generator(seed, 2**31)))
+    finally:
+        for h in hooks:
+            h.remove()
+    for p in layers.values():
+        p.router = calibrated_router(seen[p.index], p.num_experts, _generator(seed, p.index, _STREAM_ROUTER))
+
+
+def _fits_in_memory(nbytes: int) -> bool:
+    import psutil
+
+    return nbytes < psutil.virtual_memory().available // 2
+
+
+def upcycle(
+    source: str,
+    output: str | Path,
+    *,
+    pyramid: str | None = None,
+    pyramid_split: str | None = None,
+    experts: str | None = None,
+    moe_every: int = 2,
+    top_k: int = 1,
+    residual: bool = True,
+    capacity_factor: float | None = None,
+    aux_loss_coef: float = 0.01,
+    init: str = "preserve",
+    seed: int = 0,
+    max_shard_size: str | int = "5GB",
+    dtype: str = "auto",
+    overwrite: bool = False,
+    fidelity: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> UpcycleSummary:
+    """Upcycle the dense checkpoint `source` into a PR-MoE checkpoint directory `output`.
+
+    `progress(bytes_written, total_bytes)` is called after every tensor.
+    """
+    start = time.perf_counter()
+    init_spec = InitSpec.parse(init)
+    max_shard_bytes = parse_size(max_shard_size)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise MoEConvertError(f"dtype: expected auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    output = Path(output)
+    if output.exists() and not overwrite:  # fail before any work; atomic_output_dir checks again
+        raise MoEConvertError(f"output {output} already exists (pass --overwrite to replace it)")
+
+    src = resolve_source(source)
+    reader = CheckpointReader(src)
+    spec = host_spec(reader.config.get("model_type"))
+    from transformers import AutoConfig
+
+    host_config = AutoConfig.from_pretrained(src)
+    layout = build_layout(host_config.num_hidden_layers, moe_every=moe_every, pyramid=pyramid,
+                          pyramid_split=pyramid_split, experts=experts, top_k=top_k, residual=residual,
+                          capacity_factor=capacity_factor, aux_loss_coef=aux_loss_coef)
+    floating = next((k for k in reader.keys() if reader.dtype(k).is_floating_point), None)
+    out_dtype = DTYPES[dtype] if dtype != "auto" else (reader.dtype(floating) if floating else torch.float32)
+    host_config.dtype = str(out_dtype).removeprefix("torch.")
+    config = PRMoEConfig.from_layout(host_config, layout, {"source": source, "init": str(init_spec), "seed": seed,
+                                                           "tool": f"moe-convert {__version__}"})
+    config.dtype = host_config.dtype
+    config.architectures = [PRMoEForCausalLM.__name__]
+
+    # The output plan: exactly the tensors PRMoEForCausalLM.save_pretrained would write.
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    with torch.device("meta"):
+        meta = PRMoEForCausalLM(config)
+    saved = remove_tied_weights_from_state_dict(meta.state_dict(), meta)
+    expected = {name: t.shape for name, t in saved.items()}
+    upcycler = _Upcycler(reader, spec, host_config, layout, init_spec, seed, out_dtype, expected)
+    plan = [(name, tuple(t.shape), out_dtype if t.is_floating_point() else t.dtype) for name, t in saved.items()]
+    for name, t in saved.items():
+        if not any(name.startswith(p) for p in upcycler.layers) and name.removeprefix("host.") not in upcycler.source_name:
+            upcycler.dense(name.removeprefix("host."))  # raises: the dense checkpoint lacks it
+
+    # The dense model is needed for router calibration (preserve) and as the fidelity reference.
+    total_params = sum(p.numel() for p in meta.parameters())
+    per_expert = sum(math.prod(p.shape[1:]) for p in meta.moe_layers()[0].experts.parameters()) if layout.moe_layers else 0
+    active_params = total_params - sum(e - layout.top_k for e in layout.num_experts) * per_expert
+    sample, sample_note = _fidelity_sample(src, host_config)
+    check = fidelity and _fits_in_memory(total_params * 4)
+    dense_logits = None
+    if init_spec.mode == "preserve" or check:
+        dense = _load_dense(src)
+        if init_spec.mode == "preserve":
+            _calibrate(dense, spec, upcycler.layers, seed)
+        if check:
+            with torch.inference_mode():
+                dense_logits = dense(sample).logits.float()  # (B, L, V)
+        del dense
+
+    with atomic_output_dir(output, overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes, metadata={"producer": f"moe-convert {__version__} upcycle"})
+        writer.begin(plan)
+        done = 0
+        try:
+            for name, shape, tensor_dtype in plan:
+                writer.write(name, upcycler.tensor(name, torch.Size(shape)))
+                done += math.prod(shape) * tensor_dtype.itemsize
+                if progress:
+                    progress(done, writer.total_bytes)
+            shards = writer.finish()
+        finally:
+            writer.close()
+        from transformers.dynamic_module_utils import custom_object_save
+
+        custom_object_save(meta, tmp, config=config)  # modeling code beside the weights, auto_map in config
+        config.save_pretrained(tmp)
+        copy_tokenizer_files(src, tmp)
+
+    summary = UpcycleSummary(
+        output=str(output), source=source, host=spec.causal_lm, init=str(init_spec), seed=seed,
+        dtype=str(out_dtype).removeprefix("torch."), num_layers=layout.num_layers, moe_layers=layout.moe_layers,
+        experts_per_layer=layout.num_experts, top_k=layout.top_k, residual=layout.residual,
+        total_params=total_params, active_params=active_params,
+        size_on_disk=sum(f.stat().st_size for f in output.iterdir() if f.is_file()), shards=len(shards),
+        seconds=0.0,
+    )
+    if dense_logits is not None:
+        _measure_fidelity(summary, output, sample, dense_logits)
+        summary.fidelity = f"on {sample_note}, fp32"
+    else:
+        summary.fidelity = ("skipped (--no-fidelity)" if not fidelity else
+                            f"skipped: the upcycled model ({total_params * 4 / 1e9:.1f} GB in fp32) "
+                            "needs more than half the available memory")
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+@torch.inference_mode()
+def _measure_fidelity(summary: UpcycleSummary, output: Path, sample: torch.Tensor, dense_logits: torch.Tensor) -> None:
+    """max |dlogits|, mean KL(dense || upcycled) per position, largest expert share per MoE layer."""
+    model = PRMoEForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+    logits = model(sample).logits.float()  # (B, L, V)
+    summary.max_abs_logit_diff = (logits - dense_logits).abs().max().item()
+    log_p, log_q = dense_logits.double().log_softmax(-1), logits.double().log_softmax(-1)
+    summary.kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    summary.max_expert_share = [(m.expert_counts.max() / m.expert_counts.sum()).item() for m in model.moe_layers()]

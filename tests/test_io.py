@@ -1,0 +1,160 @@
+"""Lazy checkpoint reader, streaming shard writer, atomic output dirs: checked against safetensors itself."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moe_convert.errors import MoEConvertError
+from moe_convert.io import (SAFE_INDEX, CheckpointReader, ShardWriter, atomic_output_dir, copy_tokenizer_files,
+                            parse_size)
+
+
+def random_tensors(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "a.weight": torch.randn(7, 5, generator=g),
+        "b.bias": torch.randn(11, generator=g).to(torch.bfloat16),
+        "c.half": torch.randn(3, 4, 2, generator=g).half(),
+        "d.ids": torch.randint(-50, 50, (9,), generator=g),
+        "e.mask": torch.rand(6, generator=g) > 0.5,
+        "f.scalar": torch.tensor(3.5),
+        "g.big": torch.randn(40, 3, generator=g),
+    }
+
+
+def write(out, tensors, cap, blocks=False):
+    out.mkdir(parents=True, exist_ok=True)
+    w = ShardWriter(out, cap, metadata={"producer": "test"})
+    w.begin([(k, tuple(v.shape), v.dtype) for k, v in tensors.items()])
+    for k, v in tensors.items():
+        w.write(k, v.split(2) if blocks and v.dim() else v)  # row blocks concatenate along dim 0
+    return w.finish()
+
+
+def load_dir(out, files):
+    got, meta = {}, []
+    for f in files:
+        with safe_open(str(out / f), framework="pt") as h:
+            meta.append(h.metadata())
+            got.update({k: h.get_tensor(k) for k in h.keys()})
+    return got, meta
+
+
+@pytest.mark.parametrize("cap", [10**9, 200])
+def test_shard_writer_output_loads_with_safetensors(tmp_path, cap):
+    tensors = random_tensors(torch.seed() % 2**31)
+    files = write(tmp_path / "o", tensors, cap)
+    got, meta = load_dir(tmp_path / "o", files)
+    assert set(got) == set(tensors)
+    for k, v in tensors.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    assert all(m == {"format": "pt", "producer": "test"} for m in meta)
+    if cap == 10**9:
+        assert files == ["model.safetensors"] and not (tmp_path / "o" / SAFE_INDEX).exists()
+    else:
+        assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+        index = json.loads((tmp_path / "o" / SAFE_INDEX).read_text())
+        assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in tensors.values())
+        for f in files:  # a shard over the cap holds exactly one (oversized) tensor
+            names = [k for k, v in index["weight_map"].items() if v == f]
+            size = sum(tensors[k].numel() * tensors[k].element_size() for k in names)
+            assert size <= cap or len(names) == 1
+
+
+def test_shard_writer_is_byte_identical_and_blocks_equal_whole(tmp_path):
+    tensors = random_tensors(1)
+    write(tmp_path / "a", tensors, 300)
+    write(tmp_path / "b", tensors, 300, blocks=True)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for n in names:
+        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes()
+
+
+def test_shard_writer_rejects_out_of_plan_writes(tmp_path):
+    w = ShardWriter(tmp_path, 100)
+    w.begin([("x", (2, 3), torch.float32), ("y", (4,), torch.float32)])
+    with pytest.raises(ValueError, match="expected 'x'"):
+        w.write("y", torch.zeros(4))
+    with pytest.raises(ValueError, match="planned"):
+        w.write("x", torch.zeros(2, 3, dtype=torch.float16))
+    w.write("x", torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="never written"):
+        w.finish()
+    w.close()
+
+
+def test_reader_single_sharded_and_bin(tmp_path):
+    tensors = random_tensors(2)
+    for name, cap in (("single", 10**9), ("sharded", 200)):
+        d = tmp_path / name
+        write(d, tensors, cap)
+        (d / "config.json").write_text('{"model_type": "gpt2"}')
+    d = tmp_path / "bin"
+    d.mkdir()
+    torch.save(tensors, d / "pytorch_model.bin")
+    (d / "config.json").write_text('{"model_type": "gpt2"}')
+    for name in ("single", "sharded", "bin"):
+        r = CheckpointReader(tmp_path / name)
+        assert r.config == {"model_type": "gpt2"} and sorted(r.keys()) == sorted(tensors)
+        for k, v in tensors.items():
+            assert torch.equal(r.get(k), v) and r.shape(k) == v.shape and r.dtype(k) == v.dtype
+
+
+def test_reader_errors_name_the_file(tmp_path):
+    with pytest.raises(MoEConvertError, match="no config.json"):
+        CheckpointReader(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(MoEConvertError, match="has no model.safetensors"):
+        CheckpointReader(tmp_path)
+    save_file(random_tensors(3), str(tmp_path / "model.safetensors"))
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 17])
+    with pytest.raises(MoEConvertError, match="model.safetensors.*truncated or corrupt"):
+        CheckpointReader(tmp_path)
+
+
+@pytest.mark.parametrize("text,size", [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30),
+                                       ("1234", 1234), ("1.5kb", 1500), (77, 77)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "5XB", "GB", "-3MB", "0"])
+def test_parse_size_rejects(text):
+    with pytest.raises(MoEConvertError, match="size"):
+        parse_size(text)
+
+
+def test_atomic_output_dir(tmp_path):
+    out = tmp_path / "out"
+    with atomic_output_dir(out) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".out.tmp-")
+        (tmp / "f").write_text("1")
+    assert (out / "f").read_text() == "1"
+    with pytest.raises(MoEConvertError, match="already exists"):
+        with atomic_output_dir(out):
+            pass
+    for exc in (RuntimeError, KeyboardInterrupt):  # a failed overwrite keeps the old dir, leaves no temp
+        with pytest.raises(exc):
+            with atomic_output_dir(out, overwrite=True) as tmp:
+                (tmp / "f").write_text("2")
+                raise exc()
+        assert (out / "f").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "g").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["g"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_copy_tokenizer_files(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir(), dst.mkdir()
+    wanted = ["generation_config.json", "merges.txt", "special_tokens_map.json", "tokenizer.json",
+              "tokenizer_config.json", "vocab.json"]
+    for n in wanted + ["config.json", "model.safetensors"]:
+        (src / n).write_text(n)
+    assert copy_tokenizer_files(src, dst) == wanted
+    assert sorted(p.name for p in dst.iterdir()) == wanted and (dst / "vocab.json").read_text() == "vocab.json"
