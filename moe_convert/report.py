@@ -31,13 +31,17 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str, kd_stop_step: int
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if r.get("split", "train") == "train" and "loss" in r]
+    train = [r for r in rows if r.get("kind", "train") == "train"]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    # CE is comparable across the KD stop (the mixed KD objective is not; a dense model logs only
+    # `loss`, which is its CE); the KD term is drawn beside it
+    ax.plot([r["step"] for r in train], [r.get("ce", r["loss"]) for r in train], label="train CE", linewidth=1)
+    kd = [(r["step"], r["kd"]) for r in train if "kd" in r]
+    if kd:
+        ax.plot(*zip(*kd), label="train KD term (T^2 KL)", linewidth=1)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.plot(*zip(*evals), "o-", label="eval CE")
     if kd_stop_step is not None:
         ax.axvline(kd_stop_step, color="red", linestyle="--", label=f"KD stop (step {kd_stop_step})")
     ax.set_xlabel("step")
