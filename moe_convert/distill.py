@@ -16,6 +16,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 import torch
 import torch.nn.functional as F
 
@@ -199,8 +200,10 @@ class StagedKD:
             gc.collect()
 
     def loss(self, model, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        # resident memory of this process, logged so the drop at the switch shows in metrics.jsonl
+        rss = torch.tensor(psutil.Process().memory_info().rss / 1e9)
         if self.teacher is None:
-            return {**causal_lm_loss(model, batch, step), "kd_on": torch.zeros(())}
+            return {**causal_lm_loss(model, batch, step), "kd_on": torch.zeros(()), "rss_gb": rss}
         with torch.inference_mode():
             teacher_logits = self.teacher(input_ids=batch).logits
         out = model(input_ids=batch)
@@ -210,7 +213,7 @@ class StagedKD:
         if aux is not None:
             logs["aux"] = aux
             logs["loss"] = logs["loss"] + _unwrap(model).config.aux_loss_coef * aux
-        return {**logs, "kd_on": torch.ones(())}
+        return {**logs, "kd_on": torch.ones(()), "rss_gb": rss}
 
 
 def _unwrap(model):
