@@ -1,6 +1,6 @@
 """Staged KD vs full KD vs no KD on the shipped checkpoint (issue 5's quality and speed check).
 
-    python benchmarks/distill_staged_kd.py -o runs/mos [--teacher-steps 150] [--steps 150]
+    python benchmarks/distill_staged_kd.py -o runs/mos [--teacher-steps 500] [--steps 200] [--json]
 
 Pipeline: checkpoints/tiny-gpt2 -> upcycle (pyramid 4,8) -> train the teacher briefly -> distill
 a student one layer shallower three ways (kd_stop 0.5 = staged, 1.0 = full KD, 0.0 = no KD), same
@@ -18,10 +18,11 @@ from pathlib import Path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--output", type=Path, required=True)
-    ap.add_argument("--teacher-steps", type=int, default=150)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--teacher-steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--json", action="store_true", help="print only the JSON")
     args = ap.parse_args()
 
     from moe_convert.distill import DistillJob, run_distill
@@ -45,6 +46,8 @@ def main() -> None:
         rows[name] = {"student_ppl": r.student["eval_ppl"], "teacher_ppl": r.teacher["eval_ppl"],
                       "step_s_kd": r.step_seconds["kd"], "step_s_ce": r.step_seconds["ce"]}
     print(json.dumps(rows, indent=1))
+    if args.json:
+        return
     print(f"{'run':<18}{'student ppl':>12}{'teacher ppl':>12}{'step s (KD)':>13}{'step s (CE)':>13}")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for name, r in rows.items():

@@ -7,7 +7,6 @@ transformers are imported inside the commands that need them.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,17 +27,21 @@ app.add_typer(bench_app, name="bench")
 
 console = Console()
 err_console = Console(stderr=True)
-# Our commands draw their own progress and print one-line errors: silence transformers' and the hub's
-# own per-load progress bars and advisory warnings (a user's explicit setting wins).
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @contextmanager
 def reporting_errors():
-    """Turn our own error type into a one-line message and exit code 2 (no traceback)."""
+    """Turn our own error type into a one-line message and exit code 2 (no traceback).
+
+    Our commands draw their own progress and summaries, so transformers' and the hub's per-load
+    progress bars and advisory warnings are silenced for the command's duration.
+    """
+    from transformers.utils import logging as hf_logging
+
     from .errors import MoEConvertError
 
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     except MoEConvertError as e:

@@ -177,3 +177,15 @@ def test_two_processes_reproduce_one(teacher, data_file, tmp_path):
     assert two[0]["kd"] == pytest.approx(one[0]["kd"], rel=1e-4, abs=1e-6)
     for a, b in zip(two[1:], one[1:]):
         assert a["ce"] == pytest.approx(b["ce"], rel=2e-3)
+
+
+@pytest.mark.slow
+def test_staged_kd_beats_no_kd_on_held_out_perplexity(tmp_path):
+    """The issue's quality check, end to end on the shipped checkpoint (benchmarks/distill_staged_kd.py):
+    upcycle -> train the teacher 500 steps -> distill one layer shallower for 200 steps three ways."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MOE_CONVERT_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "benchmarks/distill_staged_kd.py", "-o", str(tmp_path / "mos"), "--json"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ppl = {name: r["student_ppl"] for name, r in json.loads(proc.stdout).items()}
+    assert ppl["staged KD (0.5)"] < ppl["no KD (0.0)"], ppl

@@ -95,7 +95,7 @@ def _run_cmd(out: Path) -> list[str]:
 @pytest.mark.slow
 def test_killed_mid_train_resumes_without_redoing_steps(tmp_path):
     out = tmp_path / "demo"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}  # a wide table: rows on one line each
     proc = subprocess.Popen(_run_cmd(out), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     ckpts = out / "1-train" / "checkpoints"
