@@ -10,7 +10,8 @@ Implementations (each computes `c0 * moe(x) + c1 * mlp(x)` with an fp32 top-1 ga
 - `hf_eager`, `hf_grouped_mm`, `hf_batched_mm`: transformers' experts backends on its own non-gated
   experts class (`NemotronHExperts`, no biases: the bench's biases are zero so every row computes the same function);
 - `dense_ffn`: a dense FFN of the same useful FLOPs (expert branch + residual branch = 2 FFNs over T tokens);
-- `floor`: max(useful FLOPs / measured GEMM rate, bytes of the weights that must be read / measured bandwidth).
+- `floor`: max(useful FLOPs / measured GEMM rate, bytes of the weights that must be read / measured bandwidth),
+  the GEMM rate being the best of torch's matmul (MKL) and oneDNN's linear.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MoEConvertError
+from . import kernels
 from .kernels import ACTIVATIONS, ffn, moe_forward
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -216,12 +218,18 @@ class Machine:
 def measure_machine(d: int, dtype: torch.dtype, repeats: int = 5) -> Machine:
     """Best GEMM rate of a (2048, d) x (d, 4d) matmul in `dtype`; best read bandwidth summing 256 MiB.
 
+    The GEMM rate is the best of torch's own matmul (MKL for fp32 in this torch build) and oneDNN's
+    linear (`kernels._linear_pointwise`, what our kernels call): on AMD CPUs MKL's fp32 GEMM runs at
+    about half of oneDNN's, and a floor measured with the slower library alone would not be one.
     Best, not median: the floor is a lower bound, and on a shared machine the slow samples measure
     the neighbours.
     """
     a, b = torch.randn(2048, d, dtype=dtype), torch.randn(d, 4 * d, dtype=dtype)
     big = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB
-    gemm_ms = min(_median_ms(lambda: a @ b, 1) for _ in range(repeats))
+    gemms = [lambda: a @ b]
+    if kernels.onednn_ok(a):
+        gemms.append(lambda: kernels._linear_act(a, b, None))
+    gemm_ms = min(_median_ms(g, 1) for g in gemms for _ in range(repeats))
     bw_ms = min(_median_ms(big.sum, 1) for _ in range(repeats))
     return Machine(2 * 2048 * d * 4 * d / gemm_ms / 1e6, big.numel() * 4 / bw_ms / 1e6)
 

@@ -8,7 +8,10 @@ section 5.3) straight into the residual branch's output. Experts that got no tok
 
 The expert matmuls have two backends, picked per call by `pick_backend` from measurements on CPU
 (README "Export, inference kernels, benchmarks"; `moe-convert bench layer` re-measures them):
-- "loop": one `addmm` per expert that received tokens, over its contiguous slice;
+- "loop": per expert that received tokens, its FFN over its contiguous slice. Without autograd on
+  CPU, slices of at least `ONEDNN_MIN_ROWS` rows go through oneDNN (`torch.ops.mkldnn._linear_pointwise`,
+  activation fused into the first matmul), because the fp32 `torch.mm` of this torch build is MKL,
+  which runs ~2x below oneDNN on AMD CPUs; smaller slices (decode) use `addmm`, MKL's GEMV being faster;
 - "grouped_mm": `torch.nn.functional.grouped_mm` with per-expert offsets (one call per matrix).
 """
 
@@ -45,6 +48,39 @@ def fused_activation(act):
     if isinstance(act, torch.nn.GELU) and act.approximate == "tanh":
         return ACTIVATIONS["gelu_pytorch_tanh"]
     return ACTIVATIONS.get(_FUSED_BY_CLASS.get(type(act).__name__), act)
+
+
+# --- oneDNN linear (CPU, no autograd) ------------------------------------------------------------------
+# `_linear_pointwise(x, w [out, in], b, post-op, scalars, algorithm)` is the op inductor's CPU backend
+# emits; it reads our [in, out] weights through a transposed view (no copy) and fuses the activation.
+_LINEAR_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+# Post-ops equal to our activations (max difference 5e-7 in fp32, `tests/test_bench.py`).
+_POST_OPS = {ACTIVATIONS["gelu_new"]: ("gelu", "tanh"), ACTIVATIONS["gelu_pytorch_tanh"]: ("gelu", "tanh"),
+             ACTIVATIONS["gelu_fast"]: ("gelu", "tanh"), F.gelu: ("gelu", "none"), F.silu: ("swish", ""),
+             F.relu: ("relu", "")}
+# Rows from which oneDNN beats MKL's addmm for one [512, 2048] weight (fp32, this machine, README):
+# below it MKL's GEMV path reads the weights faster; from 8 rows on oneDNN is equal or up to ~2x faster.
+ONEDNN_MIN_ROWS = 8
+
+
+def onednn_ok(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
+    """oneDNN's fused linear applies: CPU, fp32/bf16 throughout, no autograd needed, op present."""
+    return (_LINEAR_POINTWISE is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and all(t is None or t.dtype == x.dtype for t in weights) and torch.backends.mkldnn.is_available()
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights))))
+
+
+def _linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act=None) -> torch.Tensor:
+    """act(x @ w + b) for x (n, in), w [in, out] through oneDNN, the activation fused when it has a post-op."""
+    post = _POST_OPS.get(act) if act is not None else ("none", "")
+    if post is None:
+        return act(_LINEAR_POINTWISE(x, w.t(), b, "none", [], ""))
+    return _LINEAR_POINTWISE(x, w.t(), b, post[0], [], post[1])
+
+
+def _gated_hidden(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act) -> torch.Tensor:
+    """act(x Wg) * (x Wu) through oneDNN: activation fused into the first matmul, the product into the second."""
+    return _LINEAR_POINTWISE.binary(x, _linear_act(x, w_gate, None, act), w_up.t(), None, "mul")
 
 
 @dataclass
@@ -87,6 +123,7 @@ def route(
     flat_e = top_e.t().reshape(-1)  # (k*T,)
     order = flat_e.argsort(stable=True)  # (k*T,) assignment ids grouped by expert
     counts = torch.bincount(flat_e, minlength=E)  # (E,)
+    first_counts = counts if top_k == 1 else torch.bincount(top_e[:, 0], minlength=E)  # before capacity
 
     kept = torch.ones_like(top_p, dtype=torch.bool)  # (T, k)
     if capacity_factor is not None:
@@ -99,15 +136,13 @@ def route(
         kept_flat[order] = True
         kept = kept_flat.view(top_k, T).t()
 
-    weight = top_p * kept
+    weight = top_p if capacity_factor is None else top_p * kept
     if top_k > 1:
         weight = weight / weight.sum(-1, keepdim=True).clamp_min(torch.finfo(weight.dtype).eps)
 
-    first = top_e[:, 0]
-    first_counts = torch.bincount(first, minlength=E)
     aux = E * torch.sum(probs.mean(0) * first_counts.to(probs.dtype) / T)
     return Routing(
-        token=order % T,
+        token=order if top_k == 1 else order % T,
         weight=weight.t().reshape(-1)[order],
         counts=counts,
         aux_loss=aux,
@@ -121,6 +156,13 @@ def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], act) -> torch.Tensor:
     GPT-2 kind (`w_in`, `b_in`, `w_out`, `b_out`): act(x W1 + b1) W2 + b2, as `Conv1D` computes it.
     Gated kind (`w_gate`, `w_up`, `w_out`): (act(x Wg) * x Wu) Wd, as Llama/Mistral/Qwen2 do.
     """
+    if x.shape[0] >= ONEDNN_MIN_ROWS and onednn_ok(x, *w.values()):
+        act = fused_activation(act)
+        if "w_gate" in w:
+            h = _gated_hidden(x, w["w_gate"], w["w_up"], act)  # (n, f)
+        else:
+            h = _linear_act(x, w["w_in"], w["b_in"], act)  # (n, f)
+        return _linear_act(h, w["w_out"], w.get("b_out"))  # (n, d)
     if "w_gate" in w:
         h = act(x @ w["w_gate"]) * (x @ w["w_up"])  # (n, f)
     else:
@@ -178,13 +220,46 @@ def pick_backend(x: torch.Tensor, counts: torch.Tensor, stacked: dict[str, torch
     return "loop"
 
 
+def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], stacked: dict[str, torch.Tensor],
+                        act) -> torch.Tensor:
+    """Inference loop: each expert's whole FFN on its slice, written into one (N, d) buffer.
+
+    Running both matmuls of one expert back to back keeps its (n, f) intermediate in cache. Slices of
+    `ONEDNN_MIN_ROWS` rows or more go through oneDNN with the activation fused; smaller ones (decode:
+    one token per expert) through MKL's `addmm`, whose GEMV streams the weights faster.
+    """
+    w_out, b_out = stacked["w_out"], stacked.get("b_out")
+    out = x.new_empty(x.shape[0], w_out.shape[-1])
+    gated = "w_gate" in stacked
+    onednn = onednn_ok(x, *stacked.values())
+    for e, s, t in slices:
+        xe, be = x[s:t], None if b_out is None else b_out[e]
+        if onednn and t - s >= ONEDNN_MIN_ROWS:
+            if gated:
+                h = _gated_hidden(xe, stacked["w_gate"][e], stacked["w_up"][e], act)
+            else:
+                h = _linear_act(xe, stacked["w_in"][e], stacked["b_in"][e], act)
+            out[s:t] = _linear_act(h, w_out[e], be)
+            continue
+        if gated:
+            h = act(xe @ stacked["w_gate"][e]).mul_(xe @ stacked["w_up"][e])
+        else:
+            h = act(torch.addmm(stacked["b_in"][e], xe, stacked["w_in"][e]))
+        if be is None:
+            torch.mm(h, w_out[e], out=out[s:t])
+        else:
+            torch.addmm(be, h, w_out[e], out=out[s:t])
+    return out
+
+
 def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, stacked: dict[str, torch.Tensor], act,
                backend: str | None = None) -> torch.Tensor:
     """Run each expert on its contiguous slice of the expert-sorted tokens.
 
     x_sorted (N, d), counts (E,), stacked weights [E, ...] -> (N, d). Experts that received no
-    tokens are skipped: their weights are never read. All experts' first matmuls run, then one
-    activation over the whole (N, f) intermediate, then all second matmuls.
+    tokens are skipped: their weights are never read. Without autograd ("loop") each expert runs
+    its whole FFN in turn (`_expert_loop_nograd`); with autograd, or with "grouped_mm", all experts'
+    first matmuls run, then one activation over the whole (N, f) intermediate, then all second matmuls.
     """
     act = fused_activation(act)
     backend = backend or pick_backend(x_sorted, counts, stacked)
@@ -196,6 +271,8 @@ def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, stacked: dict[str, 
             w.requires_grad for w in stacked.values()))
         ends = counts.cumsum(0).tolist()
         slices = [(e, t - n, t) for e, (n, t) in enumerate(zip(counts.tolist(), ends)) if n]
+        if not differentiable:
+            return _expert_loop_nograd(x_sorted, slices, stacked, act)
 
         def linear(h, name, bias=None):
             return _loop_linear(h, slices, stacked[name], stacked.get(bias) if bias else None, differentiable)
