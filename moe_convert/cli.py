@@ -437,7 +437,7 @@ def bench_layer(
     hidden: int = typer.Option(512, help="Hidden size d; experts are GPT-2 FFNs d -> 4d -> d. Default: 512."),
     experts: str = typer.Option("8,32,128", help="Expert counts to run, comma-separated. Default: 8,32,128."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16. Default: fp32."),
-    impls: Optional[str] = typer.Option(None, help="Comma-separated subset of: moe_convert, moe_convert[loop], moe_convert[grouped_mm], deepspeed, einsum, hf_eager, hf_grouped_mm, hf_batched_mm, dense_ffn. Default: all (deepspeed when installed)."),
+    impls: Optional[str] = typer.Option(None, help="Comma-separated subset of: moe_convert, moe_convert\\[loop], moe_convert\\[grouped_mm], deepspeed, einsum, hf_eager, hf_grouped_mm, hf_batched_mm, dense_ffn. Default: all (deepspeed when installed)."),
     repeats: int = typer.Option(5, help="Timed rounds per implementation (median reported). Default: 5."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads. Default: torch's choice."),
     seed: int = typer.Option(0, help="Seed of the weights and inputs. Default: 0."),
