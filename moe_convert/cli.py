@@ -57,11 +57,6 @@ def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
-def not_yet(issue: int) -> None:
-    err_console.print(f"[yellow]not implemented yet[/] (tracked in issue {issue})")
-    raise typer.Exit(3)
-
-
 @app.command()
 def upcycle(
     source: str = typer.Argument(..., help="Dense checkpoint: a local model directory or a hub id (from the cache when offline)."),

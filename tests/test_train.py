@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 from moe_convert.cli import app
 from moe_convert.data import load_documents, load_packed, load_tokenizer, split_documents, train_bpe_tokenizer
-from moe_convert.errors import MoEConvertError
 from moe_convert.train import TrainConfig, Trainer, causal_lm_loss, load_model
 
 from conftest import tiny_gpt2_config
