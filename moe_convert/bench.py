@@ -16,7 +16,6 @@ Implementations (each computes `c0 * moe(x) + c1 * mlp(x)` with an fp32 top-1 ga
 
 from __future__ import annotations
 
-import os
 import socket
 import statistics
 import sys
@@ -46,8 +45,9 @@ def init_single_process_dist() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # init_method, not MASTER_* environment variables: those would leak into child processes
+    # (torchrun / Accelerate would then try to join this group's port)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def deepspeed_moe_class():

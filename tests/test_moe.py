@@ -1,8 +1,6 @@
 """The PR-MoE layer against a naive per-token reference, DeepSpeed's MoE layer, and the aux formula."""
 
 import math
-import os
-import socket
 import zlib
 
 import pytest
@@ -126,17 +124,9 @@ def test_gradients_reach_every_part():
 
 @pytest.fixture(scope="module")
 def deepspeed_moe_cls():
-    import torch.distributed as dist
+    from moe_convert.bench import deepspeed_moe_class
 
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    from deepspeed.moe.layer import MoE
-
-    return MoE
+    return deepspeed_moe_class()  # gloo process group of one, as DeepSpeed's MoE needs
 
 
 def test_equals_deepspeed_moe_layer(deepspeed_moe_cls):
