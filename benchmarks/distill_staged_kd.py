@@ -1,11 +1,11 @@
 """Staged KD vs full KD vs no KD on the shipped checkpoint (issue 5's quality and speed check).
 
-    python benchmarks/distill_staged_kd.py -o runs/mos [--teacher-steps 500] [--steps 200] [--json]
+    python benchmarks/distill_staged_kd.py -o runs/mos [--teacher-steps 500] [--steps 200]
 
 Pipeline: checkpoints/tiny-gpt2 -> upcycle (pyramid 4,8) -> train the teacher briefly -> distill
 a student one layer shallower three ways (kd_stop 0.5 = staged, 1.0 = full KD, 0.0 = no KD), same
 steps, same data order, same init. Prints held-out perplexities and the median step time of each
-phase, as JSON and a table.
+phase, as JSON (also written to OUTPUT/results.json) and a table.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--json", action="store_true", help="print only the JSON")
     args = ap.parse_args()
 
     from moe_convert.distill import DistillJob, run_distill
@@ -45,9 +44,8 @@ def main() -> None:
         r = run_distill(job, overwrite=True, progress=False)
         rows[name] = {"student_ppl": r.student["eval_ppl"], "teacher_ppl": r.teacher["eval_ppl"],
                       "step_s_kd": r.step_seconds["kd"], "step_s_ce": r.step_seconds["ce"]}
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
     print(json.dumps(rows, indent=1))
-    if args.json:
-        return
     print(f"{'run':<18}{'student ppl':>12}{'teacher ppl':>12}{'step s (KD)':>13}{'step s (CE)':>13}")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for name, r in rows.items():

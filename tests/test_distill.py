@@ -184,8 +184,9 @@ def test_staged_kd_beats_no_kd_on_held_out_perplexity(tmp_path):
     """The issue's quality check, end to end on the shipped checkpoint (benchmarks/distill_staged_kd.py):
     upcycle -> train the teacher 500 steps -> distill one layer shallower for 200 steps three ways."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MOE_CONVERT_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "benchmarks/distill_staged_kd.py", "-o", str(tmp_path / "mos"), "--json"],
+    proc = subprocess.run([sys.executable, "benchmarks/distill_staged_kd.py", "-o", str(tmp_path / "mos")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ppl = {name: r["student_ppl"] for name, r in json.loads(proc.stdout).items()}
+    results = json.loads((tmp_path / "mos" / "results.json").read_text())
+    ppl = {name: r["student_ppl"] for name, r in results.items()}
     assert ppl["staged KD (0.5)"] < ppl["no KD (0.0)"], ppl
