@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +22,8 @@ import torch.nn.functional as F
 from .config import parse_int_list
 from .errors import MoEConvertError
 from .modeling import host_spec
-from .train import (METRICS, SAVE_DTYPES, Trainer, TrainJob, TrainResult, causal_lm_loss, cpu_only, evaluate, load_model,
-                    max_positions)
+from .train import (METRICS, SAVE_DTYPES, Trainer, TrainJob, TrainResult, causal_lm_loss, claim_output, clear_output,
+                    evaluate, load_job_data, load_model, max_positions)
 
 
 @dataclass
@@ -247,14 +246,10 @@ def _median(values: list[float]) -> float | None:
 def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None = None, overwrite: bool = False,
                 progress: bool = True) -> DistillResult:
     """The `distill` command: plan and build the student, train it with staged KD, save it."""
-    from accelerate import PartialState
-
-    from .data import load_packed, load_tokenizer
+    from .data import load_tokenizer
 
     out = Path(job.output)
-    state = PartialState(cpu=cpu_only())  # under torchrun: sets up the process group (gloo on CPU)
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise MoEConvertError(f"output: {out} is not empty; pass --resume to continue it or --overwrite to replace it")
+    state = claim_output(out, resume, overwrite)
     teacher = load_model(job.model)
     tokenizer = load_tokenizer(job.model)
     vocab = teacher.config.get_text_config().vocab_size
@@ -264,13 +259,9 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
             "must share one tokenizer"
         )
     plan = plan_student(teacher.config, job.student_layers, job.keep_layers)
-    with state.main_process_first():  # one process tokenizes and fills the cache
-        data = load_packed(job.data, tokenizer, job.seq_len, text_field=job.text_field,
-                           eval_fraction=job.eval_fraction, max_positions=max_positions(teacher.config))
+    data = load_job_data(job, tokenizer, state, max_positions(teacher.config))
     student = build_student(teacher, plan, job.student_init, seed=job.config.seed)
-    if overwrite and not resume and state.is_main_process:
-        shutil.rmtree(out, ignore_errors=True)
-    state.wait_for_everyone()  # every process has checked OUTPUT before any writes to it
+    clear_output(state, out, resume, overwrite)
 
     teacher.to(SAVE_DTYPES[job.teacher_dtype]).eval().requires_grad_(False)
     teacher_eval_file = out / "teacher_eval.json"

@@ -384,26 +384,46 @@ class Trainer:
         acc.wait_for_everyone()
 
 
+def claim_output(out: Path, resume: bool, overwrite: bool):
+    """The process state (under torchrun this sets up the group: gloo on CPU); refuses a non-empty
+    OUTPUT unless resuming or overwriting. Nothing is removed yet (see `clear_output`)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cpu_only())
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise MoEConvertError(f"output: {out} is not empty; pass --resume to continue it or --overwrite to replace it")
+    return state
+
+
+def clear_output(state, out: Path, resume: bool, overwrite: bool) -> None:
+    """With --overwrite (and no --resume) remove OUTPUT, once every input has been validated; all
+    processes wait until it is gone before anyone writes to it."""
+    if overwrite and not resume and state.is_main_process:
+        shutil.rmtree(out, ignore_errors=True)
+    state.wait_for_everyone()
+
+
+def load_job_data(job: TrainJob, tokenizer, state, positions: int | None) -> PackedData:
+    """The job's packed windows; one process tokenizes and fills the cache, the others read it."""
+    from .data import load_packed
+
+    with state.main_process_first():
+        return load_packed(job.data, tokenizer, job.seq_len, text_field=job.text_field,
+                           eval_fraction=job.eval_fraction, max_positions=positions)
+
+
 def run_training(job: TrainJob, *, resume: bool = False, stop_after: int | None = None, overwrite: bool = False,
                  progress: bool = True) -> TrainResult:
     """The `train` command (and a recipe's `train` step): load, train, save the final model."""
-    from accelerate import PartialState
-
-    from .data import load_packed, load_tokenizer
+    from .data import load_tokenizer
     from .summary import load_config
 
     out = Path(job.output)
-    state = PartialState(cpu=cpu_only())  # under torchrun: sets up the process group (gloo on CPU)
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise MoEConvertError(f"output: {out} is not empty; pass --resume to continue it or --overwrite to replace it")
-    if overwrite and not resume and state.is_main_process:
-        shutil.rmtree(out, ignore_errors=True)
-    state.wait_for_everyone()  # every process has checked OUTPUT before any writes to it
+    state = claim_output(out, resume, overwrite)
     tokenizer = load_tokenizer(job.model)
-    with state.main_process_first():  # one process tokenizes and fills the cache
-        data = load_packed(job.data, tokenizer, job.seq_len, text_field=job.text_field,
-                           eval_fraction=job.eval_fraction, max_positions=max_positions(load_config(job.model)))
+    data = load_job_data(job, tokenizer, state, max_positions(load_config(job.model)))
     model = load_model(job.model)
+    clear_output(state, out, resume, overwrite)
     trainer = Trainer(model, data, job.config, out, progress=progress)
     result = trainer.fit(resume=resume, stop_after=stop_after)
     if result.steps == job.config.steps:
