@@ -143,33 +143,29 @@ DATA_HELP = ("builtin:pydoc (the Python reference shipped with CPython), a .txt/
 
 
 def with_train_options(command):
-    """Give `command` one --option per `TrainConfig` field (default and help from the dataclass).
-
-    The command receives them gathered as `train_options: dict`, so `train` and `distill` share one
-    definition of the optimisation options.
+    """Give `command` one --option per shared `TrainJob` / `TrainConfig` field (default and help from
+    the dataclasses); it receives them gathered as `options: dict`, ready for `TrainJob.from_dict`.
+    So `train` and `distill` share one definition of the data and optimisation options.
     """
     import dataclasses
     import functools
     import inspect as pyinspect
 
-    from .config import TrainConfig
+    from .config import TrainConfig, TrainJob
 
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    extra = [
-        pyinspect.Parameter(f.name, pyinspect.Parameter.KEYWORD_ONLY, annotation=type(f.default),
-                            default=typer.Option(f.default, help=f.metadata["help"]))
-        for f in dataclasses.fields(TrainConfig)
-    ]
+    shared = [f for f in dataclasses.fields(TrainJob) if "help" in f.metadata] + list(dataclasses.fields(TrainConfig))
+    names = [f.name for f in shared]
+    extra = [pyinspect.Parameter(f.name, pyinspect.Parameter.KEYWORD_ONLY, annotation=type(f.default),
+                                 default=typer.Option(f.default, help=f.metadata["help"])) for f in shared]
 
     @functools.wraps(command)
     def wrapper(**kwargs):
-        return command(**{k: v for k, v in kwargs.items() if k not in names},
-                       train_options={k: kwargs[k] for k in names})
+        return command(**{k: v for k, v in kwargs.items() if k not in names}, options={k: kwargs[k] for k in names})
 
     sig = pyinspect.signature(command)
-    own = [p for p in sig.parameters.values() if p.name != "train_options"]
+    own = [p for p in sig.parameters.values() if p.name != "options"]
     wrapper.__signature__ = sig.replace(parameters=own + extra)
-    wrapper.__annotations__ = {k: v for k, v in command.__annotations__.items() if k != "train_options"}
+    wrapper.__annotations__ = {k: v for k, v in command.__annotations__.items() if k != "options"}
     wrapper.__annotations__.update({p.name: p.annotation for p in extra})
     return wrapper
 
@@ -190,22 +186,17 @@ def train(
     model: Path = typer.Argument(..., help="Model directory (dense HF causal LM or PR-MoE) with its tokenizer."),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory: final model, metrics.jsonl, checkpoints/."),
-    text_field: str = typer.Option("text", help="Field holding the text in JSON/Parquet data."),
-    seq_len: int = typer.Option(128, help="Tokens per packed training window."),
-    eval_fraction: float = typer.Option(0.1, help="Fraction of documents held out (crc32 rule, see data.py)."),
-    save_dtype: str = typer.Option("fp32", help="dtype of the saved final model: fp32 | bf16 | fp16."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from the newest checkpoint in OUTPUT."),
     stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) after this step; resume later. Default: run all steps."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    train_options: dict = None,
+    options: dict = None,
 ):
     """Continue training a dense or PR-MoE model with CE (+ aux loss); 1 process or torchrun (DDP)."""
     with reporting_errors():
-        from .train import TrainConfig, TrainJob, run_training
+        from .train import TrainJob, run_training
 
-        job = TrainJob(model=str(model), data=data, output=str(output), text_field=text_field, seq_len=seq_len,
-                       eval_fraction=eval_fraction, save_dtype=save_dtype, config=TrainConfig(**train_options))
+        job = TrainJob.from_dict({"model": str(model), "data": data, "output": str(output), **options})
         result = run_training(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
         if not _is_main_process():
             return
@@ -238,25 +229,20 @@ def distill(
     alpha: float = typer.Option(0.5, help="Weight of the KD term: (1 - alpha) CE + alpha T^2 KL."),
     temperature: float = typer.Option(1.0, help="KD softmax temperature T."),
     teacher_dtype: str = typer.Option("fp32", help="Teacher precision: fp32 | bf16 | fp16."),
-    text_field: str = typer.Option("text", help="Field holding the text in JSON/Parquet data."),
-    seq_len: int = typer.Option(128, help="Tokens per packed training window."),
-    eval_fraction: float = typer.Option(0.1, help="Fraction of documents held out (crc32 rule, see data.py)."),
-    save_dtype: str = typer.Option("fp32", help="dtype of the saved student: fp32 | bf16 | fp16."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from the newest checkpoint in OUTPUT (also across the KD stop)."),
     stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) after this step; resume later."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    train_options: dict = None,
+    options: dict = None,
 ):
     """MoE teacher -> shallower Mixture-of-Students with staged knowledge distillation."""
     with reporting_errors():
         from .distill import DistillJob, run_distill
-        from .train import TrainConfig
 
-        job = DistillJob(model=str(teacher), data=data, output=str(output), text_field=text_field, seq_len=seq_len,
-                         eval_fraction=eval_fraction, save_dtype=save_dtype, student_layers=student_layers,
-                         keep_layers=keep_layers, student_init=student_init, alpha=alpha, temperature=temperature,
-                         kd_stop=kd_stop, teacher_dtype=teacher_dtype, config=TrainConfig(**train_options))
+        job = DistillJob.from_dict({"teacher": str(teacher), "data": data, "output": str(output), **options,
+                                    "student_layers": student_layers, "keep_layers": keep_layers,
+                                    "student_init": student_init, "alpha": alpha, "temperature": temperature,
+                                    "kd_stop": kd_stop, "teacher_dtype": teacher_dtype})
         result = run_distill(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
         if not _is_main_process():
             return

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from .errors import MoEConvertError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+SAVE_DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -232,3 +233,48 @@ class TrainConfig:
             return (step + 1) / self.warmup_steps
         progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class TrainJob:
+    """One `train` run: what to train, on which data, where to; one recipe step of kind `train`.
+
+    Fields after `output` (and all of `TrainConfig`) are CLI options of `train` and `distill`."""
+
+    model: str
+    data: str
+    output: str
+    text_field: str = option("text", "Field holding the text in JSON/Parquet data.")
+    seq_len: int = option(128, "Tokens per packed training window.")
+    eval_fraction: float = option(0.1, "Fraction of documents held out (crc32 rule, see data.py).")
+    save_dtype: str = option("fp32", "dtype of the saved model: fp32 | bf16 | fp16.")
+    config: TrainConfig = None
+
+    def __post_init__(self):
+        self.config = self.config or TrainConfig()
+        check_types(self)
+        if self.save_dtype not in SAVE_DTYPE_NAMES:
+            raise MoEConvertError(f"save_dtype: must be one of {', '.join(SAVE_DTYPE_NAMES)}, got {self.save_dtype!r}")
+        if self.seq_len < 2:
+            raise MoEConvertError(f"seq_len: must be >= 2, got {self.seq_len}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise MoEConvertError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainJob":
+        """Flat mapping (a recipe step) -> job; `TrainConfig` fields sit beside the job's own."""
+        job_fields = {f.name for f in fields(cls)} - {"config"}
+        cfg_fields = {f.name for f in fields(TrainConfig)}
+        unknown = set(d) - job_fields - cfg_fields
+        if unknown:
+            raise MoEConvertError(f"train: unknown field(s) {', '.join(sorted(unknown))}; allowed: "
+                                  f"{', '.join(sorted(job_fields | cfg_fields))}")
+        missing = {"model", "data", "output"} - set(d)
+        if missing:
+            raise MoEConvertError(f"train: missing field(s) {', '.join(sorted(missing))}")
+        cfg = TrainConfig(**{k: v for k, v in d.items() if k in cfg_fields})
+        return cls(**{k: v for k, v in d.items() if k in job_fields}, config=cfg)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "config"}
+        return {**d, **asdict(self.config)}

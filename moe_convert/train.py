@@ -44,13 +44,13 @@ import shutil
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .data import PackedData
-from .config import TrainConfig, check_types
+from .config import TrainConfig, TrainJob
 from .errors import MoEConvertError
 
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,49 +59,6 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, int], dict[str, torch.Tensor]]
-
-
-@dataclass
-class TrainJob:
-    """One `train` run: what to train, on which data, where to; one recipe step of kind `train`."""
-
-    model: str
-    data: str
-    output: str
-    text_field: str = "text"
-    seq_len: int = 128
-    eval_fraction: float = 0.1
-    save_dtype: str = "fp32"
-    config: TrainConfig = None
-
-    def __post_init__(self):
-        self.config = self.config or TrainConfig()
-        check_types(self)
-        if self.save_dtype not in SAVE_DTYPES:
-            raise MoEConvertError(f"save_dtype: must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
-        if self.seq_len < 2:
-            raise MoEConvertError(f"seq_len: must be >= 2, got {self.seq_len}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise MoEConvertError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainJob":
-        """Flat mapping (a recipe step) -> job; `TrainConfig` fields sit beside the job's own."""
-        job_fields = {f.name for f in fields(cls)} - {"config"}
-        cfg_fields = {f.name for f in fields(TrainConfig)}
-        unknown = set(d) - job_fields - cfg_fields
-        if unknown:
-            raise MoEConvertError(f"train: unknown field(s) {', '.join(sorted(unknown))}; allowed: "
-                                  f"{', '.join(sorted(job_fields | cfg_fields))}")
-        missing = {"model", "data", "output"} - set(d)
-        if missing:
-            raise MoEConvertError(f"train: missing field(s) {', '.join(sorted(missing))}")
-        cfg = TrainConfig(**{k: v for k, v in d.items() if k in cfg_fields})
-        return cls(**{k: v for k, v in d.items() if k in job_fields}, config=cfg)
-
-    def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "config"}
-        return {**d, **asdict(self.config)}
 
 
 @dataclass
