@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MoEConvertError
+from .io import DTYPES
 from . import kernels
 from .kernels import ACTIVATIONS, ffn, moe_forward
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ACT = "gelu_pytorch_tanh"  # GPT-2's tanh GELU, fused in every implementation
 BATCHED_MM_LIMIT = 2 * 2**30  # hf_batched_mm copies the chosen expert's weights per token: skip past 2 GiB
 

@@ -488,11 +488,11 @@ def run(
         from dataclasses import asdict
 
         from .recipe import load_recipe
-        from .run import execute, plan_recipe
+        from .run import execute, plan_recipe  # execute validates the whole plan before any work
 
         r = load_recipe(recipe, overrides or [])
-        plans = plan_recipe(r)
         if dry_run:
+            plans = plan_recipe(r)
             if json_out:
                 print_json([asdict(p) for p in plans])
                 return

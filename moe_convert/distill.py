@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from .config import parse_int_list
 from .errors import MoEConvertError
 from .modeling import host_spec
-from .train import (METRICS, SAVE_DTYPES, Trainer, TrainJob, TrainResult, causal_lm_loss, claim_output, clear_output,
+from .io import DTYPES
+from .train import (METRICS, Trainer, TrainJob, TrainResult, causal_lm_loss, claim_output, clear_output,
                     evaluate, load_job_data, load_model, max_positions)
 
 
@@ -167,8 +168,8 @@ class DistillJob(TrainJob):
             raise MoEConvertError(f"kd_stop: must be in [0, 1] (a fraction of the steps), got {self.kd_stop}")
         if self.student_init not in ("teacher", "scratch"):
             raise MoEConvertError(f"student_init: must be 'teacher' or 'scratch', got {self.student_init!r}")
-        if self.teacher_dtype not in SAVE_DTYPES:
-            raise MoEConvertError(f"teacher_dtype: must be one of {', '.join(SAVE_DTYPES)}, got {self.teacher_dtype!r}")
+        if self.teacher_dtype not in DTYPES:
+            raise MoEConvertError(f"teacher_dtype: must be one of {', '.join(DTYPES)}, got {self.teacher_dtype!r}")
 
     @property
     def kd_steps(self) -> int:
@@ -263,7 +264,7 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
     student = build_student(teacher, plan, job.student_init, seed=job.config.seed)
     clear_output(state, out, resume, overwrite)
 
-    teacher.to(SAVE_DTYPES[job.teacher_dtype]).eval().requires_grad_(False)
+    teacher.to(DTYPES[job.teacher_dtype]).eval().requires_grad_(False)
     teacher_eval_file = out / "teacher_eval.json"
     if resume and teacher_eval_file.exists():
         teacher_eval = json.loads(teacher_eval_file.read_text())
@@ -281,7 +282,7 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
         teacher_eval_file.write_text(json.dumps(teacher_eval))
     result = trainer.fit(resume=resume, stop_after=stop_after)
     if result.steps == job.config.steps:
-        trainer.save_model(tokenizer, SAVE_DTYPES[job.save_dtype])
+        trainer.save_model(tokenizer, DTYPES[job.save_dtype])
 
     tokens_per_step = job.config.batch_size * job.seq_len
     records = [json.loads(line) for line in (out / METRICS).read_text().splitlines()] if (out / METRICS).exists() else []

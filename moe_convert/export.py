@@ -25,12 +25,11 @@ from pathlib import Path
 import torch
 
 from .errors import MoEConvertError
-from .io import CheckpointReader, ShardWriter, atomic_output_dir, copy_tokenizer_files, parse_size
+from .io import DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, copy_tokenizer_files, parse_size
 
 FORMAT_NAME = "moe-convert-inference"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "moe_convert_manifest"  # safetensors __metadata__ key holding the manifest JSON
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SINGLE_FILE = "model.safetensors"
 SHARED_FILE = "shared.safetensors"
 # DeepSpeed's expert module for each of our FFN kinds (what a user passes as `expert` to `MoE`)
@@ -111,10 +110,6 @@ def manifest(src: Source, fmt: str, dtype: str, ep_size: int = 1) -> dict:
     }
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype) if t.is_floating_point() else t
-
-
 def _write_file(tmp: Path, filename: str, plan: list[tuple[str, tuple, torch.dtype, Callable]], meta: dict,
                 on_tensor: Callable[[str], None]) -> str:
     """Stream `plan` entries `(name, shape, dtype, produce)` into `tmp/filename` with the manifest as metadata."""
@@ -146,7 +141,7 @@ def _entry(src: Source, name: str, dtype: torch.dtype, rows: tuple[int, int] | N
         t = src.get(name)
         t = t[rows[0]:rows[1]] if rows is not None else t
         t = transform(t) if transform is not None else t
-        return _cast(t, dtype).contiguous()
+        return cast_float(t, dtype).contiguous()
 
     if transform is not None:  # e.g. a transpose: shape after the transform, read once to know it
         shape = tuple(transform(torch.empty(shape, device="meta")).shape)

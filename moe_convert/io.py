@@ -31,6 +31,8 @@ BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 # torch dtype <-> the safetensors header's dtype string
+# dtype names every command takes (--dtype, save_dtype, teacher_dtype) -> torch dtypes
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -57,6 +59,24 @@ def parse_size(text: str | int) -> int:
     if size < 1:
         raise MoEConvertError(f"size: must be at least 1 byte, got {text!r}")
     return size
+
+
+def cast_float(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype` when it is floating point; integer and bool tensors stay as they are."""
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def open_safetensors(file: Path):
+    """A lazy `safe_open` handle; a missing, truncated or corrupt file is a one-line error naming it."""
+    from safetensors import safe_open
+
+    if not file.is_file():
+        raise MoEConvertError(f"{file} is missing")
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as e:  # safetensors' errors on a truncated/corrupt header or data section
+        raise MoEConvertError(f"cannot read {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                              " (truncated or corrupt?)") from None
 
 
 class CheckpointReader:
@@ -86,20 +106,16 @@ class CheckpointReader:
 
     def _open(self, file: Path):
         if file not in self._handles:
-            if not file.is_file():
-                raise MoEConvertError(f"checkpoint file {file} is missing")
-            try:
-                if file.suffix == ".safetensors":
-                    from safetensors import safe_open
-
-                    self._handles[file] = safe_open(str(file), framework="pt")
-                else:  # pickled state dict: tensors only, memory-mapped so nothing is read up front
+            if file.suffix == ".safetensors":
+                self._handles[file] = open_safetensors(file)
+            elif not file.is_file():
+                raise MoEConvertError(f"{file} is missing")
+            else:  # pickled state dict: tensors only, memory-mapped so nothing is read up front
+                try:
                     self._handles[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except MoEConvertError:
-                raise
-            except Exception as e:  # safetensors / pickle errors on truncated or corrupt files
-                raise MoEConvertError(f"cannot read {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                                      " (truncated or corrupt?)") from None
+                except Exception as e:  # pickle errors on truncated or corrupt files
+                    raise MoEConvertError(f"cannot read {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                                          " (truncated or corrupt?)") from None
         return self._handles[file]
 
     def keys(self) -> list[str]:

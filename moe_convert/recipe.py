@@ -82,7 +82,8 @@ class ExportStep:
 
     def __post_init__(self):
         check_types(self)
-        from .export import DTYPES, FORMATS
+        from .export import FORMATS
+        from .io import DTYPES
 
         if self.format not in FORMATS:
             raise MoEConvertError(f"format: {self.format!r} is not known; choose one of {', '.join(FORMATS)}")

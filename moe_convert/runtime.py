@@ -19,19 +19,8 @@ import torch.nn.functional as F
 
 from .errors import MoEConvertError
 from .export import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file)
+from .io import open_safetensors
 from .kernels import ACTIVATIONS, ffn, moe_forward
-
-
-def _open(file: Path):
-    from safetensors import safe_open
-
-    if not file.is_file():
-        raise MoEConvertError(f"export file {file} is missing")
-    try:
-        return safe_open(str(file), framework="pt")
-    except Exception as e:  # safetensors' errors on a truncated/corrupt header or data section
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MoEConvertError(f"cannot read {file}: {first} (truncated or corrupt?)") from None
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -43,7 +32,7 @@ def read_manifest(path: str | Path) -> dict:
     if not first.exists():
         raise MoEConvertError(f"{path} is not a moe-convert export (no {SINGLE_FILE} or {SHARED_FILE}); "
                               f"make one with `moe-convert export MODEL --format safetensors`")
-    meta = _open(first).metadata() or {}
+    meta = open_safetensors(first).metadata() or {}
     if MANIFEST_KEY not in meta:
         raise MoEConvertError(f"{first} has no moe-convert manifest: not a `--format safetensors` export")
     manifest = json.loads(meta[MANIFEST_KEY])
@@ -61,7 +50,7 @@ def load_export(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     files = [SINGLE_FILE] if ep == 1 else [SHARED_FILE] + [experts_file(r, ep) for r in range(ep)]
     parts: dict[str, list[torch.Tensor]] = {}
     for name in files:
-        handle = _open(path / name)
+        handle = open_safetensors(path / name)
         for key in handle.keys():
             try:
                 parts.setdefault(key, []).append(handle.get_tensor(key))

@@ -52,8 +52,8 @@ import torch
 from .data import PackedData
 from .config import TrainConfig, TrainJob
 from .errors import MoEConvertError
+from .io import DTYPES
 
-SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -384,5 +384,5 @@ def run_training(job: TrainJob, *, resume: bool = False, stop_after: int | None 
     trainer = Trainer(model, data, job.config, out, progress=progress)
     result = trainer.fit(resume=resume, stop_after=stop_after)
     if result.steps == job.config.steps:
-        trainer.save_model(tokenizer, SAVE_DTYPES[job.save_dtype])
+        trainer.save_model(tokenizer, DTYPES[job.save_dtype])
     return result

@@ -41,11 +41,10 @@ from . import __version__
 from .config import MoELayout, build_layout
 from .configuration_prmoe import PRMoEConfig
 from .errors import MoEConvertError
-from .io import CheckpointReader, ShardWriter, atomic_output_dir, copy_tokenizer_files, parse_size
+from .io import DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, copy_tokenizer_files, parse_size
 from .modeling import HostSpec, PRMoEForCausalLM, host_spec
 from .moe import EXPERT_PARAMS
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INIT_MODES = ("preserve", "copy", "noise:SIGMA", "drop:RATE")
 ROUTER_LOGIT_STD = 1e-5  # preserve: std of router logits over tokens; p_e = 1/E * (1 + O(this))
 WHITEN_KEEP = 0.05  # preserve: whiten only principal directions with singular value >= this * the largest
@@ -183,7 +182,7 @@ class _Upcycler:
         return self.reader.get(self.source_name[key])
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.dtype) if t.is_floating_point() else t
+        return cast_float(t, self.dtype)
 
     def tensor(self, name: str, shape: torch.Size) -> torch.Tensor | Iterator[torch.Tensor]:
         """The output tensor `name`, or for stacked experts an iterator of (1, ...) blocks."""

@@ -44,6 +44,26 @@ def tiny_prmoe(host="gpt2", moe_layers=(1, 3), num_experts=(3, 5), seed=0, **lay
     return PRMoEForCausalLM(cfg)
 
 
+def save_tiny_prmoes(tmp_path_factory, seed: int) -> dict:
+    """host -> (eval-mode model, saved dir) for both hosts; 4 and 6 experts, so EP 2 divides both."""
+    out = {}
+    for i, host in enumerate(HOST_CONFIGS):
+        model = tiny_prmoe(host, num_experts=(4, 6), seed=seed + i).eval()
+        path = tmp_path_factory.mktemp(f"src-{host}")
+        model.save_pretrained(path)
+        out[host] = (model, path)
+    return out
+
+
+def free_port() -> int:
+    """A free local TCP port (for torchrun's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(params=["gpt2", "llama"])
 def host(request):
     return request.param

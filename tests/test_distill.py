@@ -5,7 +5,6 @@ one-line errors for bad input."""
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import weakref
@@ -15,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import free_port
 from moe_convert.cli import app
 from moe_convert.distill import DistillJob, StagedKD, build_student, plan_student, run_distill
 from moe_convert.train import TrainConfig, TrainJob, load_model, run_training
@@ -146,12 +146,6 @@ def test_tokenizer_larger_than_teacher_vocabulary(teacher, data_file, tmp_path):
     out = tmp_path / "s"
     r = _cli(["--teacher", str(mismatched), "--data", str(data_file), "-o", str(out)])
     assert r.exit_code == 2 and "tokenizer" in r.output and not out.exists(), r.output
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

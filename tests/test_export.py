@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from conftest import tiny_gpt2_config, tiny_prmoe
+from conftest import save_tiny_prmoes, tiny_gpt2_config
 from moe_convert.bench import deepspeed_moe_class
 from moe_convert.cli import app
 from moe_convert.export import MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file, export
@@ -18,14 +18,8 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """host -> (model, saved dir): tiny PR-MoE models with 4 and 6 experts (EP 2 divides both)."""
-    out = {}
-    for i, host in enumerate(["gpt2", "llama"]):
-        model = tiny_prmoe(host, num_experts=(4, 6), seed=10 + i).eval()
-        path = tmp_path_factory.mktemp(f"src-{host}")
-        model.save_pretrained(path)
-        out[host] = (model, path)
-    return out
+    """host -> (model, saved dir)."""
+    return save_tiny_prmoes(tmp_path_factory, seed=10)
 
 
 def read(path):

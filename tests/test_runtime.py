@@ -5,7 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import VOCAB, tiny_prmoe
+from conftest import VOCAB, save_tiny_prmoes
 from moe_convert.cli import app
 from moe_convert.export import SINGLE_FILE, export
 from moe_convert.runtime import load_runtime
@@ -28,10 +28,7 @@ def save_tokenizer(path):
 def exported(tmp_path_factory):
     """(host, dtype, ep) -> (source model, export dir); the source dirs carry a tokenizer."""
     out = {}
-    for i, host in enumerate(["gpt2", "llama"]):
-        model = tiny_prmoe(host, num_experts=(4, 6), seed=20 + i).eval()
-        src = tmp_path_factory.mktemp(f"src-{host}")
-        model.save_pretrained(src)
+    for host, (model, src) in save_tiny_prmoes(tmp_path_factory, seed=20).items():
         save_tokenizer(src)
         for dtype, ep in [("fp32", 1), ("bf16", 1), ("fp32", 2)]:
             dst = tmp_path_factory.mktemp(f"exp-{host}") / "out"

@@ -5,7 +5,6 @@ import inspect
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from moe_convert.cli import app
 from moe_convert.data import load_documents, load_packed, load_tokenizer, split_documents, train_bpe_tokenizer
 from moe_convert.train import TrainConfig, Trainer, causal_lm_loss, load_model
 
-from conftest import tiny_gpt2_config
+from conftest import free_port, tiny_gpt2_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "builtin:pydoc"
@@ -205,12 +204,6 @@ def test_cli_defaults_are_the_config_defaults():
     params = {p.name: p.default for p in get_command(app).commands["train"].params}
     for name, param in inspect.signature(TrainConfig).parameters.items():
         assert params[name] == param.default, name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_vs_one(model_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
