@@ -11,7 +11,6 @@ reach: `(E - top_k) * params_per_expert`.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,10 +94,11 @@ def summarize_config(config) -> ModelSummary:
 
 
 def _safetensors_dtypes(file: Path) -> set[str]:
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    """The dtype codes ("F32", "BF16", ...) in a safetensors file, from its header alone."""
+    from .io import open_safetensors
+
+    handle = open_safetensors(file)
+    return {handle.get_slice(k).get_dtype() for k in handle.keys()}
 
 
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
