@@ -2,8 +2,10 @@
 implementations on the same inputs and weights, against the hardware floor measured in the same run.
 
 Implementations (each computes `c0 * moe(x) + c1 * mlp(x)` with an fp32 top-1 gate):
-- `moe_convert`: our kernels (`kernels.moe_forward`, backend picked by `pick_backend`);
-  `moe_convert[loop]` / `moe_convert[grouped_mm]` force one expert-matmul backend (the dispatch table's evidence);
+- `moe_convert`: our kernels (`kernels.moe_forward`) as the runtime runs them, the weights packed for
+  oneDNN once at setup as `generate` does at load; `moe_convert[loop]` / `moe_convert[grouped_mm]`: the
+  stacked [E, in, out] weights as `PRMoELayer` holds them, one expert-matmul backend forced (the
+  dispatch table's evidence);
 - `deepspeed`: `deepspeed.moe.layer.MoE(d, GPT2MLP, E, k=1, use_residual=True, drop_tokens=False)`;
 - `einsum`: the paper's baseline, a faithful small copy of DeepSpeed's old dense one-hot dispatch
   (`einsum("sec,sm->ecm")`, per-expert FFNs on the [E, C, d] buffer, `einsum("sec,ecm->sm")`), dropless;
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from .errors import MoEConvertError
 from .io import DTYPES
 from . import kernels
-from .kernels import ACTIVATIONS, ffn, moe_forward
+from .kernels import ACTIVATIONS, ffn, moe_forward, pack_experts, pack_ffn
 
 ACT = "gelu_pytorch_tanh"  # GPT-2's tanh GELU, fused in every implementation
 BATCHED_MM_LIMIT = 2 * 2**30  # hf_batched_mm copies the chosen expert's weights per token: skip past 2 GiB
@@ -99,13 +101,19 @@ def make_weights(E: int, d: int, dtype: torch.dtype, seed: int = 0) -> LayerWeig
 
 
 # --- implementations: each builds a callable x (T, d) -> y (T, d) from the same weights -------------
-def _residual(w: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return F.linear(x, w.coef_w, w.coef_b).softmax(-1), ffn(x, w.dense, ACTIVATIONS[ACT])
+def _residual(w: LayerWeights, x: torch.Tensor, dense: dict[str, torch.Tensor] | None = None):
+    """(coef (T, 2), dense FFN output (T, d)); `dense` overrides the weights (packed ones)."""
+    return F.linear(x, w.coef_w, w.coef_b).softmax(-1), ffn(x, dense or w.dense, ACTIVATIONS[ACT])
 
 
 def impl_moe_convert(w: LayerWeights, backend: str | None = None) -> Callable:
+    """Our kernels. No backend: as the runtime runs them, weights packed once at setup (`generate` packs
+    at load). A backend: the stacked [E, in, out] weights as `PRMoELayer` holds them, that backend forced."""
+    stacked, dense = (w.stacked, w.dense) if backend else (pack_experts(w.stacked), pack_ffn(w.dense))
+
     def run(x):
-        return moe_forward(x, w.router, w.stacked, ACTIVATIONS[ACT], residual=_residual(w, x), backend=backend)[0]
+        return moe_forward(x, w.router, stacked, ACTIVATIONS[ACT], residual=_residual(w, x, dense),
+                           backend=backend)[0]
     return run
 
 
@@ -180,9 +188,9 @@ def impl_deepspeed(w: LayerWeights) -> Callable:
 
 
 def impl_dense(w: LayerWeights) -> Callable:
-    """Same useful FLOPs as the layer's two branches: one dense FFN over 2T tokens."""
-    act = ACTIVATIONS[ACT]
-    return lambda x: ffn(torch.cat([x, x]), w.dense, act)
+    """Same useful FLOPs as the layer's two branches: one dense FFN over 2T tokens, weights packed as ours."""
+    act, dense = ACTIVATIONS[ACT], pack_ffn(w.dense)
+    return lambda x: ffn(torch.cat([x, x]), dense, act)
 
 
 IMPLS: dict[str, Callable[[LayerWeights], Callable | None]] = {
@@ -219,8 +227,9 @@ def measure_machine(d: int, dtype: torch.dtype, repeats: int = 5) -> Machine:
     """Best GEMM rate of a (2048, d) x (d, 4d) matmul in `dtype`; best read bandwidth summing 256 MiB.
 
     The GEMM rate is the best of torch's own matmul (MKL for fp32 in this torch build) and oneDNN's
-    linear (`kernels._linear_pointwise`, what our kernels call): on AMD CPUs MKL's fp32 GEMM runs at
-    about half of oneDNN's, and a floor measured with the slower library alone would not be one.
+    linear (`kernels._linear_pointwise`, what our kernels call) on plain and on packed weights: on
+    AMD CPUs MKL's fp32 GEMM runs at about half of oneDNN's, and a floor measured with the slower
+    library alone would not be one.
     Best, not median: the floor is a lower bound, and on a shared machine the slow samples measure
     the neighbours.
     """
@@ -228,7 +237,8 @@ def measure_machine(d: int, dtype: torch.dtype, repeats: int = 5) -> Machine:
     big = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB
     gemms = [lambda: a @ b]
     if kernels.onednn_ok(a):
-        gemms.append(lambda: kernels._linear_act(a, b, None))
+        packed = kernels.pack_ffn({"w_out": b})["w_out"]
+        gemms += [lambda: kernels._linear_act(a, b.t(), None), lambda: kernels._linear_act(a, packed, None)]
     gemm_ms = min(_median_ms(g, 1) for g in gemms for _ in range(repeats))
     bw_ms = min(_median_ms(big.sum, 1) for _ in range(repeats))
     return Machine(2 * 2048 * d * 4 * d / gemm_ms / 1e6, big.numel() * 4 / bw_ms / 1e6)

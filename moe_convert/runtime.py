@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .errors import MoEConvertError
 from .export import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file)
 from .io import open_safetensors
-from .kernels import ACTIVATIONS, ffn, moe_forward
+from .kernels import ACTIVATIONS, ffn, moe_forward, pack_experts, pack_ffn
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -114,16 +114,17 @@ class Runtime:
         self.ffns = [self._ffn_weights(i) for i in range(self.num_layers)]
 
     def _kernel_ffn(self, prefix: str) -> dict[str, torch.Tensor]:
-        """A host FFN's tensors under `prefix` as `kernels.ffn` wants them ([in, out])."""
-        return {ours: self.t[prefix + key].t() if transposed else self.t[prefix + key]
-                for ours, (key, transposed) in self.spec.expert_keys.items()}
+        """A host FFN's tensors under `prefix`, taken out of `self.t` and packed for our kernels (`pack_ffn`)."""
+        return pack_ffn({ours: self.t.pop(prefix + key).t() if transposed else self.t.pop(prefix + key)
+                         for ours, (key, transposed) in self.spec.expert_keys.items()})
 
     def _ffn_weights(self, i: int) -> dict:
+        """Layer i's FFN weights, packed once here at load (the exported tensors are released as they are packed)."""
         prefix = f"{self.spec.layers}.{i}.{self.spec.ffn_attr}."
         if i not in self.moe:
             return {"dense": self._kernel_ffn(prefix)}
         w = {"router": self.t[prefix + "router.weight"],
-             "stacked": {name: self.t[prefix + "experts." + name] for name in self.spec.expert_keys}}
+             "stacked": pack_experts({name: self.t.pop(prefix + "experts." + name) for name in self.spec.expert_keys})}
         if self.manifest["residual"]:
             w["dense"] = self._kernel_ffn(prefix + "mlp.")
             w["coef"] = (self.t[prefix + "coefficient.weight"], self.t[prefix + "coefficient.bias"])

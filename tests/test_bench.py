@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 
 from moe_convert.bench import IMPLS
 from moe_convert.cli import app
-from moe_convert.kernels import ACTIVATIONS, fused_activation, moe_forward, route
+from moe_convert import kernels
+from moe_convert.kernels import (ACTIVATIONS, PackedExperts, ffn, fused_activation, is_packed, moe_forward, pack_experts,
+                                 pack_ffn, route)
 
 
 def test_bench_layer_json_runs_every_implementation():
@@ -84,3 +86,69 @@ def test_no_grad_path_equals_autograd_path():
 def test_fused_activations_equal_transformers(name):
     x = torch.randn(1000) * 4
     torch.testing.assert_close(fused_activation(ACT2FN[name])(x), ACT2FN[name](x), rtol=1e-6, atol=1e-6)
+
+
+def random_ffn(kind: str, d: int, f: int, dtype=torch.float32, E: int | None = None) -> dict[str, torch.Tensor]:
+    """One FFN's (or E stacked experts') [in, out] weights with non-zero biases."""
+    lead = () if E is None else (E,)
+    shapes = {"mlp": {"w_in": (d, f), "b_in": (f,), "w_out": (f, d), "b_out": (d,)},
+              "gated": {"w_gate": (d, f), "w_up": (d, f), "w_out": (f, d)}}[kind]
+    return {k: (torch.randn(*lead, *s) * 0.3).to(dtype) for k, s in shapes.items()}
+
+
+def naive_ffn(x, w, act):
+    """The FFN formula in fp64, nothing fused."""
+    x, w = x.double(), {k: v.double() for k, v in w.items()}
+    if "w_gate" in w:
+        return (act(x @ w["w_gate"]) * (x @ w["w_up"])) @ w["w_out"]
+    return act(x @ w["w_in"] + w["b_in"]) @ w["w_out"] + w["b_out"]
+
+
+@pytest.mark.parametrize("kind,act", [("mlp", "gelu_new"), ("gated", "silu")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 8, 300])
+def test_packed_and_plain_ffn_equal_the_formula(kind, act, dtype, rows, monkeypatch):
+    """Packed weights, transposed views (oneDNN from 8 rows) and addmm (below) all compute the FFN; 300 rows
+    run in several row blocks (a 4 KiB block budget here)."""
+    monkeypatch.setattr(kernels, "ROW_BLOCK_BYTES", 4096)
+    torch.manual_seed(rows)
+    w = random_ffn(kind, 24, 40, dtype)
+    x = torch.randn(rows, 24).to(dtype)
+    packed = pack_ffn(w)
+    assert is_packed(packed) and not is_packed(w)
+    ref = naive_ffn(x, w, ACT2FN[act])
+    with torch.inference_mode():
+        for weights in (packed, w):
+            got = ffn(x, weights, ACTIVATIONS[act]).double()
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            else:
+                assert (got - ref).norm() / ref.norm() < 2e-2
+
+
+def test_pack_leaves_weights_alone_where_onednn_does_not_apply():
+    w = random_ffn("mlp", 8, 16)
+    assert pack_ffn({k: v.half() for k, v in w.items()})["w_in"].dtype == torch.float16  # fp16: no oneDNN path
+    trained = {k: v.requires_grad_() for k, v in w.items()}
+    assert pack_ffn(trained) is trained  # autograd needs the plain tensors
+    assert pack_experts(random_ffn("mlp", 8, 16, torch.float16, E=3))["w_in"].shape == (3, 8, 16)
+
+
+@pytest.mark.parametrize("kind,act", [("mlp", "gelu_new"), ("gated", "silu")])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_packed_experts_equal_stacked_weights(kind, act, top_k):
+    """The runtime's packed experts give the module path's outputs (an expert without tokens included)."""
+    torch.manual_seed(top_k)
+    E, d = 7, 16
+    stacked = random_ffn(kind, d, 36, E=E)
+    router = torch.randn(E, d)
+    router[4] = -100  # expert 4 gets no token (inputs are positive)
+    x = torch.rand(50, d) + 0.1
+    residual = (torch.rand(50, 2).softmax(-1), torch.randn(50, d))
+    packed = pack_experts(stacked)
+    assert isinstance(packed, PackedExperts) and len(packed.weights) == E
+    with torch.inference_mode():
+        ref, routing = moe_forward(x, router, stacked, ACTIVATIONS[act], top_k, residual=residual)
+        got, _ = moe_forward(x, router, packed, ACTIVATIONS[act], top_k, residual=residual)
+    assert routing.counts[4] == 0
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from conftest import VOCAB, save_tiny_prmoes
 from moe_convert.cli import app
 from moe_convert.export import SINGLE_FILE, export
+from moe_convert.kernels import PackedExperts
 from moe_convert.runtime import load_runtime
 
 runner = CliRunner()
@@ -41,6 +42,9 @@ def exported(tmp_path_factory):
 def test_fp32_logits_equal_the_source_model(exported, host, ep):
     model, path = exported[host, "fp32", ep]
     rt = load_runtime(path)
+    assert isinstance(rt.ffns[1]["stacked"], PackedExperts)  # packed once at load for oneDNN
+    ffn_tensors = [n for n in rt.t if ".mlp." in n and not n.split(".mlp.", 1)[1].startswith(("router.", "coef"))]
+    assert ffn_tensors == []  # the exported copies of the packed FFN weights are released
     ids = torch.randint(0, VOCAB, (3, 13))
     with torch.no_grad():
         ref = model(ids).logits
