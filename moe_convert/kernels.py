@@ -9,9 +9,11 @@ section 5.3) straight into the residual branch's output. Experts that got no tok
 The expert matmuls have two backends, picked per call by `pick_backend` from measurements on CPU
 (README "Export, inference kernels, benchmarks"; `moe-convert bench layer` re-measures them):
 - "loop": per expert that received tokens, its FFN over its contiguous slice. Without autograd on
-  CPU, slices of at least `ONEDNN_MIN_ROWS` rows go through oneDNN (`torch.ops.mkldnn._linear_pointwise`,
-  activation fused into the first matmul), because the fp32 `torch.mm` of this torch build is MKL,
-  which runs ~2x below oneDNN on AMD CPUs; smaller slices (decode) use `addmm`, MKL's GEMV being faster;
+  CPU the FFN goes through oneDNN (`torch.ops.mkldnn._linear_pointwise`, activation fused into the
+  first matmul, row blocks that keep the intermediate in cache), because the fp32 `torch.mm` of this
+  torch build is MKL, which runs ~2x below oneDNN on AMD CPUs. The runtime packs every FFN's weights
+  once at load into oneDNN's blocked layout (`pack_ffn`, `pack_experts`); the layer's plain [in, out]
+  parameters are read through transposed views, and slices under 8 rows use MKL's `addmm`;
 - "grouped_mm": `torch.nn.functional.grouped_mm` with per-expert offsets (one call per matrix).
 """
 
