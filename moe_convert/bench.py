@@ -237,8 +237,10 @@ def measure_machine(d: int, dtype: torch.dtype, repeats: int = 5) -> Machine:
     big = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB
     gemms = [lambda: a @ b]
     if kernels.onednn_ok(a):
-        packed = kernels.pack_ffn({"w_out": b})["w_out"]
-        gemms += [lambda: kernels._linear_act(a, b.t(), None), lambda: kernels._linear_act(a, packed, None)]
+        gemms.append(lambda: kernels._linear_act(a, b.t(), None))
+    packed = kernels.pack_matrix(b)
+    if packed is not None:
+        gemms.append(lambda: kernels._linear_act(a, packed, None))
     gemm_ms = min(_median_ms(g, 1) for g in gemms for _ in range(repeats))
     bw_ms = min(_median_ms(big.sum, 1) for _ in range(repeats))
     return Machine(2 * 2048 * d * 4 * d / gemm_ms / 1e6, big.numel() * 4 / bw_ms / 1e6)

@@ -111,6 +111,7 @@ def test_packed_and_plain_ffn_equal_the_formula(kind, act, dtype, rows, monkeypa
     """Packed weights, transposed views (oneDNN from 8 rows) and addmm (below) all compute the FFN; 300 rows
     run in several row blocks (a 4 KiB block budget here)."""
     monkeypatch.setattr(kernels, "ROW_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0)
     torch.manual_seed(rows)
     w = random_ffn(kind, 24, 40, dtype)
     x = torch.randn(rows, 24).to(dtype)
@@ -126,8 +127,10 @@ def test_packed_and_plain_ffn_equal_the_formula(kind, act, dtype, rows, monkeypa
                 assert (got - ref).norm() / ref.norm() < 2e-2
 
 
-def test_pack_leaves_weights_alone_where_onednn_does_not_apply():
+def test_pack_leaves_weights_alone_where_onednn_does_not_apply(monkeypatch):
     w = random_ffn("mlp", 8, 16)
+    assert pack_ffn(w) is w  # small matrices: a plain addmm is cheaper than a oneDNN call
+    monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0)
     assert pack_ffn({k: v.half() for k, v in w.items()})["w_in"].dtype == torch.float16  # fp16: no oneDNN path
     trained = {k: v.requires_grad_() for k, v in w.items()}
     assert pack_ffn(trained) is trained  # autograd needs the plain tensors
@@ -136,8 +139,9 @@ def test_pack_leaves_weights_alone_where_onednn_does_not_apply():
 
 @pytest.mark.parametrize("kind,act", [("mlp", "gelu_new"), ("gated", "silu")])
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_packed_experts_equal_stacked_weights(kind, act, top_k):
+def test_packed_experts_equal_stacked_weights(kind, act, top_k, monkeypatch):
     """The runtime's packed experts give the module path's outputs (an expert without tokens included)."""
+    monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0)
     torch.manual_seed(top_k)
     E, d = 7, 16
     stacked = random_ffn(kind, d, 36, E=E)

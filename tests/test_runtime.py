@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from conftest import VOCAB, save_tiny_prmoes
 from moe_convert.cli import app
 from moe_convert.export import SINGLE_FILE, export
+from moe_convert import kernels
 from moe_convert.kernels import PackedExperts
 from moe_convert.runtime import load_runtime
 
@@ -39,12 +40,15 @@ def exported(tmp_path_factory):
 
 
 @pytest.mark.parametrize("ep", [1, 2])
-def test_fp32_logits_equal_the_source_model(exported, host, ep):
+@pytest.mark.parametrize("packed", [True, False])
+def test_fp32_logits_equal_the_source_model(exported, host, ep, packed, monkeypatch):
+    """With the FFN weights packed for oneDNN at load (large models) and plain (small ones, as here by default)."""
+    monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0 if packed else kernels.PACK_MIN_BYTES)
     model, path = exported[host, "fp32", ep]
     rt = load_runtime(path)
-    assert isinstance(rt.ffns[1]["stacked"], PackedExperts)  # packed once at load for oneDNN
+    assert isinstance(rt.ffns[1]["stacked"], PackedExperts) == packed
     ffn_tensors = [n for n in rt.t if ".mlp." in n and not n.split(".mlp.", 1)[1].startswith(("router.", "coef"))]
-    assert ffn_tensors == []  # the exported copies of the packed FFN weights are released
+    assert ffn_tensors == []  # the exported FFN weights live in `ffns` only (released once packed)
     ids = torch.randint(0, VOCAB, (3, 13))
     with torch.no_grad():
         ref = model(ids).logits
@@ -63,7 +67,9 @@ def test_bf16_logits_within_bf16_tolerance(exported, host):
     assert err < 2e-2, err  # bf16 keeps ~3 significant digits
 
 
-def test_kv_cache_decoding_equals_one_full_pass(exported, host):
+@pytest.mark.parametrize("packed", [True, False])
+def test_kv_cache_decoding_equals_one_full_pass(exported, host, packed, monkeypatch):
+    monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0 if packed else kernels.PACK_MIN_BYTES)
     _, path = exported[host, "fp32", 1]
     rt = load_runtime(path)
     ids = torch.randint(0, VOCAB, (2, 12))
@@ -72,7 +78,9 @@ def test_kv_cache_decoding_equals_one_full_pass(exported, host):
     torch.testing.assert_close(torch.cat(steps, dim=1), rt.logits(ids), rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_tokens_equal_transformers_generate(exported, host):
+@pytest.mark.parametrize("packed", [True, False])
+def test_greedy_tokens_equal_transformers_generate(exported, host, packed, monkeypatch):
+    monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0 if packed else kernels.PACK_MIN_BYTES)
     model, path = exported[host, "fp32", 1]
     rt = load_runtime(path)
     prompt = torch.randint(2, VOCAB, (1, 6))
