@@ -163,6 +163,10 @@ class Runtime:
     def attn_scale(self, i: int) -> float:
         return 1.0 / math.sqrt(self.head_dim)
 
+    def sliding_window(self, i: int) -> int | None:
+        """Layer i attends to its last `sliding_window` positions only (None: the whole prefix)."""
+        return None
+
     @property
     def lm_head(self) -> torch.Tensor: ...
 
@@ -178,11 +182,14 @@ class Runtime:
         B, L = ids.shape
         past = cache.length
         pos = torch.arange(past, past + L)  # (L,)
-        mask = torch.arange(past + L)[None, :] <= pos[:, None]  # (L, past+L) causal
+        keys = torch.arange(past + L)[None, :]  # (1, past+L)
+        causal = keys <= pos[:, None]  # (L, past+L)
         x = self.embed(ids, pos)  # (B, L, d)
         for i in range(self.num_layers):
             q, k, v = self.qkv(i, self.attn_norm(i, x), pos)  # (B, H, L, hd), (B, H_kv, L, hd) x2
             k, v = cache.update(i, k, v)
+            window = self.sliding_window(i)
+            mask = causal if window is None else causal & (keys > pos[:, None] - window)  # as transformers masks
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.attn_scale(i),
                                                enable_gqa=q.shape[1] != k.shape[1])  # (B, H, L, hd)
             x = x + self.attn_out(i, o.transpose(1, 2).reshape(B, L, -1))
@@ -279,18 +286,43 @@ class GPT2Runtime(Runtime):
 
 
 class LlamaRuntime(Runtime):
-    """Llama / Mistral / Qwen2: RMSNorm, rotary positions, grouped-query attention, Linear ([out, in])."""
+    """Llama / Mistral / Qwen2: RMSNorm, rotary positions, grouped-query attention, Linear ([out, in]).
+
+    RoPE: the default frequencies, or a static scaled variant (`linear`, `llama3`, `yarn`) computed by
+    transformers' own `ROPE_INIT_FUNCTIONS` from the host config. Sliding-window layers (Mistral's
+    `sliding_window`, Qwen2's `layer_types`) mask keys older than the window, as transformers does.
+    """
+
+    STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
     def __init__(self, manifest, tensors):
         super().__init__(manifest, tensors)
         c = self.cfg
-        rope = c.get("rope_parameters") or {"rope_type": "default", "rope_theta": c.get("rope_theta", 10000.0)}
-        if rope.get("rope_type", "default") != "default":
-            raise MoEConvertError(f"rope_type {rope['rope_type']!r} is not supported by the runtime (default only)")
         self.heads, self.num_kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
         self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
         self.eps = c["rms_norm_eps"]
-        self.inv_freq = 1.0 / rope["rope_theta"] ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+        self.inv_freq, self.rope_scale = self._rope(c)
+        window, types = c.get("sliding_window"), c.get("layer_types")
+        self.windows = [window if window and (types is None or types[i] == "sliding_attention") else None
+                        for i in range(self.num_layers)]
+
+    def _rope(self, c: dict) -> tuple[torch.Tensor, float]:
+        """(inverse frequencies (hd/2,), cos/sin scale) of the host's RoPE."""
+        rope = c.get("rope_parameters") or {"rope_type": "default", "rope_theta": c.get("rope_theta", 10000.0)}
+        kind = rope.get("rope_type", "default")
+        if kind not in self.STATIC_ROPE_TYPES:
+            raise MoEConvertError(f"rope_type {kind!r} is not supported by the runtime "
+                                  f"(supported: {', '.join(self.STATIC_ROPE_TYPES)})")
+        if kind == "default":
+            return 1.0 / rope["rope_theta"] ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim), 1.0
+        from transformers import AutoConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[kind](AutoConfig.for_model(**c), torch.device("cpu"))
+        return inv_freq.float(), float(scale)
+
+    def sliding_window(self, i):
+        return self.windows[i]
 
     def _rms(self, name: str, x):
         h = x.float()
@@ -317,7 +349,7 @@ class LlamaRuntime(Runtime):
         B, L, _ = x.shape
         freqs = pos[:, None].float() * self.inv_freq[None, :]  # (L, hd/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (L, hd)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = (emb.cos() * self.rope_scale).to(x.dtype), (emb.sin() * self.rope_scale).to(x.dtype)
 
         def heads(name, n):
             return self._linear(p + name, x).reshape(B, L, n, self.head_dim).transpose(1, 2)  # (B, n, L, hd)

@@ -130,3 +130,53 @@ def test_truncated_export_is_a_one_line_error(exported, tmp_path):
     assert len(res.output.strip().splitlines()) == 1
     res = runner.invoke(app, ["generate", str(tmp_path), "--prompt", "w5"])  # not an export at all
     assert res.exit_code == 2 and "is not a moe-convert export" in res.output
+
+
+def export_tiny(tmp_path, host, **host_overrides):
+    """(source model, export dir) of a tiny PR-MoE whose host config gets `host_overrides`."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from moe_convert.configuration_prmoe import PRMoEConfig
+    from moe_convert.modeling import PRMoEForCausalLM
+
+    base = dict(num_hidden_layers=4, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+    host_cfg = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[host](**base, **host_overrides)
+    torch.manual_seed(7)
+    model = PRMoEForCausalLM(PRMoEConfig(text_config=host_cfg.to_dict(), moe_layers=[1, 3], num_experts=[4, 6])).eval()
+    model.save_pretrained(tmp_path / "src")
+    export(tmp_path / "src", tmp_path / "out")
+    return model, tmp_path / "out"
+
+
+LONG_CONTEXT_HOSTS = {
+    "mistral-sliding-window": ("mistral", dict(sliding_window=4)),
+    "qwen2-sliding-layers": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=2)),
+    "llama3-rope": ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=50000.0, factor=8.0,
+                                                       low_freq_factor=1.0, high_freq_factor=4.0,
+                                                       original_max_position_embeddings=16))),
+    "linear-rope": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0))),
+    "yarn-rope": ("llama", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                     original_max_position_embeddings=16))),
+}
+
+
+@pytest.mark.parametrize("case", list(LONG_CONTEXT_HOSTS))
+def test_sliding_windows_and_scaled_rope_equal_the_source_model(case, tmp_path):
+    """Sequences longer than the window (4) and than the RoPE's original context (16): logits and greedy tokens."""
+    host, overrides = LONG_CONTEXT_HOSTS[case]
+    model, path = export_tiny(tmp_path, host, **overrides)
+    rt = load_runtime(path)
+    ids = torch.randint(2, VOCAB, (2, 24))
+    with torch.no_grad():
+        ref = model(ids).logits
+    torch.testing.assert_close(rt.logits(ids), ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        greedy = model.generate(ids[:1, :6], max_new_tokens=14, do_sample=False, eos_token_id=0, pad_token_id=0)
+    assert rt.generate(ids[0, :6].tolist(), 14, eos_token_id=0).tokens == greedy[0].tolist()
+
+
+def test_unsupported_rope_is_a_one_line_error(tmp_path):
+    _, path = export_tiny(tmp_path, "llama", rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0))
+    res = runner.invoke(app, ["generate", str(path), "--prompt", "w3 w4", "--max-new-tokens", "2"])
+    assert res.exit_code == 2 and "rope_type 'dynamic' is not supported" in res.output
