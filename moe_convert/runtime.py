@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .errors import MoEConvertError
 from .export import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file)
 from .io import open_safetensors
-from .kernels import ACTIVATIONS, ffn, moe_forward, pack_experts, pack_ffn
+from .kernels import ACTIVATIONS, ffn, linear, moe_forward, pack_experts, pack_ffn, pack_matrix
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -112,6 +112,20 @@ class Runtime:
         self.moe = {e["layer"]: e for e in manifest["layers"]}
         self.num_layers = self.cfg["num_hidden_layers"] if "num_hidden_layers" in self.cfg else self.cfg["n_layer"]
         self.ffns = [self._ffn_weights(i) for i in range(self.num_layers)]
+        self.proj: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # attention projections (subclasses)
+
+    def _add_projection(self, name: str, in_out: bool = False) -> None:
+        """Take `name.weight` (and bias) out of `self.t` into `self.proj` as `kernels.linear` reads it:
+        [out, in], packed for oneDNN when large. `in_out`: stored [in, out] (GPT-2's Conv1D)."""
+        w = self.t.pop(name + ".weight")
+        w_in_out = w if in_out else w.t()
+        packed = pack_matrix(w_in_out)
+        self.proj[name] = (w_in_out.t() if packed is None else packed), self.t.pop(name + ".bias", None)
+
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Projection `name` on x (..., in) -> (..., out)."""
+        w, b = self.proj[name]
+        return linear(x.reshape(-1, x.shape[-1]), w, b).reshape(*x.shape[:-1], -1)
 
     def _kernel_ffn(self, prefix: str) -> dict[str, torch.Tensor]:
         """A host FFN's tensors under `prefix`, taken out of `self.t` and packed for our kernels (`pack_ffn`)."""
@@ -177,8 +191,9 @@ class Runtime:
                        [torch.empty(shape, dtype=self.dtype) for _ in range(self.num_layers)])
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """ids (B, L) following the cache's `length` positions -> logits (B, L, V); the cache advances."""
+    def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """ids (B, L) following the cache's `length` positions -> logits (B, L, V), or (B, 1, V) of the last
+        position with `last_only` (generation: the LM head over a long prompt is skipped); the cache advances."""
         B, L = ids.shape
         past = cache.length
         pos = torch.arange(past, past + L)  # (L,)
@@ -195,7 +210,10 @@ class Runtime:
             x = x + self.attn_out(i, o.transpose(1, 2).reshape(B, L, -1))
             x = x + self.ffn(i, self.ffn_norm(i, x))
         cache.length += L
-        return self.final_norm(x) @ self.lm_head.t()  # (B, L, V)
+        if last_only:
+            x = x[:, -1:]
+        h = self.final_norm(x).reshape(-1, x.shape[-1])  # (B*L or B, d)
+        return linear(h, self.lm_head).reshape(B, x.shape[1], -1)  # (B, L or 1, V)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, L, V) of a whole sequence (one prefill)."""
@@ -213,7 +231,7 @@ class Runtime:
         start = time.perf_counter()
         prefill_s = 0.0
         for n in range(max_new_tokens):
-            logits = self.forward(step, cache)[0, -1].float()  # (V,)
+            logits = self.forward(step, cache, last_only=True)[0, -1].float()  # (V,)
             nxt = sample(logits, temperature, top_k, top_p, gen)
             if n == 0:
                 prefill_s = time.perf_counter() - start
@@ -250,6 +268,9 @@ class GPT2Runtime(Runtime):
         c = self.cfg
         self.heads = c["n_head"]
         self.num_kv_heads, self.head_dim, self.eps = self.heads, c["n_embd"] // c["n_head"], c["layer_norm_epsilon"]
+        for i in range(self.num_layers):
+            for name in ("c_attn", "c_proj"):
+                self._add_projection(f"transformer.h.{i}.attn.{name}", in_out=True)
 
     def _ln(self, name: str, x):
         return F.layer_norm(x, x.shape[-1:], self.t[name + ".weight"], self.t[name + ".bias"], self.eps)
@@ -267,14 +288,12 @@ class GPT2Runtime(Runtime):
         return self._ln("transformer.ln_f", x)
 
     def qkv(self, i, x, pos):
-        p = f"transformer.h.{i}.attn.c_attn."
         B, L, _ = x.shape
-        qkv = torch.addmm(self.t[p + "bias"], x.reshape(B * L, -1), self.t[p + "weight"])  # (B*L, 3d)
+        qkv = self.linear(f"transformer.h.{i}.attn.c_attn", x)  # (B, L, 3d)
         return [t.reshape(B, L, self.heads, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1)]
 
     def attn_out(self, i, o):
-        p = f"transformer.h.{i}.attn.c_proj."
-        return (torch.addmm(self.t[p + "bias"], o.reshape(-1, o.shape[-1]), self.t[p + "weight"])).reshape(o.shape)
+        return self.linear(f"transformer.h.{i}.attn.c_proj", o)
 
     def attn_scale(self, i):
         scale = 1.0 / math.sqrt(self.head_dim) if self.cfg.get("scale_attn_weights", True) else 1.0
@@ -302,6 +321,9 @@ class LlamaRuntime(Runtime):
         self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
         self.eps = c["rms_norm_eps"]
         self.inv_freq, self.rope_scale = self._rope(c)
+        for i in range(self.num_layers):
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                self._add_projection(f"model.layers.{i}.self_attn.{name}")
         window, types = c.get("sliding_window"), c.get("layer_types")
         self.windows = [window if window and (types is None or types[i] == "sliding_attention") else None
                         for i in range(self.num_layers)]
@@ -329,9 +351,6 @@ class LlamaRuntime(Runtime):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.t[name + ".weight"] * h.to(x.dtype)
 
-    def _linear(self, name: str, x):
-        return F.linear(x, self.t[name + ".weight"], self.t.get(name + ".bias"))
-
     def embed(self, ids, pos):
         return self.t["model.embed_tokens.weight"][ids]
 
@@ -352,7 +371,7 @@ class LlamaRuntime(Runtime):
         cos, sin = (emb.cos() * self.rope_scale).to(x.dtype), (emb.sin() * self.rope_scale).to(x.dtype)
 
         def heads(name, n):
-            return self._linear(p + name, x).reshape(B, L, n, self.head_dim).transpose(1, 2)  # (B, n, L, hd)
+            return self.linear(p + name, x).reshape(B, L, n, self.head_dim).transpose(1, 2)  # (B, n, L, hd)
 
         def rotate(t):
             t1, t2 = t.chunk(2, dim=-1)
@@ -362,7 +381,7 @@ class LlamaRuntime(Runtime):
             "v_proj", self.num_kv_heads)
 
     def attn_out(self, i, o):
-        return self._linear(f"model.layers.{i}.self_attn.o_proj", o)
+        return self.linear(f"model.layers.{i}.self_attn.o_proj", o)
 
     @property
     def lm_head(self):
