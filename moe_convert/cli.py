@@ -7,6 +7,7 @@ transformers are imported inside the commands that need them.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +51,16 @@ def reporting_errors():
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         raise typer.Exit(130)
+
+
+def huge_pages_for_weights() -> None:
+    """Ask torch's CPU allocator for transparent huge pages on tensors of 2 MiB or more.
+
+    `THP_MEM_ALLOC_ENABLE` is read once, at torch's first allocation, so this runs before torch is
+    imported (commands import it lazily); a value the user set wins. Fewer TLB misses when weights
+    stream from DRAM: decode through a 128-expert layer ran ~12% faster (README).
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def print_json(obj) -> None:
@@ -384,6 +395,7 @@ def generate(
     json_out: bool = typer.Option(False, "--json", help="Print text, tokens and speed as JSON. Default: off."),
 ):
     """Text from an export through our inference kernels (KV-cache decoding)."""
+    huge_pages_for_weights()
     with reporting_errors():
         import torch
 
@@ -425,6 +437,7 @@ def bench_layer(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON list of rows (impl, tokens, hidden, experts, dtype, ms, ...). Default: off."),
 ):
     """One MoE layer: ours vs DeepSpeed vs transformers vs the hardware floor."""
+    huge_pages_for_weights()
     with reporting_errors():
         from dataclasses import asdict
 

@@ -1,6 +1,11 @@
 """The runtime (plain tensors + our kernels + KV cache) against the source PRMoEForCausalLM:
 logits, greedy tokens, EP-split exports, sampling controls, and bad exports."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -180,3 +185,21 @@ def test_unsupported_rope_is_a_one_line_error(tmp_path):
     _, path = export_tiny(tmp_path, "llama", rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0))
     res = runner.invoke(app, ["generate", str(path), "--prompt", "w3 w4", "--max-new-tokens", "2"])
     assert res.exit_code == 2 and "rope_type 'dynamic' is not supported" in res.output
+
+
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP_MODE.exists() or "[madvise]" not in THP_MODE.read_text(),
+                    reason="needs transparent huge pages in madvise mode")
+@pytest.mark.parametrize("user_value,huge", [(None, True), ("0", False)])
+def test_generate_and_bench_ask_for_huge_pages_unless_the_user_says_no(user_value, huge):
+    """`generate` / `bench layer` call `huge_pages_for_weights` before torch loads: large tensors get 2 MiB pages."""
+    code = ("from moe_convert.cli import huge_pages_for_weights; huge_pages_for_weights(); import torch, re; "
+            "t = torch.ones(16 * 2**20); print(re.search(r'AnonHugePages:\\s+(\\d+)', "
+            "open('/proc/self/smaps_rollup').read()).group(1))")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if user_value is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = user_value
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert (int(out) >= 2048) == huge, out  # kB of anonymous huge pages in the process
