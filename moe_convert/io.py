@@ -5,7 +5,8 @@
 knows every output tensor's name, shape and dtype before the first byte is written, so it writes
 each shard's safetensors header first and appends tensors (or row-slices of them) as they are
 produced (mergekit's lazy loader and tensor writer). `atomic_output_dir` builds an output under a
-temporary name and renames it when complete.
+temporary name and renames it when complete. `read_safetensors` reads a whole file into memory the
+process owns (no mmap), for the inference runtime, which repacks every weight at load.
 """
 
 from __future__ import annotations
@@ -77,6 +78,56 @@ def open_safetensors(file: Path):
     except Exception as e:  # safetensors' errors on a truncated/corrupt header or data section
         raise MoEConvertError(f"cannot read {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                               " (truncated or corrupt?)") from None
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, read with plain file reads into memory this process owns.
+
+    No mmap: a mapped file keeps every page it touched in the process's RSS for as long as any
+    tensor from it lives, on top of any repacked copy (the runtime packs its weights at load).
+    A missing, truncated or corrupt file is a one-line error naming it.
+    """
+    by_name = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+    def corrupt(why: str) -> MoEConvertError:
+        return MoEConvertError(f"cannot read {file}: {why} (truncated or corrupt?)")
+
+    if not file.is_file():
+        raise MoEConvertError(f"{file} is missing")
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+        except (struct.error, ValueError):
+            raise corrupt("bad header") from None
+        if not isinstance(header, dict):
+            raise corrupt("bad header")
+        header.pop("__metadata__", None)
+        tensors = {}
+        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] not in by_name or 8 + n + end > size:
+                raise corrupt(f"tensor {name} is {entry['dtype']} at bytes {begin}..{end} of the data")
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(8 + n + begin)
+            if f.readinto(raw.numpy()) != end - begin:
+                raise corrupt(f"tensor {name} is cut short")
+            tensors[name] = raw.view(by_name[entry["dtype"]]).reshape(entry["shape"])
+    return tensors
+
+
+def return_freed_memory() -> None:
+    """Hand heap pages freed by large temporaries back to the OS (glibc's `malloc_trim`; elsewhere a no-op).
+
+    glibc keeps freed heap memory in the process: after the runtime packs its weights (each packed
+    copy made while its source is freed) RSS would otherwise stay near twice the model's size.
+    """
+    import ctypes
+
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 class CheckpointReader:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .errors import MoEConvertError
 from .export import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file)
-from .io import open_safetensors
+from .io import open_safetensors, read_safetensors, return_freed_memory
 from .kernels import ACTIVATIONS, ffn, linear, moe_forward, pack_experts, pack_ffn, pack_matrix
 
 
@@ -50,12 +50,8 @@ def load_export(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     files = [SINGLE_FILE] if ep == 1 else [SHARED_FILE] + [experts_file(r, ep) for r in range(ep)]
     parts: dict[str, list[torch.Tensor]] = {}
     for name in files:
-        handle = open_safetensors(path / name)
-        for key in handle.keys():
-            try:
-                parts.setdefault(key, []).append(handle.get_tensor(key))
-            except Exception as e:
-                raise MoEConvertError(f"cannot read tensor {key} from {path / name}: {e} (truncated?)") from None
+        for key, tensor in read_safetensors(path / name).items():
+            parts.setdefault(key, []).append(tensor)
     tensors = {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in parts.items()}  # [E, in, out] from rank slices
     for entry in manifest["layers"]:
         w = tensors.get(f"{entry['prefix']}.router.weight")
@@ -111,16 +107,21 @@ class Runtime:
         self.act = ACTIVATIONS[manifest["activation"]]
         self.moe = {e["layer"]: e for e in manifest["layers"]}
         self.num_layers = self.cfg["num_hidden_layers"] if "num_hidden_layers" in self.cfg else self.cfg["n_layer"]
-        self.ffns = [self._ffn_weights(i) for i in range(self.num_layers)]
+        self.ffns = []
+        for i in range(self.num_layers):
+            self.ffns.append(self._ffn_weights(i))
+            return_freed_memory()  # the exported copies just packed: peak stays near one model, not two
         self.proj: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # attention projections (subclasses)
 
-    def _add_projection(self, name: str, in_out: bool = False) -> None:
-        """Take `name.weight` (and bias) out of `self.t` into `self.proj` as `kernels.linear` reads it:
+    def _add_projections(self, names: list[str], in_out: bool = False) -> None:
+        """Take each `name.weight` (and bias) out of `self.t` into `self.proj` as `kernels.linear` reads it:
         [out, in], packed for oneDNN when large. `in_out`: stored [in, out] (GPT-2's Conv1D)."""
-        w = self.t.pop(name + ".weight")
-        w_in_out = w if in_out else w.t()
-        packed = pack_matrix(w_in_out)
-        self.proj[name] = (w_in_out.t() if packed is None else packed), self.t.pop(name + ".bias", None)
+        for name in names:
+            w = self.t.pop(name + ".weight")
+            w_in_out = w if in_out else w.t()
+            packed = pack_matrix(w_in_out)
+            self.proj[name] = (w_in_out.t() if packed is None else packed), self.t.pop(name + ".bias", None)
+            return_freed_memory()
 
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Projection `name` on x (..., in) -> (..., out)."""
@@ -268,9 +269,8 @@ class GPT2Runtime(Runtime):
         c = self.cfg
         self.heads = c["n_head"]
         self.num_kv_heads, self.head_dim, self.eps = self.heads, c["n_embd"] // c["n_head"], c["layer_norm_epsilon"]
-        for i in range(self.num_layers):
-            for name in ("c_attn", "c_proj"):
-                self._add_projection(f"transformer.h.{i}.attn.{name}", in_out=True)
+        self._add_projections([f"transformer.h.{i}.attn.{name}" for i in range(self.num_layers)
+                               for name in ("c_attn", "c_proj")], in_out=True)
 
     def _ln(self, name: str, x):
         return F.layer_norm(x, x.shape[-1:], self.t[name + ".weight"], self.t[name + ".bias"], self.eps)
@@ -321,9 +321,8 @@ class LlamaRuntime(Runtime):
         self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
         self.eps = c["rms_norm_eps"]
         self.inv_freq, self.rope_scale = self._rope(c)
-        for i in range(self.num_layers):
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                self._add_projection(f"model.layers.{i}.self_attn.{name}")
+        self._add_projections([f"model.layers.{i}.self_attn.{name}" for i in range(self.num_layers)
+                               for name in ("q_proj", "k_proj", "v_proj", "o_proj")])
         window, types = c.get("sliding_window"), c.get("layer_types")
         self.windows = [window if window and (types is None or types[i] == "sliding_attention") else None
                         for i in range(self.num_layers)]

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from moe_convert.errors import MoEConvertError
 from moe_convert.io import (SAFE_INDEX, CheckpointReader, ShardWriter, atomic_output_dir, copy_tokenizer_files,
+                            read_safetensors,
                             parse_size)
 
 
@@ -158,3 +159,30 @@ def test_copy_tokenizer_files(tmp_path):
         (src / n).write_text(n)
     assert copy_tokenizer_files(src, dst) == wanted
     assert sorted(p.name for p in dst.iterdir()) == wanted and (dst / "vocab.json").read_text() == "vocab.json"
+
+
+def test_read_safetensors_owns_what_safe_open_reads(tmp_path):
+    """Plain-read tensors (every dtype we write, empty ones too) equal safetensors' own, and own their memory."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {"w": torch.randn(7, 5, generator=g), "h": torch.randn(4, generator=g).bfloat16(),
+               "f": torch.randn(3, 3, generator=g).half(), "i": torch.randint(-9, 9, (6,), generator=g),
+               "b": torch.rand(5, generator=g) > 0.5, "empty": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "x.safetensors", metadata={"k": "v"})
+    got = read_safetensors(tmp_path / "x.safetensors")
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert set(got) == set(f.keys())
+        for k in f.keys():
+            assert got[k].dtype == f.get_tensor(k).dtype and torch.equal(got[k], f.get_tensor(k))
+    got["w"].add_(1)  # writable, private memory
+
+
+def test_read_safetensors_truncated_or_corrupt_is_one_line(tmp_path):
+    save_file({"w": torch.randn(64, 64)}, tmp_path / "x.safetensors")
+    data = (tmp_path / "x.safetensors").read_bytes()
+    for name, cut in [("short.safetensors", data[: len(data) - 100]), ("header.safetensors", data[:20]),
+                      ("empty.safetensors", b"")]:
+        (tmp_path / name).write_bytes(cut)
+        with pytest.raises(MoEConvertError, match=f"cannot read .*{name}.*truncated or corrupt"):
+            read_safetensors(tmp_path / name)
+    with pytest.raises(MoEConvertError, match="missing"):
+        read_safetensors(tmp_path / "nope.safetensors")
