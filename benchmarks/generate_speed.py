@@ -4,13 +4,19 @@
 
 Builds the model (every other layer a PR-MoE layer with the residual FFN), saves it, exports it with
 `moe-convert export --format safetensors`, loads it with the runtime and runs greedy generation
-three times; prints the median prefill time and decode tokens/s. Run it from two checkouts (with
-PYTHONPATH pointing at each) to compare versions back to back.
+three times; prints the load time, the median prefill time and decode tokens/s, the peak RSS of the
+process after the model was built and saved (built in a child process, so it does not count), and
+what is resident at the end. Run it from two checkouts (with PYTHONPATH pointing at each) to compare
+versions back to back.
 """
 
 import argparse
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -29,25 +35,38 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # the child process that builds the export
     args = ap.parse_args()
-    from transformers import GPT2Config
-
-    host = GPT2Config(n_layer=args.layers, n_embd=args.hidden, n_head=args.hidden // 64, n_positions=1024)
-    moe_layers = list(range(1, args.layers, 2))
-    torch.manual_seed(0)
-    model = PRMoEForCausalLM(PRMoEConfig(text_config=host.to_dict(), moe_layers=moe_layers,
-                                         num_experts=[args.experts] * len(moe_layers)))
+    if args.build:
+        return build(args.build, args.layers, args.hidden, args.experts)
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(Path(tmp) / "src")
-        del model
-        export(Path(tmp) / "src", Path(tmp) / "out")
+        # build + export in a child process: this one's peak RSS then measures only loading and generating
+        subprocess.run([sys.executable, __file__, "--build", tmp, "--layers", str(args.layers), "--hidden",
+                        str(args.hidden), "--experts", str(args.experts)], check=True)
+        start = time.perf_counter()
         rt = load_runtime(Path(tmp) / "out")
-    prompt = torch.randint(0, host.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+        load_s = time.perf_counter() - start
+    prompt = torch.randint(0, 50257, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
     runs = [rt.generate(prompt, args.new) for _ in range(args.repeats + 1)][1:]  # the first warms up
     prefill = statistics.median(r.prefill_s for r in runs) * 1e3
     decode = statistics.median((r.new_tokens - 1) / r.decode_s for r in runs)
-    print(f"{args.layers} layers, d={args.hidden}, {args.experts} experts in layers {moe_layers}: "
-          f"prefill {args.prompt} tokens {prefill:.0f} ms, decode {decode:.1f} tokens/s (median of {args.repeats})")
+    mib = {k: int(re.search(k + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) // 1024
+           for k in ("VmHWM", "RssAnon", "RssFile")}
+    print(f"{args.layers} layers, d={args.hidden}, {args.experts} experts in every other layer: load {load_s:.1f} s, "
+          f"prefill {args.prompt} tokens {prefill:.0f} ms, decode {decode:.1f} tokens/s (median of {args.repeats}); "
+          f"peak RSS {mib['VmHWM']} MiB, resident at the end {mib['RssAnon']} MiB anonymous + {mib['RssFile']} MiB file")
+
+
+def build(out: Path, layers: int, hidden: int, experts: int) -> None:
+    from transformers import GPT2Config
+
+    host = GPT2Config(n_layer=layers, n_embd=hidden, n_head=hidden // 64, n_positions=1024)
+    moe_layers = list(range(1, layers, 2))
+    torch.manual_seed(0)
+    model = PRMoEForCausalLM(PRMoEConfig(text_config=host.to_dict(), moe_layers=moe_layers,
+                                         num_experts=[experts] * len(moe_layers)))
+    model.save_pretrained(out / "src")
+    export(out / "src", out / "out")
 
 
 if __name__ == "__main__":
