@@ -1,6 +1,7 @@
 """Lazy checkpoint reader, streaming shard writer, atomic output dirs: checked against safetensors itself."""
 
 import json
+import platform
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from safetensors.torch import save_file
 
 from moe_convert.errors import MoEConvertError
 from moe_convert.io import (SAFE_INDEX, CheckpointReader, ShardWriter, atomic_output_dir, copy_tokenizer_files,
-                            read_safetensors,
+                            keep_freed_memory_for_reuse, read_safetensors, return_freed_memory,
                             parse_size)
 
 
@@ -186,3 +187,9 @@ def test_read_safetensors_truncated_or_corrupt_is_one_line(tmp_path):
             read_safetensors(tmp_path / name)
     with pytest.raises(MoEConvertError, match="missing"):
         read_safetensors(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_glibc_takes_the_inference_heap_settings():
+    assert keep_freed_memory_for_reuse() is True
+    return_freed_memory()  # malloc_trim: callable, returns nothing

@@ -194,8 +194,8 @@ THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
                     reason="needs transparent huge pages in madvise mode")
 @pytest.mark.parametrize("user_value,huge", [(None, True), ("0", False)])
 def test_generate_and_bench_ask_for_huge_pages_unless_the_user_says_no(user_value, huge):
-    """`generate` / `bench layer` call `huge_pages_for_weights` before torch loads: large tensors get 2 MiB pages."""
-    code = ("from moe_convert.cli import huge_pages_for_weights; huge_pages_for_weights(); import torch, re; "
+    """`generate` / `bench layer` call `tune_memory_for_inference` before torch loads: large tensors get 2 MiB pages."""
+    code = ("from moe_convert.cli import tune_memory_for_inference; tune_memory_for_inference(); import torch, re; "
             "t = torch.ones(16 * 2**20); print(re.search(r'AnonHugePages:\\s+(\\d+)', "
             "open('/proc/self/smaps_rollup').read()).group(1))")
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
