@@ -60,7 +60,9 @@ def test_fp32_logits_equal_the_source_model(exported, host, ep, packed, monkeypa
     torch.testing.assert_close(rt.logits(ids), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_logits_within_bf16_tolerance(exported, host):
+@pytest.mark.parametrize("packed", [True, False])
+def test_bf16_logits_within_bf16_tolerance(exported, host, packed, monkeypatch):
+    monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0 if packed else kernels.PACK_MIN_BYTES)
     model, path = exported[host, "bf16", 1]
     rt = load_runtime(path)
     ids = torch.randint(0, VOCAB, (2, 11))
