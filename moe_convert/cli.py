@@ -398,7 +398,10 @@ def generate(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads. Default: torch's choice."),
     json_out: bool = typer.Option(False, "--json", help="Print text, tokens and speed as JSON. Default: off."),
 ):
-    """Text from an export through our inference kernels (KV-cache decoding)."""
+    """Text from an export through our inference kernels (KV-cache decoding).
+
+    Weights are packed for oneDNN at load. The process asks for transparent huge pages (THP_MEM_ALLOC_ENABLE=1 unless you set it) and keeps freed heap memory for reuse.
+    """
     tune_memory_for_inference()
     with reporting_errors():
         import torch
@@ -440,7 +443,10 @@ def bench_layer(
     seed: int = typer.Option(0, help="Seed of the weights and inputs. Default: 0."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON list of rows (impl, tokens, hidden, experts, dtype, ms, ...). Default: off."),
 ):
-    """One MoE layer: ours vs DeepSpeed vs transformers vs the hardware floor."""
+    """One MoE layer: ours vs DeepSpeed vs transformers vs the hardware floor.
+
+    Same weights and inputs for every implementation, interleaved rounds, medians. The process asks for transparent huge pages (THP_MEM_ALLOC_ENABLE=1 unless you set it) and keeps freed heap memory for reuse, for every implementation alike. Run it on an otherwise idle machine.
+    """
     tune_memory_for_inference()
     with reporting_errors():
         from dataclasses import asdict
@@ -452,14 +458,17 @@ def bench_layer(
 
         counts = parse_int_list(experts, "experts")
         names = [s.strip() for s in impls.split(",")] if impls else None
+        load = os.getloadavg()[0]
+        if load > 1.0:
+            err_console.print(f"warning: 1-minute load average {load:.1f} — other work is running, timings will be noisy")
         with Progress(SpinnerColumn(), "[progress.description]{task.description}", console=err_console,
                       transient=True, disable=json_out) as bar:
             task = bar.add_task("measuring the machine", total=None)
             machine, rows = run_bench(tokens, hidden, counts, dtype, names, repeats, seed, threads,
                                       on_step=lambda s: bar.update(task, description=s))
         if json_out:
-            print_json([asdict(r) | {"gemm_gflops": machine.gemm_gflops, "bandwidth_gbs": machine.bandwidth_gbs}
-                        for r in rows])
+            print_json([asdict(r) | {"gemm_gflops": machine.gemm_gflops, "bandwidth_gbs": machine.bandwidth_gbs,
+                                     "load_avg_at_start": load} for r in rows])
             return
         from rich.markup import escape
         from rich.table import Table

@@ -27,7 +27,7 @@ def test_bench_layer_json_runs_every_implementation():
             assert {"impl", "tokens", "hidden", "experts", "dtype", "ms"} <= set(r)
             assert r["tokens"] == 24 and r["hidden"] == 32 and r["dtype"] == "fp32"
             assert r["ms"] is not None and 0 < r["ms"] < 60_000, r
-            assert r["gemm_gflops"] > 0 and r["bandwidth_gbs"] > 0
+            assert r["gemm_gflops"] > 0 and r["bandwidth_gbs"] > 0 and r["load_avg_at_start"] >= 0
             if r["impl"] not in ("floor", "dense_ffn"):
                 assert r["max_err"] < 1e-4, r  # every implementation computes the same layer
         assert got["floor"]["ms"] <= min(r["ms"] for r in got.values()) * 1.0001 or got["floor"]["vs_floor"] == 1.0
