@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `generate` / `bench layer` run in-process here: keep their huge-page default out of the environment
+# that later subprocesses (torchrun, peak-RSS measurements) inherit; its own test clears this.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
