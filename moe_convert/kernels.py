@@ -89,10 +89,15 @@ def is_packed(w: dict[str, torch.Tensor]) -> bool:
     return w["w_out"].is_mkldnn
 
 
+def _large(w: torch.Tensor) -> bool:
+    """At least `PACK_MIN_BYTES`: big enough that oneDNN's faster kernel pays for its per-call cost."""
+    return w.numel() * w.element_size() >= PACK_MIN_BYTES
+
+
 def pack_matrix(w: torch.Tensor) -> torch.Tensor | None:
     """An [in, out] matrix reordered once into oneDNN's blocked layout (opaque `[out, in]`, read only by
     `linear` / `ffn`); None where that does not pay: no oneDNN for it, or under `PACK_MIN_BYTES`."""
-    if _REORDER_WEIGHT is None or not onednn_ok(w) or w.numel() * w.element_size() < PACK_MIN_BYTES:
+    if _REORDER_WEIGHT is None or not onednn_ok(w) or not _large(w):
         return None
     return _REORDER_WEIGHT(w.t().contiguous(), PACK_BATCH_HINT)
 
@@ -127,7 +132,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     [out, in] matrix of `PACK_MIN_BYTES` or more (an LM head of 50257 x 1024, one row: 3.8 ms against
     MKL's 10.0 ms).
     """
-    rows_ok = x.shape[0] >= ONEDNN_MIN_ROWS or (w.is_contiguous() and w.numel() * w.element_size() >= PACK_MIN_BYTES)
+    rows_ok = x.shape[0] >= ONEDNN_MIN_ROWS or (w.is_contiguous() and _large(w))
     if w.is_mkldnn or (rows_ok and onednn_ok(x, w, b)):
         return _LINEAR_POINTWISE(x, w, b, "none", [], "")
     return F.linear(x, w, b)
@@ -303,6 +308,12 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
     return out
 
 
+def _slices(counts: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(expert, start, stop) of each expert's rows in the expert-sorted order, experts without rows left out."""
+    ends = counts.cumsum(0).tolist()
+    return [(e, t - n, t) for e, (n, t) in enumerate(zip(counts.tolist(), ends)) if n]
+
+
 def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, stacked: dict[str, torch.Tensor] | PackedExperts,
                act, backend: str | None = None) -> torch.Tensor:
     """Run each expert on its contiguous slice of the expert-sorted tokens.
@@ -314,15 +325,14 @@ def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, stacked: dict[str, 
     whole (N, f) intermediate, then all second matmuls.
     """
     act = fused_activation(act)
-    ends = counts.cumsum(0).tolist()
-    slices = [(e, t - n, t) for e, (n, t) in enumerate(zip(counts.tolist(), ends)) if n]
     if isinstance(stacked, PackedExperts):
-        return _expert_loop_nograd(x_sorted, slices, stacked.weights.__getitem__, act)
+        return _expert_loop_nograd(x_sorted, _slices(counts), stacked.weights.__getitem__, act)
     backend = backend or pick_backend(x_sorted, counts, stacked)
-    if backend == "grouped_mm":
+    if backend == "grouped_mm":  # no per-expert slices: `counts.tolist()` would sync a GPU
         def linear(h, name, bias=None):
             return _grouped_linear(h, counts, stacked[name], stacked.get(bias) if bias else None)
     else:
+        slices = _slices(counts)
         if not (torch.is_grad_enabled() and (x_sorted.requires_grad or any(w.requires_grad for w in stacked.values()))):
             return _expert_loop_nograd(x_sorted, slices, lambda e: {k: v[e] for k, v in stacked.items()}, act)
 

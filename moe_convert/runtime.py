@@ -42,10 +42,10 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def load_export(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(manifest, tensors by host-native name) with each layer's experts re-joined across EP rank files."""
+def load_export(path: str | Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """An export's tensors by host-native name (`manifest` from `read_manifest`), each layer's experts
+    re-joined across EP rank files."""
     path = Path(path)
-    manifest = read_manifest(path)
     ep = manifest["ep_size"]
     files = [SINGLE_FILE] if ep == 1 else [SHARED_FILE] + [experts_file(r, ep) for r in range(ep)]
     parts: dict[str, list[torch.Tensor]] = {}
@@ -58,7 +58,7 @@ def load_export(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         if w is None or w.shape[0] != entry["experts"]:
             raise MoEConvertError(f"{path}: MoE layer {entry['layer']} is incomplete (router for "
                                   f"{entry['experts']} experts missing)")
-    return manifest, tensors
+    return tensors
 
 
 @dataclass
@@ -92,36 +92,49 @@ class Generation:
 
 
 class Runtime:
-    """A decoder-only LM over exported tensors; subclasses give the host's embedding, norms and attention."""
+    """A decoder-only LM over exported tensors; subclasses give the host's embedding, norms and attention.
 
-    def __init__(self, manifest: dict, tensors: dict[str, torch.Tensor]):
+    Loading checks the host config first (`configure`), then reads the export and packs it layer by
+    layer: each FFN and attention projection is taken out of the exported tensors, packed for our
+    kernels, and the freed memory handed back before the next layer.
+    """
+
+    ATTENTION: str  # a decoder layer's attention attribute in the host's weight names
+    PROJECTIONS: tuple[str, ...]  # its projections, run through `kernels.linear`
+    PROJECTIONS_IN_OUT = False  # stored [in, out] (GPT-2's Conv1D) rather than nn.Linear's [out, in]
+
+    def __init__(self, path: Path, manifest: dict):
         from .modeling import host_spec  # the host adapter (weight names), not a model class
 
-        self.manifest, self.t = manifest, tensors
-        self.cfg = manifest["host_config"]
+        self.manifest, self.cfg = manifest, manifest["host_config"]
         self.spec = host_spec(manifest["host"])
-        self.dtype = next(v.dtype for v in tensors.values() if v.is_floating_point())
         if manifest["activation"] not in ACTIVATIONS:
             raise MoEConvertError(f"activation {manifest['activation']!r} is not supported by the runtime "
                                   f"(supported: {', '.join(ACTIVATIONS)})")
         self.act = ACTIVATIONS[manifest["activation"]]
         self.moe = {e["layer"]: e for e in manifest["layers"]}
         self.num_layers = self.cfg["num_hidden_layers"] if "num_hidden_layers" in self.cfg else self.cfg["n_layer"]
-        self.ffns = []
+        self.configure(self.cfg)
+        self.t = load_export(path, manifest)
+        self.dtype = next(v.dtype for v in self.t.values() if v.is_floating_point())
+        self.ffns: list[dict] = []
+        self.proj: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # name -> ([out, in] or packed, bias)
         for i in range(self.num_layers):
             self.ffns.append(self._ffn_weights(i))
-            return_freed_memory()  # the exported copies just packed: peak stays near one model, not two
-        self.proj: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # attention projections (subclasses)
+            for name in self.PROJECTIONS:
+                self._add_projection(f"{self.spec.layers}.{i}.{self.ATTENTION}.{name}")
+            return_freed_memory()  # this layer's exported copies are packed: peak stays near one model, not two
 
-    def _add_projections(self, names: list[str], in_out: bool = False) -> None:
-        """Take each `name.weight` (and bias) out of `self.t` into `self.proj` as `kernels.linear` reads it:
-        [out, in], packed for oneDNN when large. `in_out`: stored [in, out] (GPT-2's Conv1D)."""
-        for name in names:
-            w = self.t.pop(name + ".weight")
-            w_in_out = w if in_out else w.t()
-            packed = pack_matrix(w_in_out)
-            self.proj[name] = (w_in_out.t() if packed is None else packed), self.t.pop(name + ".bias", None)
-            return_freed_memory()
+    def configure(self, c: dict) -> None:
+        """Read the host config (heads, norms, positions); raises before any tensor is read."""
+
+    def _add_projection(self, name: str) -> None:
+        """Take `name.weight` (and bias) out of `self.t` into `self.proj` as `kernels.linear` reads it:
+        [out, in], packed for oneDNN when large."""
+        w = self.t.pop(name + ".weight")
+        w_in_out = w if self.PROJECTIONS_IN_OUT else w.t()
+        packed = pack_matrix(w_in_out)
+        self.proj[name] = (w_in_out.t() if packed is None else packed), self.t.pop(name + ".bias", None)
 
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Projection `name` on x (..., in) -> (..., out)."""
@@ -264,13 +277,11 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
 class GPT2Runtime(Runtime):
     """GPT-2: learned positions, LayerNorm, fused `c_attn` Conv1D ([in, out]), tied LM head."""
 
-    def __init__(self, manifest, tensors):
-        super().__init__(manifest, tensors)
-        c = self.cfg
+    ATTENTION, PROJECTIONS, PROJECTIONS_IN_OUT = "attn", ("c_attn", "c_proj"), True
+
+    def configure(self, c):
         self.heads = c["n_head"]
         self.num_kv_heads, self.head_dim, self.eps = self.heads, c["n_embd"] // c["n_head"], c["layer_norm_epsilon"]
-        self._add_projections([f"transformer.h.{i}.attn.{name}" for i in range(self.num_layers)
-                               for name in ("c_attn", "c_proj")], in_out=True)
 
     def _ln(self, name: str, x):
         return F.layer_norm(x, x.shape[-1:], self.t[name + ".weight"], self.t[name + ".bias"], self.eps)
@@ -313,16 +324,13 @@ class LlamaRuntime(Runtime):
     """
 
     STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+    ATTENTION, PROJECTIONS = "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")
 
-    def __init__(self, manifest, tensors):
-        super().__init__(manifest, tensors)
-        c = self.cfg
+    def configure(self, c):
         self.heads, self.num_kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
         self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
         self.eps = c["rms_norm_eps"]
         self.inv_freq, self.rope_scale = self._rope(c)
-        self._add_projections([f"model.layers.{i}.self_attn.{name}" for i in range(self.num_layers)
-                               for name in ("q_proj", "k_proj", "v_proj", "o_proj")])
         window, types = c.get("sliding_window"), c.get("layer_types")
         self.windows = [window if window and (types is None or types[i] == "sliding_attention") else None
                         for i in range(self.num_layers)]
@@ -393,11 +401,11 @@ RUNTIMES: dict[str, type[Runtime]] = {"gpt2": GPT2Runtime, "llama": LlamaRuntime
 
 def load_runtime(path: str | Path) -> Runtime:
     """Load and verify an export, ready to run."""
-    manifest, tensors = load_export(path)
+    manifest = read_manifest(path)
     if manifest["host"] not in RUNTIMES:
         raise MoEConvertError(f"the runtime has no forward for host {manifest['host']!r} "
                               f"(supported: {', '.join(RUNTIMES)})")
-    return RUNTIMES[manifest["host"]](manifest, tensors)
+    return RUNTIMES[manifest["host"]](Path(path), manifest)
 
 
 def load_tokenizer(path: str | Path):
