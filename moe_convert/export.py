@@ -48,7 +48,6 @@ class Source:
     reader: CheckpointReader
     config: object  # PRMoEConfig
     spec: object  # modeling.HostSpec
-    _last: tuple = (None, None)  # (name, tensor) of the last tensor read
 
     def ffn_prefix(self, layer: int) -> str:
         """Host-native name prefix of decoder layer `layer`'s FFN (a PR-MoE layer when it is MoE)."""
@@ -58,11 +57,9 @@ class Source:
         """Host-native tensor names (checkpoint names without `host.`), in checkpoint order."""
         return [k.removeprefix("host.") for k in self.reader.keys()]
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor; the last one read is kept, so slicing a stacked tensor expert by expert reads it once."""
-        if self._last[0] != name:
-            self._last = (name, self.reader.get("host." + name))
-        return self._last[1]
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """One tensor, or only its rows `rows` along dim 0 (one expert / one EP rank of a stacked tensor)."""
+        return self.reader.get("host." + name, rows)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.reader.shape("host." + name))
@@ -138,8 +135,7 @@ def _entry(src: Source, name: str, dtype: torch.dtype, rows: tuple[int, int] | N
     out_dtype = dtype if src_dtype.is_floating_point else src_dtype
 
     def produce():
-        t = src.get(name)
-        t = t[rows[0]:rows[1]] if rows is not None else t
+        t = src.get(name, rows)
         t = transform(t) if transform is not None else t
         return cast_float(t, dtype).contiguous()
 

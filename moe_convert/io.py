@@ -39,6 +39,7 @@ SAFETENSORS_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
+TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}  # and back
 
 # Files a tokenizer (and generation) needs beside the weights; copied verbatim to an output dir.
 TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
@@ -87,8 +88,6 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     tensor from it lives, on top of any repacked copy (the runtime packs its weights at load).
     A missing, truncated or corrupt file is a one-line error naming it.
     """
-    by_name = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
     def corrupt(why: str) -> MoEConvertError:
         return MoEConvertError(f"cannot read {file}: {why} (truncated or corrupt?)")
 
@@ -107,13 +106,13 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         tensors = {}
         for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             begin, end = entry["data_offsets"]
-            if entry["dtype"] not in by_name or 8 + n + end > size:
+            if entry["dtype"] not in TORCH_DTYPES or 8 + n + end > size:
                 raise corrupt(f"tensor {name} is {entry['dtype']} at bytes {begin}..{end} of the data")
             raw = torch.empty(end - begin, dtype=torch.uint8)
             f.seek(8 + n + begin)
             if f.readinto(raw.numpy()) != end - begin:
                 raise corrupt(f"tensor {name} is cut short")
-            tensors[name] = raw.view(by_name[entry["dtype"]]).reshape(entry["shape"])
+            tensors[name] = raw.view(TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
     return tensors
 
 
@@ -187,14 +186,14 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self._file_of)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._file_of
-
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor `name`, or only its rows `rows[0]:rows[1]` along dim 0 (one expert of a stacked tensor)."""
         file = self._file_of[name]
         handle = self._open(file)
         try:
-            return handle.get_tensor(name) if file.suffix == ".safetensors" else handle[name]
+            if file.suffix != ".safetensors":  # memory-mapped: slicing reads only those rows
+                return handle[name] if rows is None else handle[name][rows[0]:rows[1]]
+            return handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows[0]:rows[1]]
         except Exception as e:
             raise MoEConvertError(f"cannot read tensor {name!r} from {file}: {e}") from None
 
@@ -205,8 +204,7 @@ class CheckpointReader:
             t = handle[name]
             return t.shape, t.dtype
         s = handle.get_slice(name)
-        by_name = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-        return torch.Size(s.get_shape()), by_name[s.get_dtype()]
+        return torch.Size(s.get_shape()), TORCH_DTYPES[s.get_dtype()]
 
     def shape(self, name: str) -> torch.Size:
         return self._meta(name)[0]
