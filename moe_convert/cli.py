@@ -95,13 +95,9 @@ def upcycle(
     """Dense HF checkpoint (hub id or local dir) -> PR-MoE checkpoint dir, streaming."""
     with reporting_errors():
         from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-        from transformers.utils import logging as hf_logging
 
         from .upcycle import upcycle as run_upcycle
 
-        hf_logging.disable_progress_bar()
-        if pyramid is None and experts is None:
-            pyramid = "8"
         bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                        TimeRemainingColumn(), console=err_console, transient=True, disable=json_out)
         task = bar.add_task("writing shards", total=None)
@@ -126,9 +122,6 @@ def upcycle(
             return
         from rich.table import Table
 
-        def fmt(x):
-            return "-" if x is None else f"{x:.3g}"
-
         table = Table(title=f"upcycled {summary.source} -> {summary.output}", show_header=False)
         counts = summary.experts_per_layer
         shares = summary.max_expert_share or [None] * len(counts)
@@ -142,8 +135,8 @@ def upcycle(
             ("active params / token", f"{summary.active_params:,}"),
             ("size on disk", f"{summary.size_on_disk / 1e6:,.1f} MB in {summary.shards} shard(s), {summary.dtype}"),
             ("fidelity", summary.fidelity),
-            ("max |dlogits|", fmt(summary.max_abs_logit_diff)),
-            ("mean KL(dense||upcycled)", fmt(summary.kl)),
+            ("max |dlogits|", _fmt(summary.max_abs_logit_diff, ".3g")),
+            ("mean KL(dense||upcycled)", _fmt(summary.kl, ".3g")),
             ("largest expert share (x fair)",
              ", ".join("-" if s is None else f"{s:.2f} ({s * e:.1f}x)" for s, e in zip(shares, counts))),
             ("time", f"{summary.seconds:.1f} s"),
@@ -381,9 +374,8 @@ def inspect(
             table.add_row(str(r.index), r.ffn, str(r.experts or "-"), f"{r.params:,}", f"{r.active_params:,}")
         console.print(table)
         size = "-" if s.size_on_disk is None else f"{s.size_on_disk / 2**20:,.1f} MiB"
-        short = lambda n: f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"  # noqa: E731
-        console.print(f"total params {s.total_params:,} ({short(s.total_params)})   active per token "
-                      f"{s.active_params:,} ({short(s.active_params)})   dtype {s.dtype}   size on disk {size}")
+        console.print(f"total params {s.total_params:,} ({_params(s.total_params)})   active per token "
+                      f"{s.active_params:,} ({_params(s.active_params)})   dtype {s.dtype}   size on disk {size}")
 
 
 @app.command()
@@ -473,16 +465,13 @@ def bench_layer(
         from rich.markup import escape
         from rich.table import Table
 
-        def fmt(x, spec=".2f"):
-            return "-" if x is None else format(x, spec)
-
         table = Table(title=f"bench layer: T={tokens} d={hidden} top-1+residual {dtype}; "
                             f"GEMM {machine.gemm_gflops:.0f} GFLOP/s, bandwidth {machine.bandwidth_gbs:.1f} GB/s")
         for col in ("E", "impl", "ms", "x floor", "vs DS", "max rel err", "note"):
             table.add_column(col, justify="left" if col in ("impl", "note") else "right", no_wrap=col != "note")
         for r in rows:
-            table.add_row(str(r.experts), escape(r.impl), fmt(r.ms), fmt(r.vs_floor), fmt(r.speedup_vs_deepspeed),
-                          fmt(r.max_err, ".1e"), r.note)
+            table.add_row(str(r.experts), escape(r.impl), _fmt(r.ms, ".2f"), _fmt(r.vs_floor, ".2f"),
+                          _fmt(r.speedup_vs_deepspeed, ".2f"), _fmt(r.max_err, ".1e"), r.note)
         Console(width=max(console.width, 130)).print(table)  # wide enough for the impl names, even in a pipe
         console.print("x floor = ms / floor (>= 1); vs DS = DeepSpeed ms / ms (> 1: faster than DeepSpeed)")
 

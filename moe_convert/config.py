@@ -121,6 +121,9 @@ def pyramid_counts(n_moe: int, stages: list[int], split: list[int] | None = None
     return [count for count, n in zip(stages, split) for _ in range(n)]
 
 
+DEFAULT_PYRAMID = [8]  # experts in every MoE layer when neither --pyramid nor --experts is given
+
+
 def build_layout(
     num_layers: int,
     *,
@@ -134,10 +137,12 @@ def build_layout(
     min_capacity: int = 4,
     aux_loss_coef: float = 0.01,
 ) -> MoELayout:
-    """The layout the `--pyramid` / `--experts` / `--moe-every` options describe."""
+    """The layout the `--pyramid` / `--experts` / `--moe-every` options describe (neither: 8 experts per MoE layer)."""
     moe_layers = moe_layer_indices(num_layers, moe_every)
-    if (pyramid is None) == (experts is None):
-        raise MoEConvertError("layout: give exactly one of --pyramid or --experts")
+    if pyramid is not None and experts is not None:
+        raise MoEConvertError("layout: give --pyramid or --experts, not both")
+    if pyramid is None and experts is None:
+        pyramid = DEFAULT_PYRAMID
     if experts is not None:
         counts = parse_int_list(experts, "experts")
         if len(counts) != len(moe_layers):

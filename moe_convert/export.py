@@ -233,10 +233,8 @@ def count_tensors(src: Source, fmt: str, ep_size: int = 1) -> int:
     return len(src.names()) + (n_experts * (ep_size - 1) if ep_size > 1 else 0)
 
 
-def export(model: str | Path, out: str | Path, fmt: str = "safetensors", dtype: str = "fp32", ep_size: int = 1,
-           overwrite: bool = False, max_shard_size: str = "5GB", src: Source | None = None,
-           on_tensor: Callable[[str], None] = lambda name: None) -> ExportResult:
-    """Write `model` (our PR-MoE directory) to `out` in format `fmt`; the output appears only when complete."""
+def check_export_args(fmt: str, dtype: str, ep_size: int) -> None:
+    """`export`'s format options, checked before any work (also by a recipe's export step)."""
     if fmt not in FORMATS:
         raise MoEConvertError(f"--format {fmt!r} is not known; choose one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
@@ -245,6 +243,13 @@ def export(model: str | Path, out: str | Path, fmt: str = "safetensors", dtype: 
         raise MoEConvertError(f"--ep-size must be >= 1, got {ep_size}")
     if ep_size > 1 and fmt != "safetensors":
         raise MoEConvertError(f"--ep-size applies to --format safetensors only, not {fmt}")
+
+
+def export(model: str | Path, out: str | Path, fmt: str = "safetensors", dtype: str = "fp32", ep_size: int = 1,
+           overwrite: bool = False, max_shard_size: str = "5GB", src: Source | None = None,
+           on_tensor: Callable[[str], None] = lambda name: None) -> ExportResult:
+    """Write `model` (our PR-MoE directory) to `out` in format `fmt`; the output appears only when complete."""
+    check_export_args(fmt, dtype, ep_size)
     src = src or open_source(model)
     with atomic_output_dir(out, overwrite) as tmp:
         files = FORMATS[fmt](src, tmp, dtype=dtype, ep_size=ep_size, max_shard_size=max_shard_size,

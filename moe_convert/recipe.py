@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .config import check_types, parse_int_list
+from .config import TrainJob, check_types, parse_int_list
 from .errors import MoEConvertError
 
 # kind -> name of the field that takes the previous model (None: the kind takes no model)
@@ -64,8 +64,8 @@ class UpcycleStep:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, ",".join(map(str, parse_int_list(value, name))))
-        if (self.pyramid is None) == (self.experts is None):
-            raise MoEConvertError("pyramid/experts: give exactly one of them")
+        if self.pyramid is not None and self.experts is not None:
+            raise MoEConvertError("pyramid/experts: give one of them, not both (neither: 8 experts per MoE layer)")
 
     def upcycle_kwargs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("source", "output", "source_config")}
@@ -82,15 +82,9 @@ class ExportStep:
 
     def __post_init__(self):
         check_types(self)
-        from .export import FORMATS
-        from .io import DTYPES
+        from .export import check_export_args
 
-        if self.format not in FORMATS:
-            raise MoEConvertError(f"format: {self.format!r} is not known; choose one of {', '.join(FORMATS)}")
-        if self.dtype not in DTYPES:
-            raise MoEConvertError(f"dtype: {self.dtype!r} is not known; choose one of {', '.join(DTYPES)}")
-        if self.ep_size < 1:
-            raise MoEConvertError(f"ep_size: must be >= 1, got {self.ep_size}")
+        check_export_args(self.format, self.dtype, self.ep_size)
 
 
 @dataclass
@@ -121,7 +115,11 @@ class BenchStep:
 
     def __post_init__(self):
         check_types(self)
-        self.experts = ",".join(map(str, parse_int_list(self.experts, "experts")))
+        from .bench import check_bench_args
+
+        counts = parse_int_list(self.experts, "experts")
+        check_bench_args(self.tokens, self.hidden, counts, self.dtype, None, self.repeats)
+        self.experts = ",".join(map(str, counts))
 
 
 def _dataclass_step(cls):
@@ -135,12 +133,6 @@ def _dataclass_step(cls):
     return build
 
 
-def _train_step(d: dict):
-    from .train import TrainJob
-
-    return TrainJob.from_dict(d)
-
-
 def _distill_step(d: dict):
     from .distill import DistillJob
 
@@ -149,7 +141,7 @@ def _distill_step(d: dict):
 
 STEP_KINDS = {
     "upcycle": _dataclass_step(UpcycleStep),
-    "train": _train_step,
+    "train": TrainJob.from_dict,
     "distill": _distill_step,
     "export": _dataclass_step(ExportStep),
     "eval": _dataclass_step(EvalStep),

@@ -19,8 +19,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .config import parse_int_list
 from .errors import MoEConvertError
-from .recipe import Recipe, Step
+from .recipe import MAKES_MODEL, Recipe, Step
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 STATE_FILE = "run_state.json"
@@ -118,7 +119,7 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
                 peak = max((configs[m][1]["total_params"] * 4 for m in spec.models if m in configs), default=None)
         except MoEConvertError as e:
             raise MoEConvertError(f"step {step.index} ({step.kind}): {e}") from None
-        if model is not None and step.kind in ("upcycle", "train", "distill"):
+        if model is not None and step.kind in MAKES_MODEL:
             configs[step.output] = (config, model)
         plans.append(StepPlan(step.index, step.kind, step.output, is_complete(recipe, step), model, peak))
     return plans
@@ -126,7 +127,7 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
 
 def is_complete(recipe: Recipe, step: Step) -> bool:
     out = Path(step.output)
-    if step.kind in ("upcycle", "train", "distill"):
+    if step.kind in MAKES_MODEL:
         return (out / "config.json").is_file()  # written last by each of them
     if step.kind == "export":
         return out.is_dir()  # renamed into place only when complete
@@ -147,10 +148,6 @@ def _write_state(recipe: Recipe, index: int, result) -> None:
     tmp.replace(recipe.output / STATE_FILE)
 
 
-def _has_checkpoint(output: str) -> bool:
-    return any(Path(output).glob("checkpoints/step-*/trainer_state.json"))
-
-
 def run_step(step: Step):
     """Run one step; returns its result as plain data."""
     spec = step.spec
@@ -159,7 +156,9 @@ def run_step(step: Step):
 
         return upcycle(spec.source, spec.output, **spec.upcycle_kwargs(), overwrite=True).to_dict()
     if step.kind in ("train", "distill"):
-        resume = _has_checkpoint(spec.output)
+        from .train import checkpoints
+
+        resume = bool(checkpoints(Path(spec.output)))
         if step.kind == "train":
             from .train import run_training
 
@@ -180,7 +179,7 @@ def run_step(step: Step):
                            max_windows=spec.max_windows) for m in spec.models]
     from .bench import bench_layer
 
-    machine, rows = bench_layer(spec.tokens, spec.hidden, [int(e) for e in spec.experts.split(",")], spec.dtype,
+    machine, rows = bench_layer(spec.tokens, spec.hidden, parse_int_list(spec.experts, "experts"), spec.dtype,
                                 repeats=spec.repeats)
     return {"machine": asdict(machine), "rows": [asdict(r) for r in rows]}
 

@@ -161,7 +161,7 @@ def eval_model(model: str | Path, data: str, *, text_field: str = "text", seq_le
             "unigram_ppl": unigram_perplexity(packed.train, windows, len(tokenizer))}
 
 
-def _checkpoints(out_dir: Path) -> list[Path]:
+def checkpoints(out_dir: Path) -> list[Path]:
     """Complete checkpoints (trainer_state.json written last), oldest first."""
     return sorted(p.parent for p in (out_dir / CHECKPOINTS).glob("step-*/trainer_state.json"))
 
@@ -228,13 +228,13 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             (path / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(self.cfg)}, indent=1))
-            for old in _checkpoints(self.out_dir)[:-self.cfg.keep_checkpoints]:
+            for old in checkpoints(self.out_dir)[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(old)
         acc.wait_for_everyone()
         return path
 
     def _resume(self) -> int:
-        ckpts = _checkpoints(self.out_dir)
+        ckpts = checkpoints(self.out_dir)
         if not ckpts:
             raise MoEConvertError(f"resume: no complete checkpoint under {self.out_dir / CHECKPOINTS}")
         state = json.loads((ckpts[-1] / "trainer_state.json").read_text())

@@ -269,13 +269,18 @@ def calibrated_router(x: torch.Tensor, num_experts: int, generator: torch.Genera
     return w * (ROUTER_LOGIT_STD / logits_std[:, None])
 
 
+def _sample_len(host_config) -> int:
+    """Tokens per sample sequence: SAMPLE_LEN, or fewer for a model with fewer positions."""
+    return min(SAMPLE_LEN, getattr(host_config, "max_position_embeddings", SAMPLE_LEN) or SAMPLE_LEN)
+
+
 def _sample_ids(vocab: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(0, vocab, (SAMPLE_SEQS, seq_len), generator=generator)  # (B, L)
 
 
 def _fidelity_sample(src: Path, host_config) -> tuple[torch.Tensor, str]:
     """The fixed sample: the tokenizer-encoded FIDELITY_TEXT if the source has a tokenizer, else fixed ids."""
-    seq_len = min(SAMPLE_LEN, getattr(host_config, "max_position_embeddings", SAMPLE_LEN) or SAMPLE_LEN)
+    seq_len = _sample_len(host_config)
     if any(src.glob("tokenizer*")):
         from transformers import AutoTokenizer
 
@@ -297,7 +302,7 @@ def _load_dense(src: Path):
 def _calibrate(dense, spec: HostSpec, layers: dict[str, _LayerPlan], seed: int) -> None:
     """preserve: fit each MoE layer's router to the dense hidden states entering that FFN."""
     cfg = dense.config
-    seq_len = min(SAMPLE_LEN, getattr(cfg, "max_position_embeddings", SAMPLE_LEN) or SAMPLE_LEN)
+    seq_len = _sample_len(cfg)
     decoder = dense.get_submodule(spec.layers)
     seen: dict[int, torch.Tensor] = {}
     hooks = [getattr(decoder[p.index], spec.ffn_attr).register_forward_pre_hook(
@@ -377,7 +382,7 @@ def upcycle(
     expected = {name: t.shape for name, t in saved.items()}
     upcycler = _Upcycler(reader, spec, host_config, layout, init_spec, seed, out_dtype, expected)
     plan = [(name, tuple(t.shape), out_dtype if t.is_floating_point() else t.dtype) for name, t in saved.items()]
-    for name, t in saved.items():
+    for name in saved:
         if not any(name.startswith(p) for p in upcycler.layers) and name.removeprefix("host.") not in upcycler.source_name:
             upcycler.dense(name.removeprefix("host."))  # raises: the dense checkpoint lacks it
 
@@ -385,7 +390,6 @@ def upcycle(
     total_params = sum(p.numel() for p in meta.parameters())
     per_expert = sum(math.prod(p.shape[1:]) for p in meta.moe_layers()[0].experts.parameters()) if layout.moe_layers else 0
     active_params = total_params - sum(e - layout.top_k for e in layout.num_experts) * per_expert
-    sample, sample_note = _fidelity_sample(src, host_config)
     check = fidelity and _fits_in_memory(total_params * 4)
     dense_logits = None
     if init_spec.mode == "preserve" or check:
@@ -393,6 +397,7 @@ def upcycle(
         if init_spec.mode == "preserve":
             _calibrate(dense, spec, upcycler.layers, seed)
         if check:
+            sample, sample_note = _fidelity_sample(src, host_config)
             with torch.inference_mode():
                 dense_logits = dense(sample).logits.float()  # (B, L, V)
         del dense

@@ -57,6 +57,14 @@ def test_chaining_and_overrides():
     assert ev.spec.models == ["checkpoints/tiny-gpt2", up.output, train.output, distill.output]
 
 
+def test_upcycle_step_defaults_to_8_experts_like_the_cli():
+    from moe_convert.config import build_layout
+
+    (step,) = parse_recipe({"output": "/tmp/x", "steps": [{"upcycle": {"source": "s"}}]}).steps
+    assert step.spec.pyramid is None and step.spec.experts is None
+    assert build_layout(6).num_experts == [8, 8, 8]  # what upcycle then builds for those options
+
+
 @pytest.mark.parametrize("doc, overrides, message", [
     ({"steps": [{"bake": {}}]}, [], "unknown kind 'bake'"),
     ({"steps": [{"train": {"model": "m", "data": "d", "stepz": 3}}]}, [], "unknown field(s) stepz"),
@@ -66,6 +74,10 @@ def test_chaining_and_overrides():
     ({"steps": [{"upcycle": {"source": "s", "pyramid": "8", "init": "magic"}}]}, [], "init"),
     ({"steps": [{"distill": {"teacher": "t", "data": "d", "kd_stop": 1.5}}]}, [], "kd_stop"),
     ({"steps": [{"export": {"model": "m", "format": "onnx"}}]}, [], "format"),
+    ({"steps": [{"export": {"model": "m", "format": "hf", "ep_size": 2}}]}, [], "--ep-size applies to --format safetensors only"),
+    ({"steps": [{"bench": {"dtype": "int8"}}]}, [], "--dtype 'int8' is not known"),
+    ({"steps": [{"bench": {"tokens": 0}}]}, [], "must be >= 1"),
+    ({"steps": [{"upcycle": {"source": "s", "pyramid": "8", "experts": "4,4"}}]}, [], "not both"),
     ({"steps": [{"train": {"model": "m", "data": "d"}}]}, ["distill.kd_stop=0.7"], "no step 'distill'"),
     ({"stepz": []}, [], "expected a mapping with 'steps'"),
 ])

@@ -121,6 +121,7 @@ def test_pyramid_layout_reaches_config(tmp_path):
         ("--pyramid", "32,64", "--pyramid-split", "8,4"): (list(range(1, 24, 2)), [32] * 8 + [64] * 4),
         ("--experts", ",".join(map(str, range(2, 14)))): (list(range(1, 24, 2)), list(range(2, 14))),
         ("--pyramid", "4,8", "--moe-every", "3"): (list(range(2, 24, 3)), [4] * 6 + [8] * 2),
+        (): (list(range(1, 24, 2)), [8] * 12),  # neither option: 8 experts per MoE layer (build_layout's default)
     }
     for i, (args, (layers, counts)) in enumerate(cases.items()):
         out = tmp_path / f"o{i}"
