@@ -62,10 +62,6 @@ class MoELayout:
         if self.aux_loss_coef < 0:
             raise MoEConvertError(f"aux_loss_coef: must be >= 0, got {self.aux_loss_coef}")
 
-    def experts_of(self, layer: int) -> int:
-        """Expert count of decoder layer `layer` (0 for a dense layer)."""
-        return dict(zip(self.moe_layers, self.num_experts)).get(layer, 0)
-
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -22,10 +22,12 @@ so a second run does not re-tokenize.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +56,19 @@ def _pydoc_documents() -> list[str]:
 BUILTIN_CORPORA = {"pydoc": _pydoc_documents}
 
 
-@dataclass
 class Documents:
-    """The documents of a `--data` source and a fingerprint that changes whenever they may have."""
+    """The documents of a `--data` source and a fingerprint that changes whenever they may have.
 
-    texts: list[str]
-    fingerprint: str
+    `texts` are read on first use: a cached packing needs only the fingerprint (for local files,
+    their names, sizes and modification times), so a cache hit never reads the corpus.
+    """
+
+    def __init__(self, texts: list[str] | Callable[[], list[str]], fingerprint: str):
+        self._texts, self.fingerprint = texts, fingerprint
+
+    @functools.cached_property
+    def texts(self) -> list[str]:
+        return self._texts() if callable(self._texts) else self._texts
 
 
 def default_cache_dir() -> Path:
@@ -113,14 +122,17 @@ def load_documents(source: str, text_field: str = "text") -> Documents:
     if path.exists():
         files = _local_files(path)
         builder, options = FILE_BUILDERS[files[0].suffix]
-        try:
-            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
-        except Exception as e:  # datasets raises many types for unreadable files; report one line
-            raise MoEConvertError(f"data: could not read {path} as {builder}: {str(e).splitlines()[0]}") from None
+
+        def read() -> list[str]:
+            try:
+                ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
+            except Exception as e:  # datasets raises many types for unreadable files; report one line
+                raise MoEConvertError(f"data: could not read {path} as {builder}: {str(e).splitlines()[0]}") from None
+            return _texts_of(ds, text_field, str(path))
+
         stats = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-        fingerprint = _sha(["local", stats, text_field])
-        where = str(path)
-    elif source.startswith((".", "/", "~")) or path.suffix in FILE_BUILDERS:
+        return Documents(read, _sha(["local", stats, text_field]))
+    if source.startswith((".", "/", "~")) or path.suffix in FILE_BUILDERS:
         raise MoEConvertError(f"data: {source} does not exist")
     elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise MoEConvertError(f"data: {source} does not exist (and the hub is offline, HF_HUB_OFFLINE=1)")
@@ -131,12 +143,14 @@ def load_documents(source: str, text_field: str = "text") -> Documents:
             raise MoEConvertError(
                 f"data: {source} is neither a local path nor a loadable hub dataset: {str(e).splitlines()[0]}"
             ) from None
-        fingerprint = _sha(["hub", source, ds._fingerprint, text_field])
-        where = f"dataset {source}"
+        return Documents(_texts_of(ds, text_field, f"dataset {source}"), _sha(["hub", source, ds._fingerprint, text_field]))
+
+
+def _texts_of(ds, text_field: str, where: str) -> list[str]:
     texts = _column(ds, text_field, where)
     if not texts:
         raise MoEConvertError(f"data: {where} contains no text")
-    return Documents(texts, fingerprint)
+    return texts
 
 
 def is_eval_document(text: str, eval_fraction: float) -> bool:
@@ -221,8 +235,6 @@ def load_packed(
     text_field: str = "text",
     eval_fraction: float = 0.1,
     max_positions: int | None = None,
-    cache_dir: Path | None = None,
-    use_cache: bool = True,
 ) -> PackedData:
     """`--data` -> packed train/eval windows, read from the cache when this exact packing exists."""
     from safetensors.torch import load_file, save_file
@@ -233,8 +245,8 @@ def load_packed(
         raise MoEConvertError(f"seq_len: {seq_len} is larger than the model's {max_positions} positions")
     docs = load_documents(source, text_field)
     key = _sha([CACHE_FORMAT, docs.fingerprint, tokenizer_fingerprint(tokenizer), seq_len, eval_fraction])
-    cache_file = (cache_dir or default_cache_dir()) / "data" / f"{key[:32]}.safetensors"
-    if use_cache and cache_file.exists():
+    cache_file = default_cache_dir() / "data" / f"{key[:32]}.safetensors"
+    if cache_file.exists():
         tensors = load_file(str(cache_file))
         return PackedData(tensors["train"].long(), tensors["eval"].long(), True, cache_file)
 
@@ -249,12 +261,11 @@ def load_packed(
             f"data: the held-out split of {source} ({len(splits['eval'])} documents) is shorter than one window "
             f"of seq_len={seq_len} tokens; raise --eval-fraction or lower --seq-len"
         )
-    if use_cache:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
-        save_file({name: t.int() for name, t in packed.items()}, str(tmp), metadata={"source": source})
-        os.replace(tmp, cache_file)  # atomic: concurrent processes never read half a file
-    return PackedData(packed["train"], packed["eval"], False, cache_file if use_cache else None)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+    save_file({name: t.int() for name, t in packed.items()}, str(tmp), metadata={"source": source})
+    os.replace(tmp, cache_file)  # atomic: concurrent processes never read half a file
+    return PackedData(packed["train"], packed["eval"], False, cache_file)
 
 
 def unigram_perplexity(train: torch.Tensor, eval: torch.Tensor, vocab_size: int) -> float:

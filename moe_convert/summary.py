@@ -101,9 +101,6 @@ def _safetensors_dtypes(file: Path) -> set[str]:
     return {handle.get_slice(k).get_dtype() for k in handle.keys()}
 
 
-SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
-
-
 def summarize(path: str | Path) -> ModelSummary:
     """`inspect MODEL`: config-only counts plus what the weight files on disk say (size, dtype)."""
     path = Path(path)
@@ -114,5 +111,8 @@ def summarize(path: str | Path) -> ModelSummary:
             summary.size_on_disk = sum(f.stat().st_size for f in files)
             dtypes = set().union(*(_safetensors_dtypes(f) for f in files if f.suffix == ".safetensors"))
             if dtypes:
-                summary.dtype = ",".join(sorted(SAFETENSORS_DTYPES.get(d, d.lower()) for d in dtypes))
+                from .io import TORCH_DTYPES
+
+                summary.dtype = ",".join(sorted(str(TORCH_DTYPES[d]).removeprefix("torch.") if d in TORCH_DTYPES
+                                                else d.lower() for d in dtypes))
     return summary

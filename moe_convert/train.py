@@ -171,22 +171,20 @@ class Trainer:
 
     def __init__(self, model, data: PackedData, cfg: TrainConfig, out_dir: str | Path, *,
                  loss_fn: LossFn = causal_lm_loss, on_step: Callable[[int], None] | None = None,
-                 extra_state: Iterable = (), accelerator=None, progress: bool = True):
+                 extra_state: Iterable = (), progress: bool = True):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs
 
         self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
         self.loss_fn, self.on_step, self.progress = loss_fn, on_step, progress
-        if accelerator is None:
-            if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-                raise MoEConvertError("mixed_precision: fp16 needs a GPU; use bf16 on CPU")
-            # MoE experts that get no tokens in a step have no gradient: DDP must expect that.
-            ddp = DistributedDataParallelKwargs(find_unused_parameters=hasattr(model, "moe_layers"))
-            if AcceleratorState._shared_state.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision:
-                AcceleratorState._reset_state()  # a new run in this process (tests, recipes); keeps the process group
-            accelerator = Accelerator(cpu=cpu_only(), mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
-        self.accelerator = acc = accelerator
+        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise MoEConvertError("mixed_precision: fp16 needs a GPU; use bf16 on CPU")
+        # MoE experts that get no tokens in a step have no gradient: DDP must expect that.
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=hasattr(model, "moe_layers"))
+        if AcceleratorState._shared_state.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision:
+            AcceleratorState._reset_state()  # a new run in this process (tests, recipes); keeps the process group
+        self.accelerator = acc = Accelerator(cpu=cpu_only(), mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
         world = acc.num_processes
         if cfg.batch_size % (cfg.grad_accum * world):
             raise MoEConvertError(

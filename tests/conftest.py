@@ -24,13 +24,14 @@ def tiny_gpt2_config(**overrides):
     return GPT2Config(**kw)
 
 
-def tiny_llama_config(**overrides):
+def tiny_llama_config(config_class=None, **overrides):
+    """A tiny Llama-family config; `config_class` (MistralConfig, Qwen2Config, ...) for its relatives."""
     from transformers import LlamaConfig
 
     kw = dict(num_hidden_layers=4, hidden_size=32, intermediate_size=37, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
     kw.update(overrides)
-    return LlamaConfig(**kw)
+    return (config_class or LlamaConfig)(**kw)
 
 
 HOST_CONFIGS = {"gpt2": tiny_gpt2_config, "llama": tiny_llama_config}

@@ -80,6 +80,10 @@ def test_no_grad_path_equals_autograd_path():
     torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
     r = route(torch.nn.functional.linear(x, router))  # and the fused combine equals the unfused mix
     assert r.counts.sum() == 30
+    with torch.no_grad():
+        moe, _ = moe_forward(x, router, stacked, ACTIVATIONS["gelu_new"])  # the expert branch alone
+    coef, dense = residual
+    torch.testing.assert_close(a, coef[:, :1] * moe + coef[:, 1:] * dense, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["gelu_new", "gelu_pytorch_tanh", "gelu", "silu", "relu"])

@@ -7,6 +7,7 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -89,7 +90,7 @@ def test_every_local_format_yields_the_same_documents(tmp_path):
         assert load_documents(str(path), field).texts == docs, kind
 
 
-def test_cache_second_load_does_not_retokenize(tmp_path, tokenizer, cache):
+def test_cache_second_load_does_not_retokenize(tmp_path, tokenizer, cache, monkeypatch):
     docs = random_docs(random.Random(3), 300)
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(docs))
@@ -104,7 +105,9 @@ def test_cache_second_load_does_not_retokenize(tmp_path, tokenizer, cache):
     try:
         first = load_packed(str(path), tokenizer, 16)
         n_calls = len(calls)
-        second = load_packed(str(path), tokenizer, 16)
+        with monkeypatch.context() as m:  # a cache hit needs only the files' stats, not their text
+            m.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("a cache hit read the corpus"))
+            second = load_packed(str(path), tokenizer, 16)
         assert n_calls > 0 and len(calls) == n_calls, "the second load tokenized again"
         assert not first.from_cache and second.from_cache and second.cache_file.parent.parent == cache
         assert torch.equal(first.train, second.train) and torch.equal(first.eval, second.eval)

@@ -174,7 +174,8 @@ def test_read_safetensors_owns_what_safe_open_reads(tmp_path):
         assert set(got) == set(f.keys())
         for k in f.keys():
             assert got[k].dtype == f.get_tensor(k).dtype and torch.equal(got[k], f.get_tensor(k))
-    got["w"].add_(1)  # writable, private memory
+    got["w"].add_(1)  # writable, private memory: the file keeps its values
+    assert torch.equal(read_safetensors(tmp_path / "x.safetensors")["w"], tensors["w"])
 
 
 def test_read_safetensors_truncated_or_corrupt_is_one_line(tmp_path):

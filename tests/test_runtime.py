@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import VOCAB, save_tiny_prmoes
+from conftest import VOCAB, save_tiny_prmoes, tiny_llama_config
 from moe_convert.cli import app
 from moe_convert.export import SINGLE_FILE, export
 from moe_convert import kernels
@@ -44,11 +44,18 @@ def exported(tmp_path_factory):
     return out
 
 
+@pytest.fixture(params=[True, False], ids=["packed", "plain"])
+def packed(request, monkeypatch):
+    """Run a test with the FFN/attention weights packed for oneDNN at load (as large models are) and plain
+    (as these tiny ones are by default)."""
+    if request.param:
+        monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("ep", [1, 2])
-@pytest.mark.parametrize("packed", [True, False])
-def test_fp32_logits_equal_the_source_model(exported, host, ep, packed, monkeypatch):
+def test_fp32_logits_equal_the_source_model(exported, host, ep, packed):
     """With the FFN weights packed for oneDNN at load (large models) and plain (small ones, as here by default)."""
-    monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0 if packed else kernels.PACK_MIN_BYTES)
     model, path = exported[host, "fp32", ep]
     rt = load_runtime(path)
     assert isinstance(rt.ffns[1]["stacked"], PackedExperts) == packed
@@ -60,9 +67,7 @@ def test_fp32_logits_equal_the_source_model(exported, host, ep, packed, monkeypa
     torch.testing.assert_close(rt.logits(ids), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_bf16_logits_within_bf16_tolerance(exported, host, packed, monkeypatch):
-    monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0 if packed else kernels.PACK_MIN_BYTES)
+def test_bf16_logits_within_bf16_tolerance(exported, host, packed):
     model, path = exported[host, "bf16", 1]
     rt = load_runtime(path)
     ids = torch.randint(0, VOCAB, (2, 11))
@@ -74,9 +79,7 @@ def test_bf16_logits_within_bf16_tolerance(exported, host, packed, monkeypatch):
     assert err < 2e-2, err  # bf16 keeps ~3 significant digits
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_kv_cache_decoding_equals_one_full_pass(exported, host, packed, monkeypatch):
-    monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0 if packed else kernels.PACK_MIN_BYTES)
+def test_kv_cache_decoding_equals_one_full_pass(exported, host, packed):
     _, path = exported[host, "fp32", 1]
     rt = load_runtime(path)
     ids = torch.randint(0, VOCAB, (2, 12))
@@ -85,9 +88,7 @@ def test_kv_cache_decoding_equals_one_full_pass(exported, host, packed, monkeypa
     torch.testing.assert_close(torch.cat(steps, dim=1), rt.logits(ids), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_greedy_tokens_equal_transformers_generate(exported, host, packed, monkeypatch):
-    monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0 if packed else kernels.PACK_MIN_BYTES)
+def test_greedy_tokens_equal_transformers_generate(exported, host, packed):
     model, path = exported[host, "fp32", 1]
     rt = load_runtime(path)
     prompt = torch.randint(2, VOCAB, (1, 6))
@@ -146,9 +147,8 @@ def export_tiny(tmp_path, host, **host_overrides):
     from moe_convert.configuration_prmoe import PRMoEConfig
     from moe_convert.modeling import PRMoEForCausalLM
 
-    base = dict(num_hidden_layers=4, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
-    host_cfg = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[host](**base, **host_overrides)
+    host_cfg = tiny_llama_config({"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[host],
+                                 **host_overrides)
     torch.manual_seed(7)
     model = PRMoEForCausalLM(PRMoEConfig(text_config=host_cfg.to_dict(), moe_layers=[1, 3], num_experts=[4, 6])).eval()
     model.save_pretrained(tmp_path / "src")
