@@ -38,15 +38,20 @@ ACT = "gelu_pytorch_tanh"  # GPT-2's tanh GELU, fused in every implementation
 BATCHED_MM_LIMIT = 2 * 2**30  # hf_batched_mm copies the chosen expert's weights per token: skip past 2 GiB
 
 
+def free_port() -> int:
+    """A free local TCP port (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_single_process_dist() -> None:
     """torch.distributed with gloo, world size 1, on a free local port (DeepSpeed's MoE wants a process group)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # init_method, not MASTER_* environment variables: those would leak into child processes
     # (torchrun / Accelerate would then try to join this group's port)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)

@@ -399,7 +399,8 @@ def generate(
         import torch
 
         from .errors import MoEConvertError
-        from .runtime import load_runtime, load_tokenizer
+        from .data import load_tokenizer
+        from .runtime import load_runtime
 
         if max_new_tokens < 1:
             raise MoEConvertError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")

@@ -407,13 +407,3 @@ def load_runtime(path: str | Path) -> Runtime:
                               f"(supported: {', '.join(RUNTIMES)})")
     return RUNTIMES[manifest["host"]](Path(path), manifest)
 
-
-def load_tokenizer(path: str | Path):
-    """The tokenizer copied into the export (one-line error when there is none)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:
-        raise MoEConvertError(f"{path} has no usable tokenizer ({str(e).splitlines()[0] if str(e) else e}); "
-                              "export from a model directory that has tokenizer files") from None

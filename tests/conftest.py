@@ -12,6 +12,8 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from moe_convert.bench import free_port  # noqa: E402,F401  (tests import it from here)
+
 VOCAB = 101
 
 
@@ -59,13 +61,12 @@ def save_tiny_prmoes(tmp_path_factory, seed: int) -> dict:
     return out
 
 
-def free_port() -> int:
-    """A free local TCP port (for torchrun's rendezvous)."""
-    import socket
+@pytest.fixture(scope="session")
+def deepspeed_moe():
+    """`deepspeed.moe.layer.MoE`, with the gloo process group of one it needs (the tests' oracle)."""
+    from moe_convert.bench import deepspeed_moe_class
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return deepspeed_moe_class()
 
 
 @pytest.fixture(params=["gpt2", "llama"])

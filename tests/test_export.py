@@ -9,7 +9,6 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from conftest import save_tiny_prmoes, tiny_gpt2_config
-from moe_convert.bench import deepspeed_moe_class
 from moe_convert.cli import app
 from moe_convert.export import MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file, export
 
@@ -95,11 +94,6 @@ def test_hf_format_round_trips(saved, tmp_path):
     ids = torch.randint(0, 101, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
-
-
-@pytest.fixture(scope="module")
-def deepspeed_moe():
-    return deepspeed_moe_class()
 
 
 def test_deepspeed_format_loads_into_deepspeed_moe(saved, host, tmp_path, deepspeed_moe):

@@ -122,21 +122,14 @@ def test_gradients_reach_every_part():
 # --- DeepSpeed's own layer as the oracle ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def deepspeed_moe_cls():
-    from moe_convert.bench import deepspeed_moe_class
-
-    return deepspeed_moe_class()  # gloo process group of one, as DeepSpeed's MoE needs
-
-
-def test_equals_deepspeed_moe_layer(deepspeed_moe_cls):
+def test_equals_deepspeed_moe_layer(deepspeed_moe):
     from transformers import GPT2Config
     from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
     d, f, E = 24, 37, 6
     cfg = GPT2Config(n_embd=d, resid_pdrop=0.0)
     torch.manual_seed(1)
-    ds = deepspeed_moe_cls(d, GPT2MLP(f, cfg), num_experts=E, k=1, use_residual=True, drop_tokens=False).eval()
+    ds = deepspeed_moe(d, GPT2MLP(f, cfg), num_experts=E, k=1, use_residual=True, drop_tokens=False).eval()
     for p in ds.parameters():  # DeepSpeed deep-copies one expert: make every tensor distinct
         torch.nn.init.normal_(p, std=0.3)
     sd = ds.state_dict()
