@@ -162,9 +162,9 @@ def export_safetensors(src: Source, tmp: Path, dtype: str, ep_size: int, on_tens
         return [_write_file(tmp, SINGLE_FILE, [_entry(src, n, torch_dtype) for n in src.names()], meta, on_tensor)]
     files = [_write_file(tmp, SHARED_FILE, [_entry(src, n, torch_dtype) for n in src.names() if n not in expert_names],
                          meta, on_tensor)]
+    ranks = {entry["layer"]: entry["ranks"] for entry in meta["layers"]}  # the manifest's own expert ranges
     for r in range(ep_size):
-        plan = [_entry(src, n, torch_dtype, rows=(r * E // ep_size, (r + 1) * E // ep_size))
-                for n, (_, E) in expert_names.items()]
+        plan = [_entry(src, n, torch_dtype, rows=tuple(ranks[layer][r])) for n, (layer, _) in expert_names.items()]
         files.append(_write_file(tmp, experts_file(r, ep_size), plan, meta, on_tensor))
     return files
 

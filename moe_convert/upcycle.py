@@ -405,13 +405,13 @@ def upcycle(
     with atomic_output_dir(output, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes, metadata={"producer": f"moe-convert {__version__} upcycle"})
         writer.begin(plan)
-        done = 0
+        done, total = 0, writer.total_bytes
         try:
             for name, shape, tensor_dtype in plan:
                 writer.write(name, upcycler.tensor(name, torch.Size(shape)))
                 done += math.prod(shape) * tensor_dtype.itemsize
                 if progress:
-                    progress(done, writer.total_bytes)
+                    progress(done, total)
             shards = writer.finish()
         finally:
             writer.close()
