@@ -24,7 +24,7 @@ from .errors import MoEConvertError
 from .modeling import host_spec
 from .io import DTYPES
 from .train import (METRICS, Trainer, TrainJob, TrainResult, causal_lm_loss, claim_output, clear_output,
-                    evaluate, load_job_data, load_model, max_positions)
+                    load_job_data, load_model)
 
 
 @dataclass
@@ -248,35 +248,30 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
                 progress: bool = True) -> DistillResult:
     """The `distill` command: plan and build the student, train it with staged KD, save it."""
     from .data import load_tokenizer
+    from .summary import load_config
 
     out = Path(job.output)
     state = claim_output(out, resume, overwrite)
-    teacher = load_model(job.model)
+    config = load_config(job.model)  # plan and data are checked before the teacher is loaded
     tokenizer = load_tokenizer(job.model)
-    vocab = teacher.config.get_text_config().vocab_size
-    if len(tokenizer) > vocab:
-        raise MoEConvertError(
-            f"tokenizer: {len(tokenizer)} tokens but the teacher's vocabulary has {vocab}; teacher and data "
-            "must share one tokenizer"
-        )
-    plan = plan_student(teacher.config, job.student_layers, job.keep_layers)
-    data = load_job_data(job, tokenizer, state, max_positions(teacher.config))
+    plan = plan_student(config, job.student_layers, job.keep_layers)
+    data = load_job_data(job, tokenizer, state, config)
+    teacher = load_model(job.model)
     student = build_student(teacher, plan, job.student_init, seed=job.config.seed)
     clear_output(state, out, resume, overwrite)
 
     teacher.to(DTYPES[job.teacher_dtype]).eval().requires_grad_(False)
+    kd = StagedKD(teacher if job.kd_steps > 0 else None, job.kd_steps, job.alpha, job.temperature)
+    trainer = Trainer(student, data, job.config, out, loss_fn=kd.loss, on_step=kd.on_step, progress=progress)
+    teacher.to(trainer.accelerator.device)
     teacher_eval_file = out / "teacher_eval.json"
     if resume and teacher_eval_file.exists():
         teacher_eval = json.loads(teacher_eval_file.read_text())
-    else:
-        teacher_eval = evaluate(teacher, data.eval[: job.config.eval_windows or None])
+    else:  # on the run's device, sharded over its processes, the windows the student is scored on
+        teacher_eval = trainer.evaluate(teacher)
     teacher_row = {"layers": teacher.config.get_text_config().num_hidden_layers, **_params(teacher.config),
                    "eval_loss": teacher_eval["loss"], "eval_ppl": teacher_eval["ppl"]}
-    kd = StagedKD(teacher if job.kd_steps > 0 else None, job.kd_steps, job.alpha, job.temperature)
     del teacher  # from here the StagedKD plug-in holds the only reference
-    trainer = Trainer(student, data, job.config, out, loss_fn=kd.loss, on_step=kd.on_step, progress=progress)
-    if kd.teacher is not None:
-        kd.teacher.to(trainer.accelerator.device)
     if trainer.accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         teacher_eval_file.write_text(json.dumps(teacher_eval))

@@ -51,7 +51,7 @@ def load_config(path: str | Path):
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
-        raise MoEConvertError(f"inspect: {path} is neither a model directory with config.json nor a config file")
+        raise MoEConvertError(f"{path} is not a model directory (no config.json) nor a config .json file")
     try:
         d = json.loads(file.read_text())
         return AutoConfig.for_model(d.pop("model_type"), **d)

@@ -249,9 +249,10 @@ class Trainer:
             with open(self.out_dir / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def evaluate(self) -> dict:
+    def evaluate(self, model=None) -> dict:
+        """Held-out CE of the model being trained, or of `model` (on this run's device) on the same windows."""
         windows = self.data.eval[: self.cfg.eval_windows or None]
-        return evaluate(self.model, windows, self.micro * self.cfg.grad_accum, self.accelerator)
+        return evaluate(model or self.model, windows, self.micro * self.cfg.grad_accum, self.accelerator)
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
@@ -358,13 +359,18 @@ def clear_output(state, out: Path, resume: bool, overwrite: bool) -> None:
     state.wait_for_everyone()
 
 
-def load_job_data(job: TrainJob, tokenizer, state, positions: int | None) -> PackedData:
-    """The job's packed windows; one process tokenizes and fills the cache, the others read it."""
+def load_job_data(job: TrainJob, tokenizer, state, config) -> PackedData:
+    """The job's packed windows for the model `config` describes; one process tokenizes and fills the
+    cache, the others read it. A tokenizer with more tokens than the model's vocabulary is refused."""
     from .data import load_packed
 
+    vocab = config.get_text_config().vocab_size
+    if len(tokenizer) > vocab:
+        raise MoEConvertError(f"tokenizer: {len(tokenizer)} tokens but the model's vocabulary has {vocab}; "
+                              "the model and its data must share one tokenizer")
     with state.main_process_first():
         return load_packed(job.data, tokenizer, job.seq_len, text_field=job.text_field,
-                           eval_fraction=job.eval_fraction, max_positions=positions)
+                           eval_fraction=job.eval_fraction, max_positions=max_positions(config))
 
 
 def run_training(job: TrainJob, *, resume: bool = False, stop_after: int | None = None, overwrite: bool = False,
@@ -376,7 +382,7 @@ def run_training(job: TrainJob, *, resume: bool = False, stop_after: int | None 
     out = Path(job.output)
     state = claim_output(out, resume, overwrite)
     tokenizer = load_tokenizer(job.model)
-    data = load_job_data(job, tokenizer, state, max_positions(load_config(job.model)))
+    data = load_job_data(job, tokenizer, state, load_config(job.model))
     model = load_model(job.model)
     clear_output(state, out, resume, overwrite)
     trainer = Trainer(model, data, job.config, out, progress=progress)
