@@ -215,8 +215,12 @@ class _Upcycler:
         param_id = list(EXPERT_PARAMS[self.spec.ffn_kind]).index(param)
         E, mode = layer.num_experts, self.init.mode
         scale = E if mode == "preserve" and self.layout.top_k == 1 and param in ("w_out", "b_out") else 1
+        if mode in ("copy", "preserve"):  # every expert the same block: built once, written E times
+            block = self._cast(base * scale).unsqueeze(0)
+            yield from (block for _ in range(E))
+            return
         for e in range(E):
-            w = base * scale if scale != 1 else base.clone()
+            w = base.clone()
             if mode == "noise":
                 w += self.init.value * torch.randn(w.shape, generator=_generator(self.seed, layer.index, e,
                                                                                   _STREAM_PARAM + param_id))
