@@ -16,6 +16,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from .config import DistillJob, TrainJob
+
 app = typer.Typer(
     name="moe-convert",
     help="Dense LM -> PR-MoE (upcycle), Mixture-of-Students with staged KD (distill), and fast MoE export.",
@@ -150,32 +152,37 @@ DATA_HELP = ("builtin:pydoc (the Python reference shipped with CPython), a .txt/
              "a directory of them, or a hub dataset name")
 
 
-def with_train_options(command):
-    """Give `command` one --option per shared `TrainJob` / `TrainConfig` field (default and help from
-    the dataclasses); it receives them gathered as `options: dict`, ready for `TrainJob.from_dict`.
-    So `train` and `distill` share one definition of the data and optimisation options.
+def with_job_options(job_cls):
+    """Give a command one --option per field of `job_cls` (`TrainJob` or `DistillJob`) that carries
+    help, and per `TrainConfig` field (default, type and help from the dataclasses); it receives them
+    gathered as `options: dict`, ready for `job_cls.from_dict`. So `train` and `distill` share one
+    definition of the data and optimisation options, and `distill`'s own come from `DistillJob`.
     """
     import dataclasses
     import functools
     import inspect as pyinspect
+    import typing
 
-    from .config import TrainConfig, TrainJob
+    from .config import TrainConfig
 
-    shared = [f for f in dataclasses.fields(TrainJob) if "help" in f.metadata] + list(dataclasses.fields(TrainConfig))
-    names = [f.name for f in shared]
-    extra = [pyinspect.Parameter(f.name, pyinspect.Parameter.KEYWORD_ONLY, annotation=type(f.default),
-                                 default=typer.Option(f.default, help=f.metadata["help"])) for f in shared]
+    shared = [(job_cls, f) for f in dataclasses.fields(job_cls) if "help" in f.metadata]
+    shared += [(TrainConfig, f) for f in dataclasses.fields(TrainConfig)]
+    names = [f.name for _, f in shared]
+    extra = [pyinspect.Parameter(f.name, pyinspect.Parameter.KEYWORD_ONLY, annotation=typing.get_type_hints(cls)[f.name],
+                                 default=typer.Option(f.default, help=f.metadata["help"])) for cls, f in shared]
 
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        return command(**{k: v for k, v in kwargs.items() if k not in names}, options={k: kwargs[k] for k in names})
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            return command(**{k: v for k, v in kwargs.items() if k not in names}, options={k: kwargs[k] for k in names})
 
-    sig = pyinspect.signature(command)
-    own = [p for p in sig.parameters.values() if p.name != "options"]
-    wrapper.__signature__ = sig.replace(parameters=own + extra)
-    wrapper.__annotations__ = {k: v for k, v in command.__annotations__.items() if k != "options"}
-    wrapper.__annotations__.update({p.name: p.annotation for p in extra})
-    return wrapper
+        sig = pyinspect.signature(command)
+        own = [p for p in sig.parameters.values() if p.name != "options"]
+        wrapper.__signature__ = sig.replace(parameters=own + extra)
+        wrapper.__annotations__ = {k: v for k, v in command.__annotations__.items() if k != "options"}
+        wrapper.__annotations__.update({p.name: p.annotation for p in extra})
+        return wrapper
+    return decorate
 
 
 def _fmt(value, spec: str) -> str:
@@ -189,7 +196,7 @@ def _is_main_process() -> bool:
 
 
 @app.command()
-@with_train_options
+@with_job_options(TrainJob)
 def train(
     model: Path = typer.Argument(..., help="Model directory (dense HF causal LM or PR-MoE) with its tokenizer."),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
@@ -202,7 +209,7 @@ def train(
 ):
     """Continue training a dense or PR-MoE model with CE (+ aux loss); 1 process or torchrun (DDP)."""
     with reporting_errors():
-        from .train import TrainJob, run_training
+        from .train import run_training
 
         job = TrainJob.from_dict({"model": str(model), "data": data, "output": str(output), **options})
         result = run_training(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
@@ -224,19 +231,11 @@ def train(
 
 
 @app.command()
-@with_train_options
+@with_job_options(DistillJob)
 def distill(
     teacher: Path = typer.Option(..., "--teacher", help="Teacher model directory (PR-MoE or dense) with its tokenizer."),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory: student model, metrics.jsonl, checkpoints/."),
-    student_layers: int = typer.Option(-1, help="Student depth: -k = teacher depth minus k, or an absolute depth."),
-    keep_layers: Optional[str] = typer.Option(None, help="Teacher layers to keep, e.g. 0,4,5,...; default: drop the "
-                                              "layers right after layer 0 (the paper's L21 student for -3)."),
-    student_init: str = typer.Option("teacher", help="teacher: copy kept layers, embeddings, final norm | scratch: random (the paper)."),
-    kd_stop: float = typer.Option(0.5, help="KD for the first KD_STOP of the steps, then CE only with the teacher released (0 = no KD, 1 = KD throughout)."),
-    alpha: float = typer.Option(0.5, help="Weight of the KD term: (1 - alpha) CE + alpha T^2 KL."),
-    temperature: float = typer.Option(1.0, help="KD softmax temperature T."),
-    teacher_dtype: str = typer.Option("fp32", help="Teacher precision: fp32 | bf16 | fp16."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from the newest checkpoint in OUTPUT (also across the KD stop)."),
     stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) after this step; resume later."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
@@ -245,12 +244,9 @@ def distill(
 ):
     """MoE teacher -> shallower Mixture-of-Students with staged knowledge distillation."""
     with reporting_errors():
-        from .distill import DistillJob, run_distill
+        from .distill import run_distill
 
-        job = DistillJob.from_dict({"teacher": str(teacher), "data": data, "output": str(output), **options,
-                                    "student_layers": student_layers, "keep_layers": keep_layers,
-                                    "student_init": student_init, "alpha": alpha, "temperature": temperature,
-                                    "kd_stop": kd_stop, "teacher_dtype": teacher_dtype})
+        job = DistillJob.from_dict({"teacher": str(teacher), "data": data, "output": str(output), **options})
         result = run_distill(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
         if not _is_main_process():
             return

@@ -279,3 +279,47 @@ class TrainJob:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "config"}
         return {**d, **asdict(self.config)}
+
+
+@dataclass
+class DistillJob(TrainJob):
+    """One `distill` run; `model` is the teacher directory (`teacher` in recipes and on the CLI).
+
+    Its own fields are CLI options of `distill` too (help in metadata)."""
+
+    student_layers: int = option(-1, "Student depth: -k = teacher depth minus k, or an absolute depth.")
+    keep_layers: str | None = option(None, "Teacher layers to keep, e.g. 0,4,5,...; default: drop the layers right "
+                                           "after layer 0 (the paper's L21 student for -3).")
+    student_init: str = option("teacher", "teacher: copy kept layers, embeddings, final norm | scratch: random "
+                                          "(the paper).")
+    alpha: float = option(0.5, "Weight of the KD term: (1 - alpha) CE + alpha T^2 KL.")
+    temperature: float = option(1.0, "KD softmax temperature T.")
+    kd_stop: float = option(0.5, "KD for the first KD_STOP of the steps, then CE only with the teacher released "
+                                 "(0 = no KD, 1 = KD throughout).")
+    teacher_dtype: str = option("fp32", "Teacher precision: fp32 | bf16 | fp16.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise MoEConvertError(f"alpha: must be in [0, 1], got {self.alpha}")
+        if not self.temperature > 0:
+            raise MoEConvertError(f"temperature: must be > 0, got {self.temperature}")
+        if not 0.0 <= self.kd_stop <= 1.0:
+            raise MoEConvertError(f"kd_stop: must be in [0, 1] (a fraction of the steps), got {self.kd_stop}")
+        if self.student_init not in ("teacher", "scratch"):
+            raise MoEConvertError(f"student_init: must be 'teacher' or 'scratch', got {self.student_init!r}")
+        if self.teacher_dtype not in SAVE_DTYPE_NAMES:
+            raise MoEConvertError(f"teacher_dtype: must be one of {', '.join(SAVE_DTYPE_NAMES)}, "
+                                  f"got {self.teacher_dtype!r}")
+
+    @property
+    def kd_steps(self) -> int:
+        """Optimizer steps that use KD: steps [0, kd_steps)."""
+        return round(self.kd_stop * self.config.steps)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DistillJob":
+        d = dict(d)
+        if "teacher" in d:
+            d["model"] = d.pop("teacher")
+        return super().from_dict(d)

@@ -19,11 +19,11 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from .config import parse_int_list
+from .config import DistillJob, parse_int_list
 from .errors import MoEConvertError
 from .modeling import host_spec
 from .io import DTYPES
-from .train import (METRICS, Trainer, TrainJob, TrainResult, causal_lm_loss, claim_output, clear_output,
+from .train import (METRICS, Trainer, TrainResult, causal_lm_loss, claim_output, clear_output,
                     load_job_data, load_model)
 
 
@@ -144,44 +144,6 @@ def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: f
 
 
 # --- the staged-KD run ---------------------------------------------------------------------------
-
-
-@dataclass
-class DistillJob(TrainJob):
-    """One `distill` run; `model` is the teacher directory (`teacher` in recipes and on the CLI)."""
-
-    student_layers: int = -1
-    keep_layers: str | None = None  # teacher layers to keep, e.g. "0,4,5,...,23" (overrides the default)
-    student_init: str = "teacher"  # "teacher": copy kept layers; "scratch": random init (the paper)
-    alpha: float = 0.5  # weight of the KD term while KD is on
-    temperature: float = 1.0
-    kd_stop: float = 0.5  # KD for the first kd_stop of the steps, then CE only, teacher released
-    teacher_dtype: str = "fp32"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.alpha <= 1.0:
-            raise MoEConvertError(f"alpha: must be in [0, 1], got {self.alpha}")
-        if not self.temperature > 0:
-            raise MoEConvertError(f"temperature: must be > 0, got {self.temperature}")
-        if not 0.0 <= self.kd_stop <= 1.0:
-            raise MoEConvertError(f"kd_stop: must be in [0, 1] (a fraction of the steps), got {self.kd_stop}")
-        if self.student_init not in ("teacher", "scratch"):
-            raise MoEConvertError(f"student_init: must be 'teacher' or 'scratch', got {self.student_init!r}")
-        if self.teacher_dtype not in DTYPES:
-            raise MoEConvertError(f"teacher_dtype: must be one of {', '.join(DTYPES)}, got {self.teacher_dtype!r}")
-
-    @property
-    def kd_steps(self) -> int:
-        """Optimizer steps that use KD: steps [0, kd_steps)."""
-        return round(self.kd_stop * self.config.steps)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DistillJob":
-        d = dict(d)
-        if "teacher" in d:
-            d["model"] = d.pop("teacher")
-        return super().from_dict(d)
 
 
 class StagedKD:

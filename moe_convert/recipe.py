@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .config import TrainJob, check_types, parse_int_list
+from .config import DistillJob, TrainJob, check_types, parse_int_list
 from .errors import MoEConvertError
 
 # kind -> name of the field that takes the previous model (None: the kind takes no model)
@@ -133,16 +133,10 @@ def _dataclass_step(cls):
     return build
 
 
-def _distill_step(d: dict):
-    from .distill import DistillJob
-
-    return DistillJob.from_dict(d)
-
-
 STEP_KINDS = {
     "upcycle": _dataclass_step(UpcycleStep),
     "train": TrainJob.from_dict,
-    "distill": _distill_step,
+    "distill": DistillJob.from_dict,
     "export": _dataclass_step(ExportStep),
     "eval": _dataclass_step(EvalStep),
     "bench": _dataclass_step(BenchStep),
