@@ -121,6 +121,7 @@ def _eval_windows(recipe, model: str, count: int = 32):
 
 def write_report(recipe, state: dict) -> tuple[Path, list[dict]]:
     """`report.md` in the run directory: the summary table, loss curves, expert-load heatmaps."""
+    from .summary import load_config, summarize_config
     from .train import load_model
 
     out = recipe.output
@@ -146,13 +147,12 @@ def write_report(recipe, state: dict) -> tuple[Path, list[dict]]:
     teacher = next((s.output for s in reversed(recipe.steps) if s.kind in ("train", "upcycle")), None)
     student = next((s.output for s in reversed(recipe.steps) if s.kind == "distill"), None)
     for role, path in (("teacher", teacher), ("student", student)):
-        if path is None or not (Path(path) / "config.json").is_file():
+        has_experts = path is not None and (Path(path) / "config.json").is_file() and any(
+            r.experts for r in summarize_config(load_config(path)).layers)  # from the config: a dense model is not loaded
+        windows = _eval_windows(recipe, path) if has_experts else None
+        if windows is None:
             continue
-        model = load_model(path)
-        windows = _eval_windows(recipe, path)
-        if not hasattr(model, "moe_layers") or windows is None:
-            continue
-        png = plot_expert_shares(expert_shares(model, windows), out / f"experts-{role}.png",
+        png = plot_expert_shares(expert_shares(load_model(path), windows), out / f"experts-{role}.png",
                                  f"{role}: share of held-out tokens per expert")
         lines += [f"## Expert load: {role}", "", f"![{role} expert shares]({png.name})", ""]
     report = out / "report.md"
