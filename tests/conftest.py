@@ -1,6 +1,8 @@
 """Shared fixtures: tiny host configs built in code (odd sizes), nothing downloaded."""
 
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -15,6 +17,11 @@ import torch  # noqa: E402
 from moe_convert.bench import free_port  # noqa: E402,F401  (tests import it from here)
 
 VOCAB = 101
+
+
+def metrics_of(out: Path, kind: str = "train") -> list[dict]:
+    """A run's `metrics.jsonl` records of one kind (`train`: one per optimizer step; `eval`), in order."""
+    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 def tiny_gpt2_config(**overrides):

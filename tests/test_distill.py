@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import free_port
+from conftest import free_port, metrics_of
 from moe_convert.cli import app
 from moe_convert.distill import DistillJob, StagedKD, build_student, plan_student, run_distill
 from moe_convert.train import TrainConfig, TrainJob, load_model, run_training
@@ -54,8 +54,7 @@ def job(teacher, data_file, out, **kw):
 
 
 def losses(out: Path) -> list[tuple[int, float, float]]:
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["kd_on"]) for r in rows if r["kind"] == "train"]
+    return [(r["step"], r["loss"], r["kd_on"]) for r in metrics_of(out)]
 
 
 @pytest.mark.parametrize("stop_at", [2, 4])  # before and after the KD stop (steps 1-3 use KD)
@@ -99,9 +98,8 @@ def test_kd_stop_zero_is_plain_training(teacher, data_file, tmp_path):
     plain = job(teacher, data_file, tmp_path / "plain").config
     run_training(TrainJob(model=str(tmp_path / "student0"), data=str(data_file), output=str(tmp_path / "plain"),
                           seq_len=32, config=plain), progress=False)
-    rows = lambda p: [json.loads(l) for l in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    kd0 = [(r["step"], r["loss"]) for r in rows(tmp_path / "kd0") if r["kind"] == "train"]
-    ref = [(r["step"], r["loss"]) for r in rows(tmp_path / "plain") if r["kind"] == "train"]
+    kd0 = [(r["step"], r["loss"]) for r in metrics_of(tmp_path / "kd0")]
+    ref = [(r["step"], r["loss"]) for r in metrics_of(tmp_path / "plain")]
     assert kd0 == ref
 
 
@@ -161,8 +159,7 @@ def test_two_processes_reproduce_one(teacher, data_file, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
-    rows = lambda p: [json.loads(l) for l in (p / "metrics.jsonl").read_text().splitlines() if '"train"' in l]  # noqa: E731
-    two, one = rows(tmp_path / "two"), rows(tmp_path / "one")
+    two, one = metrics_of(tmp_path / "two"), metrics_of(tmp_path / "one")
     assert [r["step"] for r in two] == [1, 2, 3, 4] and [r["kd_on"] for r in two] == [1, 1, 0, 0]
     # Step 1 sees identical weights: CE and KD (means over equal shards) agree to fp32 rounding. The MoE
     # aux loss is computed per process (as DeepSpeed does per rank), so its small gradient differs and

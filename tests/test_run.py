@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import metrics_of
 from moe_convert.cli import app
 from moe_convert.errors import MoEConvertError
 from moe_convert.recipe import apply_overrides, load_recipe, parse_recipe
@@ -123,8 +124,7 @@ def test_killed_mid_train_resumes_without_redoing_steps(tmp_path):
     done = subprocess.run(_run_cmd(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "step 0 upcycle: skip" in done.stdout and (out / "0-upcycle" / "config.json").stat().st_mtime_ns == upcycled
-    steps = [json.loads(l)["step"] for l in (out / "1-train" / "metrics.jsonl").read_text().splitlines()
-             if '"train"' in l]
+    steps = [r["step"] for r in metrics_of(out / "1-train")]
     assert steps == list(range(1, 25))  # resumed from the checkpoint: every step logged exactly once
     assert "summary" in done.stdout and "student (step 2)" in done.stdout
 

@@ -18,7 +18,7 @@ from moe_convert.cli import app
 from moe_convert.data import load_documents, load_packed, load_tokenizer, split_documents, train_bpe_tokenizer
 from moe_convert.train import TrainConfig, Trainer, causal_lm_loss, load_model
 
-from conftest import free_port, tiny_gpt2_config
+from conftest import free_port, tiny_gpt2_config, metrics_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "builtin:pydoc"
@@ -81,8 +81,7 @@ def invoke(args: list[str]):
 
 
 def losses(out: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in metrics_of(out)}
 
 
 def test_resume_continues_exactly(dense_dir, tmp_path):
@@ -159,23 +158,21 @@ def test_grad_accumulation_matches_the_full_batch(tokenizer, tmp_path):
 
 def test_lr_schedule_warmup_then_cosine(dense_dir, tmp_path):
     invoke(train_args(dense_dir, tmp_path / "o", "--min-lr-ratio", "0.2"))
-    records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
-    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    lrs = [r["lr"] for r in metrics_of(tmp_path / "o")]
     peak, warm, steps = 3e-3, 2, 8
     want = [peak * (s + 1) / warm if s < warm else
             peak * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * (s - warm) / (steps - warm)))) for s in range(steps)]
     assert lrs == pytest.approx(want, rel=1e-9)
-    assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 8]
+    assert [r["step"] for r in metrics_of(tmp_path / "o", "eval")] == [4, 8]
 
 
 def test_prmoe_logs_ce_and_aux_and_saves_a_loadable_model(moe_dir, tmp_path):
     out = tmp_path / "o"
     result = json.loads(invoke(train_args(moe_dir, out, "--steps", "10")).stdout)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["kind"] == "train"]
+    train = metrics_of(out)
     for r in train:  # loss = ce + aux_loss_coef * aux, as the model defines it
         assert r["loss"] == pytest.approx(r["ce"] + 0.01 * r["aux"], rel=1e-5) and r["aux"] >= 0.99
-    evals = [r["eval_loss"] for r in records if r["kind"] == "eval"]
+    evals = [r["eval_loss"] for r in metrics_of(out, "eval")]
     assert evals[-1] < evals[0] and result["eval_loss"] == pytest.approx(evals[-1])
     model = load_model(out)
     assert type(model).__name__ == "PRMoEForCausalLM" and [m.experts.num_experts for m in model.moe_layers()] == [3, 4]
@@ -242,8 +239,7 @@ def test_two_processes_train_a_prmoe(moe_dir, tmp_path):
     (as DeepSpeed does per rank), so only the first step's CE (same weights) must match exactly."""
     load_packed(DATA, load_tokenizer(moe_dir), SEQ)
     one, two = torchrun_vs_one(moe_dir, tmp_path)
-    ce = [{r["step"]: r["ce"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
-           if r["kind"] == "train"} for d in (one, two)]
+    ce = [{r["step"]: r["ce"] for r in metrics_of(d)} for d in (one, two)]
     assert ce[0][1] == pytest.approx(ce[1][1], rel=1e-5)
     assert all(ce[0][s] == pytest.approx(ce[1][s], rel=1e-2) for s in ce[0])
     assert load_model(two).moe_layers()
