@@ -1,6 +1,6 @@
 """`generate` speed on a GPT-2-medium-width PR-MoE export (random weights, built in code).
 
-    python benchmarks/generate_speed.py [--layers 8] [--hidden 1024] [--experts 8] [--prompt 256] [--new 32]
+    python benchmarks/generate_speed.py [--layers 8] [--hidden 1024] [--experts 8] [--prompt 256] [--new 32] [--dtype fp32]
 
 Builds the model (every other layer a PR-MoE layer with the residual FFN), saves it, exports it with
 `moe-convert export --format safetensors`, loads it with the runtime and runs greedy generation
@@ -35,14 +35,15 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="fp32", help="export dtype: fp32, bf16, fp16")
     ap.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # the child process that builds the export
     args = ap.parse_args()
     if args.build:
-        return build(args.build, args.layers, args.hidden, args.experts)
+        return build(args.build, args.layers, args.hidden, args.experts, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         # build + export in a child process: this one's peak RSS then measures only loading and generating
         subprocess.run([sys.executable, __file__, "--build", tmp, "--layers", str(args.layers), "--hidden",
-                        str(args.hidden), "--experts", str(args.experts)], check=True)
+                        str(args.hidden), "--experts", str(args.experts), "--dtype", args.dtype], check=True)
         start = time.perf_counter()
         rt = load_runtime(Path(tmp) / "out")
         load_s = time.perf_counter() - start
@@ -52,12 +53,13 @@ def main() -> None:
     decode = statistics.median((r.new_tokens - 1) / r.decode_s for r in runs)
     mib = {k: int(re.search(k + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) // 1024
            for k in ("VmHWM", "RssAnon", "RssFile")}
-    print(f"{args.layers} layers, d={args.hidden}, {args.experts} experts in every other layer: load {load_s:.1f} s, "
+    print(f"{args.layers} layers, d={args.hidden}, {args.experts} experts in every other layer, {args.dtype} export: "
+          f"load {load_s:.1f} s, "
           f"prefill {args.prompt} tokens {prefill:.0f} ms, decode {decode:.1f} tokens/s (median of {args.repeats}); "
           f"peak RSS {mib['VmHWM']} MiB, resident at the end {mib['RssAnon']} MiB anonymous + {mib['RssFile']} MiB file")
 
 
-def build(out: Path, layers: int, hidden: int, experts: int) -> None:
+def build(out: Path, layers: int, hidden: int, experts: int, dtype: str) -> None:
     from transformers import GPT2Config
 
     host = GPT2Config(n_layer=layers, n_embd=hidden, n_head=hidden // 64, n_positions=1024)
@@ -66,7 +68,7 @@ def build(out: Path, layers: int, hidden: int, experts: int) -> None:
     model = PRMoEForCausalLM(PRMoEConfig(text_config=host.to_dict(), moe_layers=moe_layers,
                                          num_experts=[experts] * len(moe_layers)))
     model.save_pretrained(out / "src")
-    export(out / "src", out / "out")
+    export(out / "src", out / "out", dtype=dtype)
 
 
 if __name__ == "__main__":

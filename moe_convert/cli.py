@@ -405,6 +405,8 @@ def generate(
         if threads:
             torch.set_num_threads(threads)
         runtime = load_runtime(export_dir)
+        if runtime.dtype != runtime.stored_dtype and not json_out:
+            err_console.print("fp16 export computed in fp32: this CPU has no native fp16 matmul")
         tokenizer = load_tokenizer(export_dir)
         ids = tokenizer(prompt)["input_ids"]
         eos = runtime.cfg.get("eos_token_id")
@@ -450,6 +452,11 @@ def bench_layer(
         load = os.getloadavg()[0]
         if load > 1.0:
             err_console.print(f"warning: 1-minute load average {load:.1f} — other work is running, timings will be noisy")
+        from .kernels import native_fp16_matmul
+
+        if dtype == "fp16" and not native_fp16_matmul():
+            err_console.print("warning: this CPU has no native fp16 matmul: every implementation (and the floor's "
+                              "GEMM rate) runs torch's slow fallback; `generate` computes fp16 exports in fp32")
         with Progress(SpinnerColumn(), "[progress.description]{task.description}", console=err_console,
                       transient=True, disable=json_out) as bar:
             task = bar.add_task("measuring the machine", total=None)

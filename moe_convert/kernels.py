@@ -77,6 +77,14 @@ PACK_BATCH_HINT = 512
 PACK_MIN_BYTES = 2 * 2**20
 
 
+def native_fp16_matmul() -> bool:
+    """This CPU multiplies fp16 matrices natively (oneDNN has fp16 kernels for it, e.g. AVX512-FP16 /
+    AMX-FP16). Without them torch falls back to a scalar path: a (256, 512) x (512, 2048) fp16 matmul
+    took 510 ms here against 3.7 ms in fp32."""
+    supported = getattr(_MKLDNN, "_is_mkldnn_fp16_supported", None)
+    return bool(supported and supported())
+
+
 def onednn_ok(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
     """oneDNN's fused linear applies: CPU, fp32/bf16 throughout, no autograd needed, op present."""
     return (_LINEAR_POINTWISE is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .errors import MoEConvertError
 from .export import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file)
 from .io import open_safetensors, read_safetensors, return_freed_memory
-from .kernels import ACTIVATIONS, ffn, linear, moe_forward, pack_experts, pack_ffn, pack_matrix
+from .kernels import ACTIVATIONS, ffn, linear, moe_forward, native_fp16_matmul, pack_experts, pack_ffn, pack_matrix
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -59,6 +59,13 @@ def load_export(path: str | Path, manifest: dict) -> dict[str, torch.Tensor]:
             raise MoEConvertError(f"{path}: MoE layer {entry['layer']} is incomplete (router for "
                                   f"{entry['experts']} experts missing)")
     return tensors
+
+
+def compute_dtype(stored: torch.dtype) -> torch.dtype:
+    """The dtype the runtime computes in: the export's, except fp16 on a CPU without native fp16
+    matmul (`kernels.native_fp16_matmul`), where the weights are widened to fp32 at load: ~140x
+    faster, and more precise."""
+    return torch.float32 if stored == torch.float16 and not native_fp16_matmul() else stored
 
 
 @dataclass
@@ -116,7 +123,11 @@ class Runtime:
         self.num_layers = self.cfg["num_hidden_layers"] if "num_hidden_layers" in self.cfg else self.cfg["n_layer"]
         self.configure(self.cfg)
         self.t = load_export(path, manifest)
-        self.dtype = next(v.dtype for v in self.t.values() if v.is_floating_point())
+        self.stored_dtype = next(v.dtype for v in self.t.values() if v.is_floating_point())
+        self.dtype = compute_dtype(self.stored_dtype)
+        if self.dtype != self.stored_dtype:  # exact: every fp16 value is an fp32 value
+            for name, v in self.t.items():
+                self.t[name] = v.to(self.dtype) if v.is_floating_point() else v
         self.ffns: list[dict] = []
         self.proj: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # name -> ([out, in] or packed, bias)
         for i in range(self.num_layers):

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from conftest import VOCAB, save_tiny_prmoes, tiny_llama_config
 from moe_convert.cli import app
 from moe_convert.export import SINGLE_FILE, export
-from moe_convert import kernels
+from moe_convert import kernels, runtime
 from moe_convert.kernels import PackedExperts
 from moe_convert.runtime import load_runtime
 
@@ -37,7 +37,7 @@ def exported(tmp_path_factory):
     out = {}
     for host, (model, src) in save_tiny_prmoes(tmp_path_factory, seed=20).items():
         save_tokenizer(src)
-        for dtype, ep in [("fp32", 1), ("bf16", 1), ("fp32", 2)]:
+        for dtype, ep in [("fp32", 1), ("bf16", 1), ("fp16", 1), ("fp32", 2)]:
             dst = tmp_path_factory.mktemp(f"exp-{host}") / "out"
             export(src, dst, dtype=dtype, ep_size=ep)
             out[host, dtype, ep] = (model, dst)
@@ -77,6 +77,32 @@ def test_bf16_logits_within_bf16_tolerance(exported, host, packed):
     assert got.dtype == torch.bfloat16
     err = (got.float() - ref).norm() / ref.norm()
     assert err < 2e-2, err  # bf16 keeps ~3 significant digits
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["no-fp16-matmul", "fp16-matmul"])
+def test_fp16_export_computes_in_fp32_where_the_cpu_has_no_fp16_matmul(exported, host, native, monkeypatch):
+    """Without native fp16 matmul (this machine: ~140x slower than fp32) the weights are widened to fp32
+    at load, exactly: the logits equal the source model's with every weight rounded to fp16, run in fp32.
+    With it, the export runs in fp16."""
+    import copy
+
+    model, path = exported[host, "fp16", 1]
+    monkeypatch.setattr(runtime, "native_fp16_matmul", lambda: native)
+    rt = load_runtime(path)
+    ids = torch.randint(0, VOCAB, (2, 11))
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.half().float())
+        ref = rounded(ids).logits
+    got = rt.logits(ids)
+    assert rt.stored_dtype == torch.float16 and got.dtype == rt.dtype == (torch.float16 if native else torch.float32)
+    if native:
+        assert (got.float() - ref).norm() / ref.norm() < 5e-3  # fp16 keeps ~3.3 significant digits
+    else:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    res = runner.invoke(app, ["generate", str(path), "--prompt", "w5 w6", "--max-new-tokens", "2"])
+    assert res.exit_code == 0 and ("computed in fp32" in res.output) != native, res.output
 
 
 def test_kv_cache_decoding_equals_one_full_pass(exported, host, packed):
