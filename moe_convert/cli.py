@@ -33,26 +33,37 @@ err_console = Console(stderr=True)
 
 
 @contextmanager
-def reporting_errors():
+def reporting_errors(json_out: bool = False):
     """Turn our own error type into a one-line message and exit code 2 (no traceback).
 
     Our commands draw their own progress and summaries, so transformers' and the hub's per-load
-    progress bars and advisory warnings are silenced for the command's duration.
+    progress bars and advisory warnings are silenced for the command's duration. With `--json`,
+    stdout carries the JSON alone: what libraries print meanwhile goes to stderr (DeepSpeed, when
+    installed, logs to stdout as accelerate imports it), and `print_json` writes to the real stdout.
     """
+    import contextlib
+
     from transformers.utils import logging as hf_logging
 
     from .errors import MoEConvertError
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    _JSON_STDOUT.append(sys.stdout)
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
+            yield
     except MoEConvertError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         raise typer.Exit(130)
+    finally:
+        _JSON_STDOUT.pop()
+
+
+_JSON_STDOUT: list = []  # the stdout each running command started with (`print_json` writes there)
 
 
 def tune_memory_for_inference() -> None:
@@ -71,7 +82,7 @@ def tune_memory_for_inference() -> None:
 
 def print_json(obj) -> None:
     """Machine-readable output: plain JSON on stdout, nothing else."""
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    (_JSON_STDOUT[-1] if _JSON_STDOUT else sys.stdout).write(json.dumps(obj, indent=2) + "\n")
 
 
 @app.command()
@@ -95,7 +106,7 @@ def upcycle(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table. Default: off."),
 ):
     """Dense HF checkpoint (hub id or local dir) -> PR-MoE checkpoint dir, streaming."""
-    with reporting_errors():
+    with reporting_errors(json_out):
         from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
         from .upcycle import upcycle as run_upcycle
@@ -208,7 +219,7 @@ def train(
     options: dict = None,
 ):
     """Continue training a dense or PR-MoE model with CE (+ aux loss); 1 process or torchrun (DDP)."""
-    with reporting_errors():
+    with reporting_errors(json_out):
         from .train import run_training
 
         job = TrainJob.from_dict({"model": str(model), "data": data, "output": str(output), **options})
@@ -243,7 +254,7 @@ def distill(
     options: dict = None,
 ):
     """MoE teacher -> shallower Mixture-of-Students with staged knowledge distillation."""
-    with reporting_errors():
+    with reporting_errors(json_out):
         from .distill import run_distill
 
         job = DistillJob.from_dict({"teacher": str(teacher), "data": data, "output": str(output), **options})
@@ -283,7 +294,7 @@ def export(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table. Default: off."),
 ):
     """Model dir -> inference layout (safetensors), HF dir, or DeepSpeed state dicts."""
-    with reporting_errors():
+    with reporting_errors(json_out):
         import time
         from dataclasses import asdict
 
@@ -330,7 +341,7 @@ def eval_(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Held-out loss, perplexity and tokens/s (and the unigram-baseline perplexity of the same tokenizer)."""
-    with reporting_errors():
+    with reporting_errors(json_out):
         from .train import eval_model
 
         result = eval_model(model, data, text_field=text_field, seq_len=seq_len, eval_fraction=eval_fraction,
@@ -354,7 +365,7 @@ def inspect(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Layer table: experts per layer, total vs active params, dtype, size on disk (meta device: instant)."""
-    with reporting_errors():
+    with reporting_errors(json_out):
         from .summary import summarize
 
         s = summarize(model)
@@ -391,7 +402,7 @@ def generate(
     Weights are packed for oneDNN at load. The process asks for transparent huge pages (THP_MEM_ALLOC_ENABLE=1 unless you set it) and keeps freed heap memory for reuse.
     """
     tune_memory_for_inference()
-    with reporting_errors():
+    with reporting_errors(json_out):
         import torch
 
         from .errors import MoEConvertError
@@ -439,7 +450,7 @@ def bench_layer(
     Same weights and inputs for every implementation, interleaved rounds, medians. The process asks for transparent huge pages (THP_MEM_ALLOC_ENABLE=1 unless you set it) and keeps freed heap memory for reuse, for every implementation alike. Run it on an otherwise idle machine.
     """
     tune_memory_for_inference()
-    with reporting_errors():
+    with reporting_errors(json_out):
         from dataclasses import asdict
 
         from rich.progress import Progress, SpinnerColumn
@@ -503,7 +514,7 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="Print the plan / summary as JSON. Default: off."),
 ):
     """Run a recipe: the steps above chained from one YAML file; finished steps are skipped; writes report.md."""
-    with reporting_errors():
+    with reporting_errors(json_out):
         from dataclasses import asdict
 
         from .recipe import load_recipe
