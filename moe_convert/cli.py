@@ -43,6 +43,7 @@ def reporting_errors(json_out: bool = False):
     """
     import contextlib
 
+    from rich.markup import escape
     from transformers.utils import logging as hf_logging
 
     from .errors import MoEConvertError
@@ -54,7 +55,7 @@ def reporting_errors(json_out: bool = False):
         with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
             yield
     except MoEConvertError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
@@ -194,6 +195,19 @@ def with_job_options(job_cls):
         wrapper.__annotations__.update({p.name: p.annotation for p in extra})
         return wrapper
     return decorate
+
+
+def set_threads(threads: int | None) -> None:
+    """`--threads`: torch's intra-op threads for this process (None: torch's choice)."""
+    if threads is None:
+        return
+    from .errors import MoEConvertError
+
+    if threads < 1:
+        raise MoEConvertError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _fmt(value, spec: str) -> str:
@@ -403,18 +417,16 @@ def generate(
     """
     tune_memory_for_inference()
     with reporting_errors(json_out):
-        import torch
-
         from .errors import MoEConvertError
         from .data import load_tokenizer
-        from .runtime import load_runtime
+        from .runtime import check_sampling, load_runtime
 
         if max_new_tokens < 1:
             raise MoEConvertError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise MoEConvertError(f"--top-p must be in (0, 1], got {top_p}")
-        if threads:
-            torch.set_num_threads(threads)
+        check_sampling(temperature, top_k, top_p)
+        set_threads(threads)
+        if temperature == 0 and (top_k, top_p, seed) != (None, None, None) and not json_out:
+            err_console.print("note: --top-k, --top-p and --seed apply only with --temperature > 0; decoding greedily")
         runtime = load_runtime(export_dir)
         if runtime.dtype != runtime.stored_dtype and not json_out:
             err_console.print("fp16 export computed in fp32: this CPU has no native fp16 matmul")
@@ -426,11 +438,15 @@ def generate(
         text = tokenizer.decode(out.tokens[len(ids):], skip_special_tokens=True)
         if json_out:
             print_json({"prompt": prompt, "text": text, "tokens": out.tokens[len(ids):], "new_tokens": out.new_tokens,
-                        "prefill_s": out.prefill_s, "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s})
+                        "prefill_s": out.prefill_s, "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s,
+                        "decode_tokens_per_s": out.decode_tokens_per_s, "stopped_at_context": out.stopped_at_context})
             return
         console.print(prompt + text, highlight=False, markup=False)
-        err_console.print(f"{out.new_tokens} tokens, {out.tokens_per_s:.1f} tokens/s "
-                          f"(prefill {out.prefill_s * 1e3:.1f} ms for {len(ids)} prompt tokens)")
+        if out.stopped_at_context:
+            err_console.print(f"stopped at the model's context of {runtime.context} tokens")
+        err_console.print(f"{out.new_tokens} tokens in {(out.prefill_s + out.decode_s) * 1e3:.1f} ms: prefill "
+                          f"{out.prefill_s * 1e3:.1f} ms for {len(ids)} prompt tokens, then decode "
+                          f"{_fmt(out.decode_tokens_per_s, '.1f')} tokens/s")
 
 
 @bench_app.command("layer")

@@ -68,9 +68,15 @@ def compute_dtype(stored: torch.dtype) -> torch.dtype:
     return torch.float32 if stored == torch.float16 and not native_fp16_matmul() else stored
 
 
+# Config keys holding the positions a model was built for (GPT-2's learned table; RoPE models' range).
+CONTEXT_KEYS = ("n_positions", "max_position_embeddings")
+# Positions a generation's KV cache is first allocated for beyond the prompt; it doubles when full.
+CACHE_STEP = 256
+
+
 @dataclass
 class KVCache:
-    """Keys and values of every layer, preallocated to `max_len` positions: (B, H_kv, max_len, head_dim)."""
+    """Keys and values of every layer, (B, H_kv, capacity, head_dim), preallocated and doubled when full."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
@@ -80,22 +86,37 @@ class KVCache:
         """Store this step's (B, H_kv, L, hd) keys/values; return all keys/values so far."""
         end = self.length + k.shape[2]
         if end > self.k[layer].shape[2]:
-            raise MoEConvertError(f"sequence of {end} tokens exceeds the cache's {self.k[layer].shape[2]}")
+            self.k[layer], self.v[layer] = (_grown(t, max(end, 2 * t.shape[2]), self.length)
+                                            for t in (self.k[layer], self.v[layer]))
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def _grown(t: torch.Tensor, capacity: int, length: int) -> torch.Tensor:
+    """A (B, H, capacity, hd) copy of cache tensor t holding its first `length` positions."""
+    out = t.new_empty(*t.shape[:2], capacity, t.shape[3])
+    out[:, :, :length] = t[:, :, :length]
+    return out
 
 
 @dataclass
 class Generation:
     tokens: list[int]  # prompt + new tokens
     new_tokens: int
-    prefill_s: float
-    decode_s: float
+    prefill_s: float  # the prompt's forward, which also gives the first new token
+    decode_s: float  # the other new tokens, one forward each
+    stopped_at_context: bool = False  # the model's context ended the generation before max_new_tokens
 
     @property
     def tokens_per_s(self) -> float:
+        """New tokens per second, prefill included."""
         return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """New tokens per second after the first (None when only one was generated)."""
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else None
 
 
 class Runtime:
@@ -121,6 +142,7 @@ class Runtime:
         self.act = ACTIVATIONS[manifest["activation"]]
         self.moe = {e["layer"]: e for e in manifest["layers"]}
         self.num_layers = self.cfg["num_hidden_layers"] if "num_hidden_layers" in self.cfg else self.cfg["n_layer"]
+        self.context = next(self.cfg[k] for k in CONTEXT_KEYS if self.cfg.get(k))  # positions the model was built for
         self.configure(self.cfg)
         self.t = load_export(path, manifest)
         self.stored_dtype = next(v.dtype for v in self.t.values() if v.is_floating_point())
@@ -221,6 +243,8 @@ class Runtime:
         position with `last_only` (generation: the LM head over a long prompt is skipped); the cache advances."""
         B, L = ids.shape
         past = cache.length
+        if past + L > self.context:
+            raise MoEConvertError(f"{past + L} positions exceed the model's context of {self.context}")
         pos = torch.arange(past, past + L)  # (L,)
         keys = torch.arange(past + L)[None, :]  # (1, past+L)
         causal = keys <= pos[:, None]  # (L, past+L)
@@ -247,15 +271,20 @@ class Runtime:
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None) -> Generation:
-        """Greedy (temperature 0) or sampled continuation of `prompt` with a KV cache; stops at EOS."""
+        """Greedy (temperature 0) or sampled continuation of `prompt` with a KV cache; stops at EOS or at
+        the model's context."""
+        check_sampling(temperature, top_k, top_p)
         if not prompt:
             raise MoEConvertError("generate: the prompt is empty")
+        if len(prompt) >= self.context:
+            raise MoEConvertError(f"the prompt has {len(prompt)} tokens; the model's context is {self.context}")
+        new = min(max_new_tokens, self.context - len(prompt))
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        cache = self.new_cache(1, len(prompt) + max_new_tokens)
+        cache = self.new_cache(1, len(prompt) + min(new, CACHE_STEP))  # grows as it fills
         tokens, step = list(prompt), torch.tensor([prompt])
         start = time.perf_counter()
         prefill_s = 0.0
-        for n in range(max_new_tokens):
+        for n in range(new):
             logits = self.forward(step, cache, last_only=True)[0, -1].float()  # (V,)
             nxt = sample(logits, temperature, top_k, top_p, gen)
             if n == 0:
@@ -265,7 +294,19 @@ class Runtime:
                 break
             step = torch.tensor([[nxt]])
         total = time.perf_counter() - start
-        return Generation(tokens, len(tokens) - len(prompt), prefill_s, total - prefill_s)
+        made = len(tokens) - len(prompt)
+        return Generation(tokens, made, prefill_s, total - prefill_s,
+                          stopped_at_context=made == new < max_new_tokens and tokens[-1] != eos_token_id)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Sampling settings a user can get wrong, refused with one line each."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise MoEConvertError(f"--temperature must be 0 (greedy) or a positive number, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise MoEConvertError(f"--top-k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise MoEConvertError(f"--top-p must be in (0, 1], got {top_p}")
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -273,7 +314,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
     """Next token from logits (V,): argmax at temperature 0, else top-k / top-p (nucleus) sampling."""
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits / temperature
+    logits = logits.double() / temperature  # fp64: a tiny temperature must not overflow to inf
     if top_k:
         kth = logits.topk(min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -125,6 +125,38 @@ def test_greedy_tokens_equal_transformers_generate(exported, host, packed):
     assert out.new_tokens == len(ref[0]) - 6 and out.tokens_per_s > 0
 
 
+def test_generation_stops_at_the_models_context(exported, host, monkeypatch):
+    """Never past the positions the model was built for (GPT-2's table would overflow); the KV cache,
+    allocated in steps, grows as it fills with the same tokens as one allocated whole."""
+    from moe_convert.errors import MoEConvertError
+
+    _, path = exported[host, "fp32", 1]
+    rt = load_runtime(path)
+    assert rt.context == 64
+    prompt = torch.randint(2, VOCAB, (60,)).tolist()
+    out = rt.generate(prompt, 10**9)  # no EOS given: only the context stops it
+    assert out.new_tokens == 4 and out.stopped_at_context and len(out.tokens) == 64
+    assert not rt.generate(prompt, 3).stopped_at_context
+    whole = rt.generate(prompt[:5], 40).tokens
+    monkeypatch.setattr(runtime, "CACHE_STEP", 3)
+    assert rt.generate(prompt[:5], 40).tokens == whole  # the cache grew 5+3 -> 16 -> 32 -> 64
+    with pytest.raises(MoEConvertError, match="context is 64"):
+        rt.generate(prompt + prompt[:4], 1)
+    with pytest.raises(MoEConvertError, match="exceed the model's context of 64"):
+        rt.logits(torch.randint(0, VOCAB, (1, 65)))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "-1"], "--temperature"), (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "1", "--top-k", "0"], "--top-k"), (["--temperature", "1", "--top-p", "0"], "--top-p"),
+    (["--threads", "0"], "--threads"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+])
+def test_generate_bad_settings_are_one_line_errors(exported, args, message):
+    _, path = exported["gpt2", "fp32", 1]
+    res = runner.invoke(app, ["generate", str(path), "--prompt", "w5 w6", *args])
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+
+
 def test_sampling_controls(exported):
     _, path = exported["gpt2", "fp32", 1]
     rt = load_runtime(path)
@@ -145,6 +177,9 @@ def test_generate_cli_prints_text_and_speed(exported):
 
     out = json.loads(res.stdout)
     assert 1 <= out["new_tokens"] <= 5 and out["tokens_per_s"] > 0 and len(out["tokens"]) == out["new_tokens"]
+    assert out["stopped_at_context"] is False
+    res = runner.invoke(app, ["generate", str(path), "--prompt", "w5 w6 w7", "--max-new-tokens", "1000"])
+    assert res.exit_code == 0 and "stopped at the model's context of 64 tokens" in res.output, res.output
     res = runner.invoke(app, ["generate", str(path), "--prompt", "w5 w6", "--max-new-tokens", "3",
                               "--temperature", "0.8", "--top-p", "0.9", "--seed", "1"])
     assert res.exit_code == 0, res.output
