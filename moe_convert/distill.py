@@ -213,7 +213,7 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
     from .summary import load_config
 
     out = Path(job.output)
-    state = claim_output(out, resume, overwrite)
+    state = claim_output(out, resume, overwrite, inputs=[job.model, job.data])
     config = load_config(job.model)  # plan and data are checked before the teacher is loaded
     tokenizer = load_tokenizer(job.model)
     plan = plan_student(config, job.student_layers, job.keep_layers)

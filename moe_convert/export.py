@@ -251,7 +251,7 @@ def export(model: str | Path, out: str | Path, fmt: str = "safetensors", dtype: 
     """Write `model` (our PR-MoE directory) to `out` in format `fmt`; the output appears only when complete."""
     check_export_args(fmt, dtype, ep_size)
     src = src or open_source(model)
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, inputs=[model]) as tmp:
         files = FORMATS[fmt](src, tmp, dtype=dtype, ep_size=ep_size, max_shard_size=max_shard_size,
                              on_tensor=on_tensor)
         tokenizer_files = copy_tokenizer_files(src.path, tmp)

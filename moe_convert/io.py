@@ -330,15 +330,26 @@ class ShardWriter:
         self._close_file()
 
 
+def check_output_apart(out: str | Path, inputs) -> None:
+    """Refuse an output directory that is one of the existing `inputs` or holds one: writing or
+    replacing it would destroy what the command reads."""
+    o = Path(out).resolve()
+    for i in inputs:
+        p = Path(i).resolve()
+        if p.exists() and (o == p or o in p.parents):
+            raise MoEConvertError(f"output {out} {'is' if o == p else 'contains'} the input {i}; choose another output")
+
+
 @contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False):
+def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs=()):
     """Yield a temporary sibling of `out` to fill; it becomes `out` only if the block completes.
 
-    An existing `out` is refused unless `overwrite` (and then replaced only at the very end). On
-    any failure or interrupt the temporary directory is removed, so nothing that looks like a
-    finished checkpoint is left behind.
+    An existing `out` is refused unless `overwrite` (and then replaced only at the very end), and so
+    is an `out` that is or holds one of `inputs`. On any failure or interrupt the temporary
+    directory is removed, so nothing that looks like a finished checkpoint is left behind.
     """
     out = Path(out)
+    check_output_apart(out, inputs)
     if out.exists() and not overwrite:
         raise MoEConvertError(f"output {out} already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)

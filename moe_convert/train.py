@@ -52,7 +52,7 @@ import torch
 from .data import PackedData
 from .config import TrainConfig, TrainJob
 from .errors import MoEConvertError
-from .io import DTYPES
+from .io import DTYPES, check_output_apart
 
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
 CHECKPOINTS = "checkpoints"
@@ -340,12 +340,16 @@ class Trainer:
         acc.wait_for_everyone()
 
 
-def claim_output(out: Path, resume: bool, overwrite: bool):
+def claim_output(out: Path, resume: bool, overwrite: bool, inputs=()):
     """The process state (under torchrun this sets up the group: gloo on CPU); refuses a non-empty
-    OUTPUT unless resuming or overwriting. Nothing is removed yet (see `clear_output`)."""
+    OUTPUT unless resuming or overwriting, an OUTPUT that is a file, and one that is or holds one of
+    `inputs` (the model, the data). Nothing is removed yet (see `clear_output`)."""
     from accelerate import PartialState
 
     state = PartialState(cpu=cpu_only())
+    check_output_apart(out, inputs)
+    if out.exists() and not out.is_dir():
+        raise MoEConvertError(f"output: {out} is a file, not a directory")
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise MoEConvertError(f"output: {out} is not empty; pass --resume to continue it or --overwrite to replace it")
     return state
@@ -380,7 +384,7 @@ def run_training(job: TrainJob, *, resume: bool = False, stop_after: int | None 
     from .summary import load_config
 
     out = Path(job.output)
-    state = claim_output(out, resume, overwrite)
+    state = claim_output(out, resume, overwrite, inputs=[job.model, job.data])
     tokenizer = load_tokenizer(job.model)
     data = load_job_data(job, tokenizer, state, load_config(job.model))
     model = load_model(job.model)

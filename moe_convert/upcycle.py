@@ -41,7 +41,8 @@ from . import __version__
 from .config import MoELayout, build_layout
 from .configuration_prmoe import PRMoEConfig
 from .errors import MoEConvertError
-from .io import DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, copy_tokenizer_files, parse_size
+from .io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_output_apart,
+                 copy_tokenizer_files, parse_size)
 from .modeling import HostSpec, PRMoEForCausalLM, host_spec
 from .moe import EXPERT_PARAMS
 
@@ -361,6 +362,7 @@ def upcycle(
         raise MoEConvertError(f"output {output} already exists (pass --overwrite to replace it)")
 
     src = resolve_source(source)
+    check_output_apart(output, [src])
     reader = CheckpointReader(src)
     spec = host_spec(reader.config.get("model_type"))
     from transformers import AutoConfig
@@ -406,7 +408,7 @@ def upcycle(
                 dense_logits = dense(sample).logits.float()  # (B, L, V)
         del dense
 
-    with atomic_output_dir(output, overwrite) as tmp:
+    with atomic_output_dir(output, overwrite, inputs=[src]) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes, metadata={"producer": f"moe-convert {__version__} upcycle"})
         writer.begin(plan)
         done, total = 0, writer.total_bytes

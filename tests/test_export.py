@@ -156,3 +156,11 @@ def test_json_is_all_of_stdout_in_a_fresh_process(saved, tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["format"] == "hf"
+
+
+def test_output_that_is_the_model_is_refused(saved):
+    _, src = saved["llama"]
+    files = sorted(p.name for p in src.iterdir())
+    r = runner.invoke(app, ["export", str(src), "-o", str(src), "--overwrite"])
+    assert r.exit_code == 2 and "is the input" in r.output, r.output
+    assert sorted(p.name for p in src.iterdir()) == files

@@ -190,6 +190,13 @@ def test_mixed_precision_and_refusals(dense_dir, tmp_path):
     assert refused.exit_code == 2 and "--overwrite" in refused.output
     bad = CliRunner().invoke(app, train_args(dense_dir, tmp_path / "x", "--batch-size", "6", "--grad-accum", "4"))
     assert bad.exit_code == 2 and "not divisible" in bad.output
+    files = sorted(p.name for p in dense_dir.iterdir())
+    into_input = CliRunner().invoke(app, train_args(dense_dir, dense_dir, "--overwrite"))
+    assert into_input.exit_code == 2 and "is the input" in into_input.output, into_input.output
+    assert sorted(p.name for p in dense_dir.iterdir()) == files  # the model is untouched
+    (tmp_path / "a-file").write_text("x")
+    into_file = CliRunner().invoke(app, train_args(dense_dir, tmp_path / "a-file"))
+    assert into_file.exit_code == 2 and "is a file" in into_file.output, into_file.output
     if not torch.cuda.is_available():
         fp16 = CliRunner().invoke(app, train_args(dense_dir, tmp_path / "y", "--mixed-precision", "fp16"))
         assert fp16.exit_code == 2 and "fp16 needs a GPU" in fp16.output

@@ -299,3 +299,14 @@ def test_streaming_peak_memory_does_not_grow_with_experts(tmp_path):
     shards = [p.stat().st_size for p in (tmp_path / "moe64").glob("*.safetensors")]
     assert sum(shards) > 5 * max(shards) and max(shards) <= 20e6  # output many times the largest shard
     assert peaks[64] - peaks[4] < 8e6, peaks
+
+
+@pytest.mark.parametrize("where", ["same", "parent"])
+def test_output_that_is_or_holds_the_source_is_refused(dense_dirs, where):
+    """--overwrite must never replace the directory being read."""
+    src = dense_dirs["gpt2"]
+    out = src if where == "same" else src.parent
+    files = sorted(p.name for p in src.iterdir())
+    r = CliRunner().invoke(app, ["upcycle", str(src), "-o", str(out), "--overwrite"])
+    assert r.exit_code == 2 and ("is the input" if where == "same" else "contains the input") in r.output, r.output
+    assert sorted(p.name for p in src.iterdir()) == files
