@@ -214,8 +214,8 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise MoEConvertError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "clip"):
-            if not getattr(self, name) >= 0:
-                raise MoEConvertError(f"{name}: must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise MoEConvertError(f"{name}: must be a finite number >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise MoEConvertError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("beta1", "beta2"):

@@ -56,6 +56,8 @@ from .io import DTYPES, check_output_apart
 
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
 CHECKPOINTS = "checkpoints"
+# Settings a resumed run may change: they decide what is logged, evaluated and kept, not the training.
+RESUME_MAY_CHANGE = ("log_every", "eval_every", "eval_windows", "save_every", "keep_checkpoints")
 METRICS = "metrics.jsonl"
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, int], dict[str, torch.Tensor]]
@@ -225,19 +227,31 @@ class Trainer:
         acc.save_state(str(path), safe_serialization=False)  # tied embeddings: plain torch files
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (path / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(self.cfg)}, indent=1))
+            state = {"step": step, "config": asdict(self.cfg), "seq_len": self.data.seq_len}
+            (path / "trainer_state.json").write_text(json.dumps(state, indent=1))
             for old in checkpoints(self.out_dir)[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(old)
         acc.wait_for_everyone()
         return path
 
-    def _resume(self) -> int:
+    def _resume(self, stop_after: int | None) -> int:
+        """Restore the newest checkpoint; its step. Refused before anything changes when the run's
+        settings differ from the checkpoint's where they shape the training, or when `stop_after` is
+        not past it."""
         ckpts = checkpoints(self.out_dir)
         if not ckpts:
             raise MoEConvertError(f"resume: no complete checkpoint under {self.out_dir / CHECKPOINTS}")
         state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
-        self.accelerator.load_state(str(ckpts[-1]))
         step = state["step"]
+        saved = {**state["config"], "seq_len": state.get("seq_len", self.data.seq_len)}
+        now = {**asdict(self.cfg), "seq_len": self.data.seq_len}
+        changed = [f"{k} {now.get(k)} (the checkpoint's: {v})" for k, v in saved.items()
+                   if k not in RESUME_MAY_CHANGE and now.get(k) != v]
+        if changed:
+            raise MoEConvertError(f"resume: {', '.join(changed)}; resume with the settings the run started with")
+        if stop_after is not None and stop_after <= step:
+            raise MoEConvertError(f"--stop-after {stop_after}: the newest checkpoint is already at step {step}")
+        self.accelerator.load_state(str(ckpts[-1]))
         if self.accelerator.is_main_process:  # drop records the resumed run will write again
             metrics = self.out_dir / METRICS
             lines = metrics.read_text().splitlines() if metrics.exists() else []
@@ -264,8 +278,10 @@ class Trainer:
         if acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
+        if stop_after is not None and stop_after < 1:
+            raise MoEConvertError(f"--stop-after must be >= 1, got {stop_after}")
         if resume:
-            start = self._resume()  # restores the RNGs too
+            start = self._resume(stop_after)  # restores the RNGs too
         else:
             start = 0
             set_seed(cfg.seed)  # dropout (and anything else random) starts from the seed

@@ -91,7 +91,13 @@ def test_resume_continues_exactly(dense_dir, tmp_path):
     assert not (part / "config.json").exists(), "a stopped run must not look like a finished model"
     assert (part / "checkpoints" / "step-000004" / "trainer_state.json").exists()
     assert sorted(losses(part)) == [1, 2, 3, 4]
-    invoke(train_args(dense_dir, part, "--resume"))
+    for extra, message in [(["--lr", "1"], "lr 1.0 (the checkpoint's: 0.003)"),
+                           (["--seq-len", "16"], "seq_len 16 (the checkpoint's: 32)"),
+                           (["--stop-after", "3"], "already at step 4")]:  # refused before anything changes
+        refused = CliRunner().invoke(app, train_args(dense_dir, part, "--resume", *extra))
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+    assert sorted(losses(part)) == [1, 2, 3, 4]
+    invoke(train_args(dense_dir, part, "--resume", "--eval-every", "2"))  # what is logged may change
     a, b = losses(full), losses(part)
     assert sorted(a) == list(range(1, 9)) and a == b  # bit-identical at every step (dropout on)
     wa, wb = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
@@ -190,6 +196,9 @@ def test_mixed_precision_and_refusals(dense_dir, tmp_path):
     assert refused.exit_code == 2 and "--overwrite" in refused.output
     bad = CliRunner().invoke(app, train_args(dense_dir, tmp_path / "x", "--batch-size", "6", "--grad-accum", "4"))
     assert bad.exit_code == 2 and "not divisible" in bad.output
+    for extra, message in [(["--lr", "inf"], "lr: must be a finite number"), (["--stop-after", "0"], "--stop-after")]:
+        bad = CliRunner().invoke(app, train_args(dense_dir, tmp_path / "z", *extra))
+        assert bad.exit_code == 2 and message in bad.output, bad.output
     files = sorted(p.name for p in dense_dir.iterdir())
     into_input = CliRunner().invoke(app, train_args(dense_dir, dense_dir, "--overwrite"))
     assert into_input.exit_code == 2 and "is the input" in into_input.output, into_input.output
