@@ -7,6 +7,7 @@ transformers are imported inside the commands that need them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -82,8 +83,16 @@ def tune_memory_for_inference() -> None:
 
 
 def print_json(obj) -> None:
-    """Machine-readable output: plain JSON on stdout, nothing else."""
-    (_JSON_STDOUT[-1] if _JSON_STDOUT else sys.stdout).write(json.dumps(obj, indent=2) + "\n")
+    """Machine-readable output: plain JSON on stdout, nothing else (NaN and infinities, which JSON
+    has not, as null)."""
+    def strict(o):
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {k: strict(v) for k, v in o.items()}
+        return [strict(v) for v in o] if isinstance(o, (list, tuple)) else o
+
+    (_JSON_STDOUT[-1] if _JSON_STDOUT else sys.stdout).write(json.dumps(strict(obj), indent=2, allow_nan=False) + "\n")
 
 
 @app.command()

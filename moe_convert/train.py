@@ -152,6 +152,9 @@ def eval_model(model: str | Path, data: str, *, text_field: str = "text", seq_le
 
     if split not in ("eval", "train"):
         raise MoEConvertError(f"split: must be eval or train, got {split!r}")
+    if batch_size < 1 or max_windows < 0:
+        raise MoEConvertError(f"eval: batch_size must be >= 1 and max_windows >= 0 (0 = all), got {batch_size} "
+                              f"and {max_windows}")
     tokenizer = load_tokenizer(model)
     packed = load_packed(data, tokenizer, seq_len, text_field=text_field, eval_fraction=eval_fraction,
                          max_positions=max_positions(load_config(model)))

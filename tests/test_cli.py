@@ -1,5 +1,6 @@
 """The CLI shell: fast --help, every command documented."""
 
+import json
 import subprocess
 import sys
 
@@ -30,3 +31,16 @@ def test_every_command_has_help(cmd):
     result = CliRunner().invoke(app, [cmd, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+
+
+def test_json_output_is_strict_json(capsys):
+    """NaN / infinity (an eval with no held-out windows) print as null: other tools' JSON parsers refuse NaN."""
+    from moe_convert.cli import print_json
+
+    print_json({"eval_loss": float("nan"), "rows": [1.5, float("inf"), {"ppl": float("-inf")}], "pair": (2, "x")})
+
+    def refuse(name):
+        raise ValueError(name)
+
+    got = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert got == {"eval_loss": None, "rows": [1.5, None, {"ppl": None}], "pair": [2, "x"]}
