@@ -171,14 +171,18 @@ def option(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,)}  # annotation -> accepted types
+FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}  # annotation -> accepted types
 
 
 def check_types(obj) -> None:
-    """Each scalar field must have its annotated type (YAML reads `3e-4` as a string)."""
+    """Each scalar field must have its annotated type, `X | None` allowing None (recipes and overrides
+    are YAML: a quoted number or `yes` would otherwise slip through)."""
     for f in fields(obj):
-        value, allowed = getattr(obj, f.name), FIELD_TYPES.get(f.type)
-        if allowed and (isinstance(value, bool) or not isinstance(value, allowed)):
+        kind = f.type.removesuffix(" | None")
+        value, allowed = getattr(obj, f.name), FIELD_TYPES.get(kind)
+        if allowed is None or (value is None and kind != f.type):
+            continue
+        if isinstance(value, bool) != (kind == "bool") or not isinstance(value, allowed):
             raise MoEConvertError(f"{f.name}: expected {f.type}, got {value!r}")
 
 

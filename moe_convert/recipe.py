@@ -162,16 +162,33 @@ class Recipe:
     steps: list[Step]
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """`kind.field=value`, `N.field=value` or `output=DIR` (values read as YAML) on the raw recipe."""
+def read_yaml(text: str):
+    """YAML as its 1.2 core schema reads it: `3e-4` is a float and only true/false are booleans
+    (PyYAML's 1.1 rules make `3e-4` a string and `no`, the documented `mixed_precision`, False)."""
+    import re
+
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+                                      for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                 list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`kind.field=value`, `N.field=value` or `output=DIR` (values read as YAML) on the raw recipe."""
     data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise MoEConvertError(f"override {item!r}: expected key=value, e.g. distill.kd_stop=0.7")
-        value = yaml.safe_load(raw) if raw else ""
+        value = read_yaml(raw) if raw else ""
         if key == "output":
             data["output"] = value
             continue
@@ -237,7 +254,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise MoEConvertError(f"recipe: {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise MoEConvertError(f"recipe: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     recipe = parse_recipe(apply_overrides(data, list(overrides)) if overrides else data, str(path),

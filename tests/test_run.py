@@ -81,6 +81,9 @@ def test_upcycle_step_defaults_to_8_experts_like_the_cli():
     ({"steps": [{"upcycle": {"source": "s", "pyramid": "8", "experts": "4,4"}}]}, [], "not both"),
     ({"steps": [{"train": {"model": "m", "data": "d"}}]}, ["distill.kd_stop=0.7"], "no step 'distill'"),
     ({"stepz": []}, [], "expected a mapping with 'steps'"),
+    ({"steps": [{"upcycle": {"source": "s", "capacity_factor": "abc"}}]}, [], "capacity_factor: expected float | None"),
+    ({"steps": [{"upcycle": {"source": "s", "residual": "no"}}]}, [], "residual: expected bool"),
+    ({"steps": [{"upcycle": {"source": "s", "fidelity": 0}}]}, [], "fidelity: expected bool"),
 ])
 def test_bad_recipes_fail_naming_the_field(doc, overrides, message):
     with pytest.raises(MoEConvertError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -134,3 +137,13 @@ def test_killed_mid_train_resumes_without_redoing_steps(tmp_path):
                                       "experts-student.png"}
     for png in pngs:
         assert png.name in report and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_recipe_yaml_reads_numbers_and_words_as_written(tmp_path):
+    """`lr: 3e-4` is a float and `mixed_precision: no` the word (PyYAML's YAML 1.1 rules read a
+    string and False), in the file and in overrides."""
+    (tmp_path / "r.yaml").write_text("steps:\n  - train: {model: m, data: d, lr: 3e-4, mixed_precision: no}\n")
+    (step,) = load_recipe(tmp_path / "r.yaml").steps
+    assert step.spec.config.lr == 3e-4 and step.spec.config.mixed_precision == "no"
+    (step,) = load_recipe(tmp_path / "r.yaml", ["train.lr=1e-3", "train.warmup_steps=5"]).steps
+    assert step.spec.config.lr == 1e-3 and step.spec.config.warmup_steps == 5
