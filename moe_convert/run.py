@@ -8,8 +8,11 @@ parameter (fp32 weights, gradients and two Adam moments; activations excluded); 
 the student + the teacher's weights; export = one stacked tensor (it streams); eval = the weights.
 
 A step whose output is complete is skipped, so an interrupted run continues where it stopped; a
-train/distill step with checkpoints resumes from the newest one. Results are kept in
-`<run dir>/run_state.json`; `report.md` and its plots are written at the end.
+train/distill step with checkpoints resumes from the newest one. Once a step runs, every later one
+runs afresh (its input changed). A complete step whose settings differ from those it ran with (an
+override, an edited recipe) is refused before any work: remove its output to run it again.
+Results and each step's settings are kept in `<run dir>/run_state.json`; `report.md` and its plots
+are written at the end.
 """
 
 from __future__ import annotations
@@ -148,8 +151,29 @@ def _write_state(recipe: Recipe, index: int, result) -> None:
     tmp.replace(recipe.output / STATE_FILE)
 
 
-def run_step(step: Step):
-    """Run one step; returns its result as plain data."""
+def _settings(step: Step) -> dict:
+    """A step's validated fields as plain data, as `run_state.json` keeps them."""
+    return json.loads(json.dumps(asdict(step.spec), default=str))
+
+
+def check_unchanged(recipe: Recipe) -> None:
+    """Refuse complete steps (up to the first one that will run) whose recorded settings differ."""
+    state = _read_state(recipe)
+    for step in recipe.steps:
+        if not is_complete(recipe, step):
+            return
+        ran = state.get(str(step.index), {}).get("settings")
+        now = _settings(step)
+        if ran is not None and ran != now:
+            changed = ", ".join(f"{k}: {ran.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(ran) | set(now))
+                                if ran.get(k) != now.get(k))
+            raise MoEConvertError(f"step {step.index} ({step.kind}) is complete but ran with other settings "
+                                  f"({changed}); remove {step.output} to run it again")
+
+
+def run_step(step: Step, fresh: bool = False):
+    """Run one step (`fresh`: replace a train/distill output instead of resuming it); returns its result
+    as plain data."""
     spec = step.spec
     if step.kind == "upcycle":
         from .upcycle import upcycle
@@ -158,7 +182,7 @@ def run_step(step: Step):
     if step.kind in ("train", "distill"):
         from .train import checkpoints
 
-        resume = bool(checkpoints(Path(spec.output)))
+        resume = not fresh and bool(checkpoints(Path(spec.output)))
         if step.kind == "train":
             from .train import run_training
 
@@ -185,16 +209,20 @@ def run_step(step: Step):
 
 
 def execute(recipe: Recipe, on_step=lambda step, status: None) -> dict:
-    """Run every step not yet complete, in order; `on_step(step, "skip" | "start" | "done")` reports."""
+    """Run every step not yet complete, in order, and every step after one that ran;
+    `on_step(step, "skip" | "start" | "done")` reports."""
     plan_recipe(recipe)  # validates the whole chain before any work
+    check_unchanged(recipe)
+    ran = False
     for step in recipe.steps:
-        if is_complete(recipe, step):
+        if not ran and is_complete(recipe, step):
             on_step(step, "skip")
             continue
         on_step(step, "start")
         start = time.perf_counter()
-        result = run_step(step)
+        result = run_step(step, fresh=ran)
+        ran = True
         _write_state(recipe, step.index, {"kind": step.kind, "seconds": time.perf_counter() - start,
-                                          "result": result})
+                                          "result": result, "settings": _settings(step)})
         on_step(step, "done")
     return _read_state(recipe)

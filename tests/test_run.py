@@ -3,6 +3,7 @@ before any work, and a real run that is killed mid-train and finishes without re
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +138,20 @@ def test_killed_mid_train_resumes_without_redoing_steps(tmp_path):
                                       "experts-student.png"}
     for png in pngs:
         assert png.name in report and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+    # an override on a finished step is refused before any work (it used to be skipped silently) ...
+    kd_stop = [*_run_cmd(out), "distill.kd_stop=1"]
+    refused = subprocess.run(kd_stop, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "step 2 (distill) is complete but ran with other settings" in refused.stderr
+    assert "kd_stop: 0.5 -> 1" in refused.stderr, refused.stderr
+    # ... and runs once its output is removed, with every later step run again on the new student
+    shutil.rmtree(out / "2-distill")
+    exported = (out / "3-export").stat().st_mtime_ns
+    again = subprocess.run(kd_stop, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "step 1 train: skip" in again.stdout and "step 3 export: run" in again.stdout
+    assert (out / "3-export").stat().st_mtime_ns != exported
+    assert {r["kd_on"] for r in metrics_of(out / "2-distill")} == {1}  # KD throughout: the new setting
 
 
 def test_recipe_yaml_reads_numbers_and_words_as_written(tmp_path):
