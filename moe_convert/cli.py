@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +53,7 @@ def reporting_errors(json_out: bool = False):
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     _JSON_STDOUT.append(sys.stdout)
+    on_term = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so a killed command cleans up as on Ctrl-C
     try:
         with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
             yield
@@ -63,6 +65,13 @@ def reporting_errors(json_out: bool = False):
         raise typer.Exit(130)
     finally:
         _JSON_STDOUT.pop()
+        signal.signal(signal.SIGTERM, on_term)
+
+
+def _exit_on_sigterm(signum, frame):
+    """SIGTERM (`kill`, a job scheduler, torchrun stopping its workers) ends the command through Python:
+    half-written outputs are removed as on Ctrl-C, and the exit status is the usual 128 + 15."""
+    raise SystemExit(128 + signum)
 
 
 _JSON_STDOUT: list = []  # the stdout each running command started with (`print_json` writes there)

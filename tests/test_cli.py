@@ -44,3 +44,22 @@ def test_json_output_is_strict_json(capsys):
 
     got = json.loads(capsys.readouterr().out, parse_constant=refuse)
     assert got == {"eval_loss": None, "rows": [1.5, None, {"ppl": None}], "pair": [2, "x"]}
+
+
+def test_sigterm_removes_the_half_written_output(tmp_path):
+    """A command killed with SIGTERM (kill, a scheduler, torchrun) cleans up as on Ctrl-C and exits 143."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        "from moe_convert.cli import reporting_errors\n"
+        "from moe_convert.io import atomic_output_dir\n"
+        "with reporting_errors():\n"
+        "    with atomic_output_dir(Path(sys.argv[1])) as tmp:\n"
+        "        (tmp / 'half.safetensors').write_bytes(b'x' * 1000)\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(30)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor its temporary sibling
