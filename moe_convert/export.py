@@ -27,6 +27,7 @@ import torch
 from .errors import MoEConvertError
 from .io import DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, copy_tokenizer_files, parse_size
 
+HF_MAX_SHARD_SIZE = "5GB"  # `--format hf` shards, unless --max-shard-size says otherwise
 FORMAT_NAME = "moe-convert-inference"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "moe_convert_manifest"  # safetensors __metadata__ key holding the manifest JSON
@@ -174,7 +175,7 @@ def export_hf(src: Source, tmp: Path, dtype: str, max_shard_size: str, on_tensor
     from .modeling import PRMoEForCausalLM
 
     model = PRMoEForCausalLM.from_pretrained(src.path, dtype=DTYPES[dtype])
-    model.save_pretrained(tmp, max_shard_size=parse_size(max_shard_size))
+    model.save_pretrained(tmp, max_shard_size=parse_size(max_shard_size or HF_MAX_SHARD_SIZE))
     on_tensor("*")
     return sorted(p.name for p in tmp.iterdir())
 
@@ -233,7 +234,7 @@ def count_tensors(src: Source, fmt: str, ep_size: int = 1) -> int:
     return len(src.names()) + (n_experts * (ep_size - 1) if ep_size > 1 else 0)
 
 
-def check_export_args(fmt: str, dtype: str, ep_size: int) -> None:
+def check_export_args(fmt: str, dtype: str, ep_size: int, max_shard_size: str | None = None) -> None:
     """`export`'s format options, checked before any work (also by a recipe's export step)."""
     if fmt not in FORMATS:
         raise MoEConvertError(f"--format {fmt!r} is not known; choose one of {', '.join(FORMATS)}")
@@ -243,13 +244,17 @@ def check_export_args(fmt: str, dtype: str, ep_size: int) -> None:
         raise MoEConvertError(f"--ep-size must be >= 1, got {ep_size}")
     if ep_size > 1 and fmt != "safetensors":
         raise MoEConvertError(f"--ep-size applies to --format safetensors only, not {fmt}")
+    if max_shard_size is not None:
+        if fmt != "hf":
+            raise MoEConvertError(f"--max-shard-size applies to --format hf only, not {fmt}")
+        parse_size(max_shard_size)
 
 
 def export(model: str | Path, out: str | Path, fmt: str = "safetensors", dtype: str = "fp32", ep_size: int = 1,
-           overwrite: bool = False, max_shard_size: str = "5GB", src: Source | None = None,
+           overwrite: bool = False, max_shard_size: str | None = None, src: Source | None = None,
            on_tensor: Callable[[str], None] = lambda name: None) -> ExportResult:
     """Write `model` (our PR-MoE directory) to `out` in format `fmt`; the output appears only when complete."""
-    check_export_args(fmt, dtype, ep_size)
+    check_export_args(fmt, dtype, ep_size, max_shard_size)
     src = src or open_source(model)
     with atomic_output_dir(out, overwrite, inputs=[model]) as tmp:
         files = FORMATS[fmt](src, tmp, dtype=dtype, ep_size=ep_size, max_shard_size=max_shard_size,

@@ -78,13 +78,13 @@ class ExportStep:
     format: str = "safetensors"
     dtype: str = "fp32"
     ep_size: int = 1
-    max_shard_size: str = "5GB"
+    max_shard_size: str | None = None
 
     def __post_init__(self):
         check_types(self)
         from .export import check_export_args
 
-        check_export_args(self.format, self.dtype, self.ep_size)
+        check_export_args(self.format, self.dtype, self.ep_size, self.max_shard_size)
 
 
 @dataclass

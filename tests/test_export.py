@@ -138,6 +138,10 @@ def test_unknown_format_and_existing_output(saved, tmp_path):
     res = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "out"), "--format", "onnx"])
     assert res.exit_code == 2 and "--format 'onnx' is not known" in res.output
     assert len(res.output.strip().splitlines()) == 1
+    res = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "out"), "--max-shard-size", "1GB"])
+    assert res.exit_code == 2 and "--max-shard-size applies to --format hf only" in res.output, res.output
+    res = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "out"), "--format", "hf", "--max-shard-size", "x"])
+    assert res.exit_code == 2 and not (tmp_path / "out").exists(), res.output
     (tmp_path / "out").mkdir()
     res = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "out")])
     assert res.exit_code == 2 and "already exists" in res.output
