@@ -300,7 +300,8 @@ def distill(
 
         plan = result.plan
         console.print(f"student: teacher layers {plan.kept} kept, {plan.dropped} dropped; "
-                      f"MoE at {plan.moe_layers} with {plan.num_experts} experts; KD for steps 1..{result.kd_steps}")
+                      f"MoE at {plan.moe_layers} with {plan.num_experts} experts; "
+                      + (f"KD for steps 1..{result.kd_steps}" if result.kd_steps else "no KD (plain LM loss)"))
         table = Table(title=f"distill -> {output}")
         for col in ("model", "layers", "total params", "active params", "eval ppl", "step s (KD)", "step s (CE)"):
             table.add_column(col, justify="right")

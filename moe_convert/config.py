@@ -13,6 +13,7 @@ from .errors import MoEConvertError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 SAVE_DTYPE_NAMES = ("fp32", "bf16", "fp16")
+DEFAULT_STUDENT_LAYERS = -1  # a student one layer shallower than its teacher
 
 
 @dataclass
@@ -246,6 +247,8 @@ class TrainJob:
 
     Fields after `output` (and all of `TrainConfig`) are CLI options of `train` and `distill`."""
 
+    KIND = "train"  # the command and recipe step (not a field: no annotation)
+
     model: str
     data: str
     output: str
@@ -272,11 +275,11 @@ class TrainJob:
         cfg_fields = {f.name for f in fields(TrainConfig)}
         unknown = set(d) - job_fields - cfg_fields
         if unknown:
-            raise MoEConvertError(f"train: unknown field(s) {', '.join(sorted(unknown))}; allowed: "
+            raise MoEConvertError(f"{cls.KIND}: unknown field(s) {', '.join(sorted(unknown))}; allowed: "
                                   f"{', '.join(sorted(job_fields | cfg_fields))}")
         missing = {"model", "data", "output"} - set(d)
         if missing:
-            raise MoEConvertError(f"train: missing field(s) {', '.join(sorted(missing))}")
+            raise MoEConvertError(f"{cls.KIND}: missing field(s) {', '.join(sorted(missing))}")
         cfg = TrainConfig(**{k: v for k, v in d.items() if k in cfg_fields})
         return cls(**{k: v for k, v in d.items() if k in job_fields}, config=cfg)
 
@@ -291,7 +294,10 @@ class DistillJob(TrainJob):
 
     Its own fields are CLI options of `distill` too (help in metadata)."""
 
-    student_layers: int = option(-1, "Student depth: -k = teacher depth minus k, or an absolute depth.")
+    KIND = "distill"
+
+    student_layers: int = option(DEFAULT_STUDENT_LAYERS, "Student depth: -k = teacher depth minus k, or an absolute "
+                                                         "depth.")
     keep_layers: str | None = option(None, "Teacher layers to keep, e.g. 0,4,5,...; default: drop the layers right "
                                            "after layer 0 (the paper's L21 student for -3).")
     student_init: str = option("teacher", "teacher: copy kept layers, embeddings, final norm | scratch: random "
@@ -312,6 +318,9 @@ class DistillJob(TrainJob):
             raise MoEConvertError(f"kd_stop: must be in [0, 1] (a fraction of the steps), got {self.kd_stop}")
         if self.student_init not in ("teacher", "scratch"):
             raise MoEConvertError(f"student_init: must be 'teacher' or 'scratch', got {self.student_init!r}")
+        if self.kd_stop > 0 and self.kd_steps == 0:
+            raise MoEConvertError(f"kd_stop: {self.kd_stop} of {self.config.steps} steps rounds to no KD step; "
+                                  f"raise it (or the steps), or give 0 for no KD")
         if self.teacher_dtype not in SAVE_DTYPE_NAMES:
             raise MoEConvertError(f"teacher_dtype: must be one of {', '.join(SAVE_DTYPE_NAMES)}, "
                                   f"got {self.teacher_dtype!r}")

@@ -19,7 +19,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from .config import DistillJob, parse_int_list
+from .config import DEFAULT_STUDENT_LAYERS, DistillJob, parse_int_list
 from .errors import MoEConvertError
 from .modeling import host_spec
 from .io import DTYPES
@@ -66,6 +66,9 @@ def plan_student(teacher_config, student_layers: int, keep_layers: str | list[in
             raise MoEConvertError(f"keep_layers: must be increasing teacher layer indices in 0..{L - 1}, got {kept}")
         if not 0 < len(kept) < L:
             raise MoEConvertError(f"keep_layers: must keep between 1 and {L - 1} layers, got {len(kept)}")
+        if student_layers != DEFAULT_STUDENT_LAYERS and student_depth(L, student_layers) != len(kept):
+            raise MoEConvertError(f"keep_layers keeps {len(kept)} layers, student_layers {student_layers} asks for "
+                                  f"{student_depth(L, student_layers)}; give one of them")
     else:
         depth = student_depth(L, student_layers)
         drop = L - depth

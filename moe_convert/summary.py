@@ -54,9 +54,11 @@ def load_config(path: str | Path):
         raise MoEConvertError(f"{path} is not a model directory (no config.json) nor a config .json file")
     try:
         d = json.loads(file.read_text())
+        if not isinstance(d, dict) or "model_type" not in d:
+            raise ValueError("no model_type")
         return AutoConfig.for_model(d.pop("model_type"), **d)
-    except (json.JSONDecodeError, KeyError, ValueError) as e:
-        raise MoEConvertError(f"inspect: {file} is not a model config: {e}") from None
+    except (json.JSONDecodeError, ValueError) as e:
+        raise MoEConvertError(f"{file} is not a model config ({e})") from None
 
 
 def _count(module) -> int:

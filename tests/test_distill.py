@@ -116,6 +116,8 @@ def _cli(args):
         (["--kd-stop", "1.5"], "kd_stop"),
         (["--temperature", "0"], "temperature"),
         (["--alpha", "2"], "alpha"),
+        (["--kd-stop", "0.1"], "rounds to no KD step"),  # 0.1 of 2 steps
+        (["--keep-layers", "0,3", "--student-layers", "3"], "give one of them"),
     ],
 )
 def test_bad_options_one_line_nothing_written(teacher, data_file, tmp_path, extra, message):
