@@ -264,7 +264,7 @@ def train(
         from rich.table import Table
 
         table = Table(title=f"train -> {output}")
-        for col in ("steps", "train loss", "eval loss", "eval ppl", "tokens/s", "seconds"):
+        for col in ("steps", "train loss (last 10)", "eval loss", "eval ppl", "tokens/s", "seconds"):
             table.add_column(col, justify="right")
         table.add_row(str(result.steps), _fmt(result.train_loss, ".4f"), _fmt(result.eval_loss, ".4f"),
                       _fmt(result.eval_ppl, ".2f"), _fmt(result.tokens_per_s, ",.0f"), _fmt(result.seconds, ".1f"))
@@ -280,7 +280,7 @@ def distill(
     data: str = typer.Option(..., "--data", help=DATA_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory: student model, metrics.jsonl, checkpoints/."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from the newest checkpoint in OUTPUT (also across the KD stop)."),
-    stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) after this step; resume later."),
+    stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) after this step; resume later. Default: run all steps."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     options: dict = None,
@@ -359,6 +359,8 @@ def export(
                      ("time", f"{time.perf_counter() - start:.1f} s")]:
             table.add_row(k, v)
         console.print(table)
+        if fmt == "safetensors" and not any(f.startswith("tokenizer") for f in result.tokenizer_files):
+            err_console.print(f"warning: {model} has no tokenizer files; `generate` needs them in {output}")
 
 
 @app.command(name="eval")
@@ -548,7 +550,7 @@ def run(
                                  "total/active params, size, peak memory) without loading weights. Default: off."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan / summary as JSON. Default: off."),
 ):
-    """Run a recipe: the steps above chained from one YAML file; finished steps are skipped; writes report.md."""
+    """Run a recipe: upcycle/train/distill/export/eval/bench steps chained from one YAML file; finished steps are skipped; writes report.md."""
     with reporting_errors(json_out):
         from dataclasses import asdict
 

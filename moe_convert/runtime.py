@@ -34,7 +34,8 @@ def read_manifest(path: str | Path) -> dict:
                               f"make one with `moe-convert export MODEL --format safetensors`")
     meta = open_safetensors(first).metadata() or {}
     if MANIFEST_KEY not in meta:
-        raise MoEConvertError(f"{first} has no moe-convert manifest: not a `--format safetensors` export")
+        raise MoEConvertError(f"{first} has no moe-convert manifest: not a `--format safetensors` export (make one "
+                              f"with `moe-convert export {path} -o OUT`)")
     manifest = json.loads(meta[MANIFEST_KEY])
     if manifest.get("format") != FORMAT_NAME or manifest.get("version", 0) > FORMAT_VERSION:
         raise MoEConvertError(f"{first}: format {manifest.get('format')!r} v{manifest.get('version')} is not "

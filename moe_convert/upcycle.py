@@ -364,6 +364,8 @@ def upcycle(
     src = resolve_source(source)
     check_output_apart(output, [src])
     reader = CheckpointReader(src)
+    if reader.config.get("model_type") == "prmoe":
+        raise MoEConvertError(f"{source} is already a PR-MoE model; upcycle takes a dense checkpoint")
     spec = host_spec(reader.config.get("model_type"))
     from transformers import AutoConfig
 

@@ -310,3 +310,11 @@ def test_output_that_is_or_holds_the_source_is_refused(dense_dirs, where):
     r = CliRunner().invoke(app, ["upcycle", str(src), "-o", str(out), "--overwrite"])
     assert r.exit_code == 2 and ("is the input" if where == "same" else "contains the input") in r.output, r.output
     assert sorted(p.name for p in src.iterdir()) == files
+
+
+def test_upcycling_a_prmoe_model_says_so(tmp_path):
+    from conftest import tiny_prmoe
+
+    tiny_prmoe().save_pretrained(tmp_path / "moe")
+    r = CliRunner().invoke(app, ["upcycle", str(tmp_path / "moe"), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "is already a PR-MoE model" in r.output and not (tmp_path / "out").exists(), r.output
