@@ -24,7 +24,7 @@ from .errors import MoEConvertError
 from .modeling import host_spec
 from .io import DTYPES
 from .train import (METRICS, Trainer, TrainResult, causal_lm_loss, claim_output, clear_output,
-                    load_job_data, load_model)
+                    job_settings, load_job_data, load_model)
 
 
 @dataclass
@@ -227,7 +227,8 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
 
     teacher.to(DTYPES[job.teacher_dtype]).eval().requires_grad_(False)
     kd = StagedKD(teacher if job.kd_steps > 0 else None, job.kd_steps, job.alpha, job.temperature)
-    trainer = Trainer(student, data, job.config, out, loss_fn=kd.loss, on_step=kd.on_step, progress=progress)
+    trainer = Trainer(student, data, job.config, out, loss_fn=kd.loss, on_step=kd.on_step,
+                      settings=job_settings(job), progress=progress)
     teacher.to(trainer.accelerator.device)
     teacher_eval_file = out / "teacher_eval.json"
     if resume and teacher_eval_file.exists():

@@ -17,6 +17,8 @@ Reusable API::
   resume. A phase change decided from `step` alone (distill: KD off from step k, teacher freed)
   therefore continues exactly across a resume.
 - `extra_state`: objects with `state_dict` / `load_state_dict` saved in every checkpoint.
+- `settings`: the job's own options that shape the training (`job_settings`); recorded in every
+  checkpoint with the window length and `cfg`, and a resume whose values differ is refused.
 - `trainer.accelerator` places a teacher and autocasts it; `evaluate(model, windows, batch_size,
   accelerator)` is the held-out CE (`ce_loss` for PR-MoE) that periodic evals and `eval` use;
   `run_training(TrainJob)` is the whole `train` command (also a recipe's `train` step).
@@ -44,7 +46,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -57,7 +59,7 @@ from .io import DTYPES, check_output_apart
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
 CHECKPOINTS = "checkpoints"
 # Settings a resumed run may change: they decide what is logged, evaluated and kept, not the training.
-RESUME_MAY_CHANGE = ("log_every", "eval_every", "eval_windows", "save_every", "keep_checkpoints")
+RESUME_MAY_CHANGE = ("log_every", "eval_every", "eval_windows", "save_every", "keep_checkpoints", "save_dtype")
 METRICS = "metrics.jsonl"
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, int], dict[str, torch.Tensor]]
@@ -176,12 +178,13 @@ class Trainer:
 
     def __init__(self, model, data: PackedData, cfg: TrainConfig, out_dir: str | Path, *,
                  loss_fn: LossFn = causal_lm_loss, on_step: Callable[[int], None] | None = None,
-                 extra_state: Iterable = (), progress: bool = True):
+                 extra_state: Iterable = (), settings: dict | None = None, progress: bool = True):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs
 
         self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
+        self.settings = {"seq_len": data.seq_len, **(settings or {})}  # beside cfg: recorded, compared on resume
         self.loss_fn, self.on_step, self.progress = loss_fn, on_step, progress
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise MoEConvertError("mixed_precision: fp16 needs a GPU; use bf16 on CPU")
@@ -230,7 +233,7 @@ class Trainer:
         acc.save_state(str(path), safe_serialization=False)  # tied embeddings: plain torch files
         acc.wait_for_everyone()
         if acc.is_main_process:
-            state = {"step": step, "config": asdict(self.cfg), "seq_len": self.data.seq_len}
+            state = {"step": step, "config": asdict(self.cfg), "settings": self.settings}
             (path / "trainer_state.json").write_text(json.dumps(state, indent=1))
             for old in checkpoints(self.out_dir)[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(old)
@@ -246,8 +249,8 @@ class Trainer:
             raise MoEConvertError(f"resume: no complete checkpoint under {self.out_dir / CHECKPOINTS}")
         state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
         step = state["step"]
-        saved = {**state["config"], "seq_len": state.get("seq_len", self.data.seq_len)}
-        now = {**asdict(self.cfg), "seq_len": self.data.seq_len}
+        saved = {**state["config"], **state.get("settings", {})}
+        now = {**asdict(self.cfg), **self.settings}
         changed = [f"{k} {now.get(k)} (the checkpoint's: {v})" for k, v in saved.items()
                    if k not in RESUME_MAY_CHANGE and now.get(k) != v]
         if changed:
@@ -359,6 +362,11 @@ class Trainer:
         acc.wait_for_everyone()
 
 
+def job_settings(job: TrainJob) -> dict:
+    """A job's own options that shape the training (data, distillation), for `Trainer(settings=...)`."""
+    return {f.name: getattr(job, f.name) for f in fields(job) if "help" in f.metadata and f.name not in RESUME_MAY_CHANGE}
+
+
 def claim_output(out: Path, resume: bool, overwrite: bool, inputs=()):
     """The process state (under torchrun this sets up the group: gloo on CPU); refuses a non-empty
     OUTPUT unless resuming or overwriting, an OUTPUT that is a file, and one that is or holds one of
@@ -408,7 +416,7 @@ def run_training(job: TrainJob, *, resume: bool = False, stop_after: int | None 
     data = load_job_data(job, tokenizer, state, load_config(job.model))
     model = load_model(job.model)
     clear_output(state, out, resume, overwrite)
-    trainer = Trainer(model, data, job.config, out, progress=progress)
+    trainer = Trainer(model, data, job.config, out, settings=job_settings(job), progress=progress)
     result = trainer.fit(resume=resume, stop_after=stop_after)
     if result.steps == job.config.steps:
         trainer.save_model(tokenizer, DTYPES[job.save_dtype])

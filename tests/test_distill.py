@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from conftest import free_port, metrics_of
 from moe_convert.cli import app
 from moe_convert.distill import DistillJob, StagedKD, build_student, plan_student, run_distill
+from moe_convert.errors import MoEConvertError
 from moe_convert.train import TrainConfig, TrainJob, load_model, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +68,8 @@ def test_resume_across_the_kd_stop_is_exact(teacher, data_file, tmp_path, stop_a
     part = job(teacher, data_file, tmp_path / "part", kd_stop=0.5)
     run_distill(part, stop_after=stop_at, progress=False)
     assert not (tmp_path / "part" / "config.json").exists()  # a stopped run does not look complete
+    with pytest.raises(MoEConvertError, match=r"kd_stop 0.9 \(the checkpoint's: 0.5\)"):  # refused, nothing changed
+        run_distill(job(teacher, data_file, tmp_path / "part", kd_stop=0.9), resume=True, progress=False)
     run_distill(part, resume=True, progress=False)
     assert losses(tmp_path / "part") == ref
     a = load_model(tmp_path / "full").state_dict()
