@@ -55,7 +55,7 @@ def _load_source_config(step: Step):
     cached = try_to_load_from_cache(step.spec.source, "config.json")
     if isinstance(cached, str):
         return load_config(cached)
-    raise MoEConvertError(f"step {step.index} (upcycle): source {step.spec.source!r} is not available here; "
+    raise MoEConvertError(f"source {step.spec.source!r} is not available here; "
                           "add source_config: <a config.json describing it> to plan it")
 
 
@@ -121,7 +121,8 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
             elif step.kind == "eval":
                 peak = max((configs[m][1]["total_params"] * 4 for m in spec.models if m in configs), default=None)
         except MoEConvertError as e:
-            raise MoEConvertError(f"step {step.index} ({step.kind}): {e}") from None
+            where = f"{recipe.path}: " if recipe.path else ""
+            raise MoEConvertError(f"{where}step {step.index} ({step.kind}): {e}") from None
         if model is not None and step.kind in MAKES_MODEL:
             configs[step.output] = (config, model)
         plans.append(StepPlan(step.index, step.kind, step.output, is_complete(recipe, step), model, peak))
