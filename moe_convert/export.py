@@ -261,4 +261,5 @@ def export(model: str | Path, out: str | Path, fmt: str = "safetensors", dtype: 
                              on_tensor=on_tensor)
         tokenizer_files = copy_tokenizer_files(src.path, tmp)
         size = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
+    files = [f for f in files if f not in tokenizer_files]  # hf's save_pretrained also writes generation_config.json
     return ExportResult(fmt, str(out), dtype, ep_size, files, size, tokenizer_files)

@@ -51,7 +51,11 @@ def load_config(path: str | Path):
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
-        raise MoEConvertError(f"{path} is not a model directory (no config.json) nor a config .json file")
+        from .export import SHARED_FILE, SINGLE_FILE
+
+        export = path.is_dir() and any((path / f).is_file() for f in (SINGLE_FILE, SHARED_FILE))
+        raise MoEConvertError(f"{path} is not a model directory (no config.json) nor a config .json file"
+                              + ("; it looks like a `moe-convert export` output, which `generate` runs" if export else ""))
     try:
         d = json.loads(file.read_text())
         if not isinstance(d, dict) or "model_type" not in d:
