@@ -281,11 +281,11 @@ class Trainer:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         cfg, acc = self.cfg, self.accelerator
-        if acc.is_main_process:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
         if stop_after is not None and stop_after < 1:
             raise MoEConvertError(f"--stop-after must be >= 1, got {stop_after}")
+        if acc.is_main_process and not resume:  # a resumed run's directory exists (else _resume refuses it)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
         if resume:
             start = self._resume(stop_after)  # restores the RNGs too
         else:

@@ -199,6 +199,8 @@ def test_mixed_precision_and_refusals(dense_dir, tmp_path):
     for extra, message in [(["--lr", "inf"], "lr: must be a finite number"), (["--stop-after", "0"], "--stop-after")]:
         bad = CliRunner().invoke(app, train_args(dense_dir, tmp_path / "z", *extra))
         assert bad.exit_code == 2 and message in bad.output, bad.output
+    nothing = CliRunner().invoke(app, train_args(dense_dir, tmp_path / "never", "--resume"))
+    assert nothing.exit_code == 2 and "no complete checkpoint" in nothing.output and not (tmp_path / "never").exists()
     for extra in (["--batch-size", "0"], ["--max-windows", "-1"]):
         bad = CliRunner().invoke(app, ["eval", str(dense_dir), "--data", DATA, "--seq-len", str(SEQ), *extra])
         assert bad.exit_code == 2 and "eval: batch_size must be >= 1" in bad.output, bad.output
