@@ -108,7 +108,7 @@ def print_json(obj) -> None:
 def upcycle(
     source: str = typer.Argument(..., help="Dense checkpoint: a local model directory or a hub id (from the cache when offline)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory (built under a temporary name, renamed when complete)."),
-    pyramid: Optional[str] = typer.Option(None, help="Experts per pyramid stage, e.g. 32,64: the last two MoE layers get the last count (paper rule). Default: 8 experts everywhere unless --experts is given."),
+    pyramid: Optional[str] = typer.Option(None, help="Experts per pyramid stage, e.g. 32,64: the last two MoE layers get the last count (paper rule; one layer when each stage needs its own). Default: 8 experts everywhere unless --experts is given."),
     pyramid_split: Optional[str] = typer.Option(None, help="MoE layers per --pyramid stage, e.g. 8,4 (must add up to the MoE layer count). Default: the paper rule."),
     experts: Optional[str] = typer.Option(None, help="One expert count per MoE layer, e.g. 32,32,64 (instead of --pyramid). Default: none."),
     moe_every: int = typer.Option(2, help="MoE on every K-th layer: 0-based layers K-1, 2K-1, ... Default: 2 (layers 1, 3, 5, ...)."),

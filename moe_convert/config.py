@@ -96,8 +96,9 @@ def parse_int_list(text: str | list[int], name: str) -> list[int]:
 def pyramid_counts(n_moe: int, stages: list[int], split: list[int] | None = None) -> list[int]:
     """Expert count per MoE layer for a pyramid `A,B[,C...]`.
 
-    Paper rule (350M: 10x32 + 2x64): the last stage gets the last two MoE layers, the earlier
-    stages share the rest evenly (earlier stages take any remainder). `split` overrides how many
+    Paper rule (350M: 10x32 + 2x64): the last stage gets the last two MoE layers (one, when every
+    stage needs a layer of its own), the earlier stages share the rest evenly (earlier stages take
+    any remainder). `split` overrides how many
     MoE layers each stage gets and must add up to the MoE layer count.
     """
     if any(s < 1 for s in stages):

@@ -27,10 +27,11 @@ Exact resume: batch `step` is a pure function of (seed, step) — an epoch-seede
 train windows, the global batch split into `grad_accum` micro-batches and each of those into one
 contiguous slice per process — and `save_state` stores model, optimizer, scheduler and every RNG.
 So an interrupted run resumed from a checkpoint logs the same loss at every step as one that was
-never stopped, and N processes (per-process micro-batch = batch_size / (grad_accum * N)) log the
-same curve as one process with the same global batch, to float tolerance. (For PR-MoE models the
-aux loss is computed over each process's own tokens, as DeepSpeed does per rank, so there the
-curves match up to that term.) `loss_fn` must return the same keys on every process at a step.
+never stopped, and with dropout off N processes (per-process micro-batch = batch_size /
+(grad_accum * N)) log the same curve as one process with the same global batch, to float
+tolerance. (Each process draws its own dropout masks, as in any DDP run. For PR-MoE models the aux
+loss is computed over each process's own tokens, as DeepSpeed does per rank, so there the curves
+match up to that term.) `loss_fn` must return the same keys on every process at a step.
 
 Output directory: the final model (`config.json` moved in last, so a directory with
 `config.json` is complete), `metrics.jsonl` (one record per logged step and per eval) and
