@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 
 from .config import DistillJob, TrainJob
+from .summary import fmt
 
 app = typer.Typer(
     name="moe-convert",
@@ -167,8 +168,8 @@ def upcycle(
             ("active params / token", f"{summary.active_params:,}"),
             ("size on disk", f"{summary.size_on_disk / 1e6:,.1f} MB in {summary.shards} shard(s), {summary.dtype}"),
             ("fidelity", summary.fidelity),
-            ("max |dlogits|", _fmt(summary.max_abs_logit_diff, ".3g")),
-            ("mean KL(dense||upcycled)", _fmt(summary.kl, ".3g")),
+            ("max |dlogits|", fmt(summary.max_abs_logit_diff, ".3g")),
+            ("mean KL(dense||upcycled)", fmt(summary.kl, ".3g")),
             ("largest expert share (x fair)",
              ", ".join("-" if s is None else f"{s:.2f} ({s * e:.1f}x)" for s, e in zip(shares, counts))),
             ("time", f"{summary.seconds:.1f} s"),
@@ -228,10 +229,6 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def _is_main_process() -> bool:
     from accelerate import PartialState
 
@@ -266,8 +263,8 @@ def train(
         table = Table(title=f"train -> {output}")
         for col in ("steps", "train loss (last 10)", "eval loss", "eval ppl", "tokens/s", "seconds"):
             table.add_column(col, justify="right")
-        table.add_row(str(result.steps), _fmt(result.train_loss, ".4f"), _fmt(result.eval_loss, ".4f"),
-                      _fmt(result.eval_ppl, ".2f"), _fmt(result.tokens_per_s, ",.0f"), _fmt(result.seconds, ".1f"))
+        table.add_row(str(result.steps), fmt(result.train_loss, ".4f"), fmt(result.eval_loss, ".4f"),
+                      fmt(result.eval_ppl, ".2f"), fmt(result.tokens_per_s, ",.0f"), fmt(result.seconds, ".1f"))
         console.print(table)
         if result.steps < job.config.steps:
             console.print(f"stopped after step {result.steps}; continue with --resume")
@@ -307,9 +304,9 @@ def distill(
             table.add_column(col, justify="right")
         t, s, times = result.teacher, result.student, result.step_seconds
         table.add_row("teacher", str(t["layers"]), f"{t['total_params']:,}", f"{t['active_params']:,}",
-                      _fmt(t["eval_ppl"], ".2f"), "", "")
+                      fmt(t["eval_ppl"], ".2f"), "", "")
         table.add_row("student", str(s["layers"]), f"{s['total_params']:,}", f"{s['active_params']:,}",
-                      _fmt(s["eval_ppl"], ".2f"), _fmt(times["kd"], ".3f"), _fmt(times["ce"], ".3f"))
+                      fmt(s["eval_ppl"], ".2f"), fmt(times["kd"], ".3f"), fmt(times["ce"], ".3f"))
         console.print(table)
         if result.train.steps < job.config.steps:
             console.print(f"stopped after step {result.train.steps}; continue with --resume")
@@ -333,9 +330,10 @@ def export(
 
         from rich.progress import BarColumn, MofNCompleteColumn, Progress
 
-        from .export import count_tensors, export as run_export, open_source
+        from .export import check_export_args, count_tensors, export as run_export, open_source
 
         start = time.perf_counter()
+        check_export_args(fmt, dtype, ep_size, max_shard_size)  # before the progress bar: a one-line error
         src = open_source(model)
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                       console=err_console, transient=True, disable=json_out) as bar:
@@ -467,7 +465,7 @@ def generate(
             err_console.print(f"stopped at the model's context of {runtime.context} tokens")
         err_console.print(f"{out.new_tokens} tokens in {(out.prefill_s + out.decode_s) * 1e3:.1f} ms: prefill "
                           f"{out.prefill_s * 1e3:.1f} ms for {len(ids)} prompt tokens, then decode "
-                          f"{_fmt(out.decode_tokens_per_s, '.1f')} tokens/s")
+                          f"{fmt(out.decode_tokens_per_s, '.1f')} tokens/s")
 
 
 @bench_app.command("layer")
@@ -492,11 +490,12 @@ def bench_layer(
 
         from rich.progress import Progress, SpinnerColumn
 
-        from .bench import bench_layer as run_bench
+        from .bench import bench_layer as run_bench, check_bench_args
         from .config import parse_int_list
 
         counts = parse_int_list(experts, "experts")
         names = [s.strip() for s in impls.split(",")] if impls else None
+        check_bench_args(tokens, hidden, counts, dtype, names, repeats, threads)  # before any warning or spinner
         load = os.getloadavg()[0]
         if load > 1.0:
             err_console.print(f"warning: 1-minute load average {load:.1f} — other work is running, timings will be noisy")
@@ -522,8 +521,8 @@ def bench_layer(
         for col in ("E", "impl", "ms", "x floor", "vs DS", "max rel err", "note"):
             table.add_column(col, justify="left" if col in ("impl", "note") else "right", no_wrap=col != "note")
         for r in rows:
-            table.add_row(str(r.experts), escape(r.impl), _fmt(r.ms, ".2f"), _fmt(r.vs_floor, ".2f"),
-                          _fmt(r.speedup_vs_deepspeed, ".2f"), _fmt(r.max_err, ".1e"), r.note)
+            table.add_row(str(r.experts), escape(r.impl), fmt(r.ms, ".2f"), fmt(r.vs_floor, ".2f"),
+                          fmt(r.speedup_vs_deepspeed, ".2f"), fmt(r.max_err, ".1e"), r.note)
         Console(width=max(console.width, 130)).print(table)  # wide enough for the impl names, even in a pipe
         console.print("x floor = ms / floor (>= 1); vs DS = DeepSpeed ms / ms (> 1: faster than DeepSpeed)")
 

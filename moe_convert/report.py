@@ -107,6 +107,26 @@ def summary_rows(recipe, state: dict) -> list[dict]:
     return rows
 
 
+def bench_lines(state: dict) -> list[str]:
+    """Markdown tables of the run's `bench` steps: each implementation's median ms, x floor and speed-up
+    over DeepSpeed per expert count, with the machine constants of that run."""
+    from .summary import fmt
+
+    lines = []
+    for index, entry in sorted(state.items(), key=lambda kv: int(kv[0])):
+        if entry["kind"] != "bench":
+            continue
+        m, rows = entry["result"]["machine"], entry["result"]["rows"]
+        first = rows[0] if rows else {}
+        lines += [f"## Step {index}: bench layer (T={first.get('tokens')}, d={first.get('hidden')}, "
+                  f"{first.get('dtype')}; GEMM {m['gemm_gflops']:.0f} GFLOP/s, bandwidth {m['bandwidth_gbs']:.1f} GB/s)",
+                  "", "| experts | impl | ms | x floor | DeepSpeed ms / ms |", "|---:|---|---:|---:|---:|"]
+        lines += [f"| {r['experts']} | {r['impl']} | {fmt(r['ms'], '.2f')} | {fmt(r['vs_floor'], '.2f')} | "
+                  f"{fmt(r['speedup_vs_deepspeed'], '.2f')} |" for r in rows]
+        lines.append("")
+    return lines
+
+
 def _eval_windows(recipe, model: str, count: int = 32):
     """A few held-out windows for expert-load plots, from the run's eval (or distill/train) data."""
     from .data import load_packed, load_tokenizer
@@ -136,6 +156,7 @@ def write_report(recipe, state: dict) -> tuple[Path, list[dict]]:
             lines.append(f"| {r['model']} | {r['layers']} | {experts} | {r['total_params']:,} | "
                          f"{r['active_params']:,} | {r['eval_ppl']:.2f} | {r['tokens_per_s']:,.0f} |")
         lines.append("")
+    lines += bench_lines(state)
     for step in recipe.steps:
         metrics = Path(step.output) / "metrics.jsonl"
         if step.kind not in ("train", "distill") or not metrics.is_file():

@@ -28,6 +28,7 @@ from .recipe import MAKES_MODEL, Recipe, Step
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 STATE_FILE = "run_state.json"
+RESULTS_FILE = "results.json"  # what an eval or bench step writes in its output directory
 
 
 @dataclass
@@ -223,6 +224,9 @@ def execute(recipe: Recipe, on_step=lambda step, status: None) -> dict:
         start = time.perf_counter()
         result = run_step(step, fresh=ran)
         ran = True
+        if step.kind in ("eval", "bench"):  # their output directory holds their results
+            Path(step.output).mkdir(parents=True, exist_ok=True)
+            (Path(step.output) / RESULTS_FILE).write_text(json.dumps(result, indent=1, default=str))
         _write_state(recipe, step.index, {"kind": step.kind, "seconds": time.perf_counter() - start,
                                           "result": result, "settings": _settings(step)})
         on_step(step, "done")

@@ -43,6 +43,11 @@ class ModelSummary:
         return asdict(self)
 
 
+def fmt(value, spec: str) -> str:
+    """`value` formatted with `spec`, or "-" when there is none (tables of optional numbers)."""
+    return "-" if value is None else format(value, spec)
+
+
 def load_config(path: str | Path):
     """A model directory's config.json, or a config .json file itself, as a transformers config."""
     import moe_convert  # noqa: F401  registers PRMoEConfig

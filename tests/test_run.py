@@ -162,3 +162,23 @@ def test_recipe_yaml_reads_numbers_and_words_as_written(tmp_path):
     assert step.spec.config.lr == 3e-4 and step.spec.config.mixed_precision == "no"
     (step,) = load_recipe(tmp_path / "r.yaml", ["train.lr=1e-3", "train.warmup_steps=5"]).steps
     assert step.spec.config.lr == 1e-3 and step.spec.config.warmup_steps == 5
+
+
+def test_eval_and_bench_steps_write_their_results(tmp_path):
+    """An eval or bench step's output directory holds its results; report.md shows the bench table."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"output: {tmp_path / 'run'}\n"
+        "steps:\n"
+        "  - upcycle: {source: checkpoints/tiny-gpt2, pyramid: '2,4', fidelity: false}\n"
+        "  - eval: {data: 'builtin:pydoc', seq_len: 32, max_windows: 4}\n"
+        "  - bench: {tokens: 16, hidden: 64, experts: '2', repeats: 1}\n")
+    result = CliRunner().invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 0, result.output
+    evals = json.loads((tmp_path / "run" / "1-eval" / "results.json").read_text())
+    assert [Path(e["model"]).name for e in evals] == ["tiny-gpt2", "0-upcycle"] and all(e["windows"] == 4 for e in evals)
+    bench = json.loads((tmp_path / "run" / "2-bench" / "results.json").read_text())
+    ours = next(r for r in bench["rows"] if r["impl"] == "moe_convert")
+    assert ours["experts"] == 2 and ours["ms"] > 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Step 2: bench layer (T=16, d=64, fp32" in report and "| 2 | moe_convert |" in report
