@@ -56,12 +56,13 @@ class MoELayout:
             raise MoEConvertError(
                 f"top_k: must be between 1 and the smallest expert count ({min(self.num_experts)}), got {self.top_k}"
             )
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise MoEConvertError(f"capacity_factor: must be > 0 (or unset for dropless), got {self.capacity_factor}")
+        if self.capacity_factor is not None and not 0 < self.capacity_factor < math.inf:
+            raise MoEConvertError(f"capacity_factor: must be a finite number > 0 (or unset for dropless), "
+                                  f"got {self.capacity_factor}")
         if self.min_capacity < 0:
             raise MoEConvertError(f"min_capacity: must be >= 0, got {self.min_capacity}")
-        if self.aux_loss_coef < 0:
-            raise MoEConvertError(f"aux_loss_coef: must be >= 0, got {self.aux_loss_coef}")
+        if not 0 <= self.aux_loss_coef < math.inf:
+            raise MoEConvertError(f"aux_loss_coef: must be a finite number >= 0, got {self.aux_loss_coef}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,6 +140,8 @@ def build_layout(
     moe_layers = moe_layer_indices(num_layers, moe_every)
     if pyramid is not None and experts is not None:
         raise MoEConvertError("layout: give --pyramid or --experts, not both")
+    if pyramid_split is not None and pyramid is None:
+        raise MoEConvertError("layout: --pyramid-split divides the stages of --pyramid; give --pyramid too")
     if pyramid is None and experts is None:
         pyramid = DEFAULT_PYRAMID
     if experts is not None:
@@ -216,7 +219,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise MoEConvertError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "eval_windows", "save_every"):
+        for name in ("warmup_steps", "eval_every", "eval_windows", "save_every", "seed"):
             if getattr(self, name) < 0:
                 raise MoEConvertError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "clip"):

@@ -334,6 +334,8 @@ def check_output_apart(out: str | Path, inputs) -> None:
     """Refuse an output directory that is one of the existing `inputs` or holds one: writing or
     replacing it would destroy what the command reads."""
     o = Path(out).resolve()
+    if o == Path.cwd() or o in Path.cwd().parents:
+        raise MoEConvertError(f"output {str(out) or '.'} is the working directory or holds it; choose another output")
     for i in inputs:
         p = Path(i).resolve()
         if p.exists() and (o == p or o in p.parents):

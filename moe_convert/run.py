@@ -126,7 +126,9 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
             raise MoEConvertError(f"{where}step {step.index} ({step.kind}): {e}") from None
         if model is not None and step.kind in MAKES_MODEL:
             configs[step.output] = (config, model)
-        plans.append(StepPlan(step.index, step.kind, step.output, is_complete(recipe, step), model, peak))
+        complete = is_complete(recipe, step)
+        plans.append(StepPlan(step.index, step.kind, step.output, complete, model, peak,
+                              (complete and changed_settings(recipe, step)) or ""))
     return plans
 
 
@@ -158,19 +160,25 @@ def _settings(step: Step) -> dict:
     return json.loads(json.dumps(asdict(step.spec), default=str))
 
 
+def changed_settings(recipe: Recipe, step: Step) -> str | None:
+    """Why a complete step cannot be skipped: the settings it ran with differ from the recipe's now."""
+    ran = _read_state(recipe).get(str(step.index), {}).get("settings")
+    now = _settings(step)
+    if ran is None or ran == now:
+        return None
+    changed = ", ".join(f"{k}: {ran.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(ran) | set(now))
+                        if ran.get(k) != now.get(k))
+    return f"step {step.index} ({step.kind}) is complete but ran with other settings ({changed}); " \
+           f"remove {step.output} to run it again"
+
+
 def check_unchanged(recipe: Recipe) -> None:
     """Refuse complete steps (up to the first one that will run) whose recorded settings differ."""
-    state = _read_state(recipe)
     for step in recipe.steps:
         if not is_complete(recipe, step):
             return
-        ran = state.get(str(step.index), {}).get("settings")
-        now = _settings(step)
-        if ran is not None and ran != now:
-            changed = ", ".join(f"{k}: {ran.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(ran) | set(now))
-                                if ran.get(k) != now.get(k))
-            raise MoEConvertError(f"step {step.index} ({step.kind}) is complete but ran with other settings "
-                                  f"({changed}); remove {step.output} to run it again")
+        if why := changed_settings(recipe, step):
+            raise MoEConvertError(why)
 
 
 def run_step(step: Step, fresh: bool = False):

@@ -65,6 +65,10 @@ def load_config(path: str | Path):
         d = json.loads(file.read_text())
         if not isinstance(d, dict) or "model_type" not in d:
             raise ValueError("no model_type")
+        from transformers import CONFIG_MAPPING
+
+        if d["model_type"] not in CONFIG_MAPPING:
+            raise ValueError(f"model_type {d['model_type']!r} is not known to transformers")
         return AutoConfig.for_model(d.pop("model_type"), **d)
     except (json.JSONDecodeError, ValueError) as e:
         raise MoEConvertError(f"{file} is not a model config ({e})") from None

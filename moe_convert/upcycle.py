@@ -76,9 +76,9 @@ class InitSpec:
                 value = float(arg)
             except ValueError:
                 value = float("nan")
-            if mode == "noise" and value > 0 or mode == "drop" and 0 < value <= 1:
+            if mode == "noise" and 0 < value < math.inf or mode == "drop" and 0 < value <= 1:
                 return cls(mode, value)
-            allowed = "SIGMA > 0" if mode == "noise" else "0 < RATE <= 1"
+            allowed = "a finite SIGMA > 0" if mode == "noise" else "0 < RATE <= 1"
             raise MoEConvertError(f"init: {text!r} needs {allowed}")
         raise MoEConvertError(f"init: expected one of {', '.join(INIT_MODES)}, got {text!r}")
 
@@ -355,6 +355,8 @@ def upcycle(
     start = time.perf_counter()
     init_spec = InitSpec.parse(init)
     max_shard_bytes = parse_size(max_shard_size)
+    if seed < 0:
+        raise MoEConvertError(f"seed: must be >= 0, got {seed}")
     if dtype != "auto" and dtype not in DTYPES:
         raise MoEConvertError(f"dtype: expected auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     output = Path(output)
@@ -370,6 +372,8 @@ def upcycle(
     from transformers import AutoConfig
 
     host_config = AutoConfig.from_pretrained(src)
+    if getattr(host_config, "mlp_bias", False):  # Llama-family option; our gated experts have no biases
+        raise MoEConvertError(f"{source}: FFN biases on a gated host (mlp_bias=True) are not supported")
     layout = build_layout(host_config.num_hidden_layers, moe_every=moe_every, pyramid=pyramid,
                           pyramid_split=pyramid_split, experts=experts, top_k=top_k, residual=residual,
                           capacity_factor=capacity_factor, aux_loss_coef=aux_loss_coef)

@@ -144,6 +144,8 @@ def test_killed_mid_train_resumes_without_redoing_steps(tmp_path):
     refused = subprocess.run(kd_stop, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "step 2 (distill) is complete but ran with other settings" in refused.stderr
     assert "kd_stop: 0.5 -> 1" in refused.stderr, refused.stderr
+    dry = subprocess.run([*kd_stop, "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0 and "step 2: step 2 (distill) is complete but ran with other settings" in dry.stdout
     # ... and runs once its output is removed, with every later step run again on the new student
     shutil.rmtree(out / "2-distill")
     exported = (out / "3-export").stat().st_mtime_ns

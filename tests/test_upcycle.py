@@ -247,6 +247,10 @@ def _truncated(tmp_path, src):
     ("truncated", "model.safetensors"),
     ("exists", "already exists"),
     ("init", "init: expected one of"),
+    ("noise_inf", "needs a finite SIGMA > 0"),
+    ("aux_nan", "aux_loss_coef: must be a finite number"),
+    ("seed", "seed: must be >= 0"),
+    ("split_alone", "give --pyramid too"),
 ])
 def test_bad_input_one_line_nonzero_nothing_written(dense_dirs, tmp_path, case, message):
     work = tmp_path / "work"
@@ -264,7 +268,9 @@ def test_bad_input_one_line_nonzero_nothing_written(dense_dirs, tmp_path, case, 
         (out / "keep").write_text("x")
     else:
         args = {"pyramid0": ["--pyramid", "0,8"], "pyramidx": ["--pyramid", "8,x"], "stages": ["--pyramid", "1,2,3"],
-                "experts": ["--experts", "2,2,2"], "init": ["--init", "zeros"]}[case]
+                "experts": ["--experts", "2,2,2"], "init": ["--init", "zeros"], "noise_inf": ["--init", "noise:inf"],
+                "aux_nan": ["--aux-loss-coef", "nan"], "seed": ["--seed", "-1"],
+                "split_alone": ["--pyramid-split", "1,1"]}[case]
     before = sorted(p.name for p in work.iterdir())
     r = CliRunner().invoke(app, ["upcycle", src, "-o", str(out), *args])
     assert r.exit_code == 2, r.output
@@ -318,3 +324,13 @@ def test_upcycling_a_prmoe_model_says_so(tmp_path):
     tiny_prmoe().save_pretrained(tmp_path / "moe")
     r = CliRunner().invoke(app, ["upcycle", str(tmp_path / "moe"), "-o", str(tmp_path / "out")])
     assert r.exit_code == 2 and "is already a PR-MoE model" in r.output and not (tmp_path / "out").exists(), r.output
+
+
+def test_gated_host_with_ffn_biases_is_refused_by_name(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+
+    LlamaForCausalLM(tiny_llama_config(mlp_bias=True)).save_pretrained(tmp_path / "dense")
+    r = CliRunner().invoke(app, ["upcycle", str(tmp_path / "dense"), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "mlp_bias=True) are not supported" in r.output and not (tmp_path / "out").exists()
