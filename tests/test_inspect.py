@@ -82,3 +82,9 @@ def test_dense_model_with_tied_embeddings_counts_them_once(tmp_path):
 def test_inspect_bad_path_is_one_line(tmp_path):
     out = CliRunner().invoke(app, ["inspect", str(tmp_path / "nope")])
     assert out.exit_code == 2 and out.output.count("\n") == 1 and "config" in out.output
+
+
+def test_unknown_model_type_is_a_short_line(tmp_path):
+    (tmp_path / "c.json").write_text('{"model_type": "nosuch"}')
+    out = CliRunner().invoke(app, ["inspect", str(tmp_path / "c.json")])
+    assert out.exit_code == 2 and "model_type 'nosuch' is not known" in out.output and len(out.output) < 200, out.output
