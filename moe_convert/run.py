@@ -82,6 +82,7 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
     from .distill import plan_student, student_config
 
     configs: dict[str, tuple] = {}  # model dir -> (config, its row)
+    state = _read_state(recipe)
     plans = []
     for step in recipe.steps:
         spec, model, peak = step.spec, None, None
@@ -128,7 +129,7 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
             configs[step.output] = (config, model)
         complete = is_complete(recipe, step)
         plans.append(StepPlan(step.index, step.kind, step.output, complete, model, peak,
-                              (complete and changed_settings(recipe, step)) or ""))
+                              (complete and changed_settings(state, step)) or ""))
     return plans
 
 
@@ -160,9 +161,10 @@ def _settings(step: Step) -> dict:
     return json.loads(json.dumps(asdict(step.spec), default=str))
 
 
-def changed_settings(recipe: Recipe, step: Step) -> str | None:
-    """Why a complete step cannot be skipped: the settings it ran with differ from the recipe's now."""
-    ran = _read_state(recipe).get(str(step.index), {}).get("settings")
+def changed_settings(state: dict, step: Step) -> str | None:
+    """Why a complete step cannot be skipped: the settings it ran with (`state`, the run's
+    `run_state.json`) differ from the recipe's now."""
+    ran = state.get(str(step.index), {}).get("settings")
     now = _settings(step)
     if ran is None or ran == now:
         return None
@@ -174,10 +176,11 @@ def changed_settings(recipe: Recipe, step: Step) -> str | None:
 
 def check_unchanged(recipe: Recipe) -> None:
     """Refuse complete steps (up to the first one that will run) whose recorded settings differ."""
+    state = _read_state(recipe)
     for step in recipe.steps:
         if not is_complete(recipe, step):
             return
-        if why := changed_settings(recipe, step):
+        if why := changed_settings(state, step):
             raise MoEConvertError(why)
 
 
