@@ -241,7 +241,7 @@ def train(
     model: Path = typer.Argument(..., help="Model directory (dense HF causal LM or PR-MoE) with its tokenizer."),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory: final model, metrics.jsonl, checkpoints/."),
-    resume: bool = typer.Option(False, "--resume", help="Continue exactly from the newest checkpoint in OUTPUT."),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from the newest checkpoint in OUTPUT; refused if a setting that shapes the training changed."),
     stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) after this step; resume later. Default: run all steps."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -276,7 +276,7 @@ def distill(
     teacher: Path = typer.Option(..., "--teacher", help="Teacher model directory (PR-MoE or dense) with its tokenizer."),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory: student model, metrics.jsonl, checkpoints/."),
-    resume: bool = typer.Option(False, "--resume", help="Continue exactly from the newest checkpoint in OUTPUT (also across the KD stop)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from the newest checkpoint in OUTPUT (also across the KD stop); refused if a setting that shapes the training changed."),
     stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) after this step; resume later. Default: run all steps."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -422,7 +422,7 @@ def inspect(
 def generate(
     export_dir: Path = typer.Argument(..., metavar="EXPORT", help="A `moe-convert export --format safetensors` directory."),
     prompt: str = typer.Option(..., help="Prompt text (tokenized with the tokenizer copied into the export)."),
-    max_new_tokens: int = typer.Option(32, help="Tokens to generate (fewer if EOS comes first)."),
+    max_new_tokens: int = typer.Option(32, help="Tokens to generate (fewer if EOS or the model's context comes first)."),
     temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples from softmax(logits / temperature)."),
     top_k: Optional[int] = typer.Option(None, help="Sample only among the K most likely tokens (with --temperature > 0). Default: off."),
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling: the smallest set with probability >= P (with --temperature > 0). Default: off."),
@@ -549,7 +549,7 @@ def run(
                                  "total/active params, size, peak memory) without loading weights. Default: off."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan / summary as JSON. Default: off."),
 ):
-    """Run a recipe: upcycle/train/distill/export/eval/bench steps chained from one YAML file; finished steps are skipped; writes report.md."""
+    """Run a recipe: upcycle/train/distill/export/eval/bench steps chained from one YAML file; finished steps are skipped (refused if their settings changed); writes report.md."""
     with reporting_errors(json_out):
         from dataclasses import asdict
 

@@ -309,7 +309,7 @@ class DistillJob(TrainJob):
     alpha: float = option(0.5, "Weight of the KD term: (1 - alpha) CE + alpha T^2 KL.")
     temperature: float = option(1.0, "KD softmax temperature T.")
     kd_stop: float = option(0.5, "KD for the first KD_STOP of the steps, then CE only with the teacher released "
-                                 "(0 = no KD, 1 = KD throughout).")
+                                 "(0 = no KD, 1 = KD throughout; a value that rounds to no KD step is refused).")
     teacher_dtype: str = option("fp32", "Teacher precision: fp32 | bf16 | fp16.")
 
     def __post_init__(self):
