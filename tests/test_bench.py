@@ -12,7 +12,7 @@ from moe_convert.bench import IMPLS
 from moe_convert.cli import app
 from moe_convert import kernels
 from moe_convert.kernels import (ACTIVATIONS, PackedExperts, ffn, fused_activation, is_packed, moe_forward, pack_experts,
-                                 pack_ffn, route)
+                                 pack_ffn)
 
 
 def test_bench_layer_json_runs_every_implementation():
@@ -78,9 +78,7 @@ def test_no_grad_path_equals_autograd_path():
         a, _ = moe_forward(x, router, stacked, ACTIVATIONS["gelu_new"], residual=residual)
     b, _ = moe_forward(x.requires_grad_(), router, stacked, ACTIVATIONS["gelu_new"], residual=residual)
     torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
-    r = route(torch.nn.functional.linear(x, router))  # and the fused combine equals the unfused mix
-    assert r.counts.sum() == 30
-    with torch.no_grad():
+    with torch.no_grad():  # and the fused combine equals the unfused mix
         moe, _ = moe_forward(x, router, stacked, ACTIVATIONS["gelu_new"])  # the expert branch alone
     coef, dense = residual
     torch.testing.assert_close(a, coef[:, :1] * moe + coef[:, 1:] * dense, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import HOST_CONFIGS
+from conftest import HOST_CONFIGS, tiny_prmoe
 from moe_convert.cli import app
 from moe_convert.config import build_layout
 from moe_convert.upcycle import upcycle
@@ -319,8 +319,6 @@ def test_output_that_is_or_holds_the_source_is_refused(dense_dirs, where):
 
 
 def test_upcycling_a_prmoe_model_says_so(tmp_path):
-    from conftest import tiny_prmoe
-
     tiny_prmoe().save_pretrained(tmp_path / "moe")
     r = CliRunner().invoke(app, ["upcycle", str(tmp_path / "moe"), "-o", str(tmp_path / "out")])
     assert r.exit_code == 2 and "is already a PR-MoE model" in r.output and not (tmp_path / "out").exists(), r.output
@@ -329,8 +327,6 @@ def test_upcycling_a_prmoe_model_says_so(tmp_path):
 def test_gated_host_with_ffn_biases_is_refused_by_name(tmp_path):
     from transformers import LlamaForCausalLM
 
-    from conftest import tiny_llama_config
-
-    LlamaForCausalLM(tiny_llama_config(mlp_bias=True)).save_pretrained(tmp_path / "dense")
+    LlamaForCausalLM(HOST_CONFIGS["llama"](mlp_bias=True)).save_pretrained(tmp_path / "dense")
     r = CliRunner().invoke(app, ["upcycle", str(tmp_path / "dense"), "-o", str(tmp_path / "out")])
     assert r.exit_code == 2 and "mlp_bias=True) are not supported" in r.output and not (tmp_path / "out").exists()
