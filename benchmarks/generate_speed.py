@@ -19,12 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from moe_convert.cli import tune_memory_for_inference
 
-from moe_convert.configuration_prmoe import PRMoEConfig
-from moe_convert.export import export
-from moe_convert.modeling import PRMoEForCausalLM
-from moe_convert.runtime import load_runtime
+tune_memory_for_inference()  # as `generate` runs (huge pages, glibc reuse); before torch is imported
+import torch  # noqa: E402
+
+from moe_convert.configuration_prmoe import PRMoEConfig  # noqa: E402
+from moe_convert.export import export  # noqa: E402
+from moe_convert.modeling import PRMoEForCausalLM  # noqa: E402
+from moe_convert.runtime import load_runtime  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +53,7 @@ def main() -> None:
     prompt = torch.randint(0, 50257, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
     runs = [rt.generate(prompt, args.new) for _ in range(args.repeats + 1)][1:]  # the first warms up
     prefill = statistics.median(r.prefill_s for r in runs) * 1e3
-    decode = statistics.median((r.new_tokens - 1) / r.decode_s for r in runs)
+    decode = statistics.median(r.decode_tokens_per_s for r in runs)
     mib = {k: int(re.search(k + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) // 1024
            for k in ("VmHWM", "RssAnon", "RssFile")}
     print(f"{args.layers} layers, d={args.hidden}, {args.experts} experts in every other layer, {args.dtype} export: "
