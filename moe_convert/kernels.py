@@ -118,10 +118,10 @@ def pack_ffn(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     1.4x faster in decode (README). `w` comes back unchanged where `pack_matrix` declines or oneDNN
     cannot take the biases, so callers can always pack.
     """
-    mats = {k: pack_matrix(v) for k, v in w.items() if k.startswith("w_")}
-    if any(m is None for m in mats.values()) or not onednn_ok(w["w_out"], *w.values()):
+    if not onednn_ok(w["w_out"], *w.values()):  # the biases too: checked before any matrix is reordered
         return w
-    return {**w, **mats}
+    mats = {k: pack_matrix(v) for k, v in w.items() if k.startswith("w_")}
+    return w if any(m is None for m in mats.values()) else {**w, **mats}
 
 
 def _linear_act(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None, act=None) -> torch.Tensor:
