@@ -123,6 +123,14 @@ def pyramid_counts(n_moe: int, stages: list[int], split: list[int] | None = None
 DEFAULT_PYRAMID = [8]  # experts in every MoE layer when neither --pyramid nor --experts is given
 
 
+def check_layout_options(pyramid, pyramid_split, experts) -> None:
+    """The layout options that go together (also checked by a recipe's upcycle step, before any config)."""
+    if pyramid is not None and experts is not None:
+        raise MoEConvertError("layout: give --pyramid or --experts, not both (neither: 8 experts per MoE layer)")
+    if pyramid_split is not None and pyramid is None:
+        raise MoEConvertError("layout: --pyramid-split divides the stages of --pyramid; give --pyramid too")
+
+
 def build_layout(
     num_layers: int,
     *,
@@ -138,10 +146,7 @@ def build_layout(
 ) -> MoELayout:
     """The layout the `--pyramid` / `--experts` / `--moe-every` options describe (neither: 8 experts per MoE layer)."""
     moe_layers = moe_layer_indices(num_layers, moe_every)
-    if pyramid is not None and experts is not None:
-        raise MoEConvertError("layout: give --pyramid or --experts, not both")
-    if pyramid_split is not None and pyramid is None:
-        raise MoEConvertError("layout: --pyramid-split divides the stages of --pyramid; give --pyramid too")
+    check_layout_options(pyramid, pyramid_split, experts)
     if pyramid is None and experts is None:
         pyramid = DEFAULT_PYRAMID
     if experts is not None:

@@ -20,11 +20,12 @@ validated before any work, and every error names the step and the field.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .config import DistillJob, TrainJob, check_types, parse_int_list
+from .config import DistillJob, TrainJob, check_layout_options, check_types, parse_int_list
 from .errors import MoEConvertError
 
 # kind -> name of the field that takes the previous model (None: the kind takes no model)
@@ -64,8 +65,7 @@ class UpcycleStep:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, ",".join(map(str, parse_int_list(value, name))))
-        if self.pyramid is not None and self.experts is not None:
-            raise MoEConvertError("pyramid/experts: give one of them, not both (neither: 8 experts per MoE layer)")
+        check_layout_options(self.pyramid, self.pyramid_split, self.experts)
 
     def upcycle_kwargs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("source", "output", "source_config")}
@@ -165,6 +165,14 @@ class Recipe:
 def read_yaml(text: str):
     """YAML as its 1.2 core schema reads it: `3e-4` is a float and only true/false are booleans
     (PyYAML's 1.1 rules make `3e-4` a string and `no`, the documented `mixed_precision`, False)."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml12_loader())
+
+
+@functools.cache
+def _yaml12_loader():
+    """PyYAML's safe loader with YAML 1.2's booleans and exponent floats (built once)."""
     import re
 
     import yaml
@@ -178,7 +186,7 @@ def read_yaml(text: str):
                                  list("tTfF"))
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
                                  list("-+0123456789."))
-    return yaml.load(text, Loader=Loader)
+    return Loader
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
