@@ -141,7 +141,7 @@ def _eval_windows(recipe, model: str, count: int = 32):
 
 def write_report(recipe, state: dict) -> tuple[Path, list[dict]]:
     """`report.md` in the run directory: the summary table, loss curves, expert-load heatmaps."""
-    from .summary import load_config, summarize_config
+    from .summary import load_config
     from .train import load_model
 
     out = recipe.output
@@ -168,8 +168,8 @@ def write_report(recipe, state: dict) -> tuple[Path, list[dict]]:
     teacher = next((s.output for s in reversed(recipe.steps) if s.kind in ("train", "upcycle")), None)
     student = next((s.output for s in reversed(recipe.steps) if s.kind == "distill"), None)
     for role, path in (("teacher", teacher), ("student", student)):
-        has_experts = path is not None and (Path(path) / "config.json").is_file() and any(
-            r.experts for r in summarize_config(load_config(path)).layers)  # from the config: a dense model is not loaded
+        has_experts = path is not None and (Path(path) / "config.json").is_file() and bool(
+            getattr(load_config(path), "moe_layers", None))  # from the config: a dense model is not loaded
         windows = _eval_windows(recipe, path) if has_experts else None
         if windows is None:
             continue

@@ -17,8 +17,8 @@ Reusable API::
   resume. A phase change decided from `step` alone (distill: KD off from step k, teacher freed)
   therefore continues exactly across a resume.
 - `extra_state`: objects with `state_dict` / `load_state_dict` saved in every checkpoint.
-- `settings`: the job's own options that shape the training (`job_settings`); recorded in every
-  checkpoint with the window length and `cfg`, and a resume whose values differ is refused.
+- `settings`: the job's own options (`job_settings`: data, window length, distillation); recorded
+  in every checkpoint with `cfg`, and a resume whose values differ is refused.
 - `trainer.accelerator` places a teacher and autocasts it; `evaluate(model, windows, batch_size,
   accelerator)` is the held-out CE (`ce_loss` for PR-MoE) that periodic evals and `eval` use;
   `run_training(TrainJob)` is the whole `train` command (also a recipe's `train` step).
@@ -185,7 +185,7 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs
 
         self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
-        self.settings = {"seq_len": data.seq_len, **(settings or {})}  # beside cfg: recorded, compared on resume
+        self.settings = settings or {}  # beside cfg: recorded, compared on resume
         self.loss_fn, self.on_step, self.progress = loss_fn, on_step, progress
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise MoEConvertError("mixed_precision: fp16 needs a GPU; use bf16 on CPU")
@@ -365,7 +365,7 @@ class Trainer:
 
 def job_settings(job: TrainJob) -> dict:
     """A job's own options that shape the training (data, distillation), for `Trainer(settings=...)`."""
-    return {f.name: getattr(job, f.name) for f in fields(job) if "help" in f.metadata and f.name not in RESUME_MAY_CHANGE}
+    return {f.name: getattr(job, f.name) for f in fields(job) if "help" in f.metadata}  # _resume skips RESUME_MAY_CHANGE
 
 
 def claim_output(out: Path, resume: bool, overwrite: bool, inputs=()):
