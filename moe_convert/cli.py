@@ -576,8 +576,8 @@ def run(
                               _bytes(m.get("size_bytes")) if m else "", _bytes(p.peak_bytes), p.output)
             console.print(table)
             for p in plans:
-                if p.note:
-                    console.print(f"step {p.index}: {p.note}")
+                for line in filter(None, (p.note, p.changed)):
+                    console.print(f"step {p.index}: {line}")
             return
 
         def report_step(step, status):

@@ -40,6 +40,7 @@ class StepPlan:
     model: dict | None  # the model this step produces: layers, experts, params, size
     peak_bytes: int | None  # estimated (see the module docstring)
     note: str = ""
+    changed: str = ""  # a complete step whose settings differ from those it ran with: why `run` refuses it
 
 
 def _load_source_config(step: Step):
@@ -102,8 +103,8 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
                 peak = dense_row["size_bytes"] + model["largest_layer_params"] * out_bytes
             elif step.kind in ("train", "distill", "export"):
                 if step.input not in configs and not (Path(step.input) / "config.json").is_file():
-                    plans.append(StepPlan(step.index, step.kind, step.output, is_complete(recipe, step), None, None,
-                                          f"input {step.input} does not exist yet (made outside this recipe)"))
+                    plans.append(StepPlan(step.index, step.kind, step.output, is_complete(recipe, step, state), None,
+                                          None, f"input {step.input} does not exist yet (made outside this recipe)"))
                     continue
                 if step.input not in configs:
                     from .summary import load_config
@@ -127,19 +128,20 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
             raise MoEConvertError(f"{where}step {step.index} ({step.kind}): {e}") from None
         if model is not None and step.kind in MAKES_MODEL:
             configs[step.output] = (config, model)
-        complete = is_complete(recipe, step)
+        complete = is_complete(recipe, step, state)
         plans.append(StepPlan(step.index, step.kind, step.output, complete, model, peak,
-                              (complete and changed_settings(state, step)) or ""))
+                              changed=(complete and changed_settings(state, step)) or ""))
     return plans
 
 
-def is_complete(recipe: Recipe, step: Step) -> bool:
+def is_complete(recipe: Recipe, step: Step, state: dict) -> bool:
+    """The step's output is finished (`state`: the run's `run_state.json`, which records eval and bench)."""
     out = Path(step.output)
     if step.kind in MAKES_MODEL:
         return (out / "config.json").is_file()  # written last by each of them
     if step.kind == "export":
         return out.is_dir()  # renamed into place only when complete
-    return str(step.index) in _read_state(recipe)
+    return str(step.index) in state
 
 
 def _read_state(recipe: Recipe) -> dict:
@@ -172,16 +174,6 @@ def changed_settings(state: dict, step: Step) -> str | None:
                         if ran.get(k) != now.get(k))
     return f"step {step.index} ({step.kind}) is complete but ran with other settings ({changed}); " \
            f"remove {step.output} to run it again"
-
-
-def check_unchanged(recipe: Recipe) -> None:
-    """Refuse complete steps (up to the first one that will run) whose recorded settings differ."""
-    state = _read_state(recipe)
-    for step in recipe.steps:
-        if not is_complete(recipe, step):
-            return
-        if why := changed_settings(state, step):
-            raise MoEConvertError(why)
 
 
 def run_step(step: Step, fresh: bool = False):
@@ -224,11 +216,15 @@ def run_step(step: Step, fresh: bool = False):
 def execute(recipe: Recipe, on_step=lambda step, status: None) -> dict:
     """Run every step not yet complete, in order, and every step after one that ran;
     `on_step(step, "skip" | "start" | "done")` reports."""
-    plan_recipe(recipe)  # validates the whole chain before any work
-    check_unchanged(recipe)
+    plans = plan_recipe(recipe)  # validates the whole chain before any work
+    for plan in plans:  # the complete steps up to the first to run are skipped: only if unchanged
+        if not plan.complete:
+            break
+        if plan.changed:
+            raise MoEConvertError(plan.changed)
     ran = False
-    for step in recipe.steps:
-        if not ran and is_complete(recipe, step):
+    for step, plan in zip(recipe.steps, plans):
+        if not ran and plan.complete:
             on_step(step, "skip")
             continue
         on_step(step, "start")
