@@ -218,7 +218,11 @@ class Runtime:
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor: ...
 
-    def qkv(self, i: int, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+    def rotary(self, pos: torch.Tensor, dtype: torch.dtype):
+        """What `qkv` needs of positions `pos` (L,), computed once per forward for every layer."""
+        return None
+
+    def qkv(self, i: int, x: torch.Tensor, rotary) -> tuple[torch.Tensor, ...]: ...
 
     def attn_out(self, i: int, o: torch.Tensor) -> torch.Tensor: ...
 
@@ -248,13 +252,16 @@ class Runtime:
             raise MoEConvertError(f"{past + L} positions exceed the model's context of {self.context}")
         pos = torch.arange(past, past + L)  # (L,)
         keys = torch.arange(past + L)[None, :]  # (1, past+L)
-        causal = keys <= pos[:, None]  # (L, past+L)
+        masks = {None: keys <= pos[:, None]}  # (L, past+L) per sliding window, built once per forward
         x = self.embed(ids, pos)  # (B, L, d)
+        rotary = self.rotary(pos, x.dtype)  # the layers' shared position encoding, if any
         for i in range(self.num_layers):
-            q, k, v = self.qkv(i, self.attn_norm(i, x), pos)  # (B, H, L, hd), (B, H_kv, L, hd) x2
+            q, k, v = self.qkv(i, self.attn_norm(i, x), rotary)  # (B, H, L, hd), (B, H_kv, L, hd) x2
             k, v = cache.update(i, k, v)
             window = self.sliding_window(i)
-            mask = causal if window is None else causal & (keys > pos[:, None] - window)  # as transformers masks
+            if window not in masks:
+                masks[window] = masks[None] & (keys > pos[:, None] - window)  # as transformers masks
+            mask = masks[window]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.attn_scale(i),
                                                enable_gqa=q.shape[1] != k.shape[1])  # (B, H, L, hd)
             x = x + self.attn_out(i, o.transpose(1, 2).reshape(B, L, -1))
@@ -351,7 +358,7 @@ class GPT2Runtime(Runtime):
     def final_norm(self, x):
         return self._ln("transformer.ln_f", x)
 
-    def qkv(self, i, x, pos):
+    def qkv(self, i, x, rotary):
         B, L, _ = x.shape
         qkv = self.linear(f"transformer.h.{i}.attn.c_attn", x)  # (B, L, 3d)
         return [t.reshape(B, L, self.heads, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1)]
@@ -423,12 +430,16 @@ class LlamaRuntime(Runtime):
     def final_norm(self, x):
         return self._rms("model.norm", x)
 
-    def qkv(self, i, x, pos):
-        p = f"model.layers.{i}.self_attn."
-        B, L, _ = x.shape
+    def rotary(self, pos, dtype):
+        """RoPE's (cos, sin), each (L, hd)."""
         freqs = pos[:, None].float() * self.inv_freq[None, :]  # (L, hd/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (L, hd)
-        cos, sin = (emb.cos() * self.rope_scale).to(x.dtype), (emb.sin() * self.rope_scale).to(x.dtype)
+        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
+
+    def qkv(self, i, x, rotary):
+        p = f"model.layers.{i}.self_attn."
+        B, L, _ = x.shape
+        cos, sin = rotary
 
         def heads(name, n):
             return self.linear(p + name, x).reshape(B, L, n, self.head_dim).transpose(1, 2)  # (B, n, L, hd)
