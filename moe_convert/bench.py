@@ -278,30 +278,28 @@ class BenchRow:
 
 
 def check_bench_args(tokens: int, hidden: int, experts: list[int], dtype: str, impls: list[str] | None,
-                     repeats: int, threads: int | None = None) -> None:
+                     repeats: int) -> None:
     """`bench_layer`'s arguments, checked before any work (also by a recipe's bench step)."""
     if dtype not in DTYPES:
         raise MoEConvertError(f"--dtype {dtype!r} is not known; choose one of {', '.join(DTYPES)}")
     unknown = [i for i in impls or [] if i not in IMPLS]
     if unknown:
         raise MoEConvertError(f"--impls: unknown {', '.join(unknown)}; known: {', '.join(IMPLS)}")
-    if min(tokens, hidden, *experts, repeats, 1 if threads is None else threads) < 1:
-        raise MoEConvertError("bench layer: --tokens, --hidden, --experts, --repeats and --threads must be >= 1")
+    if min(tokens, hidden, *experts, repeats) < 1:
+        raise MoEConvertError("bench layer: --tokens, --hidden, --experts and --repeats must be >= 1")
 
 
 def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32", impls: list[str] | None = None,
-                repeats: int = 5, seed: int = 0, threads: int | None = None,
+                repeats: int = 5, seed: int = 0,
                 on_step: Callable[[str], None] = lambda s: None) -> tuple[Machine, list[BenchRow]]:
     """Time every implementation on the same weights and input per expert count; medians over `repeats`."""
-    check_bench_args(tokens, hidden, experts, dtype, impls, repeats, threads)
+    check_bench_args(tokens, hidden, experts, dtype, impls, repeats)
     impls = impls or list(IMPLS)
     if "deepspeed" in impls:
         try:
             deepspeed_moe_class()
         except ImportError:
             impls = [i for i in impls if i != "deepspeed"]
-    if threads:
-        torch.set_num_threads(threads)
     torch_dtype = DTYPES[dtype]
     machine = measure_machine(hidden, torch_dtype)
     rows: list[BenchRow] = []

@@ -495,7 +495,8 @@ def bench_layer(
 
         counts = parse_int_list(experts, "experts")
         names = [s.strip() for s in impls.split(",")] if impls else None
-        check_bench_args(tokens, hidden, counts, dtype, names, repeats, threads)  # before any warning or spinner
+        check_bench_args(tokens, hidden, counts, dtype, names, repeats)  # before any warning or spinner
+        set_threads(threads)
         load = os.getloadavg()[0]
         if load > 1.0:
             err_console.print(f"warning: 1-minute load average {load:.1f} — other work is running, timings will be noisy")
@@ -507,7 +508,7 @@ def bench_layer(
         with Progress(SpinnerColumn(), "[progress.description]{task.description}", console=err_console,
                       transient=True, disable=json_out) as bar:
             task = bar.add_task("measuring the machine", total=None)
-            machine, rows = run_bench(tokens, hidden, counts, dtype, names, repeats, seed, threads,
+            machine, rows = run_bench(tokens, hidden, counts, dtype, names, repeats, seed,
                                       on_step=lambda s: bar.update(task, description=s))
         if json_out:
             print_json([asdict(r) | {"gemm_gflops": machine.gemm_gflops, "bandwidth_gbs": machine.bandwidth_gbs,
