@@ -13,7 +13,6 @@ from .errors import MoEConvertError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 SAVE_DTYPE_NAMES = ("fp32", "bf16", "fp16")
-DEFAULT_STUDENT_LAYERS = -1  # a student one layer shallower than its teacher
 
 
 @dataclass
@@ -305,8 +304,8 @@ class DistillJob(TrainJob):
 
     KIND = "distill"
 
-    student_layers: int = option(DEFAULT_STUDENT_LAYERS, "Student depth: -k = teacher depth minus k, or an absolute "
-                                                         "depth.")
+    student_layers: int | None = option(None, "Student depth: -k = teacher depth minus k, or an absolute depth. "
+                                              "Default: -1, or what --keep-layers keeps (given both, they must agree).")
     keep_layers: str | None = option(None, "Teacher layers to keep, e.g. 0,4,5,...; default: drop the layers right "
                                            "after layer 0 (the paper's L21 student for -3).")
     student_init: str = option("teacher", "teacher: copy kept layers, embeddings, final norm | scratch: random "

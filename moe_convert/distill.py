@@ -19,7 +19,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from .config import DEFAULT_STUDENT_LAYERS, DistillJob, parse_int_list
+from .config import DistillJob, parse_int_list
 from .errors import MoEConvertError
 from .modeling import host_spec
 from .io import DTYPES
@@ -56,8 +56,12 @@ def student_depth(teacher_depth: int, student_layers: int) -> int:
     return depth
 
 
-def plan_student(teacher_config, student_layers: int, keep_layers: str | list[int] | None = None) -> StudentPlan:
-    """The student's layer plan; `keep_layers` names the teacher layers to keep (overrides the default)."""
+DEFAULT_STUDENT_LAYERS = -1  # a student one layer shallower than its teacher
+
+
+def plan_student(teacher_config, student_layers: int | None, keep_layers: str | list[int] | None = None) -> StudentPlan:
+    """The student's layer plan: `student_layers` deep (None: `DEFAULT_STUDENT_LAYERS`), or the teacher
+    layers `keep_layers` names (then `student_layers`, if given, must agree)."""
     host, moe = _host_and_moe(teacher_config)
     L = host.num_hidden_layers
     if keep_layers is not None:
@@ -66,11 +70,11 @@ def plan_student(teacher_config, student_layers: int, keep_layers: str | list[in
             raise MoEConvertError(f"keep_layers: must be increasing teacher layer indices in 0..{L - 1}, got {kept}")
         if not 0 < len(kept) < L:
             raise MoEConvertError(f"keep_layers: must keep between 1 and {L - 1} layers, got {len(kept)}")
-        if student_layers != DEFAULT_STUDENT_LAYERS and student_depth(L, student_layers) != len(kept):
+        if student_layers is not None and student_depth(L, student_layers) != len(kept):
             raise MoEConvertError(f"keep_layers keeps {len(kept)} layers, student_layers {student_layers} asks for "
                                   f"{student_depth(L, student_layers)}; give one of them")
     else:
-        depth = student_depth(L, student_layers)
+        depth = student_depth(L, DEFAULT_STUDENT_LAYERS if student_layers is None else student_layers)
         drop = L - depth
         kept = [0] + list(range(1 + drop, L)) if depth > 1 else [L - 1]
     moe_layers = [i for i, t in enumerate(kept) if t in moe]

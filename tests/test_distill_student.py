@@ -28,13 +28,13 @@ def test_default_plan_is_the_papers_L21_student():
 
 def test_named_layers_and_bad_depths():
     cfg = paper_teacher_config()
-    plan = plan_student(cfg, -1, keep_layers="0,2,3,5,7,9,11,13,15,17,19,21,22,23")
+    plan = plan_student(cfg, None, keep_layers="0,2,3,5,7,9,11,13,15,17,19,21,22,23")
     assert plan.depth == 14 and plan.moe_layers == [i for i, t in enumerate(plan.kept) if t % 2 == 1]
     for bad in (-24, 0, 24, 30):
         with pytest.raises(MoEConvertError, match="student_layers"):
             plan_student(cfg, bad)
     with pytest.raises(MoEConvertError, match="keep_layers"):
-        plan_student(cfg, -1, keep_layers="3,1")
+        plan_student(cfg, None, keep_layers="3,1")
 
 
 def test_teacher_init_copies_kept_layers_exactly(host):
