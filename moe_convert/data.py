@@ -63,12 +63,12 @@ class Documents:
     their names, sizes and modification times), so a cache hit never reads the corpus.
     """
 
-    def __init__(self, texts: list[str] | Callable[[], list[str]], fingerprint: str):
-        self._texts, self.fingerprint = texts, fingerprint
+    def __init__(self, read: Callable[[], list[str]], fingerprint: str):
+        self._read, self.fingerprint = read, fingerprint
 
     @functools.cached_property
     def texts(self) -> list[str]:
-        return self._texts() if callable(self._texts) else self._texts
+        return self._read()
 
 
 def default_cache_dir() -> Path:
@@ -113,7 +113,7 @@ def load_documents(source: str, text_field: str = "text") -> Documents:
         if name not in BUILTIN_CORPORA:
             raise MoEConvertError(f"data: no built-in corpus {name!r}; built-in: {', '.join(BUILTIN_CORPORA)}")
         texts = BUILTIN_CORPORA[name]()
-        return Documents(texts, _sha(["builtin", name, hashlib.sha256("\0".join(texts).encode()).hexdigest()]))
+        return Documents(lambda: texts, _sha(["builtin", name, hashlib.sha256("\0".join(texts).encode()).hexdigest()]))
 
     import datasets
 
@@ -143,7 +143,8 @@ def load_documents(source: str, text_field: str = "text") -> Documents:
             raise MoEConvertError(
                 f"data: {source} is neither a local path nor a loadable hub dataset: {str(e).splitlines()[0]}"
             ) from None
-        return Documents(_texts_of(ds, text_field, f"dataset {source}"), _sha(["hub", source, ds._fingerprint, text_field]))
+        return Documents(lambda: _texts_of(ds, text_field, f"dataset {source}"),  # read on a cache miss only
+                         _sha(["hub", source, ds._fingerprint, text_field]))
 
 
 def _texts_of(ds, text_field: str, where: str) -> list[str]:
