@@ -123,7 +123,11 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, batch_size: int = 8, accelerator=None) -> dict:
-    """Held-out CE over `windows` (N, L) (sharded over processes): loss, perplexity, tokens/s."""
+    """Held-out CE over `windows` (N, L) (sharded over processes): loss, perplexity, tokens/s.
+
+    `tokens` counts every position the model reads (what tokens/s is over); `scored_tokens` the
+    L - 1 positions per window that have a next token, which the loss averages over.
+    """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else next(model.parameters()).device
     was_training = model.training
@@ -141,9 +145,11 @@ def evaluate(model, windows: torch.Tensor, batch_size: int = 8, accelerator=None
     seconds = time.perf_counter() - start
     model.train(was_training)
     loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
-    tokens = int(totals[1].item()) * windows.shape[1]
-    return {"loss": loss, "ppl": math.exp(loss) if loss == loss else float("nan"), "windows": int(totals[1].item()),
-            "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
+    n = int(totals[1].item())
+    tokens = n * windows.shape[1]
+    return {"loss": loss, "ppl": math.exp(loss) if loss == loss else float("nan"), "windows": n,
+            "tokens": tokens, "scored_tokens": n * (windows.shape[1] - 1), "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
 
 
 def eval_model(model: str | Path, data: str, *, text_field: str = "text", seq_len: int = 128,

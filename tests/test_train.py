@@ -186,6 +186,7 @@ def test_prmoe_logs_ce_and_aux_and_saves_a_loadable_model(moe_dir, tmp_path):
                             "--json"]).stdout)
     assert ev["loss"] == pytest.approx(result["eval_loss"], rel=1e-4)  # same 8 held-out windows
     assert ev["ppl"] == pytest.approx(math.exp(ev["loss"]))
+    assert (ev["windows"], ev["tokens"], ev["scored_tokens"]) == (8, 8 * SEQ, 8 * (SEQ - 1))  # the last has no next
 
 
 def test_mixed_precision_and_refusals(dense_dir, tmp_path):
