@@ -166,7 +166,7 @@ def upcycle(
             ("init / seed", f"{summary.init} / {summary.seed}"),
             ("total params", f"{summary.total_params:,}"),
             ("active params / token", f"{summary.active_params:,}"),
-            ("size on disk", f"{summary.size_on_disk / 1e6:,.1f} MB in {summary.shards} shard(s), {summary.dtype}"),
+            ("size on disk", f"{_bytes(summary.size_on_disk)} in {summary.shards} shard(s), {summary.dtype}"),
             ("fidelity", summary.fidelity),
             ("max |dlogits|", fmt(summary.max_abs_logit_diff, ".3g")),
             ("mean KL(dense||upcycled)", fmt(summary.kl, ".3g")),
@@ -353,7 +353,7 @@ def export(
                      ("ep size", str(result.ep_size)),
                      ("files", ", ".join(result.files)),
                      ("tokenizer files", ", ".join(result.tokenizer_files) or "none"),
-                     ("size", f"{result.bytes / 1e6:,.1f} MB"),
+                     ("size", _bytes(result.bytes)),
                      ("time", f"{time.perf_counter() - start:.1f} s")]:
             table.add_row(k, v)
         console.print(table)
@@ -385,10 +385,11 @@ def eval_(
         from rich.table import Table
 
         table = Table(title=f"eval {model} on {data} ({split})")
-        for col in ("windows", "tokens", "loss", "perplexity", "unigram ppl", "tokens/s"):
+        for col in ("windows", "tokens (scored)", "loss", "perplexity", "unigram ppl", "tokens/s"):
             table.add_column(col, justify="right")
-        table.add_row(str(result["windows"]), f"{result['tokens']:,}", f"{result['loss']:.4f}", f"{result['ppl']:.2f}",
-                      f"{result['unigram_ppl']:.2f}", f"{result['tokens_per_s']:,.0f}")
+        table.add_row(str(result["windows"]), f"{result['tokens']:,} ({result['scored_tokens']:,})",
+                      f"{result['loss']:.4f}", f"{result['ppl']:.2f}", f"{result['unigram_ppl']:.2f}",
+                      f"{result['tokens_per_s']:,.0f}")
         console.print(table)
 
 
@@ -413,7 +414,7 @@ def inspect(
         for r in s.layers:
             table.add_row(str(r.index), r.ffn, str(r.experts or "-"), f"{r.params:,}", f"{r.active_params:,}")
         console.print(table)
-        size = "-" if s.size_on_disk is None else f"{s.size_on_disk / 2**20:,.1f} MiB"
+        size = _bytes(s.size_on_disk)
         console.print(f"total params {s.total_params:,} ({_params(s.total_params)})   active per token "
                       f"{s.active_params:,} ({_params(s.active_params)})   dtype {s.dtype}   size on disk {size}")
 

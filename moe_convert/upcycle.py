@@ -103,7 +103,7 @@ class UpcycleSummary:
     residual: bool
     total_params: int
     active_params: int
-    size_on_disk: int
+    size_on_disk: int  # bytes of the weight shards
     shards: int
     seconds: float
     max_abs_logit_diff: float | None = None
@@ -438,7 +438,7 @@ def upcycle(
         dtype=str(out_dtype).removeprefix("torch."), num_layers=layout.num_layers, moe_layers=layout.moe_layers,
         experts_per_layer=layout.num_experts, top_k=layout.top_k, residual=layout.residual,
         total_params=total_params, active_params=active_params,
-        size_on_disk=sum(f.stat().st_size for f in output.iterdir() if f.is_file()), shards=len(shards),
+        size_on_disk=sum((output / f).stat().st_size for f in shards), shards=len(shards),
         seconds=0.0,
     )
     if dense_logits is not None:
