@@ -27,6 +27,7 @@ Init modes (`--init`):
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -51,11 +52,6 @@ ROUTER_LOGIT_STD = 1e-5  # preserve: std of router logits over tokens; p_e = 1/E
 WHITEN_KEEP = 0.05  # preserve: whiten only principal directions with singular value >= this * the largest
 SAMPLE_SEQS, SAMPLE_LEN = 8, 32  # calibration / fidelity sample: sequences x tokens
 FIDELITY_SEED = 1234  # the fixed fidelity sample (when the source has no tokenizer)
-FIDELITY_TEXT = (
-    "The quick brown fox jumps over the lazy dog. In 1905 Albert Einstein published four papers that changed "
-    "physics. Mixture-of-experts models route each token to a few experts, so they hold many parameters but "
-    "compute with only some of them. She opened the window, and the smell of rain filled the small kitchen. "
-)
 _STREAM_ROUTER, _STREAM_COEF, _STREAM_DROP, _STREAM_PARAM = 0, 1, 2, 3  # seed streams per (layer, expert)
 
 
@@ -284,15 +280,21 @@ def _sample_ids(vocab: int, seq_len: int, generator: torch.Generator) -> torch.T
 
 
 def _fidelity_sample(src: Path, host_config) -> tuple[torch.Tensor, str]:
-    """The fixed sample: the tokenizer-encoded FIDELITY_TEXT if the source has a tokenizer, else fixed ids."""
+    """The fixed sample: with a tokenizer, the start of SAMPLE_SEQS held-out paragraphs of the built-in corpus
+    (varied prose, the same on every machine with this Python); else fixed random ids."""
     seq_len = _sample_len(host_config)
     if any(src.glob("tokenizer*")):
         from transformers import AutoTokenizer
 
-        ids = AutoTokenizer.from_pretrained(src)(FIDELITY_TEXT * 8)["input_ids"]
-        if len(ids) >= SAMPLE_SEQS * seq_len:
-            ids = torch.tensor(ids[: SAMPLE_SEQS * seq_len]).view(SAMPLE_SEQS, seq_len)
-            return ids.clamp_max(host_config.vocab_size - 1), f"{SAMPLE_SEQS}x{seq_len} tokens of fixed text"
+        from .data import BUILTIN_CORPORA, is_eval_document
+
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        held_out = (t for t in BUILTIN_CORPORA["pydoc"]() if is_eval_document(t, 0.1))
+        long_enough = (ids[:seq_len] for ids in (tokenizer(t)["input_ids"] for t in held_out) if len(ids) >= seq_len)
+        rows = list(itertools.islice(long_enough, SAMPLE_SEQS))
+        if len(rows) == SAMPLE_SEQS:
+            ids = torch.tensor(rows)  # (B, L)
+            return ids.clamp_max(host_config.vocab_size - 1), f"{SAMPLE_SEQS}x{seq_len} tokens of held-out builtin:pydoc text"
     ids = _sample_ids(host_config.vocab_size, seq_len, torch.Generator().manual_seed(FIDELITY_SEED))
     return ids, f"{SAMPLE_SEQS}x{seq_len} fixed random token ids"
 

@@ -16,6 +16,8 @@ import torch  # noqa: E402
 
 from moe_convert.bench import free_port  # noqa: E402,F401  (tests import it from here)
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+CHECKPOINT = ROOT / "checkpoints" / "tiny-gpt2"  # the shipped checkpoint
 VOCAB = 101
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import CHECKPOINT
 from moe_convert.cli import app
 from moe_convert.data import (
     load_documents,
@@ -24,7 +25,6 @@ from moe_convert.data import (
 )
 from moe_convert.errors import MoEConvertError
 
-TINY = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-gpt2"
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
 
 
@@ -162,20 +162,20 @@ def no_tokenizer_model(tmp_path_factory):
     return path
 
 
-@pytest.mark.skipif(not TINY.exists(), reason="checkpoints/tiny-gpt2 not built")
+@pytest.mark.skipif(not CHECKPOINT.exists(), reason="checkpoints/tiny-gpt2 not built")
 def test_cli_bad_input_gives_one_line_errors(tmp_path, no_tokenizer_model, cache):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     no_field = tmp_path / "d.jsonl"
     no_field.write_text('{"body": "some text here"}\n')
     cases = [
-        (["eval", str(TINY), "--data", str(tmp_path / "missing.txt")], "does not exist"),
-        (["eval", str(TINY), "--data", str(empty)], "is empty"),
-        (["eval", str(TINY), "--data", str(no_field)], "has no field 'text' (fields: body)"),
-        (["eval", str(TINY), "--data", "builtin:pydoc", "--seq-len", "4096"], "larger than the model's 256 positions"),
+        (["eval", str(CHECKPOINT), "--data", str(tmp_path / "missing.txt")], "does not exist"),
+        (["eval", str(CHECKPOINT), "--data", str(empty)], "is empty"),
+        (["eval", str(CHECKPOINT), "--data", str(no_field)], "has no field 'text' (fields: body)"),
+        (["eval", str(CHECKPOINT), "--data", "builtin:pydoc", "--seq-len", "4096"], "larger than the model's 256 positions"),
         (["eval", str(no_tokenizer_model), "--data", "builtin:pydoc"], "has no tokenizer files"),
         (["train", str(no_tokenizer_model), "--data", "builtin:pydoc", "-o", str(tmp_path / "o")], "has no tokenizer"),
-        (["train", str(TINY), "--data", str(empty), "-o", str(tmp_path / "o2")], "is empty"),
+        (["train", str(CHECKPOINT), "--data", str(empty), "-o", str(tmp_path / "o2")], "is empty"),
     ]
     runner = CliRunner()
     for args, message in cases:

@@ -14,14 +14,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import free_port, metrics_of
+from conftest import CHECKPOINT, ROOT, free_port, metrics_of
 from moe_convert.cli import app
 from moe_convert.distill import DistillJob, StagedKD, build_student, plan_student, run_distill
 from moe_convert.errors import MoEConvertError
 from moe_convert.train import TrainConfig, TrainJob, load_model, run_training
 
-ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT = ROOT / "checkpoints" / "tiny-gpt2"
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import metrics_of
+from conftest import ROOT, metrics_of
 from moe_convert.cli import app
 from moe_convert.errors import MoEConvertError
 from moe_convert.recipe import apply_overrides, load_recipe, parse_recipe
 from moe_convert.run import plan_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 

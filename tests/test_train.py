@@ -18,9 +18,8 @@ from moe_convert.cli import app
 from moe_convert.data import load_documents, load_packed, load_tokenizer, split_documents, train_bpe_tokenizer
 from moe_convert.train import TrainConfig, Trainer, causal_lm_loss, load_model
 
-from conftest import free_port, tiny_gpt2_config, metrics_of
+from conftest import free_port, metrics_of, tiny_gpt2_config
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = "builtin:pydoc"
 SEQ = 32
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import HOST_CONFIGS, tiny_prmoe
+from conftest import CHECKPOINT, HOST_CONFIGS, tiny_prmoe
 from moe_convert.cli import app
 from moe_convert.config import build_layout
 from moe_convert.upcycle import upcycle
@@ -330,3 +330,19 @@ def test_gated_host_with_ffn_biases_is_refused_by_name(tmp_path):
     LlamaForCausalLM(HOST_CONFIGS["llama"](mlp_bias=True)).save_pretrained(tmp_path / "dense")
     r = CliRunner().invoke(app, ["upcycle", str(tmp_path / "dense"), "-o", str(tmp_path / "out")])
     assert r.exit_code == 2 and "mlp_bias=True) are not supported" in r.output and not (tmp_path / "out").exists()
+
+
+def test_fidelity_sample_is_held_out_corpus_text(tmp_path):
+    """With a tokenizer the sample is the first tokens of held-out paragraphs: recomputed here, the shares agree."""
+    from moe_convert.data import load_documents, load_tokenizer, split_documents
+
+    s = upcycle(str(CHECKPOINT), tmp_path / "moe", experts="2,4")
+    assert "held-out builtin:pydoc" in s.fidelity
+    tokenizer = load_tokenizer(CHECKPOINT)
+    held_out = split_documents(load_documents("builtin:pydoc").texts, 0.1)["eval"]
+    rows = [ids[:32] for ids in map(lambda t: tokenizer(t)["input_ids"], held_out) if len(ids) >= 32][:8]
+    _, moe = load_pair(CHECKPOINT, tmp_path / "moe")
+    with torch.no_grad():
+        moe(torch.tensor(rows))
+    shares = [float(m.expert_counts.max() / m.expert_counts.sum()) for m in moe.moe_layers()]
+    assert s.max_expert_share == pytest.approx(shares)
