@@ -433,6 +433,8 @@ def generate(
 ):
     """Text from an export through our inference kernels (KV-cache decoding).
 
+    Started as N processes (`torchrun --nproc_per_node N -m moe_convert generate ...`) on an `--ep-size N` export, each process holds one rank's experts and tokens reach them by all-to-all; rank 0 prints.
+
     Weights are packed for oneDNN at load. The process asks for transparent huge pages (THP_MEM_ALLOC_ENABLE=1 unless you set it) and keeps freed heap memory for reuse.
     """
     tune_memory_for_inference()
@@ -445,9 +447,11 @@ def generate(
             raise MoEConvertError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         check_sampling(temperature, top_k, top_p)
         set_threads(threads)
+        runtime = load_runtime(export_dir, expert_parallel=True)  # one rank's experts when started by torchrun
+        if runtime.ep is not None and runtime.ep.rank != 0:  # rank 0 reports for the group
+            json_out, console.quiet, err_console.quiet = False, True, True
         if temperature == 0 and (top_k, top_p, seed) != (None, None, None) and not json_out:
             err_console.print("note: --top-k, --top-p and --seed apply only with --temperature > 0; decoding greedily")
-        runtime = load_runtime(export_dir)
         if runtime.dtype != runtime.stored_dtype and not json_out:
             err_console.print("fp16 export computed in fp32: this CPU has no native fp16 matmul")
         tokenizer = load_tokenizer(export_dir)

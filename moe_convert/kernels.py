@@ -374,11 +374,19 @@ def combine(y_sorted: torch.Tensor, routing: Routing, num_tokens: int,
 def moe_forward(x: torch.Tensor, router_weight: torch.Tensor, stacked: dict | PackedExperts, act, top_k=1, capacity_factor=None,
                 min_capacity=4, dropout: float = 0.0, training: bool = False,
                 residual: tuple[torch.Tensor, torch.Tensor] | None = None,
-                backend: str | None = None) -> tuple[torch.Tensor, Routing]:
-    """PR-MoE branch for x (T, d): gate in fp32, dispatch by sort, experts, combine (+ residual mix) -> (T, d)."""
+                backend: str | None = None, exchange=None) -> tuple[torch.Tensor, Routing]:
+    """PR-MoE branch for x (T, d): gate in fp32, dispatch by sort, experts, combine (+ residual mix) -> (T, d).
+
+    `exchange` (expert parallelism, `expert_parallel.ExpertParallel.exchange`): `stacked` holds this
+    rank's experts only, and the expert-sorted rows travel to their experts' ranks and back.
+    """
     logits = linear(x.float(), router_weight.float())  # (T, E) fp32, as DeepSpeed's gate
     routing = route(logits, top_k, capacity_factor, min_capacity)
-    y = expert_ffn(x[routing.token], routing.counts, stacked, act, backend)  # (N, d)
+    x_sorted = x[routing.token]  # (N, d)
+
+    def run(rows, counts):
+        return expert_ffn(rows, counts, stacked, act, backend)
+    y = run(x_sorted, routing.counts) if exchange is None else exchange(x_sorted, routing.counts, run)  # (N, d)
     if dropout and training:
         y = F.dropout(y, dropout, training=True)
     return combine(y, routing, x.shape[0], residual), routing

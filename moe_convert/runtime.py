@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MoEConvertError
+from .expert_parallel import ExpertParallel, from_environment
 from .export import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file)
 from .io import open_safetensors, read_safetensors, return_freed_memory
 from .kernels import ACTIVATIONS, ffn, linear, moe_forward, native_fp16_matmul, pack_experts, pack_ffn, pack_matrix
@@ -43,22 +44,25 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def load_export(path: str | Path, manifest: dict) -> dict[str, torch.Tensor]:
-    """An export's tensors by host-native name (`manifest` from `read_manifest`), each layer's experts
-    re-joined across EP rank files."""
+def load_export(path: str | Path, manifest: dict, rank: int | None = None) -> dict[str, torch.Tensor]:
+    """An export's tensors by host-native name (`manifest` from `read_manifest`): each layer's experts
+    re-joined across EP rank files, or (`rank`) the shared weights and that rank's experts only."""
     path = Path(path)
     ep = manifest["ep_size"]
-    files = [SINGLE_FILE] if ep == 1 else [SHARED_FILE] + [experts_file(r, ep) for r in range(ep)]
+    ranks = range(ep) if rank is None else [rank]
+    files = [SINGLE_FILE] if ep == 1 else [SHARED_FILE] + [experts_file(r, ep) for r in ranks]
     parts: dict[str, list[torch.Tensor]] = {}
     for name in files:
         for key, tensor in read_safetensors(path / name).items():
             parts.setdefault(key, []).append(tensor)
     tensors = {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in parts.items()}  # [E, in, out] from rank slices
     for entry in manifest["layers"]:
-        w = tensors.get(f"{entry['prefix']}.router.weight")
-        if w is None or w.shape[0] != entry["experts"]:
+        held = entry["experts"] // ep * len(ranks)  # experts the files read hold
+        router = tensors.get(f"{entry['prefix']}.router.weight")
+        experts = [t for k, t in tensors.items() if k.startswith(f"{entry['prefix']}.experts.")]
+        if router is None or router.shape[0] != entry["experts"] or not experts or experts[0].shape[0] != held:
             raise MoEConvertError(f"{path}: MoE layer {entry['layer']} is incomplete (router for "
-                                  f"{entry['experts']} experts missing)")
+                                  f"{entry['experts']} experts, or {held} of its experts, missing)")
     return tensors
 
 
@@ -132,10 +136,10 @@ class Runtime:
     PROJECTIONS: tuple[str, ...]  # its projections, run through `kernels.linear`
     PROJECTIONS_IN_OUT = False  # stored [in, out] (GPT-2's Conv1D) rather than nn.Linear's [out, in]
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: Path, manifest: dict, ep: ExpertParallel | None = None):
         from .modeling import host_spec  # the host adapter (weight names), not a model class
 
-        self.manifest, self.cfg = manifest, manifest["host_config"]
+        self.manifest, self.cfg, self.ep = manifest, manifest["host_config"], ep
         self.spec = host_spec(manifest["host"])
         if manifest["activation"] not in ACTIVATIONS:
             raise MoEConvertError(f"activation {manifest['activation']!r} is not supported by the runtime "
@@ -145,7 +149,7 @@ class Runtime:
         self.num_layers = self.cfg["num_hidden_layers"] if "num_hidden_layers" in self.cfg else self.cfg["n_layer"]
         self.context = next(self.cfg[k] for k in CONTEXT_KEYS if self.cfg.get(k))  # positions the model was built for
         self.configure(self.cfg)
-        self.t = load_export(path, manifest)
+        self.t = load_export(path, manifest, None if ep is None else ep.rank)
         self.stored_dtype = next(v.dtype for v in self.t.values() if v.is_floating_point())
         self.dtype = compute_dtype(self.stored_dtype)
         if self.dtype != self.stored_dtype:  # exact: every fp16 value is an fp32 value
@@ -203,7 +207,7 @@ class Runtime:
             residual = (F.linear(x, *w["coef"]).softmax(-1), ffn(x, w["dense"], self.act))  # (T, 2), (T, d)
         m = self.manifest
         y, _ = moe_forward(x, w["router"], w["stacked"], self.act, m["top_k"], m["capacity_factor"],
-                           m["min_capacity"], residual=residual)
+                           m["min_capacity"], residual=residual, exchange=None if self.ep is None else self.ep.exchange)
         return y.reshape(shape)
 
     # --- host-specific pieces ------------------------------------------------------------------
@@ -295,6 +299,8 @@ class Runtime:
         for n in range(new):
             logits = self.forward(step, cache, last_only=True)[0, -1].float()  # (V,)
             nxt = sample(logits, temperature, top_k, top_p, gen)
+            if self.ep is not None:
+                nxt = self.ep.agree(nxt)
             if n == 0:
                 prefill_s = time.perf_counter() - start
             tokens.append(nxt)
@@ -463,11 +469,13 @@ RUNTIMES: dict[str, type[Runtime]] = {"gpt2": GPT2Runtime, "llama": LlamaRuntime
                                       "qwen2": LlamaRuntime}
 
 
-def load_runtime(path: str | Path) -> Runtime:
-    """Load and verify an export, ready to run."""
+def load_runtime(path: str | Path, expert_parallel: bool = False) -> Runtime:
+    """Load and verify an export, ready to run. With `expert_parallel`, a process started by torchrun as one
+    of `ep_size` ranks loads the shared weights and its own experts (`expert_parallel.from_environment`)."""
     manifest = read_manifest(path)
     if manifest["host"] not in RUNTIMES:
         raise MoEConvertError(f"the runtime has no forward for host {manifest['host']!r} "
                               f"(supported: {', '.join(RUNTIMES)})")
-    return RUNTIMES[manifest["host"]](Path(path), manifest)
+    ep = from_environment(manifest["ep_size"]) if expert_parallel else None
+    return RUNTIMES[manifest["host"]](Path(path), manifest, ep)
 
