@@ -327,9 +327,9 @@ def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, stacked: dict[str, 
     """Run each expert on its contiguous slice of the expert-sorted tokens.
 
     x_sorted (N, d), counts (E,), stacked weights [E, ...] or `PackedExperts` -> (N, d). Experts that
-    received no tokens are skipped: their weights are never read. Without autograd ("loop", and
-    always for packed weights) each expert runs its whole FFN in turn (`_expert_loop_nograd`); with
-    autograd, or with "grouped_mm", all experts' first matmuls run, then one activation over the
+    received no tokens are skipped: their weights are never read. Without autograd or autocast ("loop",
+    and always for packed weights) each expert runs its whole FFN in turn (`_expert_loop_nograd`); with
+    either, or with "grouped_mm", all experts' first matmuls run, then one activation over the
     whole (N, f) intermediate, then all second matmuls.
     """
     act = fused_activation(act)
@@ -341,7 +341,9 @@ def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, stacked: dict[str, 
             return _grouped_linear(h, counts, stacked[name], stacked.get(bias) if bias else None)
     else:
         slices = _slices(counts)
-        if not (torch.is_grad_enabled() and (x_sorted.requires_grad or any(w.requires_grad for w in stacked.values()))):
+        autograd = torch.is_grad_enabled() and (x_sorted.requires_grad or any(w.requires_grad for w in stacked.values()))
+        # under autocast (mixed-precision training's evals) the plain ops cast; the loop's `out=` writes would not
+        if not (autograd or torch.is_autocast_enabled(x_sorted.device.type)):
             return _expert_loop_nograd(x_sorted, slices, lambda e: {k: v[e] for k, v in stacked.items()}, act)
 
         def linear(h, name, bias=None):

@@ -188,10 +188,13 @@ def test_prmoe_logs_ce_and_aux_and_saves_a_loadable_model(moe_dir, tmp_path):
     assert (ev["windows"], ev["tokens"], ev["scored_tokens"]) == (8, 8 * SEQ, 8 * (SEQ - 1))  # the last has no next
 
 
-def test_mixed_precision_and_refusals(dense_dir, tmp_path):
+def test_mixed_precision_and_refusals(dense_dir, moe_dir, tmp_path):
     out = tmp_path / "bf16"
     result = json.loads(invoke(train_args(dense_dir, out, "--steps", "3", "--mixed-precision", "bf16")).stdout)
     assert math.isfinite(result["train_loss"])
+    # PR-MoE evals run the experts without autograd, under autocast
+    moe = json.loads(invoke(train_args(moe_dir, tmp_path / "moe-bf16", "--steps", "4", "--mixed-precision", "bf16")).stdout)
+    assert math.isfinite(moe["eval_loss"]) and len(metrics_of(tmp_path / "moe-bf16", "eval")) == 1
     refused = CliRunner().invoke(app, train_args(dense_dir, out))  # non-empty output without --overwrite
     assert refused.exit_code == 2 and "--overwrite" in refused.output
     bad = CliRunner().invoke(app, train_args(dense_dir, tmp_path / "x", "--batch-size", "6", "--grad-accum", "4"))
