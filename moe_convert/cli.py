@@ -441,7 +441,7 @@ def generate(
     with reporting_errors(json_out):
         from .errors import MoEConvertError
         from .data import load_tokenizer
-        from .runtime import check_sampling, load_runtime
+        from .runtime import check_sampling, eos_token_ids, load_runtime
 
         if max_new_tokens < 1:
             raise MoEConvertError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -456,9 +456,8 @@ def generate(
             err_console.print("fp16 export computed in fp32: this CPU has no native fp16 matmul")
         tokenizer = load_tokenizer(export_dir)
         ids = tokenizer(prompt)["input_ids"]
-        eos = runtime.cfg.get("eos_token_id")
         out = runtime.generate(ids, max_new_tokens, temperature, top_k, top_p, seed,
-                               eos[0] if isinstance(eos, list) else eos)
+                               eos_token_ids(export_dir, runtime.cfg))
         text = tokenizer.decode(out.tokens[len(ids):], skip_special_tokens=True)
         if json_out:
             print_json({"prompt": prompt, "text": text, "tokens": out.tokens[len(ids):], "new_tokens": out.new_tokens,

@@ -282,10 +282,12 @@ class Runtime:
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None) -> Generation:
-        """Greedy (temperature 0) or sampled continuation of `prompt` with a KV cache; stops at EOS or at
-        the model's context."""
+                 top_p: float | None = None, seed: int | None = None, eos_token_id: int | list[int] | None = None
+                 ) -> Generation:
+        """Greedy (temperature 0) or sampled continuation of `prompt` with a KV cache; stops at an EOS id
+        (`eos_token_id`: one or a list, as transformers takes it) or at the model's context."""
         check_sampling(temperature, top_k, top_p)
+        stop = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])  # any EOS id ends it
         if not prompt:
             raise MoEConvertError("generate: the prompt is empty")
         if len(prompt) >= self.context:
@@ -304,13 +306,24 @@ class Runtime:
             if n == 0:
                 prefill_s = time.perf_counter() - start
             tokens.append(nxt)
-            if nxt == eos_token_id:
+            if nxt in stop:
                 break
             step = torch.tensor([[nxt]])
         total = time.perf_counter() - start
         made = len(tokens) - len(prompt)
         return Generation(tokens, made, prefill_s, total - prefill_s,
-                          stopped_at_context=made == new < max_new_tokens and tokens[-1] != eos_token_id)
+                          stopped_at_context=made == new < max_new_tokens and tokens[-1] not in stop)
+
+
+def eos_token_ids(path: str | Path, host_config: dict) -> int | list[int] | None:
+    """The ids that end a generation, as transformers decides them: the export's generation_config.json
+    (copied from the model) when it names any, else the host config's."""
+    gen = Path(path) / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        if eos is not None:
+            return eos
+    return host_config.get("eos_token_id")
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -186,6 +186,26 @@ def test_generate_cli_prints_text_and_speed(exported):
     assert res.stdout.startswith("w5 w6") and "tokens/s" in res.output
 
 
+def test_generate_stops_at_any_eos_id_of_the_generation_config(exported, tmp_path):
+    """Several EOS ids (Llama 3, Qwen2 instruct), named in generation_config.json: any of them ends it, as in transformers."""
+    import json
+    import shutil
+
+    model, path = exported["llama", "fp32", 1]
+    args = ["generate", str(tmp_path / "out"), "--prompt", "w5 w9 w17", "--max-new-tokens", "12", "--json"]
+    shutil.copytree(path, tmp_path / "out")
+    free = json.loads(runner.invoke(app, args).stdout)["tokens"]
+    first = sorted({free.index(t) for t in free})  # where each distinct token first appears
+    assert len(first) >= 3, free
+    eos = [free[first[2]], 1000, free[first[1]]]  # listed last, met first
+    (tmp_path / "out" / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    got = json.loads(runner.invoke(app, args).stdout)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([[5, 9, 17]]), max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                             pad_token_id=0)[0, 3:].tolist()
+    assert got["tokens"] == ref == free[:first[1] + 1]
+
+
 def test_truncated_export_is_a_one_line_error(exported, tmp_path):
     import shutil
 
