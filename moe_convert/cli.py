@@ -61,6 +61,11 @@ def reporting_errors(json_out: bool = False):
     except MoEConvertError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
+    except OSError as e:  # the file system refused: disk full, read-only, a path through a file, ...
+        where = f": {e.filename}" if e.filename else ""
+        err_console.print(f"[bold red]error:[/] {escape(e.strerror or str(e))}{escape(str(where))}", highlight=False,
+                          soft_wrap=True)
+        raise typer.Exit(2)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         raise typer.Exit(130)

@@ -147,6 +147,9 @@ def test_unknown_format_and_existing_output(saved, tmp_path):
     (tmp_path / "out").mkdir()
     res = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "out")])
     assert res.exit_code == 2 and "already exists" in res.output
+    (tmp_path / "file").write_text("x")  # the file system refuses: one line too
+    res = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "file" / "out")])
+    assert res.exit_code == 2 and res.output.strip().splitlines() == [f"error: File exists: {tmp_path / 'file'}"]
 
 
 def test_json_is_all_of_stdout_in_a_fresh_process(saved, tmp_path):
