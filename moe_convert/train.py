@@ -370,8 +370,32 @@ class Trainer:
 
 
 def job_settings(job: TrainJob) -> dict:
-    """A job's own options that shape the training (data, distillation), for `Trainer(settings=...)`."""
-    return {f.name: getattr(job, f.name) for f in fields(job) if "help" in f.metadata}  # _resume skips RESUME_MAY_CHANGE
+    """A job's own options that shape the training (data, distillation), for `Trainer(settings=...)`, with
+    the model it starts from (the teacher, for distill) and its data: resuming with others is refused."""
+    own = {f.name: getattr(job, f.name) for f in fields(job) if "help" in f.metadata}  # _resume skips RESUME_MAY_CHANGE
+    data = Path(job.data).expanduser()
+    return {**own, "model": model_fingerprint(job.model), "data": str(data.resolve()) if data.exists() else job.data}
+
+
+FINGERPRINT_BYTES = 2**20  # of each weight file's start and end: cheap, even for a 20B-parameter model
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """A model directory's config.json and weight files (name, size, first and last MiB), hashed: the same
+    model wherever it lives; another one, or the same architecture with other weights, differs."""
+    import hashlib
+
+    from .summary import WEIGHT_SUFFIXES
+
+    path = Path(path)
+    h = hashlib.sha256((path / "config.json").read_bytes() if (path / "config.json").is_file() else b"")
+    for f in sorted(f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES) if path.is_dir() else []:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            h.update(f"{f.name}:{size}".encode() + fh.read(FINGERPRINT_BYTES))
+            fh.seek(max(0, size - FINGERPRINT_BYTES))
+            h.update(fh.read())
+    return "config+weights " + h.hexdigest()[:12]
 
 
 def claim_output(out: Path, resume: bool, overwrite: bool, inputs=()):

@@ -4,6 +4,7 @@ equivalence, the LR schedule, PR-MoE CE/aux logging, and the saved model (recipe
 import inspect
 import json
 import math
+import shutil
 import os
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics_of(out)}
 
 
-def test_resume_continues_exactly(dense_dir, tmp_path):
+def test_resume_continues_exactly(dense_dir, moe_dir, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     invoke(train_args(dense_dir, full))
     invoke(train_args(dense_dir, part, "--stop-after", "4"))
@@ -95,8 +96,11 @@ def test_resume_continues_exactly(dense_dir, tmp_path):
                            (["--stop-after", "3"], "already at step 4")]:  # refused before anything changes
         refused = CliRunner().invoke(app, train_args(dense_dir, part, "--resume", *extra))
         assert refused.exit_code == 2 and message in refused.output, refused.output
+    refused = CliRunner().invoke(app, train_args(moe_dir, part, "--resume"))  # another model
+    assert refused.exit_code == 2 and "resume: model config+weights" in refused.output, refused.output
     assert sorted(losses(part)) == [1, 2, 3, 4]
-    invoke(train_args(dense_dir, part, "--resume", "--eval-every", "2"))  # what is logged may change
+    moved = shutil.copytree(dense_dir, tmp_path / "moved")  # the same model elsewhere may resume
+    invoke(train_args(moved, part, "--resume", "--eval-every", "2"))  # what is logged may change
     a, b = losses(full), losses(part)
     assert sorted(a) == list(range(1, 9)) and a == b  # bit-identical at every step (dropout on)
     wa, wb = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
