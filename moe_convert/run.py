@@ -141,7 +141,7 @@ def is_complete(recipe: Recipe, step: Step, state: dict) -> bool:
         return (out / "config.json").is_file()  # written last by each of them
     if step.kind == "export":
         return out.is_dir()  # renamed into place only when complete
-    return str(step.index) in state
+    return str(step.index) in state and (out / RESULTS_FILE).is_file()  # removing the directory runs it again
 
 
 def _read_state(recipe: Recipe) -> dict:

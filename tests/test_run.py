@@ -183,3 +183,10 @@ def test_eval_and_bench_steps_write_their_results(tmp_path):
     assert ours["experts"] == 2 and ours["ms"] > 0
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Step 2: bench layer (T=16, d=64, fp32" in report and "| 2 | moe_convert |" in report
+    changed = CliRunner().invoke(app, ["run", str(recipe), "1.max_windows=2"])
+    assert changed.exit_code == 2 and "remove" in changed.output and "1-eval" in changed.output, changed.output
+    shutil.rmtree(tmp_path / "run" / "1-eval")  # as the error says: the step runs again
+    again = CliRunner().invoke(app, ["run", str(recipe), "1.max_windows=2"])
+    assert again.exit_code == 0, again.output
+    evals = json.loads((tmp_path / "run" / "1-eval" / "results.json").read_text())
+    assert all(e["windows"] == 2 for e in evals)
