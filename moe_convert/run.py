@@ -163,15 +163,25 @@ def _settings(step: Step) -> dict:
     return json.loads(json.dumps(asdict(step.spec), default=str))
 
 
+def _leaves(settings: dict) -> dict:
+    """Nested settings (a train step's `config`) flattened to their own field names."""
+    out = {}
+    for k, v in settings.items():
+        out.update(_leaves(v) if isinstance(v, dict) else {k: v})
+    return out
+
+
 def changed_settings(state: dict, step: Step) -> str | None:
     """Why a complete step cannot be skipped: the settings it ran with (`state`, the run's
     `run_state.json`) differ from the recipe's now."""
     ran = state.get(str(step.index), {}).get("settings")
-    now = _settings(step)
-    if ran is None or ran == now:
+    if ran is None:
         return None
+    ran, now = _leaves(ran), _leaves(_settings(step))
     changed = ", ".join(f"{k}: {ran.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(ran) | set(now))
                         if ran.get(k) != now.get(k))
+    if not changed:
+        return None
     return f"step {step.index} ({step.kind}) is complete but ran with other settings ({changed}); " \
            f"remove {step.output} to run it again"
 

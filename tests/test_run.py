@@ -145,6 +145,9 @@ def test_killed_mid_train_resumes_without_redoing_steps(tmp_path):
     assert "kd_stop: 0.5 -> 1" in refused.stderr, refused.stderr
     dry = subprocess.run([*kd_stop, "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0 and "step 2: step 2 (distill) is complete but ran with other settings" in dry.stdout
+    lr = subprocess.run([*_run_cmd(out), "train.lr=0.5"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)  # a TrainConfig field is named, not the whole config
+    assert "step 1 (train) is complete but ran with other settings (lr: 0.001 -> 0.5)" in lr.stderr, lr.stderr
     # ... and runs once its output is removed, with every later step run again on the new student
     shutil.rmtree(out / "2-distill")
     exported = (out / "3-export").stat().st_mtime_ns
@@ -184,7 +187,7 @@ def test_eval_and_bench_steps_write_their_results(tmp_path):
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Step 2: bench layer (T=16, d=64, fp32" in report and "| 2 | moe_convert |" in report
     changed = CliRunner().invoke(app, ["run", str(recipe), "1.max_windows=2"])
-    assert changed.exit_code == 2 and "remove" in changed.output and "1-eval" in changed.output, changed.output
+    assert changed.exit_code == 2 and "(max_windows: 4 -> 2); remove" in changed.output, changed.output
     shutil.rmtree(tmp_path / "run" / "1-eval")  # as the error says: the step runs again
     again = CliRunner().invoke(app, ["run", str(recipe), "1.max_windows=2"])
     assert again.exit_code == 0, again.output
