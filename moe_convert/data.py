@@ -106,12 +106,29 @@ def _column(ds, text_field: str, where: str) -> list[str]:
     return [t.strip() for t in ds[text_field] if isinstance(t, str) and t.strip()]
 
 
-def load_documents(source: str, text_field: str = "text") -> Documents:
-    """The documents `--data source` names, in a deterministic order."""
+def check_data_source(source: str) -> None:
+    """`--data source` names something `load_documents` can try, checked without reading it (a recipe checks
+    every step's data before any work): a built-in corpus, an existing local path, or a hub dataset name
+    while the hub is reachable."""
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX):]
         if name not in BUILTIN_CORPORA:
             raise MoEConvertError(f"data: no built-in corpus {name!r}; built-in: {', '.join(BUILTIN_CORPORA)}")
+        return
+    path = Path(source).expanduser()
+    if path.exists():
+        _local_files(path)  # a directory of one kind of supported file
+    elif source.startswith((".", "/", "~")) or path.suffix in FILE_BUILDERS:
+        raise MoEConvertError(f"data: {source} does not exist")
+    elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise MoEConvertError(f"data: {source} does not exist (and the hub is offline, HF_HUB_OFFLINE=1)")
+
+
+def load_documents(source: str, text_field: str = "text") -> Documents:
+    """The documents `--data source` names, in a deterministic order."""
+    check_data_source(source)
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
         texts = BUILTIN_CORPORA[name]()
         return Documents(lambda: texts, _sha(["builtin", name, hashlib.sha256("\0".join(texts).encode()).hexdigest()]))
 
@@ -132,19 +149,14 @@ def load_documents(source: str, text_field: str = "text") -> Documents:
 
         stats = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
         return Documents(read, _sha(["local", stats, text_field]))
-    if source.startswith((".", "/", "~")) or path.suffix in FILE_BUILDERS:
-        raise MoEConvertError(f"data: {source} does not exist")
-    elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise MoEConvertError(f"data: {source} does not exist (and the hub is offline, HF_HUB_OFFLINE=1)")
-    else:
-        try:
-            ds = datasets.load_dataset(source, split="train")
-        except Exception as e:
-            raise MoEConvertError(
-                f"data: {source} is neither a local path nor a loadable hub dataset: {str(e).splitlines()[0]}"
-            ) from None
-        return Documents(lambda: _texts_of(ds, text_field, f"dataset {source}"),  # read on a cache miss only
-                         _sha(["hub", source, ds._fingerprint, text_field]))
+    try:  # a hub dataset name (check_data_source: not a path, hub reachable)
+        ds = datasets.load_dataset(source, split="train")
+    except Exception as e:
+        raise MoEConvertError(
+            f"data: {source} is neither a local path nor a loadable hub dataset: {str(e).splitlines()[0]}"
+        ) from None
+    return Documents(lambda: _texts_of(ds, text_field, f"dataset {source}"),  # read on a cache miss only
+                     _sha(["hub", source, ds._fingerprint, text_field]))
 
 
 def _texts_of(ds, text_field: str, where: str) -> list[str]:

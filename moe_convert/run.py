@@ -80,6 +80,7 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
     """Every step with the model it produces and an estimate of its peak memory, from configs only."""
     from .config import build_layout
     from .configuration_prmoe import PRMoEConfig
+    from .data import check_data_source
     from .distill import plan_student, student_config
 
     configs: dict[str, tuple] = {}  # model dir -> (config, its row)
@@ -88,6 +89,8 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
     for step in recipe.steps:
         spec, model, peak = step.spec, None, None
         try:
+            if getattr(spec, "data", None) is not None:  # train, distill, eval: fail before any step runs
+                check_data_source(spec.data)
             if step.kind == "upcycle":
                 dense = _load_source_config(step)
                 dense_row = _model_row(dense, _dtype_bytes(getattr(dense, "dtype", None)))

@@ -193,3 +193,13 @@ def test_eval_and_bench_steps_write_their_results(tmp_path):
     assert again.exit_code == 0, again.output
     evals = json.loads((tmp_path / "run" / "1-eval" / "results.json").read_text())
     assert all(e["windows"] == 2 for e in evals)
+
+
+def test_missing_data_is_refused_before_any_step_runs(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output: {tmp_path / 'run'}\nsteps:\n"
+                      "  - upcycle: {source: checkpoints/tiny-gpt2, pyramid: '2,4', fidelity: false}\n"
+                      f"  - eval: {{data: {tmp_path / 'missing.txt'}}}\n")
+    result = CliRunner().invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 2 and f"step 1 (eval): data: {tmp_path / 'missing.txt'} does not exist" in result.output
+    assert not (tmp_path / "run" / "0-upcycle").exists()
