@@ -106,10 +106,10 @@ def _column(ds, text_field: str, where: str) -> list[str]:
     return [t.strip() for t in ds[text_field] if isinstance(t, str) and t.strip()]
 
 
-def check_data_source(source: str) -> None:
+def check_data_source(source: str, offline_hub_ok: bool = False) -> None:
     """`--data source` names something `load_documents` can try, checked without reading it (a recipe checks
     every step's data before any work): a built-in corpus, an existing local path, or a hub dataset name
-    while the hub is reachable."""
+    while the hub is reachable (`offline_hub_ok`: any name, so an offline machine can plan a hub recipe)."""
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX):]
         if name not in BUILTIN_CORPORA:
@@ -120,7 +120,7 @@ def check_data_source(source: str) -> None:
         _local_files(path)  # a directory of one kind of supported file
     elif source.startswith((".", "/", "~")) or path.suffix in FILE_BUILDERS:
         raise MoEConvertError(f"data: {source} does not exist")
-    elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    elif not offline_hub_ok and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise MoEConvertError(f"data: {source} does not exist (and the hub is offline, HF_HUB_OFFLINE=1)")
 
 

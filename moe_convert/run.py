@@ -90,7 +90,7 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
         spec, model, peak = step.spec, None, None
         try:
             if getattr(spec, "data", None) is not None:  # train, distill, eval: fail before any step runs
-                check_data_source(spec.data)
+                check_data_source(spec.data, offline_hub_ok=True)
             if step.kind == "upcycle":
                 dense = _load_source_config(step)
                 dense_row = _model_row(dense, _dtype_bytes(getattr(dense, "dtype", None)))
