@@ -177,7 +177,8 @@ def impl_deepspeed(w: LayerWeights) -> Callable:
 
     E, d = w.router.shape
     cfg = GPT2Config(n_embd=d, activation_function=ACT, resid_pdrop=0.0)
-    layer = MoE(d, GPT2MLP(4 * d, cfg), num_experts=E, k=1, use_residual=True, drop_tokens=False).eval()
+    # min_capacity 1: dropless, capacity is the largest count anyway; DeepSpeed refuses fewer tokens than it
+    layer = MoE(d, GPT2MLP(4 * d, cfg), num_experts=E, k=1, use_residual=True, drop_tokens=False, min_capacity=1).eval()
     sd = {"deepspeed_moe.gate.wg.weight": w.router, "coefficient.weight": w.coef_w, "coefficient.bias": w.coef_b}
     conv = {"c_fc.weight": "w_in", "c_fc.bias": "b_in", "c_proj.weight": "w_out", "c_proj.bias": "b_out"}
     for key, ours in conv.items():
@@ -251,15 +252,19 @@ def measure_machine(d: int, dtype: torch.dtype, repeats: int = 5) -> Machine:
     return Machine(2 * 2048 * d * 4 * d / gemm_ms / 1e6, big.numel() * 4 / bw_ms / 1e6)
 
 
-def floor_ms(w: LayerWeights, x: torch.Tensor, m: Machine) -> tuple[float, float, float]:
-    """(floor, compute part, bytes part) in ms: useful FLOPs and weights every correct implementation must read."""
+def layer_work(w: LayerWeights, x: torch.Tensor) -> tuple[int, int]:
+    """(useful FLOPs, bytes of the weights every correct implementation must read) of the layer on x."""
     T, d = x.shape
     E, f = w.num_experts, 4 * d
     hit = int(_top1(w, x)[0].unique().numel())  # experts that received tokens
     flops = T * (2 * d * E + 2 * (2 * 2 * d * f) + 2 * d * 2)  # router + expert FFN + dense FFN + coefficient
     per_ffn = 2 * d * f + f + d
-    weights = (hit * per_ffn + per_ffn + E * d + 2 * d + 2) * x.element_size()
-    compute, memory = flops / m.gemm_gflops / 1e6, weights / m.bandwidth_gbs / 1e6
+    return flops, (hit * per_ffn + per_ffn + E * d + 2 * d + 2) * x.element_size()
+
+
+def floor_ms(work: tuple[int, int], m: Machine) -> tuple[float, float, float]:
+    """(floor, compute part, bytes part) in ms of `layer_work` on machine m."""
+    compute, memory = work[0] / m.gemm_gflops / 1e6, work[1] / m.bandwidth_gbs / 1e6
     return max(compute, memory), compute, memory
 
 
@@ -282,6 +287,8 @@ def check_bench_args(tokens: int, hidden: int, experts: list[int], dtype: str, i
     """`bench_layer`'s arguments, checked before any work (also by a recipe's bench step)."""
     if dtype not in DTYPES:
         raise MoEConvertError(f"--dtype {dtype!r} is not known; choose one of {', '.join(DTYPES)}")
+    if impls is not None and not impls:
+        raise MoEConvertError(f"--impls: name at least one of {', '.join(IMPLS)}")
     unknown = [i for i in impls or [] if i not in IMPLS]
     if unknown:
         raise MoEConvertError(f"--impls: unknown {', '.join(unknown)}; known: {', '.join(IMPLS)}")
@@ -303,6 +310,7 @@ def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32
     torch_dtype = DTYPES[dtype]
     machine = measure_machine(hidden, torch_dtype)
     rows: list[BenchRow] = []
+    work: dict[int, tuple[int, int]] = {}  # expert count -> `layer_work`
     with torch.inference_mode():
         for E in experts:
             w = make_weights(E, hidden, torch_dtype, seed)
@@ -329,17 +337,22 @@ def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32
                     times[name].append((time.perf_counter() - t) * 1e3)
             again = measure_machine(hidden, torch_dtype)  # after the rounds too: keep the best seen
             machine = Machine(max(machine.gemm_gflops, again.gemm_gflops), max(machine.bandwidth_gbs, again.bandwidth_gbs))
-            floor, compute, memory = floor_ms(w, x, machine)
             ms = {name: statistics.median(ts) for name, ts in times.items()}
+            work[E] = layer_work(w, x)
             for name in impls:
                 row = BenchRow(name, tokens, hidden, E, dtype, ms.get(name), max_err=errs.get(name),
                                note=notes.get(name, ""))
                 if row.ms is not None:
-                    row.vs_floor = row.ms / floor
                     row.speedup_vs_deepspeed = ms["deepspeed"] / row.ms if "deepspeed" in ms else None
                 rows.append(row)
-            rows.append(BenchRow("floor", tokens, hidden, E, dtype, floor, 1.0,
-                                 ms["deepspeed"] / floor if "deepspeed" in ms else None,
-                                 note=f"{'compute' if compute >= memory else 'bytes'}-bound: "
-                                      f"compute {compute:.2f} ms, bytes {memory:.2f} ms"))
+            rows.append(BenchRow("floor", tokens, hidden, E, dtype, None, 1.0))
+    for row in rows:  # every floor from the machine constants reported: the best seen in the whole run
+        floor, compute, memory = floor_ms(work[row.experts], machine)
+        if row.impl == "floor":
+            row.ms, row.note = floor, (f"{'compute' if compute >= memory else 'bytes'}-bound: "
+                                       f"compute {compute:.2f} ms, bytes {memory:.2f} ms")
+            deepspeed = next((r.ms for r in rows if r.impl == "deepspeed" and r.experts == row.experts), None)
+            row.speedup_vs_deepspeed = deepspeed / floor if deepspeed else None
+        elif row.ms is not None:
+            row.vs_floor = row.ms / floor
     return machine, rows

@@ -503,7 +503,7 @@ def bench_layer(
         from .config import parse_int_list
 
         counts = parse_int_list(experts, "experts")
-        names = [s.strip() for s in impls.split(",")] if impls else None
+        names = None if impls is None else list(dict.fromkeys(s.strip() for s in impls.split(",") if s.strip()))
         check_bench_args(tokens, hidden, counts, dtype, names, repeats)  # before any warning or spinner
         set_threads(threads)
         load = os.getloadavg()[0]
@@ -534,7 +534,9 @@ def bench_layer(
             table.add_row(str(r.experts), escape(r.impl), fmt(r.ms, ".2f"), fmt(r.vs_floor, ".2f"),
                           fmt(r.speedup_vs_deepspeed, ".2f"), fmt(r.max_err, ".1e"), r.note)
         Console(width=max(console.width, 130)).print(table)  # wide enough for the impl names, even in a pipe
-        console.print("x floor = ms / floor (>= 1); vs DS = DeepSpeed ms / ms (> 1: faster than DeepSpeed)")
+        console.print("x floor = ms / floor (the floor takes the GEMM rate measured on (2048, d) x (d, 4d): a shape "
+                      "that runs faster, e.g. tiny or fp16 ones, can go below 1); vs DS = DeepSpeed ms / ms "
+                      "(> 1: faster than DeepSpeed)")
 
 
 def _bytes(n) -> str:

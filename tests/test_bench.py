@@ -8,7 +8,7 @@ import torch
 from transformers.activations import ACT2FN
 from typer.testing import CliRunner
 
-from moe_convert.bench import IMPLS
+from moe_convert.bench import IMPLS, Machine, floor_ms, layer_work, make_weights
 from moe_convert.cli import app
 from moe_convert import kernels
 from moe_convert.kernels import (ACTIVATIONS, PackedExperts, ffn, fused_activation, is_packed, moe_forward, pack_experts,
@@ -32,6 +32,21 @@ def test_bench_layer_json_runs_every_implementation():
                 assert r["max_err"] < 1e-4, r  # every implementation computes the same layer
         assert got["floor"]["ms"] <= min(r["ms"] for r in got.values()) * 1.0001 or got["floor"]["vs_floor"] == 1.0
         assert got["moe_convert"]["speedup_vs_deepspeed"] == pytest.approx(got["deepspeed"]["ms"] / got["moe_convert"]["ms"])
+        # every floor from the constants reported (the best of the whole run), recomputed here
+        x = torch.randn(24, 32, generator=torch.Generator().manual_seed(1))
+        machine = Machine(got["floor"]["gemm_gflops"], got["floor"]["bandwidth_gbs"])
+        assert got["floor"]["ms"] == pytest.approx(floor_ms(layer_work(make_weights(E, 32, torch.float32), x), machine)[0])
+
+
+def test_bench_layer_one_token_and_impls_lists():
+    """One token (decode) with DeepSpeed, which refuses fewer tokens than its min_capacity unless told;
+    duplicate and blank --impls entries are dropped, an empty list is refused."""
+    res = CliRunner().invoke(app, ["bench", "layer", "--tokens", "1", "--hidden", "32", "--experts", "4",
+                                   "--repeats", "1", "--impls", "moe_convert, deepspeed,moe_convert,", "--json"])
+    assert res.exit_code == 0, res.output
+    assert [r["impl"] for r in json.loads(res.stdout)] == ["moe_convert", "deepspeed", "floor"]
+    res = CliRunner().invoke(app, ["bench", "layer", "--tokens", "1", "--experts", "4", "--impls", " ,"])
+    assert res.exit_code == 2 and "--impls: name at least one of" in res.output
 
 
 def test_bench_layer_bad_input():
