@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from .config import check_seed
 from .errors import MoEConvertError
 from .io import DTYPES
 from . import kernels
@@ -283,7 +284,7 @@ class BenchRow:
 
 
 def check_bench_args(tokens: int, hidden: int, experts: list[int], dtype: str, impls: list[str] | None,
-                     repeats: int) -> None:
+                     repeats: int, seed: int = 0) -> None:
     """`bench_layer`'s arguments, checked before any work (also by a recipe's bench step)."""
     if dtype not in DTYPES:
         raise MoEConvertError(f"--dtype {dtype!r} is not known; choose one of {', '.join(DTYPES)}")
@@ -294,13 +295,14 @@ def check_bench_args(tokens: int, hidden: int, experts: list[int], dtype: str, i
         raise MoEConvertError(f"--impls: unknown {', '.join(unknown)}; known: {', '.join(IMPLS)}")
     if min(tokens, hidden, *experts, repeats) < 1:
         raise MoEConvertError("bench layer: --tokens, --hidden, --experts and --repeats must be >= 1")
+    check_seed(seed, "--seed")
 
 
 def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32", impls: list[str] | None = None,
                 repeats: int = 5, seed: int = 0,
                 on_step: Callable[[str], None] = lambda s: None) -> tuple[Machine, list[BenchRow]]:
     """Time every implementation on the same weights and input per expert count; medians over `repeats`."""
-    check_bench_args(tokens, hidden, experts, dtype, impls, repeats)
+    check_bench_args(tokens, hidden, experts, dtype, impls, repeats, seed)
     impls = impls or list(IMPLS)
     if "deepspeed" in impls:
         try:

@@ -227,8 +227,9 @@ def set_threads(threads: int | None) -> None:
         return
     from .errors import MoEConvertError
 
-    if threads < 1:
-        raise MoEConvertError(f"--threads must be >= 1, got {threads}")
+    cpus = os.cpu_count() or 1
+    if not 1 <= threads <= 4 * cpus:  # thousands of threads exhaust the process limit and crash in BLAS
+        raise MoEConvertError(f"--threads must be in 1..{4 * cpus} (4x this machine's {cpus} CPUs), got {threads}")
     import torch
 
     torch.set_num_threads(threads)
@@ -450,7 +451,7 @@ def generate(
 
         if max_new_tokens < 1:
             raise MoEConvertError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-        check_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p, seed)
         set_threads(threads)
         runtime = load_runtime(export_dir, expert_parallel=True)  # one rank's experts when started by torchrun
         if runtime.ep is not None and runtime.ep.rank != 0:  # rank 0 reports for the group
@@ -504,7 +505,7 @@ def bench_layer(
 
         counts = parse_int_list(experts, "experts")
         names = None if impls is None else list(dict.fromkeys(s.strip() for s in impls.split(",") if s.strip()))
-        check_bench_args(tokens, hidden, counts, dtype, names, repeats)  # before any warning or spinner
+        check_bench_args(tokens, hidden, counts, dtype, names, repeats, seed)  # before any warning or spinner
         set_threads(threads)
         load = os.getloadavg()[0]
         if load > 1.0:

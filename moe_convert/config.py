@@ -195,6 +195,15 @@ def check_types(obj) -> None:
             raise MoEConvertError(f"{f.name}: expected {f.type}, got {value!r}")
 
 
+MAX_SEED = 2**32 - 1  # numpy's seeds (Accelerate's set_seed seeds numpy too) stop here
+
+
+def check_seed(seed: int | None, name: str = "seed") -> None:
+    """A seed every generator we seed accepts: 0..MAX_SEED (None: no seed)."""
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise MoEConvertError(f"{name}: must be in 0..{MAX_SEED}, got {seed}")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings shared by `train` and `distill`; every field is a CLI option (help in metadata)."""
@@ -223,9 +232,10 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise MoEConvertError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "eval_windows", "save_every", "seed"):
+        for name in ("warmup_steps", "eval_every", "eval_windows", "save_every"):
             if getattr(self, name) < 0:
                 raise MoEConvertError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        check_seed(self.seed)
         for name in ("lr", "weight_decay", "clip"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise MoEConvertError(f"{name}: must be a finite number >= 0, got {getattr(self, name)}")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .config import check_seed
 from .errors import MoEConvertError
 from .expert_parallel import ExpertParallel, from_environment
 from .export import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file)
@@ -286,7 +287,7 @@ class Runtime:
                  ) -> Generation:
         """Greedy (temperature 0) or sampled continuation of `prompt` with a KV cache; stops at an EOS id
         (`eos_token_id`: one or a list, as transformers takes it) or at the model's context."""
-        check_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p, seed)
         stop = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])  # any EOS id ends it
         if not prompt:
             raise MoEConvertError("generate: the prompt is empty")
@@ -326,8 +327,9 @@ def eos_token_ids(path: str | Path, host_config: dict) -> int | list[int] | None
     return host_config.get("eos_token_id")
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, seed: int | None = None) -> None:
     """Sampling settings a user can get wrong, refused with one line each."""
+    check_seed(seed, "--seed")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise MoEConvertError(f"--temperature must be 0 (greedy) or a positive number, got {temperature}")
     if top_k is not None and top_k < 1:

@@ -39,7 +39,7 @@ import torch
 import transformers
 
 from . import __version__
-from .config import MoELayout, build_layout
+from .config import MoELayout, build_layout, check_seed
 from .configuration_prmoe import PRMoEConfig
 from .errors import MoEConvertError
 from .io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_output_apart,
@@ -357,8 +357,7 @@ def upcycle(
     start = time.perf_counter()
     init_spec = InitSpec.parse(init)
     max_shard_bytes = parse_size(max_shard_size)
-    if seed < 0:
-        raise MoEConvertError(f"seed: must be >= 0, got {seed}")
+    check_seed(seed)
     if dtype != "auto" and dtype not in DTYPES:
         raise MoEConvertError(f"dtype: expected auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     output = Path(output)

@@ -150,6 +150,8 @@ def test_generation_stops_at_the_models_context(exported, host, monkeypatch):
     (["--temperature", "-1"], "--temperature"), (["--temperature", "nan"], "--temperature"),
     (["--temperature", "1", "--top-k", "0"], "--top-k"), (["--temperature", "1", "--top-p", "0"], "--top-p"),
     (["--threads", "0"], "--threads"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--threads", "99999"], "--threads must be in 1.."),  # once crashed in BLAS at the process limit
+    (["--temperature", "1", "--seed", str(2**64)], "--seed: must be in 0..4294967295"),
 ])
 def test_generate_bad_settings_are_one_line_errors(exported, args, message):
     _, path = exported["gpt2", "fp32", 1]

@@ -249,7 +249,7 @@ def _truncated(tmp_path, src):
     ("init", "init: expected one of"),
     ("noise_inf", "needs a finite SIGMA > 0"),
     ("aux_nan", "aux_loss_coef: must be a finite number"),
-    ("seed", "seed: must be >= 0"),
+    ("seed", "seed: must be in 0..4294967295"),
     ("split_alone", "give --pyramid too"),
 ])
 def test_bad_input_one_line_nonzero_nothing_written(dense_dirs, tmp_path, case, message):
