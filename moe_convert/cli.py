@@ -261,19 +261,25 @@ def train(
         result = run_training(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
         if not _is_main_process():
             return
+        _note_stop(result)
         if json_out:
             print_json(vars(result))
             return
         from rich.table import Table
 
         table = Table(title=f"train -> {output}")
-        for col in ("steps", "train loss (last 10)", "eval loss", "eval ppl", "tokens/s", "seconds"):
+        for col in ("steps", "train CE (last 10)", "eval loss", "eval ppl", "tokens/s", "seconds"):
             table.add_column(col, justify="right")
-        table.add_row(str(result.steps), fmt(result.train_loss, ".4f"), fmt(result.eval_loss, ".4f"),
+        table.add_row(str(result.steps), fmt(result.train_ce, ".4f"), fmt(result.eval_loss, ".4f"),
                       fmt(result.eval_ppl, ".2f"), fmt(result.tokens_per_s, ",.0f"), fmt(result.seconds, ".1f"))
         console.print(table)
-        if result.steps < job.config.steps:
-            console.print(f"stopped after step {result.steps}; continue with --resume")
+
+
+def _note_stop(result) -> None:
+    """On stderr (so also with --json): a run that stopped early is not a finished model."""
+    if not result.complete:
+        err_console.print(f"stopped after step {result.steps} of {result.total_steps}: {result.output} holds "
+                          f"checkpoints, not a model yet; continue with --resume")
 
 
 @app.command()
@@ -296,6 +302,7 @@ def distill(
         result = run_distill(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
         if not _is_main_process():
             return
+        _note_stop(result.train)
         if json_out:
             print_json(result.to_dict())
             return
@@ -314,8 +321,6 @@ def distill(
         table.add_row("student", str(s["layers"]), f"{s['total_params']:,}", f"{s['active_params']:,}",
                       fmt(s["eval_ppl"], ".2f"), fmt(times["kd"], ".3f"), fmt(times["ce"], ".3f"))
         console.print(table)
-        if result.train.steps < job.config.steps:
-            console.print(f"stopped after step {result.train.steps}; continue with --resume")
 
 
 @app.command()

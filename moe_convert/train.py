@@ -69,19 +69,22 @@ LossFn = Callable[[torch.nn.Module, torch.Tensor, int], dict[str, torch.Tensor]]
 @dataclass
 class TrainResult:
     steps: int  # optimizer steps completed in total (including before a resume)
-    train_loss: float  # mean logged loss over the last `log_every`-spaced records of this run (<= 10)
+    total_steps: int  # the steps the run is configured for: complete when `steps` reaches it
+    train_loss: float  # mean of the optimized loss over the last (up to) 10 steps, across a resume
+    train_ce: float  # mean next-token CE over the same steps (the loss without aux or KD terms)
     eval_loss: float | None
     eval_ppl: float | None
     tokens_per_s: float
     seconds: float
-    output: str
+    output: str  # holds the final model once complete; before that, checkpoints/ to --resume from
     processes: int
+    complete: bool  # steps == total_steps: the run did not stop early (--stop-after)
 
 
 def causal_lm_loss(model, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
     """Next-token CE (+ the PR-MoE aux loss our models add to `loss` when labels are given)."""
     out = model(input_ids=batch, labels=batch)
-    logs = {"loss": out.loss}
+    logs = {"loss": out.loss, "ce": out.loss}
     if getattr(out, "aux_loss", None) is not None:
         logs["ce"] = out.ce_loss
         logs["aux"] = out.aux_loss
@@ -192,6 +195,7 @@ class Trainer:
 
         self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
         self.settings = settings or {}  # beside cfg: recorded, compared on resume
+        self.recent: dict[str, list[float]] = {}  # "loss" / "ce" of the last 10 steps (the summary's)
         self.loss_fn, self.on_step, self.progress = loss_fn, on_step, progress
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise MoEConvertError("mixed_precision: fp16 needs a GPU; use bf16 on CPU")
@@ -240,7 +244,7 @@ class Trainer:
         acc.save_state(str(path), safe_serialization=False)  # tied embeddings: plain torch files
         acc.wait_for_everyone()
         if acc.is_main_process:
-            state = {"step": step, "config": asdict(self.cfg), "settings": self.settings}
+            state = {"step": step, "config": asdict(self.cfg), "settings": self.settings, "recent": self.recent}
             (path / "trainer_state.json").write_text(json.dumps(state, indent=1))
             for old in checkpoints(self.out_dir)[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(old)
@@ -251,6 +255,9 @@ class Trainer:
         """Restore the newest checkpoint; its step. Refused before anything changes when the run's
         settings differ from the checkpoint's where they shape the training, or when `stop_after` is
         not past it."""
+        if (self.out_dir / "config.json").is_file():  # the final model is written once the last step ran
+            raise MoEConvertError(f"resume: {self.out_dir} is already complete (it holds the final model); "
+                                  f"pass --overwrite to train it again")
         ckpts = checkpoints(self.out_dir)
         if not ckpts:
             raise MoEConvertError(f"resume: no complete checkpoint under {self.out_dir / CHECKPOINTS}")
@@ -265,6 +272,7 @@ class Trainer:
         if stop_after is not None and stop_after <= step:
             raise MoEConvertError(f"--stop-after {stop_after}: the newest checkpoint is already at step {step}")
         self.accelerator.load_state(str(ckpts[-1]))
+        self.recent = state.get("recent", {})
         if self.accelerator.is_main_process:  # drop records the resumed run will write again
             metrics = self.out_dir / METRICS
             lines = metrics.read_text().splitlines() if metrics.exists() else []
@@ -302,7 +310,7 @@ class Trainer:
                 (self.out_dir / METRICS).unlink(missing_ok=True)
         stop = min(cfg.steps, stop_after or cfg.steps)
         tokens_per_step = cfg.batch_size * self.data.seq_len
-        recent, ev, t_run = [], None, time.perf_counter()
+        ev, t_run = None, time.perf_counter()
         bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                        TimeRemainingColumn(), disable=not (self.progress and acc.is_main_process), transient=False)
         with bar:
@@ -331,7 +339,8 @@ class Trainer:
                 done, dt = step + 1, time.perf_counter() - t0
                 record = {"kind": "train", "step": done, **dict(zip(keys, means)), "lr": lr,
                           "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt}
-                recent = (recent + [record["loss"]])[-10:]
+                for k in ("loss", "ce"):  # the summary's last 10 steps, kept in checkpoints across a resume
+                    self.recent[k] = (self.recent.get(k, []) + [record[k]])[-10:]
                 if done % cfg.log_every == 0 or done == stop:
                     self._log(record)
                 bar.update(task, completed=done, info=f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s")
@@ -343,11 +352,13 @@ class Trainer:
                     self.save_checkpoint(done)
         seconds = time.perf_counter() - t_run
         ran = max(stop - start, 0)
+        def mean(k):
+            return sum(self.recent[k]) / len(self.recent[k]) if self.recent.get(k) else float("nan")
         return TrainResult(
-            steps=stop, train_loss=sum(recent) / len(recent) if recent else float("nan"),
+            steps=stop, total_steps=cfg.steps, train_loss=mean("loss"), train_ce=mean("ce"),
             eval_loss=ev["loss"] if ev else None, eval_ppl=ev["ppl"] if ev else None,
             tokens_per_s=ran * tokens_per_step / seconds if seconds > 0 else 0.0, seconds=seconds,
-            output=str(self.out_dir), processes=acc.num_processes,
+            output=str(self.out_dir), processes=acc.num_processes, complete=stop == cfg.steps,
         )
 
     def save_model(self, tokenizer, dtype: torch.dtype | None = None) -> None:

@@ -62,6 +62,8 @@ def test_resume_across_the_kd_stop_is_exact(teacher, data_file, tmp_path, stop_a
     assert full.kd_steps == 3
     ref = losses(tmp_path / "full")
     assert [kd for _, _, kd in ref] == [1, 1, 1, 0, 0, 0]
+    ce = [r["ce"] for r in metrics_of(tmp_path / "full")]  # logged on every step, with KD on or off
+    assert full.train.train_ce == pytest.approx(sum(ce) / len(ce))  # the summary's CE, not the KD mix
 
     part = job(teacher, data_file, tmp_path / "part", kd_stop=0.5)
     run_distill(part, stop_after=stop_at, progress=False)

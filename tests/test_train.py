@@ -86,8 +86,10 @@ def losses(out: Path) -> dict[int, float]:
 
 def test_resume_continues_exactly(dense_dir, moe_dir, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    invoke(train_args(dense_dir, full))
-    invoke(train_args(dense_dir, part, "--stop-after", "4"))
+    whole = json.loads(invoke(train_args(dense_dir, full)).stdout)
+    stopped = invoke(train_args(dense_dir, part, "--stop-after", "4"))
+    assert (json.loads(stopped.stdout)["complete"], json.loads(stopped.stdout)["total_steps"]) == (False, 8)
+    assert "stopped after step 4 of 8" in stopped.stderr  # said on stderr, --json or not
     assert not (part / "config.json").exists(), "a stopped run must not look like a finished model"
     assert (part / "checkpoints" / "step-000004" / "trainer_state.json").exists()
     assert sorted(losses(part)) == [1, 2, 3, 4]
@@ -100,7 +102,11 @@ def test_resume_continues_exactly(dense_dir, moe_dir, tmp_path):
     assert refused.exit_code == 2 and "resume: model config+weights" in refused.output, refused.output
     assert sorted(losses(part)) == [1, 2, 3, 4]
     moved = shutil.copytree(dense_dir, tmp_path / "moved")  # the same model elsewhere may resume
-    invoke(train_args(moved, part, "--resume", "--eval-every", "2"))  # what is logged may change
+    resumed = json.loads(invoke(train_args(moved, part, "--resume", "--eval-every", "2")).stdout)  # logging may change
+    assert resumed["complete"] and resumed["train_ce"] == whole["train_ce"] == whole["train_loss"]  # dense: CE is the loss
+    assert resumed["train_loss"] == whole["train_loss"]  # its last 10 steps span the resume
+    again = CliRunner().invoke(app, train_args(dense_dir, part, "--resume"))
+    assert again.exit_code == 2 and "is already complete" in again.output, again.output
     a, b = losses(full), losses(part)
     assert sorted(a) == list(range(1, 9)) and a == b  # bit-identical at every step (dropout on)
     wa, wb = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
