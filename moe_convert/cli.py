@@ -258,6 +258,7 @@ def train(
         from .train import run_training
 
         job = TrainJob.from_dict({"model": str(model), "data": data, "output": str(output), **options})
+        _note_all_warmup(job)
         result = run_training(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
         if not _is_main_process():
             return
@@ -273,6 +274,13 @@ def train(
         table.add_row(str(result.steps), fmt(result.train_ce, ".4f"), fmt(result.eval_loss, ".4f"),
                       fmt(result.eval_ppl, ".2f"), fmt(result.tokens_per_s, ",.0f"), fmt(result.seconds, ".1f"))
         console.print(table)
+
+
+def _note_all_warmup(job) -> None:
+    cfg = job.config
+    if cfg.warmup_steps >= cfg.steps and _is_main_process():
+        err_console.print(f"note: --warmup-steps {cfg.warmup_steps} >= --steps {cfg.steps}: the whole run is warmup "
+                          f"(the lr rises to --lr and never decays)")
 
 
 def _note_stop(result) -> None:
@@ -299,6 +307,7 @@ def distill(
         from .distill import run_distill
 
         job = DistillJob.from_dict({"teacher": str(teacher), "data": data, "output": str(output), **options})
+        _note_all_warmup(job)
         result = run_distill(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
         if not _is_main_process():
             return
