@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .errors import MoEConvertError
+from .io import unfinished_run_hint
 
 BUILTIN_PREFIX = "builtin:"
 CACHE_FORMAT = 1  # bump when the packing rule changes: old cache entries are then ignored
@@ -187,7 +188,8 @@ def load_tokenizer(path: str | Path):
     if not path.is_dir():
         raise MoEConvertError(f"model: {path} is not a model directory")
     if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        raise MoEConvertError(f"tokenizer: {path} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
+        raise MoEConvertError(f"tokenizer: {path} has no tokenizer files (tokenizer.json / tokenizer_config.json)"
+                              + unfinished_run_hint(path))
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))

@@ -68,6 +68,15 @@ def cast_float(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if t.is_floating_point() else t
 
 
+def unfinished_run_hint(path: Path) -> str:
+    """For a message about a directory that is not a model: what it is instead when it is a train/distill
+    output stopped before its last step (checkpoints, no final model yet); else ""."""
+    steps = sorted((path / "checkpoints").glob("step-*/trainer_state.json")) if path.is_dir() else []
+    if not steps or (path / "config.json").is_file():
+        return ""
+    return f"; it is an unfinished training run (checkpoint {steps[-1].parent.name}): finish it with --resume"
+
+
 def open_safetensors(file: Path):
     """A lazy `safe_open` handle; a missing, truncated or corrupt file is a one-line error naming it."""
     from safetensors import safe_open
@@ -151,7 +160,8 @@ class CheckpointReader:
         self.path = Path(path)
         config_file = self.path / "config.json"
         if not config_file.is_file():
-            raise MoEConvertError(f"{self.path} has no config.json: not a model directory")
+            raise MoEConvertError(f"{self.path} has no config.json: not a model directory"
+                                  + unfinished_run_hint(self.path))
         try:
             self.config: dict = json.loads(config_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

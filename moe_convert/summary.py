@@ -57,10 +57,12 @@ def load_config(path: str | Path):
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         from .export import SHARED_FILE, SINGLE_FILE
+        from .io import unfinished_run_hint
 
         export = path.is_dir() and any((path / f).is_file() for f in (SINGLE_FILE, SHARED_FILE))
         raise MoEConvertError(f"{path} is not a model directory (no config.json) nor a config .json file"
-                              + ("; it looks like a `moe-convert export` output, which `generate` runs" if export else ""))
+                              + ("; it looks like a `moe-convert export` output, which `generate` runs" if export else "")
+                              + unfinished_run_hint(path))
     try:
         d = json.loads(file.read_text())
         if not isinstance(d, dict) or "model_type" not in d:

@@ -55,7 +55,7 @@ import torch
 from .data import PackedData
 from .config import TrainConfig, TrainJob
 from .errors import MoEConvertError
-from .io import DTYPES, check_output_apart
+from .io import DTYPES, check_output_apart, unfinished_run_hint
 
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
 CHECKPOINTS = "checkpoints"
@@ -105,7 +105,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """Any causal LM directory (dense HF or our PR-MoE) via `AutoModelForCausalLM`."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise MoEConvertError(f"model: {path} is not a model directory (no config.json)")
+        raise MoEConvertError(f"model: {path} is not a model directory (no config.json)" + unfinished_run_hint(path))
     import moe_convert  # noqa: F401  registers PRMoE with the Auto classes
     from transformers import AutoModelForCausalLM
 

@@ -90,6 +90,8 @@ def test_resume_continues_exactly(dense_dir, moe_dir, tmp_path):
     stopped = invoke(train_args(dense_dir, part, "--stop-after", "4"))
     assert (json.loads(stopped.stdout)["complete"], json.loads(stopped.stdout)["total_steps"]) == (False, 8)
     assert "stopped after step 4 of 8" in stopped.stderr  # said on stderr, --json or not
+    unfinished = CliRunner().invoke(app, ["eval", str(part), "--data", DATA])
+    assert unfinished.exit_code == 2 and "unfinished training run (checkpoint step-000004)" in unfinished.output
     assert not (part / "config.json").exists(), "a stopped run must not look like a finished model"
     assert (part / "checkpoints" / "step-000004" / "trainer_state.json").exists()
     assert sorted(losses(part)) == [1, 2, 3, 4]
