@@ -223,7 +223,9 @@ def parse_recipe(data: Any, where: str = "recipe", default_output: str | Path = 
                               f"got keys {sorted(data) if isinstance(data, dict) else type(data).__name__}")
     if not isinstance(data["steps"], list) or not data["steps"]:
         raise MoEConvertError(f"{where}: 'steps' must be a non-empty list")
-    run_dir = Path(data.get("output") or default_output)
+    if "output" in data and not (isinstance(data["output"], str) and data["output"].strip()):
+        raise MoEConvertError(f"{where}: 'output' must name a directory, got {data['output']!r}")
+    run_dir = Path(data.get("output", default_output))
     steps, previous, models = [], None, []
     for i, item in enumerate(data["steps"]):
         if not isinstance(item, dict) or len(item) != 1:
