@@ -132,9 +132,19 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
         if model is not None and step.kind in MAKES_MODEL:
             configs[step.output] = (config, model)
         complete = is_complete(recipe, step, state)
-        plans.append(StepPlan(step.index, step.kind, step.output, complete, model, peak,
+        plans.append(StepPlan(step.index, step.kind, step.output, complete, model, peak, _resume_note(step, complete),
                               changed=(complete and changed_settings(state, step)) or ""))
     return plans
+
+
+def _resume_note(step: Step, complete: bool) -> str:
+    """An interrupted train/distill step continues from its newest checkpoint (unless an earlier step runs)."""
+    if complete or step.kind not in ("train", "distill"):
+        return ""
+    from .train import checkpoints
+
+    ckpts = checkpoints(Path(step.output))
+    return f"resumes from its checkpoint {ckpts[-1].name} (unless an earlier step runs)" if ckpts else ""
 
 
 def is_complete(recipe: Recipe, step: Step, state: dict) -> bool:

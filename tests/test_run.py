@@ -124,6 +124,8 @@ def test_killed_mid_train_resumes_without_redoing_steps(tmp_path):
     proc.wait()
     assert not (out / "1-train" / "config.json").exists()
     upcycled = (out / "0-upcycle" / "config.json").stat().st_mtime_ns
+    dry = subprocess.run([*_run_cmd(out), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "step 1: resumes from its checkpoint step-" in dry.stdout, dry.stdout
 
     done = subprocess.run(_run_cmd(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
