@@ -373,7 +373,7 @@ def export(
                      ("ep size", str(result.ep_size)),
                      ("files", ", ".join(result.files)),
                      ("tokenizer files", ", ".join(result.tokenizer_files) or "none"),
-                     ("size", _bytes(result.bytes)),
+                     ("size on disk", _bytes(result.bytes)),
                      ("time", f"{time.perf_counter() - start:.1f} s")]:
             table.add_row(k, v)
         console.print(table)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import MoEConvertError
+from .summary import WEIGHT_SUFFIXES
 from .io import DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, copy_tokenizer_files, parse_size
 
 HF_MAX_SHARD_SIZE = "5GB"  # `--format hf` shards, unless --max-shard-size says otherwise
@@ -104,7 +105,7 @@ def manifest(src: Source, fmt: str, dtype: str, ep_size: int = 1) -> dict:
         "top_k": cfg.num_experts_per_tok, "residual": cfg.residual, "capacity_factor": cfg.capacity_factor,
         "min_capacity": cfg.min_capacity, "ep_size": ep_size, "layers": layers,
         "tie_word_embeddings": bool(cfg.tie_word_embeddings), "host_config": host,
-        "source": str(src.path), "provenance": cfg.provenance,
+        "source": str(src.path.resolve()), "provenance": cfg.provenance,
     }
 
 
@@ -219,7 +220,7 @@ class ExportResult:
     dtype: str
     ep_size: int
     files: list[str]
-    bytes: int
+    bytes: int  # of the weight files (as `inspect` counts size on disk)
     tokenizer_files: list[str] = field(default_factory=list)
 
 
@@ -260,6 +261,6 @@ def export(model: str | Path, out: str | Path, fmt: str = "safetensors", dtype: 
         files = FORMATS[fmt](src, tmp, dtype=dtype, ep_size=ep_size, max_shard_size=max_shard_size,
                              on_tensor=on_tensor)
         tokenizer_files = copy_tokenizer_files(src.path, tmp)
-        size = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
+        size = sum(p.stat().st_size for p in tmp.iterdir() if p.suffix in WEIGHT_SUFFIXES)  # as inspect counts
     files = [f for f in files if f not in tokenizer_files]  # hf's save_pretrained also writes generation_config.json
     return ExportResult(fmt, str(out), dtype, ep_size, files, size, tokenizer_files)

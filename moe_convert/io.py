@@ -370,6 +370,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs=()):
     tmp.mkdir()
     try:
         yield tmp
+        apply_umask(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -380,6 +381,16 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs=()):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def apply_umask(directory: Path) -> None:
+    """Give every file under `directory` the mode a new file gets here (0644 under the usual umask):
+    transformers' `save_pretrained` writes weights 0600, which other users and services cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in directory.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:

@@ -55,7 +55,7 @@ import torch
 from .data import PackedData
 from .config import TrainConfig, TrainJob
 from .errors import MoEConvertError
-from .io import DTYPES, check_output_apart, unfinished_run_hint
+from .io import DTYPES, apply_umask, check_output_apart, unfinished_run_hint
 
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
 CHECKPOINTS = "checkpoints"
@@ -373,6 +373,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
+            apply_umask(tmp)
             (self.out_dir / "config.json").unlink(missing_ok=True)
             for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
                 os.replace(f, self.out_dir / f.name)

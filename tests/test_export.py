@@ -2,6 +2,7 @@
 DeepSpeed formats (loaded into real `deepspeed.moe.layer.MoE` modules), and bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -40,6 +41,7 @@ def test_safetensors_layout_holds_the_source_weights(saved, host, tmp_path):
         assert torch.equal(tensors[k], v), k
     assert manifest["format"] == "moe-convert-inference" and manifest["version"] == 1
     assert manifest["top_k"] == 1 and manifest["dtype"] == "fp32" and manifest["host"] == host
+    assert manifest["source"] == str(src.resolve())  # traceable wherever the export goes
     assert [(e["layer"], e["experts"]) for e in manifest["layers"]] == [(1, 4), (3, 6)]
     d, f = model.config.text_config.hidden_size, 37
     first = manifest["layers"][0]["prefix"]
@@ -92,6 +94,12 @@ def test_hf_format_round_trips(saved, tmp_path):
                               "--max-shard-size", "100KB", "--json"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()  # sharded with an index
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [f for f in (tmp_path / "hf").iterdir() if f.is_file()]
+    assert {f.stat().st_mode & 0o777 for f in files} == {0o666 & ~umask}  # save_pretrained's shards were 0600
+    weights = sum(f.stat().st_size for f in files if f.suffix == ".safetensors")
+    assert json.loads(res.stdout)["bytes"] == weights  # weights only, as inspect counts
     again = PRMoEForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = torch.randint(0, 101, (2, 11))
     with torch.no_grad():

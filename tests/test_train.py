@@ -192,6 +192,9 @@ def test_prmoe_logs_ce_and_aux_and_saves_a_loadable_model(moe_dir, tmp_path):
     evals = [r["eval_loss"] for r in metrics_of(out, "eval")]
     assert evals[-1] < evals[0] and result["eval_loss"] == pytest.approx(evals[-1])
     model = load_model(out)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # save_pretrained wrote 0600
     assert type(model).__name__ == "PRMoEForCausalLM" and [m.experts.num_experts for m in model.moe_layers()] == [3, 4]
     ev = json.loads(invoke(["eval", str(out), "--data", DATA, "--seq-len", str(SEQ), "--max-windows", "8",
                             "--json"]).stdout)
