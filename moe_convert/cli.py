@@ -337,7 +337,7 @@ def export(
     model: Path = typer.Argument(..., help="Our PR-MoE model directory (from upcycle / train / distill)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory (built under a temporary name, renamed when complete)."),
     fmt: str = typer.Option("safetensors", "--format", help="safetensors (inference layout + manifest, read by `generate`), hf (our model directory), deepspeed (per-layer DeepSpeed MoE state dicts)."),
-    dtype: str = typer.Option("fp32", help="Weight dtype: fp32, bf16, fp16."),
+    dtype: str = typer.Option("auto", help="Weight dtype: auto (as the model's weights are stored), fp32, bf16, fp16."),
     ep_size: int = typer.Option(1, help="Expert-parallel ranks: one experts file per rank (contiguous expert ranges) plus shared.safetensors; must divide every layer's expert count (safetensors only)."),
     max_shard_size: Optional[str] = typer.Option(None, help="Largest shard for --format hf, e.g. 5GB, 500MB. Default: 5GB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (only once the new one is complete). Default: off."),

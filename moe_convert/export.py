@@ -239,8 +239,8 @@ def check_export_args(fmt: str, dtype: str, ep_size: int, max_shard_size: str | 
     """`export`'s format options, checked before any work (also by a recipe's export step)."""
     if fmt not in FORMATS:
         raise MoEConvertError(f"--format {fmt!r} is not known; choose one of {', '.join(FORMATS)}")
-    if dtype not in DTYPES:
-        raise MoEConvertError(f"--dtype {dtype!r} is not known; choose one of {', '.join(DTYPES)}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise MoEConvertError(f"--dtype {dtype!r} is not known; choose one of auto, {', '.join(DTYPES)}")
     if ep_size < 1:
         raise MoEConvertError(f"--ep-size must be >= 1, got {ep_size}")
     if ep_size > 1 and fmt != "safetensors":
@@ -251,12 +251,21 @@ def check_export_args(fmt: str, dtype: str, ep_size: int, max_shard_size: str | 
         parse_size(max_shard_size)
 
 
-def export(model: str | Path, out: str | Path, fmt: str = "safetensors", dtype: str = "fp32", ep_size: int = 1,
+def stored_dtype(src: Source) -> str:
+    """The name (`io.DTYPES`) of the dtype the model's floating-point weights are stored in; fp32 for others."""
+    names = {v: k for k, v in DTYPES.items()}
+    stored = next((d for d in map(src.reader.dtype, src.reader.keys()) if d.is_floating_point), torch.float32)
+    return names.get(stored, "fp32")
+
+
+def export(model: str | Path, out: str | Path, fmt: str = "safetensors", dtype: str = "auto", ep_size: int = 1,
            overwrite: bool = False, max_shard_size: str | None = None, src: Source | None = None,
            on_tensor: Callable[[str], None] = lambda name: None) -> ExportResult:
-    """Write `model` (our PR-MoE directory) to `out` in format `fmt`; the output appears only when complete."""
+    """Write `model` (our PR-MoE directory) to `out` in format `fmt` and `dtype` ("auto": the dtype its
+    weights are stored in); the output appears only when complete."""
     check_export_args(fmt, dtype, ep_size, max_shard_size)
     src = src or open_source(model)
+    dtype = stored_dtype(src) if dtype == "auto" else dtype
     with atomic_output_dir(out, overwrite, inputs=[model]) as tmp:
         files = FORMATS[fmt](src, tmp, dtype=dtype, ep_size=ep_size, max_shard_size=max_shard_size,
                              on_tensor=on_tensor)

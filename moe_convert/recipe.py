@@ -76,7 +76,7 @@ class ExportStep:
     model: str
     output: str
     format: str = "safetensors"
-    dtype: str = "fp32"
+    dtype: str = "auto"  # as the model's weights are stored
     ep_size: int = 1
     max_shard_size: str | None = None
 

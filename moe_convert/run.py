@@ -117,13 +117,14 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
                 if step.kind == "distill":
                     config = student_config(config, plan_student(config, spec.student_layers, spec.keep_layers))
                 dtype = spec.dtype if step.kind == "export" else spec.save_dtype
-                model = _model_row(config, _dtype_bytes(dtype))
+                out_bytes = row["size_bytes"] // row["total_params"] if dtype == "auto" else _dtype_bytes(dtype)
+                model = _model_row(config, out_bytes)
                 if step.kind == "train":
                     peak = 16 * model["total_params"]
                 elif step.kind == "distill":
                     peak = 16 * model["total_params"] + row["total_params"] * _dtype_bytes(spec.teacher_dtype)
                 else:
-                    peak = model["largest_layer_params"] * _dtype_bytes(dtype)
+                    peak = model["largest_layer_params"] * out_bytes
             elif step.kind == "eval":
                 peak = max((configs[m][1]["total_params"] * 4 for m in spec.models if m in configs), default=None)
         except MoEConvertError as e:

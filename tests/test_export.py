@@ -176,3 +176,15 @@ def test_output_that_is_the_model_is_refused(saved):
     r = runner.invoke(app, ["export", str(src), "-o", str(src), "--overwrite"])
     assert r.exit_code == 2 and "is the input" in r.output, r.output
     assert sorted(p.name for p in src.iterdir()) == files
+
+
+def test_default_dtype_is_the_stored_one(saved, tmp_path):
+    """A bf16 model exports as bf16 unless --dtype says otherwise (it was widened to fp32, twice the size)."""
+    model, _ = saved["llama"]
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model.float()
+    auto = export(tmp_path / "bf16", tmp_path / "auto")
+    tensors, manifest = read(tmp_path / "auto" / SINGLE_FILE)
+    assert auto.dtype == manifest["dtype"] == "bf16" and {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    wide = export(tmp_path / "bf16", tmp_path / "fp32", dtype="fp32")
+    assert wide.dtype == "fp32" and wide.bytes > 1.9 * auto.bytes
