@@ -1,6 +1,7 @@
 """`moe-convert export`: the inference layout against the source weights, EP splits, the HF and
 DeepSpeed formats (loaded into real `deepspeed.moe.layer.MoE` modules), and bad input."""
 
+import copy
 import json
 import os
 import subprocess
@@ -181,8 +182,7 @@ def test_output_that_is_the_model_is_refused(saved):
 def test_default_dtype_is_the_stored_one(saved, tmp_path):
     """A bf16 model exports as bf16 unless --dtype says otherwise (it was widened to fp32, twice the size)."""
     model, _ = saved["llama"]
-    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    model.float()
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # the shared fixture stays fp32
     auto = export(tmp_path / "bf16", tmp_path / "auto")
     tensors, manifest = read(tmp_path / "auto" / SINGLE_FILE)
     assert auto.dtype == manifest["dtype"] == "bf16" and {t.dtype for t in tensors.values()} == {torch.bfloat16}
