@@ -83,10 +83,14 @@ def open_source(path: str | Path) -> Source:
     config = PRMoEConfig.from_pretrained(path)
     src = Source(path, reader, config, host_spec(config.text_config.model_type))
     names = set(src.names())
-    for layer in config.moe_layers:
+    for layer, E in zip(config.moe_layers, config.num_experts):
         for key in ["router.weight", *(f"experts.{w}" for w in src.spec.expert_keys)]:
-            if f"{src.ffn_prefix(layer)}.{key}" not in names:
-                raise MoEConvertError(f"{path}: MoE layer {layer} has no tensor {src.ffn_prefix(layer)}.{key}")
+            name = f"{src.ffn_prefix(layer)}.{key}"
+            if name not in names:
+                raise MoEConvertError(f"{path}: MoE layer {layer} has no tensor {name}")
+            if src.shape(name)[0] != E:  # stacked experts / router rows against config.json
+                raise MoEConvertError(f"{path}: MoE layer {layer} has {src.shape(name)[0]} experts in {name}, "
+                                      f"but config.json says {E}")
     return src
 
 

@@ -144,6 +144,20 @@ def test_not_our_model_is_a_one_line_error(tmp_path):
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
 
 
+def test_config_that_disagrees_with_the_weights_is_a_one_line_error(saved, tmp_path):
+    import shutil
+
+    _, src = saved["gpt2"]
+    bad = shutil.copytree(src, tmp_path / "bad")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["num_experts"] = [4, 16]  # layer 3 holds 6
+    (bad / "config.json").write_text(json.dumps(cfg))
+    for fmt in ("safetensors", "deepspeed", "hf"):
+        res = runner.invoke(app, ["export", str(bad), "-o", str(tmp_path / fmt), "--format", fmt])
+        assert res.exit_code == 2 and "MoE layer 3 has 6 experts in" in res.output and "config.json says 16" in res.output
+        assert not (tmp_path / fmt).exists()
+
+
 def test_unknown_format_and_existing_output(saved, tmp_path):
     _, src = saved["gpt2"]
     res = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "out"), "--format", "onnx"])
