@@ -415,7 +415,7 @@ def eval_(
 
 @app.command()
 def inspect(
-    model: Path = typer.Argument(..., help="Model directory, or a config .json file alone (no weights needed)."),
+    model: Path = typer.Argument(..., help="Model directory, a `moe-convert export` directory, or a config .json file alone (no weights needed)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Layer table: experts per layer, total vs active params, dtype, size on disk (meta device: instant)."""
@@ -428,7 +428,8 @@ def inspect(
             return
         from rich.table import Table
 
-        table = Table(title=f"{model}  ({s.model_type}, host {s.host}, top-{s.top_k})")
+        what = f"export {s.export}" if s.export else s.model_type
+        table = Table(title=f"{model}  ({what}, host {s.host}, top-{s.top_k})")
         for col in ("layer", "FFN", "experts", "params", "active/token"):
             table.add_column(col, justify="right")
         for r in s.layers:

@@ -38,6 +38,7 @@ class ModelSummary:
     active_params: int
     dtype: str  # of the weights on disk when there are any, else the config's
     size_on_disk: int | None  # bytes of weight files; None for a config alone
+    export: str | None = None  # for a `moe-convert export` directory: its format, version and ep size
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,10 +119,37 @@ def _safetensors_dtypes(file: Path) -> set[str]:
     return {handle.get_slice(k).get_dtype() for k in handle.keys()}
 
 
+def export_manifest(path: Path) -> dict | None:
+    """The manifest of a `moe-convert export` directory (safetensors or deepspeed format), else None."""
+    from .export import MANIFEST_KEY, SHARED_FILE, SINGLE_FILE
+    from .io import open_safetensors
+
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    if (path / "manifest.json").is_file():
+        return json.loads((path / "manifest.json").read_text())
+    first = next((path / f for f in (SINGLE_FILE, SHARED_FILE) if (path / f).is_file()), None)
+    meta = (open_safetensors(first).metadata() or {}) if first else {}
+    return json.loads(meta[MANIFEST_KEY]) if MANIFEST_KEY in meta else None
+
+
+def config_from_manifest(m: dict):
+    """The PR-MoE config an export was made from, rebuilt from its manifest (host config + layer table)."""
+    from .configuration_prmoe import PRMoEConfig
+
+    return PRMoEConfig(text_config=m["host_config"], moe_layers=[e["layer"] for e in m["layers"]],
+                       num_experts=[e["experts"] for e in m["layers"]], num_experts_per_tok=m["top_k"],
+                       residual=m["residual"], capacity_factor=m["capacity_factor"], min_capacity=m["min_capacity"])
+
+
 def summarize(path: str | Path) -> ModelSummary:
-    """`inspect MODEL`: config-only counts plus what the weight files on disk say (size, dtype)."""
+    """`inspect MODEL`: config-only counts plus what the weight files on disk say (size, dtype); an export
+    directory is summarized from its manifest."""
     path = Path(path)
-    summary = summarize_config(load_config(path))
+    manifest = export_manifest(path)
+    summary = summarize_config(config_from_manifest(manifest) if manifest else load_config(path))
+    if manifest:
+        summary.export = f"{manifest['format']} v{manifest['version']}, ep size {manifest.get('ep_size', 1)}"
     if path.is_dir():
         files = [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES]
         if files:

@@ -88,3 +88,19 @@ def test_unknown_model_type_is_a_short_line(tmp_path):
     (tmp_path / "c.json").write_text('{"model_type": "nosuch"}')
     out = CliRunner().invoke(app, ["inspect", str(tmp_path / "c.json")])
     assert out.exit_code == 2 and "model_type 'nosuch' is not known" in out.output and len(out.output) < 200, out.output
+
+
+@pytest.mark.parametrize("fmt, ep", [("safetensors", 2), ("deepspeed", 1)])
+def test_inspect_an_export_from_its_manifest(tmp_path, fmt, ep):
+    """The same counts as the model it was made from, its own weight files' size and dtype."""
+    from moe_convert.export import export
+
+    model = tiny_prmoe(num_experts=(4, 6))
+    model.save_pretrained(tmp_path / "m")
+    export(tmp_path / "m", tmp_path / "e", fmt, "bf16", ep)
+    source, exported = summarize(tmp_path / "m"), summarize(tmp_path / "e")
+    assert (exported.total_params, exported.active_params) == (source.total_params, source.active_params)
+    assert [r.experts for r in exported.layers] == [r.experts for r in source.layers]
+    assert exported.dtype == "bfloat16" and exported.export.endswith(f"v1, ep size {ep}")
+    weights = sum(f.stat().st_size for f in (tmp_path / "e").iterdir() if f.suffix == ".safetensors")
+    assert exported.size_on_disk == weights
