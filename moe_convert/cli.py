@@ -258,11 +258,10 @@ def train(
         from .train import run_training
 
         job = TrainJob.from_dict({"model": str(model), "data": data, "output": str(output), **options})
-        _note_all_warmup(job)
         result = run_training(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
         if not _is_main_process():
             return
-        _note_stop(result)
+        _note_stop(result, job)
         if json_out:
             print_json(vars(result))
             return
@@ -276,15 +275,13 @@ def train(
         console.print(table)
 
 
-def _note_all_warmup(job) -> None:
+def _note_stop(result, job) -> None:
+    """On stderr (so also with --json): a run that stopped early is not a finished model; a run that was
+    all warmup never decayed its lr."""
     cfg = job.config
-    if cfg.warmup_steps >= cfg.steps and _is_main_process():
-        err_console.print(f"note: --warmup-steps {cfg.warmup_steps} >= --steps {cfg.steps}: the whole run is warmup "
-                          f"(the lr rises to --lr and never decays)")
-
-
-def _note_stop(result) -> None:
-    """On stderr (so also with --json): a run that stopped early is not a finished model."""
+    if cfg.warmup_steps >= cfg.steps:
+        err_console.print(f"note: --warmup-steps {cfg.warmup_steps} >= --steps {cfg.steps}: the whole run was warmup "
+                          f"(the lr rose to --lr and never decayed)")
     if not result.complete:
         err_console.print(f"stopped after step {result.steps} of {result.total_steps}: {result.output} holds "
                           f"checkpoints, not a model yet; continue with --resume")
@@ -307,11 +304,10 @@ def distill(
         from .distill import run_distill
 
         job = DistillJob.from_dict({"teacher": str(teacher), "data": data, "output": str(output), **options})
-        _note_all_warmup(job)
         result = run_distill(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
         if not _is_main_process():
             return
-        _note_stop(result.train)
+        _note_stop(result.train, job)
         if json_out:
             print_json(result.to_dict())
             return
