@@ -231,7 +231,10 @@ def run_step(step: Step, fresh: bool = False):
                            eval_fraction=spec.eval_fraction, batch_size=spec.batch_size,
                            max_windows=spec.max_windows) for m in spec.models]
     from .bench import bench_layer
+    from .io import keep_freed_memory_for_reuse
 
+    # as `bench layer` runs; its other setting, huge pages, must be asked for before torch starts (README)
+    keep_freed_memory_for_reuse()
     machine, rows = bench_layer(spec.tokens, spec.hidden, parse_int_list(spec.experts, "experts"), spec.dtype,
                                 repeats=spec.repeats)
     return {"machine": asdict(machine), "rows": [asdict(r) for r in rows]}
