@@ -475,6 +475,8 @@ def generate(
         ids = tokenizer(prompt)["input_ids"]
         out = runtime.generate(ids, max_new_tokens, temperature, top_k, top_p, seed,
                                eos_token_ids(export_dir, runtime.cfg))
+        if runtime.ep is not None:
+            runtime.ep.close()
         text = tokenizer.decode(out.tokens[len(ids):], skip_special_tokens=True)
         if json_out:
             print_json({"prompt": prompt, "text": text, "tokens": out.tokens[len(ids):], "new_tokens": out.new_tokens,

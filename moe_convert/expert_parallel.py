@@ -65,14 +65,38 @@ class ExpertParallel:
         dist.broadcast(t, 0)
         return int(t)
 
+    def check_all_loaded(self, error: BaseException | None) -> None:
+        """Every rank reports whether it loaded its part (`error`: why not) before any all-to-all, so a rank
+        that failed does not leave the others waiting in a collective; they stop with one line each."""
+        import torch.distributed as dist
+
+        failed = torch.tensor([self.size if error is None else self.rank])
+        dist.all_reduce(failed, dist.ReduceOp.MIN)
+        if error is not None:
+            raise error
+        if int(failed) < self.size:
+            raise MoEConvertError(f"expert-parallel rank {int(failed)} could not load its part of the export "
+                                  f"(its error is above)")
+
+    def close(self) -> None:
+        """Leave the process group once every rank is done (exiting without it can abort a process)."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def from_environment(ep_size: int) -> ExpertParallel | None:
     """The expert-parallel group of a process started by torchrun (WORLD_SIZE > 1), its process group set
-    up (gloo on CPU); None for a single process. The world size must equal the export's `ep_size`."""
+    up (gloo on CPU); None for a single process. The world size must equal the export's `ep_size`: every
+    rank exits with status 2, rank 0 says why."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return None
     if world != ep_size:
+        if int(os.environ.get("RANK", "0")) != 0:
+            raise SystemExit(2)
         raise MoEConvertError(f"{world} processes, but the export has --ep-size {ep_size}: start one process per "
                               f"expert-parallel rank (torchrun --nproc_per_node {ep_size})")
     import torch.distributed as dist

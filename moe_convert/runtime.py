@@ -492,5 +492,13 @@ def load_runtime(path: str | Path, expert_parallel: bool = False) -> Runtime:
         raise MoEConvertError(f"the runtime has no forward for host {manifest['host']!r} "
                               f"(supported: {', '.join(RUNTIMES)})")
     ep = from_environment(manifest["ep_size"]) if expert_parallel else None
-    return RUNTIMES[manifest["host"]](Path(path), manifest, ep)
+    if ep is None:
+        return RUNTIMES[manifest["host"]](Path(path), manifest)
+    runtime, error = None, None
+    try:
+        runtime = RUNTIMES[manifest["host"]](Path(path), manifest, ep)
+    except (MoEConvertError, OSError) as e:  # a missing or truncated rank file, say
+        error = e
+    ep.check_all_loaded(error)
+    return runtime
 

@@ -74,6 +74,19 @@ def test_two_ranks_equal_one_process(ep_exports, tmp_path):
     assert json.loads(group.stdout)["tokens"] == json.loads(one.stdout)["tokens"]  # rank 0 alone prints
 
 
+def test_a_rank_that_cannot_load_stops_the_group_with_one_line_each(ep_exports, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(ep_exports[0], tmp_path / "broken")
+    (broken / "experts-00001-of-00002.safetensors").unlink()
+    done = torchrun("-m", "moe_convert", "generate", str(broken), "--prompt", "w5 w9", timeout=300)
+    ours = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and sorted(ours) == sorted([
+        "error: expert-parallel rank 1 could not load its part of the export (its error is above)",
+        f"error: {broken / 'experts-00001-of-00002.safetensors'} is missing"]), done.stderr[-3000:]
+    assert "Connection closed" not in done.stderr  # rank 0 no longer waits in an all-to-all
+
+
 def test_process_count_must_match_the_exports_ep_size(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(MoEConvertError, match="3 processes, but the export has --ep-size 2"):
