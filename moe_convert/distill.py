@@ -231,7 +231,7 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
 
     kd = StagedKD(teacher if job.kd_steps > 0 else None, job.kd_steps, job.alpha, job.temperature)
     trainer = Trainer(student, data, job.config, out, loss_fn=kd.loss, on_step=kd.on_step,
-                      settings=job_settings(job), progress=progress)
+                      settings=job_settings(job, data), progress=progress)
     teacher.to(trainer.accelerator.device, DTYPES[job.teacher_dtype]).eval().requires_grad_(False)  # one copy
     teacher_eval_file = out / "teacher_eval.json"
     if resume and teacher_eval_file.exists():

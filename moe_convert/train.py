@@ -381,20 +381,21 @@ class Trainer:
         acc.wait_for_everyone()
 
 
-def job_settings(job: TrainJob) -> dict:
+def job_settings(job: TrainJob, data: PackedData) -> dict:
     """A job's own options that shape the training (data, distillation), for `Trainer(settings=...)`, with
-    the model it starts from (the teacher, for distill) and its data: resuming with others is refused."""
+    what it starts from (`model`; distill: `teacher`) and the token windows it trains on (`data`), each by
+    content: resuming with another model or other data is refused, a moved copy resumes."""
+    import hashlib
+
     own = {f.name: getattr(job, f.name) for f in fields(job) if "help" in f.metadata}  # _resume skips RESUME_MAY_CHANGE
-    data = Path(job.data).expanduser()
-    return {**own, "model": model_fingerprint(job.model), "data": str(data.resolve()) if data.exists() else job.data}
-
-
-FINGERPRINT_BYTES = 2**20  # of each weight file's start and end: cheap, even for a 20B-parameter model
+    windows = hashlib.sha256(data.train.numpy().tobytes() + data.eval.numpy().tobytes()).hexdigest()[:12]
+    return {**own, "teacher" if job.KIND == "distill" else "model": model_fingerprint(job.model),
+            "data": f"windows {windows}"}
 
 
 def model_fingerprint(path: str | Path) -> str:
-    """A model directory's config.json and weight files (name, size, first and last MiB), hashed: the same
-    model wherever it lives; another one, or the same architecture with other weights, differs."""
+    """A model directory's config.json and weight files (names and bytes), hashed: the same model wherever
+    it lives; any other weights differ. Reading them costs about what loading the model costs."""
     import hashlib
 
     from .summary import WEIGHT_SUFFIXES
@@ -402,11 +403,8 @@ def model_fingerprint(path: str | Path) -> str:
     path = Path(path)
     h = hashlib.sha256((path / "config.json").read_bytes() if (path / "config.json").is_file() else b"")
     for f in sorted(f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES) if path.is_dir() else []:
-        size = f.stat().st_size
         with open(f, "rb") as fh:
-            h.update(f"{f.name}:{size}".encode() + fh.read(FINGERPRINT_BYTES))
-            fh.seek(max(0, size - FINGERPRINT_BYTES))
-            h.update(fh.read())
+            h.update(f.name.encode() + hashlib.file_digest(fh, "sha256").digest())
     return "config+weights " + h.hexdigest()[:12]
 
 
@@ -459,7 +457,7 @@ def run_training(job: TrainJob, *, resume: bool = False, stop_after: int | None 
     data = load_job_data(job, tokenizer, state, load_config(job.model))
     model = load_model(job.model)
     clear_output(state, out, resume, overwrite)
-    trainer = Trainer(model, data, job.config, out, settings=job_settings(job), progress=progress)
+    trainer = Trainer(model, data, job.config, out, settings=job_settings(job, data), progress=progress)
     result = trainer.fit(resume=resume, stop_after=stop_after)
     if result.steps == job.config.steps:
         trainer.save_model(tokenizer, DTYPES[job.save_dtype])

@@ -5,6 +5,7 @@ one-line errors for bad input."""
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import weakref
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from conftest import CHECKPOINT, ROOT, free_port, metrics_of
@@ -70,6 +72,12 @@ def test_resume_across_the_kd_stop_is_exact(teacher, data_file, tmp_path, stop_a
     assert not (tmp_path / "part" / "config.json").exists()  # a stopped run does not look complete
     with pytest.raises(MoEConvertError, match=r"kd_stop 0.9 \(the checkpoint's: 0.5\)"):  # refused, nothing changed
         run_distill(job(teacher, data_file, tmp_path / "part", kd_stop=0.9), resume=True, progress=False)
+    other = shutil.copytree(teacher, tmp_path / "other-teacher")  # the same teacher, one tensor changed
+    weights = load_file(other / "model.safetensors")
+    weights["host.lm_head.weight" if "host.lm_head.weight" in weights else sorted(weights)[0]] += 1e-3
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MoEConvertError, match="resume: teacher config"):
+        run_distill(job(other, data_file, tmp_path / "part", kd_stop=0.5), resume=True, progress=False)
     run_distill(part, resume=True, progress=False)
     assert losses(tmp_path / "part") == ref
     a = load_model(tmp_path / "full").state_dict()

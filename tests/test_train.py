@@ -4,15 +4,15 @@ equivalence, the LR schedule, PR-MoE CE/aux logging, and the saved model (recipe
 import inspect
 import json
 import math
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from moe_convert.cli import app
@@ -114,6 +114,30 @@ def test_resume_continues_exactly(dense_dir, moe_dir, tmp_path):
     wa, wb = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert a[8] < a[1]
+
+
+def test_resume_compares_model_and_data_by_content(dense_dir, tmp_path):
+    """Other weights at the same place, or other text in the same file, are refused; a copy elsewhere resumes."""
+    texts = load_documents("builtin:pydoc").texts
+    data, copy = tmp_path / "a.txt", tmp_path / "b.txt"
+    data.write_text("\n\n".join(texts[:300]))
+    shutil.copy(data, copy)
+
+    def args(model, text, *extra):
+        return ["train", str(model), "--data", str(text), "-o", str(tmp_path / "o"), "--seq-len", "32",
+                "--batch-size", "4", "--steps", "4", "--warmup-steps", "1", "--eval-windows", "2", *extra]
+    invoke(args(dense_dir, data, "--stop-after", "2"))
+    other = shutil.copytree(dense_dir, tmp_path / "other")
+    weights = load_file(other / "model.safetensors")
+    name = sorted(weights)[len(weights) // 2]  # a tensor in the middle of the file
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    refused = CliRunner().invoke(app, args(other, data, "--resume"))
+    assert refused.exit_code == 2 and "resume: model config+weights" in refused.output, refused.output
+    data.write_text("\n\n".join(texts[300:600]))  # same path, other text
+    refused = CliRunner().invoke(app, args(dense_dir, data, "--resume"))
+    assert refused.exit_code == 2 and "resume: data windows" in refused.output, refused.output
+    assert json.loads(invoke(args(dense_dir, copy, "--resume", "--json")).stdout)["complete"]  # same text elsewhere
 
 
 class Counter:
