@@ -42,6 +42,14 @@ def experts_file(rank: int, ep_size: int) -> str:
     return f"experts-{rank:05d}-of-{ep_size:05d}.safetensors"
 
 
+def export_weight_files(manifest: dict) -> list[str]:
+    """The weight files an export with this manifest consists of (safetensors or deepspeed format)."""
+    if manifest["format"] == FORMAT_NAME:
+        ep = manifest["ep_size"]
+        return [SINGLE_FILE] if ep == 1 else [SHARED_FILE] + [experts_file(r, ep) for r in range(ep)]
+    return ["non_moe.safetensors"] + [entry["file"] for entry in manifest["layers"]]
+
+
 @dataclass
 class Source:
     """A PR-MoE model directory opened for streaming: tensors on demand, config, host adapter."""

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from .config import check_seed
 from .errors import MoEConvertError
 from .expert_parallel import ExpertParallel, from_environment
-from .export import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file)
+from .export import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file,
+                     export_weight_files)
 from .io import open_safetensors, read_safetensors, return_freed_memory
 from .kernels import ACTIVATIONS, ffn, linear, moe_forward, native_fp16_matmul, pack_experts, pack_ffn, pack_matrix
 
@@ -50,15 +51,14 @@ def load_export(path: str | Path, manifest: dict, rank: int | None = None) -> di
     re-joined across EP rank files, or (`rank`) the shared weights and that rank's experts only."""
     path = Path(path)
     ep = manifest["ep_size"]
-    ranks = range(ep) if rank is None else [rank]
-    files = [SINGLE_FILE] if ep == 1 else [SHARED_FILE] + [experts_file(r, ep) for r in ranks]
+    files = export_weight_files(manifest) if rank is None else [SHARED_FILE, experts_file(rank, ep)]
     parts: dict[str, list[torch.Tensor]] = {}
     for name in files:
         for key, tensor in read_safetensors(path / name).items():
             parts.setdefault(key, []).append(tensor)
     tensors = {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in parts.items()}  # [E, in, out] from rank slices
     for entry in manifest["layers"]:
-        held = entry["experts"] // ep * len(ranks)  # experts the files read hold
+        held = entry["experts"] if rank is None else entry["experts"] // ep  # experts the files read hold
         router = tensors.get(f"{entry['prefix']}.router.weight")
         experts = [t for k, t in tensors.items() if k.startswith(f"{entry['prefix']}.experts.")]
         if router is None or router.shape[0] != entry["experts"] or not experts or experts[0].shape[0] != held:

@@ -149,6 +149,11 @@ def summarize(path: str | Path) -> ModelSummary:
     manifest = export_manifest(path)
     summary = summarize_config(config_from_manifest(manifest) if manifest else load_config(path))
     if manifest:
+        from .export import export_weight_files
+
+        missing = [f for f in export_weight_files(manifest) if not (path / f).is_file()]
+        if missing:
+            raise MoEConvertError(f"{path}: incomplete export, {', '.join(missing)} missing")
         summary.export = f"{manifest['format']} v{manifest['version']}, ep size {manifest.get('ep_size', 1)}"
     if path.is_dir():
         files = [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES]

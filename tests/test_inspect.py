@@ -104,3 +104,14 @@ def test_inspect_an_export_from_its_manifest(tmp_path, fmt, ep):
     assert exported.dtype == "bfloat16" and exported.export.endswith(f"v1, ep size {ep}")
     weights = sum(f.stat().st_size for f in (tmp_path / "e").iterdir() if f.suffix == ".safetensors")
     assert exported.size_on_disk == weights
+
+
+def test_inspect_names_the_missing_files_of_an_incomplete_export(tmp_path):
+    from moe_convert.errors import MoEConvertError
+    from moe_convert.export import export
+
+    tiny_prmoe(num_experts=(4, 6)).save_pretrained(tmp_path / "m")
+    export(tmp_path / "m", tmp_path / "e", ep_size=2)
+    (tmp_path / "e" / "experts-00001-of-00002.safetensors").unlink()
+    with pytest.raises(MoEConvertError, match="incomplete export, experts-00001-of-00002.safetensors missing"):
+        summarize(tmp_path / "e")
