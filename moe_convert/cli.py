@@ -594,15 +594,20 @@ def run(
             for col in ("step", "kind", "status", "layers", "experts per MoE layer", "total", "active", "size",
                         "peak mem (est.)", "output"):  # noqa: E501
                 table.add_column(col, justify="right" if col in ("total", "active", "size", "layers") else "left")
+            runs, statuses = False, []  # as `run` goes: complete steps are skipped until one runs, then all run
             for p in plans:
+                runs = runs or not p.complete
+                statuses.append("to do" if not p.complete else "runs again" if runs else
+                                "refused" if p.changed else "done")
+            for p, status in zip(plans, statuses):
                 m = p.model or {}
                 experts = _compact(m.get("experts")) if m else ""
-                table.add_row(str(p.index), p.kind, "done" if p.complete else "to do", str(m.get("layers", "")),
+                table.add_row(str(p.index), p.kind, status, str(m.get("layers", "")),
                               experts, _params(m["total_params"]) if m else "", _params(m["active_params"]) if m else "",
                               _bytes(m.get("size_bytes")) if m else "", _bytes(p.peak_bytes), p.output)
             console.print(table)
-            for p in plans:
-                for line in filter(None, (p.note, p.changed)):
+            for p, status in zip(plans, statuses):
+                for line in filter(None, (p.note, p.changed if status == "refused" else "")):
                     console.print(f"step {p.index}: {line}")
             return
 
