@@ -352,6 +352,7 @@ class Trainer:
                     self.save_checkpoint(done)
         seconds = time.perf_counter() - t_run
         ran = max(stop - start, 0)
+
         def mean(k):
             return sum(self.recent[k]) / len(self.recent[k]) if self.recent.get(k) else float("nan")
         return TrainResult(
