@@ -377,6 +377,43 @@ def export(
             err_console.print(f"warning: {model} has no tokenizer files; `generate` needs them in {output}")
 
 
+@app.command(name="from-deepspeed")
+def from_deepspeed(
+    source: Path = typer.Argument(..., help="An `export --format deepspeed` directory, its layer files possibly trained in DeepSpeed since."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output model directory (built under a temporary name, renamed when complete)."),
+    max_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (only once the new one is complete). Default: off."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table. Default: off."),
+):
+    """DeepSpeed MoE state dicts (`export --format deepspeed`) -> our PR-MoE model directory again."""
+    with reporting_errors(json_out):
+        import time
+        from dataclasses import asdict
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress
+
+        from .from_deepspeed import import_deepspeed, read_deepspeed_manifest
+
+        start = time.perf_counter()
+        read_deepspeed_manifest(source)  # before the progress bar: a one-line error
+        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                      console=err_console, transient=True, disable=json_out) as bar:
+            task = bar.add_task("from-deepspeed", total=None)
+            result = import_deepspeed(source, output, overwrite, max_shard_size, on_tensor=lambda name: bar.advance(task))
+        if json_out:
+            print_json(asdict(result))
+            return
+        from rich.table import Table
+
+        table = Table(title=f"{source} -> {output}", show_header=False)
+        for k, v in [("MoE layers (experts)", ", ".join(f"{l} ({e})" for l, e in zip(result.moe_layers,
+                                                                                    result.experts_per_layer))),
+                     ("dtype", result.dtype), ("files", ", ".join(result.files)), ("size on disk", _bytes(result.bytes)),
+                     ("time", f"{time.perf_counter() - start:.1f} s")]:
+            table.add_row(k, v)
+        console.print(table)
+
+
 @app.command(name="eval")
 def eval_(
     model: Path = typer.Argument(..., help="Model directory with its tokenizer."),

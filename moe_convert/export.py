@@ -36,6 +36,14 @@ SINGLE_FILE = "model.safetensors"
 SHARED_FILE = "shared.safetensors"
 # DeepSpeed's expert module for each of our FFN kinds (what a user passes as `expert` to `MoE`)
 DEEPSPEED_EXPERT_MODULE = {"mlp": "transformers GPT2MLP(inner, config)", "gated": "transformers LlamaMLP(config)"}
+DEEPSPEED_FORMAT = "moe-convert-deepspeed"
+DEEPSPEED_NON_MOE = "non_moe.safetensors"
+DEEPSPEED_ROUTER = "deepspeed_moe.gate.wg.weight"  # names inside `deepspeed.moe.layer.MoE`'s state dict
+
+
+def deepspeed_expert_key(j: int, key: str) -> str:
+    """Expert j's tensor `key` (its expert module's own name, e.g. `c_fc.weight`) in DeepSpeed's MoE."""
+    return f"deepspeed_moe.experts.deepspeed_experts.{j}.{key}"
 
 
 def experts_file(rank: int, ep_size: int) -> str:
@@ -47,7 +55,7 @@ def export_weight_files(manifest: dict) -> list[str]:
     if manifest["format"] == FORMAT_NAME:
         ep = manifest["ep_size"]
         return [SINGLE_FILE] if ep == 1 else [SHARED_FILE] + [experts_file(r, ep) for r in range(ep)]
-    return ["non_moe.safetensors"] + [entry["file"] for entry in manifest["layers"]]
+    return [DEEPSPEED_NON_MOE] + [entry["file"] for entry in manifest["layers"]]
 
 
 @dataclass
@@ -115,7 +123,7 @@ def manifest(src: Source, fmt: str, dtype: str, ep_size: int = 1) -> dict:
         "format": fmt, "version": FORMAT_VERSION, "host": cfg.text_config.model_type, "ffn_kind": spec.ffn_kind,
         "activation": getattr(cfg.text_config, spec.activation_attr), "dtype": dtype,
         "top_k": cfg.num_experts_per_tok, "residual": cfg.residual, "capacity_factor": cfg.capacity_factor,
-        "min_capacity": cfg.min_capacity, "ep_size": ep_size, "layers": layers,
+        "min_capacity": cfg.min_capacity, "aux_loss_coef": cfg.aux_loss_coef, "ep_size": ep_size, "layers": layers,
         "tie_word_embeddings": bool(cfg.tie_word_embeddings), "host_config": host,
         "source": str(src.path.resolve()), "provenance": cfg.provenance,
     }
@@ -195,21 +203,21 @@ def export_hf(src: Source, tmp: Path, dtype: str, max_shard_size: str, on_tensor
 
 def export_deepspeed(src: Source, tmp: Path, dtype: str, on_tensor, **_) -> list[str]:
     """Per MoE layer the state dict of `deepspeed.moe.layer.MoE(..., use_residual=True)`; the rest as is."""
-    meta, torch_dtype = manifest(src, "moe-convert-deepspeed", dtype), DTYPES[dtype]
+    meta, torch_dtype = manifest(src, DEEPSPEED_FORMAT, dtype), DTYPES[dtype]
     meta["expert_module"] = DEEPSPEED_EXPERT_MODULE[src.spec.ffn_kind]
     for entry in meta["layers"]:  # the layer table names every file, in every file's manifest
         entry["file"] = f"moe_layer_{entry['layer']:03d}.safetensors"
     files = []
     moe_prefixes = [src.ffn_prefix(layer) + "." for layer in src.config.moe_layers]
     rest = [n for n in src.names() if not n.startswith(tuple(moe_prefixes))]
-    files.append(_write_file(tmp, "non_moe.safetensors", [_entry(src, n, torch_dtype) for n in rest], meta, on_tensor))
+    files.append(_write_file(tmp, DEEPSPEED_NON_MOE, [_entry(src, n, torch_dtype) for n in rest], meta, on_tensor))
     for entry, layer, E in zip(meta["layers"], src.config.moe_layers, src.config.num_experts):
         prefix = src.ffn_prefix(layer) + "."
-        plan = [_entry(src, prefix + "router.weight", torch_dtype, out_name="deepspeed_moe.gate.wg.weight")]
+        plan = [_entry(src, prefix + "router.weight", torch_dtype, out_name=DEEPSPEED_ROUTER)]
         for j in range(E):
             for ours, (key, transposed) in src.spec.expert_keys.items():
                 plan.append(_entry(src, f"{prefix}experts.{ours}", torch_dtype, rows=(j, j + 1),
-                                   out_name=f"deepspeed_moe.experts.deepspeed_experts.{j}.{key}",
+                                   out_name=deepspeed_expert_key(j, key),
                                    transform=(lambda t: t[0].t()) if transposed else (lambda t: t[0])))
         plan += [_entry(src, n, torch_dtype, out_name=n.removeprefix(prefix)) for n in src.names()
                  if n.startswith(prefix + "mlp.") or n.startswith(prefix + "coefficient.")]

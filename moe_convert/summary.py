@@ -139,7 +139,8 @@ def config_from_manifest(m: dict):
 
     return PRMoEConfig(text_config=m["host_config"], moe_layers=[e["layer"] for e in m["layers"]],
                        num_experts=[e["experts"] for e in m["layers"]], num_experts_per_tok=m["top_k"],
-                       residual=m["residual"], capacity_factor=m["capacity_factor"], min_capacity=m["min_capacity"])
+                       residual=m["residual"], capacity_factor=m["capacity_factor"], min_capacity=m["min_capacity"],
+                       aux_loss_coef=m.get("aux_loss_coef", 0.01))  # older manifests lack it: the default
 
 
 def summarize(path: str | Path) -> ModelSummary:

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from moe_convert.cli import app
 
-COMMANDS = ["upcycle", "train", "distill", "export", "eval", "inspect", "generate", "run", "bench"]
+COMMANDS = ["upcycle", "train", "distill", "export", "from-deepspeed", "eval", "inspect", "generate", "run", "bench"]
 
 
 def test_help_imports_nothing_heavy():

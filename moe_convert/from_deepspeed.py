@@ -1,0 +1,125 @@
+"""`moe-convert from-deepspeed`: an `export --format deepspeed` directory -> our PR-MoE model directory.
+
+The way back after training in DeepSpeed (DESIGN.md section 7): each `moe_layer_LLL.safetensors` is
+the state dict of a `deepspeed.moe.layer.MoE(..., use_residual=True)` (the layer file a DeepSpeed user
+saved again after training), `non_moe.safetensors` holds the other weights under the host's names,
+and `manifest.json` the host config and layer table. The experts are stacked back into our
+`[E, in, out]` tensors (nn.Linear experts transposed), one output tensor at a time, and written with
+the modeling code and tokenizer as `upcycle` writes a model: `export`, `train`, `generate` read it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import MoEConvertError
+from .export import DEEPSPEED_FORMAT, DEEPSPEED_NON_MOE, DEEPSPEED_ROUTER, deepspeed_expert_key
+from .io import DTYPES, ShardWriter, atomic_output_dir, copy_tokenizer_files, open_safetensors, parse_size
+
+
+@dataclass
+class ImportResult:
+    output: str
+    source: str
+    moe_layers: list[int]
+    experts_per_layer: list[int]
+    dtype: str
+    files: list[str]
+    bytes: int  # of the weight files
+
+
+def read_deepspeed_manifest(path: Path) -> dict:
+    """The manifest of an `export --format deepspeed` directory; anything else is a one-line error."""
+    file = path / "manifest.json"
+    if not file.is_file():
+        raise MoEConvertError(f"{path} is not a `moe-convert export --format deepspeed` directory (no manifest.json)")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise MoEConvertError(f"{file}: not JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != DEEPSPEED_FORMAT:
+        raise MoEConvertError(f"{file}: format {manifest.get('format') if isinstance(manifest, dict) else None!r} "
+                              f"is not {DEEPSPEED_FORMAT}")
+    return manifest
+
+
+class _DeepSpeedTensors:
+    """Our checkpoint's tensors, each read from the DeepSpeed layout when asked for."""
+
+    def __init__(self, path: Path, manifest: dict, spec):
+        self.path, self.spec = path, spec
+        self.layers = {entry["prefix"] + ".": entry for entry in manifest["layers"]}
+        self.handles: dict[str, object] = {}
+
+    def _read(self, file: str, key: str) -> torch.Tensor:
+        if file not in self.handles:
+            self.handles[file] = open_safetensors(self.path / file)
+        try:
+            return self.handles[file].get_tensor(key)
+        except Exception:  # safetensors: no such tensor
+            raise MoEConvertError(f"{self.path / file} has no tensor {key}") from None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Our tensor `name` (`host.` + the host's name)."""
+        native = name.removeprefix("host.")
+        prefix = next((p for p in self.layers if native.startswith(p)), None)
+        if prefix is None:
+            return self._read(DEEPSPEED_NON_MOE, native)
+        entry, rest = self.layers[prefix], native[len(prefix):]
+        if rest == "router.weight":
+            return self._read(entry["file"], DEEPSPEED_ROUTER)
+        if rest.startswith("experts."):
+            key, transposed = self.spec.expert_keys[rest.removeprefix("experts.")]
+            parts = [self._read(entry["file"], deepspeed_expert_key(j, key)) for j in range(entry["experts"])]
+            return torch.stack([p.t() if transposed else p for p in parts])  # [E, in, out]
+        return self._read(entry["file"], rest)  # the residual FFN (mlp.*) and coefficient.*
+
+
+def import_deepspeed(path: str | Path, output: str | Path, overwrite: bool = False,
+                     max_shard_size: str = "5GB", on_tensor=lambda name: None) -> ImportResult:
+    """Rebuild our model directory from an `export --format deepspeed` directory (possibly trained since)."""
+    from transformers.dynamic_module_utils import custom_object_save
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    from .modeling import PRMoEForCausalLM, host_spec
+    from .summary import config_from_manifest
+
+    path = Path(path)
+    manifest = read_deepspeed_manifest(path)
+    max_shard_bytes = parse_size(max_shard_size)
+    config = config_from_manifest(manifest)
+    config.provenance = {"source": str(path.resolve()), "from": DEEPSPEED_FORMAT, "tool": f"moe-convert {__version__}"}
+    config.architectures = [PRMoEForCausalLM.__name__]
+    with torch.device("meta"):
+        meta = PRMoEForCausalLM(config)
+    saved = remove_tied_weights_from_state_dict(meta.state_dict(), meta)  # what save_pretrained writes
+    source = _DeepSpeedTensors(path, manifest, host_spec(config.text_config.model_type))
+    dtype = DTYPES[manifest["dtype"]]  # as exported; every tensor is checked against it when read
+    config.dtype = config.text_config.dtype = str(dtype).removeprefix("torch.")
+    plan = [(name, tuple(t.shape), dtype if t.is_floating_point() else t.dtype) for name, t in saved.items()]
+
+    with atomic_output_dir(output, overwrite, inputs=[path]) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes, metadata={"producer": f"moe-convert {__version__} from-deepspeed"})
+        writer.begin(plan)
+        try:
+            for name, shape, want in plan:
+                t = source.tensor(name)
+                if tuple(t.shape) != shape or t.dtype != want:
+                    raise MoEConvertError(f"{name}: the DeepSpeed files hold {tuple(t.shape)} {t.dtype}, the "
+                                          f"manifest's model needs {shape} {want}")
+                writer.write(name, t)
+                on_tensor(name)
+            files = writer.finish()
+        finally:
+            writer.close()
+        custom_object_save(meta, tmp, config=config)  # modeling code beside the weights, auto_map in config
+        config.save_pretrained(tmp)
+        copy_tokenizer_files(path, tmp)
+        size = sum((tmp / f).stat().st_size for f in files)
+    return ImportResult(str(output), str(path), list(config.moe_layers), list(config.num_experts),
+                        str(dtype).removeprefix("torch."), files, size)
