@@ -325,9 +325,19 @@ class DistillJob(TrainJob):
     kd_stop: float = option(0.5, "KD for the first KD_STOP of the steps, then CE only with the teacher released "
                                  "(0 = no KD, 1 = KD throughout; a value that rounds to no KD step is refused).")
     teacher_dtype: str = option("fp32", "Teacher precision: fp32 | bf16 | fp16.")
+    kd_top_k: int | None = option(None, "KD over the teacher's K most likely tokens per position (renormalised "
+                                        "there; the student's full softmax). Default: the full vocabulary.")
+    teacher_cache: str | None = option(None, "Directory keeping the teacher's top --kd-top-k logits per training "
+                                             "window: a window seen before (a later epoch, another run) needs no "
+                                             "teacher forward. Needs --kd-top-k.")
 
     def __post_init__(self):
         super().__post_init__()
+        if self.kd_top_k is not None and self.kd_top_k < 1:
+            raise MoEConvertError(f"kd_top_k: must be >= 1, got {self.kd_top_k}")
+        if self.teacher_cache is not None and self.kd_top_k is None:
+            raise MoEConvertError("teacher_cache: the cache keeps the teacher's top-K logits; give --kd-top-k too "
+                                  "(e.g. 32)")
         if not 0.0 <= self.alpha <= 1.0:
             raise MoEConvertError(f"alpha: must be in [0, 1], got {self.alpha}")
         if not self.temperature > 0:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .config import DistillJob, parse_int_list
 from .errors import MoEConvertError
 from .modeling import host_spec
+from .teacher_cache import TeacherCache
 from .io import DTYPES
 from .train import (METRICS, Trainer, TrainResult, causal_lm_loss, claim_output, clear_output,
                     job_settings, load_job_data, load_model)
@@ -150,6 +151,19 @@ def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: f
     return {"ce": ce, "kd": kd, "loss": (1 - alpha) * ce + alpha * kd}
 
 
+def kd_loss_top_k(student_logits, top_values, top_ids, labels, alpha: float, temperature: float) -> dict[str, torch.Tensor]:
+    """`kd_loss` with the teacher known only by its K largest logits per position: top_values and top_ids
+    (B, S, K). The teacher's distribution is renormalised over those K tokens, the student's is its full
+    softmax, read at them; with K = V this is `kd_loss` exactly."""
+    mask = labels[:, 1:] != -100  # (B, S-1)
+    s = student_logits[:, :-1][mask].float()  # (N, V)
+    ce = F.cross_entropy(s, labels[:, 1:][mask])
+    log_ps = F.log_softmax(s / temperature, dim=-1).gather(-1, top_ids[:, :-1][mask])  # (N, K)
+    log_pt = F.log_softmax(top_values[:, :-1][mask].float() / temperature, dim=-1)  # (N, K)
+    kd = temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+    return {"ce": ce, "kd": kd, "loss": (1 - alpha) * ce + alpha * kd}
+
+
 # --- the staged-KD run ---------------------------------------------------------------------------
 
 
@@ -160,8 +174,10 @@ class StagedKD:
     At the switch the teacher is dropped and its memory released; later steps never touch it.
     """
 
-    def __init__(self, teacher, kd_steps: int, alpha: float, temperature: float):
+    def __init__(self, teacher, kd_steps: int, alpha: float, temperature: float, top_k: int | None = None,
+                 cache: TeacherCache | None = None):
         self.teacher, self.kd_steps, self.alpha, self.temperature = teacher, kd_steps, alpha, temperature
+        self.top_k, self.cache = top_k, cache  # top-K KD (`kd_loss_top_k`), its logits kept in `cache`
 
     def on_step(self, step: int) -> None:
         if step >= self.kd_steps and self.teacher is not None:
@@ -173,16 +189,28 @@ class StagedKD:
         rss = torch.tensor(psutil.Process().memory_info().rss / 1e9)
         if self.teacher is None:
             return {**causal_lm_loss(model, batch, step), "kd_on": torch.zeros(()), "rss_gb": rss}
-        with torch.inference_mode():
-            teacher_logits = self.teacher(input_ids=batch).logits
         out = model(input_ids=batch)
         # clone: inference-mode tensors cannot take part in the student's autograd graph
-        logs = kd_loss(out.logits, teacher_logits.clone(), batch, self.alpha, self.temperature)
+        if self.top_k is None:
+            logs = kd_loss(out.logits, self._teacher_logits(batch).clone(), batch, self.alpha, self.temperature)
+        else:
+            cached = self.cache.get(batch) if self.cache else None
+            logs = {"teacher_cached": torch.tensor(float(cached is not None))}
+            if cached is None:
+                logits = self._teacher_logits(batch)
+                cached = self.cache.put(batch, logits) if self.cache else logits.topk(self.top_k, dim=-1)
+            values, ids = (t.clone() for t in cached)
+            logs |= kd_loss_top_k(out.logits, values, ids, batch, self.alpha, self.temperature)
         aux = getattr(out, "aux_loss", None)
         if aux is not None:
             logs["aux"] = aux
             logs["loss"] = logs["loss"] + _unwrap(model).config.aux_loss_coef * aux
         return {**logs, "kd_on": torch.ones(()), "rss_gb": rss}
+
+
+    @torch.inference_mode()
+    def _teacher_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.teacher(input_ids=batch).logits  # (B, S, V)
 
 
 def _unwrap(model):
@@ -229,9 +257,12 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
     student = build_student(teacher, plan, job.student_init, seed=job.config.seed)
     clear_output(state, out, resume, overwrite)
 
-    kd = StagedKD(teacher if job.kd_steps > 0 else None, job.kd_steps, job.alpha, job.temperature)
-    trainer = Trainer(student, data, job.config, out, loss_fn=kd.loss, on_step=kd.on_step,
-                      settings=job_settings(job, data), progress=progress)
+    settings = job_settings(job, data)
+    cache = TeacherCache(job.teacher_cache, settings["teacher"], job.kd_top_k) if job.teacher_cache else None
+    kd = StagedKD(teacher if job.kd_steps > 0 else None, job.kd_steps, job.alpha, job.temperature,
+                  job.kd_top_k, cache)
+    trainer = Trainer(student, data, job.config, out, loss_fn=kd.loss, on_step=kd.on_step, settings=settings,
+                      progress=progress)
     teacher.to(trainer.accelerator.device, DTYPES[job.teacher_dtype]).eval().requires_grad_(False)  # one copy
     teacher_eval_file = out / "teacher_eval.json"
     if resume and teacher_eval_file.exists():

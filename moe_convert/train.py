@@ -60,7 +60,8 @@ from .io import DTYPES, apply_umask, check_output_apart, unfinished_run_hint
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
 CHECKPOINTS = "checkpoints"
 # Settings a resumed run may change: they decide what is logged, evaluated and kept, not the training.
-RESUME_MAY_CHANGE = ("log_every", "eval_every", "eval_windows", "save_every", "keep_checkpoints", "save_dtype")
+RESUME_MAY_CHANGE = ("log_every", "eval_every", "eval_windows", "save_every", "keep_checkpoints", "save_dtype",
+                     "teacher_cache")  # the cache gives what the teacher would: where it lives does not matter
 METRICS = "metrics.jsonl"
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, int], dict[str, torch.Tensor]]

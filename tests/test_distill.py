@@ -85,6 +85,24 @@ def test_resume_across_the_kd_stop_is_exact(teacher, data_file, tmp_path, stop_a
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_teacher_cache_gives_what_the_teacher_gives(teacher, data_file, tmp_path):
+    """Top-K KD with the teacher's logits kept: a second run reads every window back (no teacher forward)
+    and logs exactly the first run's losses, which are those of top-K KD without a cache."""
+    runs = {}
+    for name in ("cold", "warm"):
+        run_distill(job(teacher, data_file, tmp_path / name, kd_stop=1.0, kd_top_k=8, teacher_cache=str(tmp_path / "tc"),
+                        cfg={"steps": 12}), progress=False)
+        runs[name] = metrics_of(tmp_path / name)
+    assert [r["loss"] for r in runs["warm"]] == [r["loss"] for r in runs["cold"]]
+    assert all(r["teacher_cached"] == 1.0 for r in runs["warm"])
+    (entries,) = [d for d in (tmp_path / "tc").iterdir()]
+    assert entries.name.endswith("-top8") and len(list(entries.glob("*.safetensors"))) > 0
+    nocache = run_distill(job(teacher, data_file, tmp_path / "plain", kd_stop=1.0, kd_top_k=8, cfg={"steps": 12}),
+                          progress=False)
+    assert [r["loss"] for r in metrics_of(tmp_path / "plain")] == [r["loss"] for r in runs["cold"]]
+    assert nocache.kd_steps == 12
+
+
 def test_teacher_is_released_at_the_switch():
     model = torch.nn.Linear(3, 3)
     ref = weakref.ref(model)
@@ -129,6 +147,8 @@ def _cli(args):
         (["--alpha", "2"], "alpha"),
         (["--kd-stop", "0.1"], "rounds to no KD step"),  # 0.1 of 2 steps
         (["--keep-layers", "0,3", "--student-layers", "3"], "give one of them"),
+        (["--teacher-cache", "tc"], "give --kd-top-k too"),
+        (["--kd-top-k", "0"], "kd_top_k: must be >= 1"),
     ],
 )
 def test_bad_options_one_line_nothing_written(teacher, data_file, tmp_path, extra, message):
