@@ -151,17 +151,29 @@ def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: f
     return {"ce": ce, "kd": kd, "loss": (1 - alpha) * ce + alpha * kd}
 
 
-def kd_loss_top_k(student_logits, top_values, top_ids, labels, alpha: float, temperature: float) -> dict[str, torch.Tensor]:
-    """`kd_loss` with the teacher known only by its K largest logits per position: top_values and top_ids
-    (B, S, K). The teacher's distribution is renormalised over those K tokens, the student's is its full
-    softmax, read at them; with K = V this is `kd_loss` exactly."""
+def kd_loss_top_k(student_logits, top_values, top_ids, rest_lse, labels, alpha: float,
+                  temperature: float) -> dict[str, torch.Tensor]:
+    """`kd_loss` with the teacher known by its K largest logits per position, top_values and top_ids
+    (B, S, K), and rest_lse (B, S): logsumexp of all its logits / T. KL runs over K + 1 outcomes: the K
+    tokens and "any other token", whose probability is what the K leave (for the student, what its
+    full softmax puts outside them). With K = V this is `kd_loss` exactly."""
     mask = labels[:, 1:] != -100  # (B, S-1)
     s = student_logits[:, :-1][mask].float()  # (N, V)
     ce = F.cross_entropy(s, labels[:, 1:][mask])
     log_ps = F.log_softmax(s / temperature, dim=-1).gather(-1, top_ids[:, :-1][mask])  # (N, K)
-    log_pt = F.log_softmax(top_values[:, :-1][mask].float() / temperature, dim=-1)  # (N, K)
-    kd = temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+    log_pt = top_values[:, :-1][mask].float() / temperature - rest_lse[:, :-1][mask].float()[:, None]  # (N, K)
+    tiny = torch.finfo(torch.float32).tiny
+    pt_rest = (1 - log_pt.exp().sum(-1)).clamp_min(0)  # (N,) the teacher's mass beyond its top K
+    ps_rest = (1 - log_ps.exp().sum(-1)).clamp_min(tiny)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1) + pt_rest * (pt_rest.clamp_min(tiny).log() - ps_rest.log())
+    kd = temperature**2 * kl.mean()
     return {"ce": ce, "kd": kd, "loss": (1 - alpha) * ce + alpha * kd}
+
+
+def top_k_of(teacher_logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, ...]:
+    """What `kd_loss_top_k` needs of teacher logits (B, S, V): values and ids (B, S, K), logsumexp (B, S)."""
+    values, ids = teacher_logits.topk(k, dim=-1)
+    return values, ids, (teacher_logits.float() / temperature).logsumexp(-1)
 
 
 # --- the staged-KD run ---------------------------------------------------------------------------
@@ -197,10 +209,11 @@ class StagedKD:
             cached = self.cache.get(batch) if self.cache else None
             logs = {"teacher_cached": torch.tensor(float(cached is not None))}
             if cached is None:
-                logits = self._teacher_logits(batch)
-                cached = self.cache.put(batch, logits) if self.cache else logits.topk(self.top_k, dim=-1)
-            values, ids = (t.clone() for t in cached)
-            logs |= kd_loss_top_k(out.logits, values, ids, batch, self.alpha, self.temperature)
+                cached = top_k_of(self._teacher_logits(batch), self.top_k, self.temperature)
+                if self.cache:
+                    self.cache.put(batch, *cached)
+            values, ids, rest = (t.clone() for t in cached)
+            logs |= kd_loss_top_k(out.logits, values, ids, rest, batch, self.alpha, self.temperature)
         aux = getattr(out, "aux_loss", None)
         if aux is not None:
             logs["aux"] = aux
@@ -258,7 +271,8 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
     clear_output(state, out, resume, overwrite)
 
     settings = job_settings(job, data)
-    cache = TeacherCache(job.teacher_cache, settings["teacher"], job.kd_top_k) if job.teacher_cache else None
+    cache = TeacherCache(job.teacher_cache, settings["teacher"], job.kd_top_k, job.temperature) if job.teacher_cache \
+        else None
     kd = StagedKD(teacher if job.kd_steps > 0 else None, job.kd_steps, job.alpha, job.temperature,
                   job.kd_top_k, cache)
     trainer = Trainer(student, data, job.config, out, loss_fn=kd.loss, on_step=kd.on_step, settings=settings,

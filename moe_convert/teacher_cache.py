@@ -1,9 +1,10 @@
 """`distill --teacher-cache DIR`: the teacher's top-K logits per training window, kept on disk.
 
-What top-K KD needs of the teacher at a position is its K largest logits and their token ids
-(`distill.kd_loss_top_k`), so that is what is kept: per window (S, K) logits in the teacher's
-output dtype and (S, K) int32 ids, one safetensors file per window under
-`DIR/<teacher fingerprint>-top<K>/`, named by a hash of the window's tokens. A window the student
+What top-K KD needs of the teacher at a position (`distill.kd_loss_top_k`) is its K largest logits,
+their token ids and the logsumexp of all its logits at the KD temperature, so that is what is kept:
+per window (S, K) logits in the teacher's output dtype, (S, K) int32 ids and (S,) fp32 logsumexp, one
+safetensors file per window under `DIR/<teacher fingerprint>-top<K>-T<temperature>/`, named by a
+hash of the window's tokens. A window the student
 meets again (a later epoch, another run on the same teacher and data, another process) is read back
 instead of running the teacher; a batch whose windows are all cached skips the teacher forward.
 Files are written under a temporary name and renamed, so concurrent processes and interrupted runs
@@ -21,33 +22,28 @@ from safetensors.torch import load_file, save_file
 
 
 class TeacherCache:
-    def __init__(self, root: str | Path, teacher_fingerprint: str, top_k: int):
-        self.dir = Path(root) / f"{teacher_fingerprint.split()[-1]}-top{top_k}"
+    def __init__(self, root: str | Path, teacher_fingerprint: str, top_k: int, temperature: float):
+        self.dir = Path(root) / f"{teacher_fingerprint.split()[-1]}-top{top_k}-T{temperature:g}"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.top_k = top_k
-        self.hits = self.misses = 0  # windows, over this object's life
 
     def _file(self, window: torch.Tensor) -> Path:
         return self.dir / f"{hashlib.sha256(window.cpu().numpy().tobytes()).hexdigest()[:32]}.safetensors"
 
-    def get(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(values (B, S, K), ids (B, S, K)) of every window of `batch` (B, S), or None if any is missing."""
+    def get(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(values (B, S, K), ids (B, S, K), logsumexp (B, S)) of every window of `batch` (B, S), or None
+        if any window is missing."""
         files = [self._file(w) for w in batch]
         if not all(f.is_file() for f in files):
             return None
         entries = [load_file(f) for f in files]
-        self.hits += len(files)
-        return (torch.stack([e["values"] for e in entries]).to(batch.device),
-                torch.stack([e["ids"] for e in entries]).to(batch.device).long())
+        return tuple(torch.stack([e[k] for e in entries]).to(batch.device) for k in ("values", "ids", "lse"))
 
-    def put(self, batch: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep the top-K of `teacher_logits` (B, S, V) for every window of `batch`; returns them as `get` does."""
-        values, ids = teacher_logits.topk(self.top_k, dim=-1)  # (B, S, K)
-        for window, v, i in zip(batch, values, ids):
+    def put(self, batch: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor) -> None:
+        """Keep `distill.top_k_of`'s output for every window of `batch` (B, S)."""
+        for window, v, i, l in zip(batch, values, ids, lse):
             file = self._file(window)
             if not file.is_file():
                 tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-                save_file({"values": v.contiguous().cpu(), "ids": i.to(torch.int32).contiguous().cpu()}, tmp)
+                save_file({"values": v.contiguous().cpu(), "ids": i.contiguous().cpu(), "lse": l.contiguous().cpu()},
+                          tmp)
                 os.replace(tmp, file)
-        self.misses += len(batch)
-        return values, ids

@@ -96,7 +96,7 @@ def test_teacher_cache_gives_what_the_teacher_gives(teacher, data_file, tmp_path
     assert [r["loss"] for r in runs["warm"]] == [r["loss"] for r in runs["cold"]]
     assert all(r["teacher_cached"] == 1.0 for r in runs["warm"])
     (entries,) = [d for d in (tmp_path / "tc").iterdir()]
-    assert entries.name.endswith("-top8") and len(list(entries.glob("*.safetensors"))) > 0
+    assert entries.name.endswith("-top8-T1") and len(list(entries.glob("*.safetensors"))) > 0
     nocache = run_distill(job(teacher, data_file, tmp_path / "plain", kd_stop=1.0, kd_top_k=8, cfg={"steps": 12}),
                           progress=False)
     assert [r["loss"] for r in metrics_of(tmp_path / "plain")] == [r["loss"] for r in runs["cold"]]

@@ -8,7 +8,7 @@ from transformers import GPT2LMHeadModel
 
 from conftest import VOCAB, tiny_gpt2_config, tiny_prmoe
 from moe_convert.configuration_prmoe import PRMoEConfig
-from moe_convert.distill import build_student, kd_loss, kd_loss_top_k, plan_student, student_config
+from moe_convert.distill import build_student, kd_loss, kd_loss_top_k, plan_student, student_config, top_k_of
 from moe_convert.errors import MoEConvertError
 
 
@@ -65,20 +65,24 @@ def test_dense_teacher_student():
     assert student_config(teacher.config, plan).n_layer == 2
 
 
-def test_top_k_kd_is_full_kd_at_k_v_and_renormalises_below():
+def test_top_k_kd_is_full_kd_at_k_v_and_keeps_the_rest_as_one_outcome():
     torch.manual_seed(3)
     s, t = torch.randn(2, 6, 11) * 2, torch.randn(2, 6, 11) * 2
     labels = torch.randint(0, 11, (2, 6))
     labels[0, 2] = -100
     full = kd_loss(s, t, labels, 0.3, 1.7)
-    top = kd_loss_top_k(s, *t.topk(11, dim=-1), labels, 0.3, 1.7)
-    assert all(torch.allclose(full[k], top[k], rtol=1e-6) for k in full)
-    # K = 3: the teacher's distribution over its 3 best tokens, the student's full softmax read there
-    values, ids = t.topk(3, dim=-1)
-    pt = torch.zeros_like(t).scatter(-1, ids, (values / 1.7).softmax(-1))[:, :-1][labels[:, 1:] != -100]
-    ps = (s / 1.7).log_softmax(-1)[:, :-1][labels[:, 1:] != -100]
-    want = 1.7**2 * (pt * (pt.clamp_min(1e-30).log() - ps)).sum(-1).mean()
-    assert kd_loss_top_k(s, values, ids, labels, 0.3, 1.7)["kd"].item() == pytest.approx(want.item(), rel=1e-5)
+    top = kd_loss_top_k(s, *top_k_of(t, 11, 1.7), labels, 0.3, 1.7)
+    assert all(torch.allclose(full[k], top[k], rtol=1e-5) for k in full)
+    # K = 3: KL over the teacher's 3 best tokens plus "any other", both sides' probabilities from full softmaxes
+    values, ids, lse = top_k_of(t, 3, 1.7)
+    keep = labels[:, 1:] != -100
+    pt = (t / 1.7).softmax(-1).gather(-1, ids)[:, :-1][keep]  # (N, 3)
+    ps = (s / 1.7).softmax(-1).gather(-1, ids)[:, :-1][keep]
+    pt = torch.cat([pt, 1 - pt.sum(-1, keepdim=True)], -1)
+    ps = torch.cat([ps, 1 - ps.sum(-1, keepdim=True)], -1)
+    want = 1.7**2 * (pt * (pt.log() - ps.log())).sum(-1).mean()
+    got = kd_loss_top_k(s, values, ids, lse, labels, 0.3, 1.7)["kd"]
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_kd_loss_is_the_formula_on_hand_made_logits():
