@@ -19,7 +19,7 @@ import torch
 from . import __version__
 from .errors import MoEConvertError
 from .export import DEEPSPEED_FORMAT, DEEPSPEED_NON_MOE, DEEPSPEED_ROUTER, deepspeed_expert_key
-from .io import DTYPES, ShardWriter, atomic_output_dir, copy_tokenizer_files, open_safetensors, parse_size
+from .io import DTYPES, ShardWriter, atomic_output_dir, open_safetensors, parse_size, write_model_files
 
 
 @dataclass
@@ -83,7 +83,6 @@ class _DeepSpeedTensors:
 def import_deepspeed(path: str | Path, output: str | Path, overwrite: bool = False,
                      max_shard_size: str = "5GB", on_tensor=lambda name: None) -> ImportResult:
     """Rebuild our model directory from an `export --format deepspeed` directory (possibly trained since)."""
-    from transformers.dynamic_module_utils import custom_object_save
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     from .modeling import PRMoEForCausalLM, host_spec
@@ -117,9 +116,7 @@ def import_deepspeed(path: str | Path, output: str | Path, overwrite: bool = Fal
             files = writer.finish()
         finally:
             writer.close()
-        custom_object_save(meta, tmp, config=config)  # modeling code beside the weights, auto_map in config
-        config.save_pretrained(tmp)
-        copy_tokenizer_files(path, tmp)
+        write_model_files(meta, config, tmp, path)
         size = sum((tmp / f).stat().st_size for f in files)
     return ImportResult(str(output), str(path), list(config.moe_layers), list(config.num_experts),
                         str(dtype).removeprefix("torch."), files, size)

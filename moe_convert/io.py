@@ -393,6 +393,16 @@ def apply_umask(directory: Path) -> None:
             f.chmod(0o666 & ~umask)
 
 
+def write_model_files(model, config, out_dir: Path, tokenizer_from: str | Path) -> None:
+    """The files of our model directory beside its weights: the modeling code (for `trust_remote_code`,
+    with `auto_map` in the config), config.json, and the tokenizer files of `tokenizer_from`."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    custom_object_save(model, out_dir, config=config)
+    config.save_pretrained(out_dir)
+    copy_tokenizer_files(tokenizer_from, out_dir)
+
+
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     """Copy the tokenizer files and generation_config.json found in `src` to `dst`; returns their names."""
     src, dst = Path(src), Path(dst)

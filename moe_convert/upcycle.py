@@ -42,8 +42,8 @@ from . import __version__
 from .config import MoELayout, build_layout, check_seed
 from .configuration_prmoe import PRMoEConfig
 from .errors import MoEConvertError
-from .io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_output_apart,
-                 copy_tokenizer_files, parse_size)
+from .io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_output_apart, parse_size,
+                 write_model_files)
 from .modeling import HostSpec, PRMoEForCausalLM, host_spec
 from .moe import EXPERT_PARAMS
 
@@ -428,11 +428,7 @@ def upcycle(
             shards = writer.finish()
         finally:
             writer.close()
-        from transformers.dynamic_module_utils import custom_object_save
-
-        custom_object_save(meta, tmp, config=config)  # modeling code beside the weights, auto_map in config
-        config.save_pretrained(tmp)
-        copy_tokenizer_files(src, tmp)
+        write_model_files(meta, config, tmp, src)
 
     summary = UpcycleSummary(
         output=str(output), source=source, host=spec.causal_lm, init=str(init_spec), seed=seed,
