@@ -325,8 +325,8 @@ class DistillJob(TrainJob):
     kd_stop: float = option(0.5, "KD for the first KD_STOP of the steps, then CE only with the teacher released "
                                  "(0 = no KD, 1 = KD throughout; a value that rounds to no KD step is refused).")
     teacher_dtype: str = option("fp32", "Teacher precision: fp32 | bf16 | fp16.")
-    kd_top_k: int | None = option(None, "KD over the teacher's K most likely tokens per position (renormalised "
-                                        "there; the student's full softmax). Default: the full vocabulary.")
+    kd_top_k: int | None = option(None, "KD over the teacher's K most likely tokens per position plus one outcome "
+                                        "for all others (full KD at K = vocabulary). Default: full KD.")
     teacher_cache: str | None = option(None, "Directory keeping the teacher's top --kd-top-k logits per training "
                                              "window: a window seen before (a later epoch, another run) needs no "
                                              "teacher forward. Needs --kd-top-k.")

@@ -254,6 +254,21 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _teacher_cache(job: DistillJob, teacher_config, fingerprint: str) -> TeacherCache:
+    """The cache `--teacher-cache` names, checked against the teacher (before any output is touched)."""
+    text = teacher_config.get_text_config()
+    if job.kd_top_k > text.vocab_size:
+        raise MoEConvertError(f"kd_top_k: {job.kd_top_k} is more than the teacher's {text.vocab_size} tokens")
+    if getattr(teacher_config, "capacity_factor", None) is not None:
+        raise MoEConvertError("teacher_cache: the teacher drops tokens past a capacity factor, so a window's logits "
+                              "depend on the batch it came in; a cache cannot stand in for it")
+    root = Path(job.teacher_cache).resolve()
+    for other in (Path(job.model), Path(job.output)):
+        if root == other.resolve() or other.resolve() in root.parents:
+            raise MoEConvertError(f"teacher_cache: {job.teacher_cache} is inside {other}; give a directory of its own")
+    return TeacherCache(root, fingerprint, job.kd_top_k, job.temperature, job.teacher_dtype)
+
+
 def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None = None, overwrite: bool = False,
                 progress: bool = True) -> DistillResult:
     """The `distill` command: plan and build the student, train it with staged KD, save it."""
@@ -268,11 +283,9 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
     data = load_job_data(job, tokenizer, state, config)
     teacher = load_model(job.model)
     student = build_student(teacher, plan, job.student_init, seed=job.config.seed)
-    clear_output(state, out, resume, overwrite)
-
     settings = job_settings(job, data)
-    cache = TeacherCache(job.teacher_cache, settings["teacher"], job.kd_top_k, job.temperature) if job.teacher_cache \
-        else None
+    cache = _teacher_cache(job, teacher.config, settings["teacher"]) if job.teacher_cache else None
+    clear_output(state, out, resume, overwrite)  # every input and option checked: only now is anything removed
     kd = StagedKD(teacher if job.kd_steps > 0 else None, job.kd_steps, job.alpha, job.temperature,
                   job.kd_top_k, cache)
     trainer = Trainer(student, data, job.config, out, loss_fn=kd.loss, on_step=kd.on_step, settings=settings,

@@ -45,6 +45,12 @@ def read_deepspeed_manifest(path: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != DEEPSPEED_FORMAT:
         raise MoEConvertError(f"{file}: format {manifest.get('format') if isinstance(manifest, dict) else None!r} "
                               f"is not {DEEPSPEED_FORMAT}")
+    layers = manifest.get("layers")
+    if (not isinstance(manifest.get("host_config"), dict) or manifest.get("dtype") not in DTYPES
+            or not isinstance(layers, list)
+            or not all(isinstance(e, dict) and {"layer", "prefix", "experts", "file"} <= set(e) for e in layers)):
+        raise MoEConvertError(f"{file}: incomplete or damaged manifest (it needs host_config, a dtype of "
+                              f"{', '.join(DTYPES)}, and layers with layer, prefix, experts and file)")
     return manifest
 
 
@@ -55,14 +61,24 @@ class _DeepSpeedTensors:
         self.path, self.spec = path, spec
         self.layers = {entry["prefix"] + ".": entry for entry in manifest["layers"]}
         self.handles: dict[str, object] = {}
+        self.read: dict[str, set[str]] = {}  # file -> keys taken from it
 
     def _read(self, file: str, key: str) -> torch.Tensor:
         if file not in self.handles:
             self.handles[file] = open_safetensors(self.path / file)
+        self.read.setdefault(file, set()).add(key)
         try:
             return self.handles[file].get_tensor(key)
         except Exception:  # safetensors: no such tensor
             raise MoEConvertError(f"{self.path / file} has no tensor {key}") from None
+
+    def check_all_read(self) -> None:
+        """Every tensor of every file went into the model: more experts than the manifest lists, say, is an error."""
+        for file, handle in self.handles.items():
+            extra = sorted(set(handle.keys()) - self.read[file])
+            if extra:
+                raise MoEConvertError(f"{self.path / file} holds {len(extra)} tensor(s) the manifest's model has no "
+                                      f"place for, e.g. {extra[0]}")
 
     def tensor(self, name: str) -> torch.Tensor:
         """Our tensor `name` (`host.` + the host's name)."""
@@ -76,7 +92,11 @@ class _DeepSpeedTensors:
         if rest.startswith("experts."):
             key, transposed = self.spec.expert_keys[rest.removeprefix("experts.")]
             parts = [self._read(entry["file"], deepspeed_expert_key(j, key)) for j in range(entry["experts"])]
-            return torch.stack([p.t() if transposed else p for p in parts])  # [E, in, out]
+            parts = [p.t() if transposed else p for p in parts]
+            if any(p.shape != parts[0].shape for p in parts):
+                raise MoEConvertError(f"{self.path / entry['file']}: the experts' {key} tensors differ in shape "
+                                      f"({', '.join(sorted({str(tuple(p.shape)) for p in parts}))})")
+            return torch.stack(parts)  # [E, in, out]
         return self._read(entry["file"], rest)  # the residual FFN (mlp.*) and coefficient.*
 
 
@@ -91,7 +111,10 @@ def import_deepspeed(path: str | Path, output: str | Path, overwrite: bool = Fal
     path = Path(path)
     manifest = read_deepspeed_manifest(path)
     max_shard_bytes = parse_size(max_shard_size)
-    config = config_from_manifest(manifest)
+    try:
+        config = config_from_manifest(manifest)
+    except (KeyError, TypeError, ValueError) as e:  # a manifest edited by hand: wrong types or values
+        raise MoEConvertError(f"{path / 'manifest.json'}: cannot rebuild the model's config: {e}") from None
     config.provenance = {"source": str(path.resolve()), "from": DEEPSPEED_FORMAT, "tool": f"moe-convert {__version__}"}
     config.architectures = [PRMoEForCausalLM.__name__]
     with torch.device("meta"):
@@ -113,6 +136,7 @@ def import_deepspeed(path: str | Path, output: str | Path, overwrite: bool = Fal
                                           f"manifest's model needs {shape} {want}")
                 writer.write(name, t)
                 on_tensor(name)
+            source.check_all_read()
             files = writer.finish()
         finally:
             writer.close()

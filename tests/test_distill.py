@@ -96,11 +96,21 @@ def test_teacher_cache_gives_what_the_teacher_gives(teacher, data_file, tmp_path
     assert [r["loss"] for r in runs["warm"]] == [r["loss"] for r in runs["cold"]]
     assert all(r["teacher_cached"] == 1.0 for r in runs["warm"])
     (entries,) = [d for d in (tmp_path / "tc").iterdir()]
-    assert entries.name.endswith("-top8-T1") and len(list(entries.glob("*.safetensors"))) > 0
+    assert entries.name.endswith("-fp32-top8-T1.0") and len(list(entries.glob("*.safetensors"))) > 0
     nocache = run_distill(job(teacher, data_file, tmp_path / "plain", kd_stop=1.0, kd_top_k=8, cfg={"steps": 12}),
                           progress=False)
     assert [r["loss"] for r in metrics_of(tmp_path / "plain")] == [r["loss"] for r in runs["cold"]]
     assert nocache.kd_steps == 12
+
+
+def test_a_bad_teacher_cache_is_refused_before_the_old_output_goes(teacher, data_file, tmp_path):
+    run_distill(job(teacher, data_file, tmp_path / "s", cfg={"steps": 2}), progress=False)
+    (tmp_path / "file").write_text("x")
+    for cache, message in [(tmp_path / "file", "Not a directory"), (tmp_path / "s" / "tc", "is inside")]:
+        bad = job(teacher, data_file, tmp_path / "s", kd_top_k=4, teacher_cache=str(cache), cfg={"steps": 2})
+        with pytest.raises((MoEConvertError, OSError), match=message):
+            run_distill(bad, overwrite=True, progress=False)
+        assert (tmp_path / "s" / "config.json").exists()  # the finished student is still there
 
 
 def test_teacher_is_released_at_the_switch():
@@ -149,6 +159,7 @@ def _cli(args):
         (["--keep-layers", "0,3", "--student-layers", "3"], "give one of them"),
         (["--teacher-cache", "tc"], "give --kd-top-k too"),
         (["--kd-top-k", "0"], "kd_top_k: must be >= 1"),
+        (["--kd-top-k", "100000", "--teacher-cache", "tc"], "is more than the teacher's"),
     ],
 )
 def test_bad_options_one_line_nothing_written(teacher, data_file, tmp_path, extra, message):

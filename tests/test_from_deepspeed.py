@@ -79,8 +79,20 @@ def test_bad_input_is_one_line(saved, tmp_path):
     export(src, tmp_path / "ds", fmt="deepspeed")
     layer_file = tmp_path / "ds" / "moe_layer_003.safetensors"
     sd = load_file(layer_file)
-    sd.pop("deepspeed_moe.gate.wg.weight")
+    expert = "deepspeed_moe.experts.deepspeed_experts"
+    no_router = {k: v for k, v in sd.items() if k != "deepspeed_moe.gate.wg.weight"}
+    extra_expert = {**sd, f"{expert}.6.c_fc.bias": sd[f"{expert}.0.c_fc.bias"].clone()}  # the manifest says 6
+    odd_shape = {**sd, f"{expert}.2.c_fc.weight": torch.zeros(5, 7)}
+    for change, message in [(no_router, "has no tensor deepspeed_moe.gate.wg.weight"),
+                            (extra_expert, "holds 1 tensor(s) the manifest's model has no place for"),
+                            (odd_shape, "tensors differ in shape")]:
+        save_file(change, layer_file)
+        res = runner.invoke(app, ["from-deepspeed", str(tmp_path / "ds"), "-o", str(tmp_path / "y")])
+        assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
+        assert not (tmp_path / "y").exists()
     save_file(sd, layer_file)
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    del manifest["layers"][0]["file"]
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
     res = runner.invoke(app, ["from-deepspeed", str(tmp_path / "ds"), "-o", str(tmp_path / "y")])
-    assert res.exit_code == 2 and "has no tensor deepspeed_moe.gate.wg.weight" in res.output, res.output
-    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "y").exists()
+    assert res.exit_code == 2 and "incomplete or damaged manifest" in res.output
