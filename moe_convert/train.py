@@ -390,7 +390,10 @@ def job_settings(job: TrainJob, data: PackedData) -> dict:
     import hashlib
 
     own = {f.name: getattr(job, f.name) for f in fields(job) if "help" in f.metadata}  # _resume skips RESUME_MAY_CHANGE
-    windows = hashlib.sha256(data.train.numpy().tobytes() + data.eval.numpy().tobytes()).hexdigest()[:12]
+    h = hashlib.sha256()
+    for split in (data.train, data.eval):  # the tensors' own memory: no copy of the whole dataset
+        h.update(memoryview(split.contiguous().numpy()).cast("B"))
+    windows = h.hexdigest()[:12]
     return {**own, "teacher" if job.KIND == "distill" else "model": model_fingerprint(job.model),
             "data": f"windows {windows}"}
 
