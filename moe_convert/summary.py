@@ -120,17 +120,21 @@ def _safetensors_dtypes(file: Path) -> set[str]:
 
 
 def export_manifest(path: Path) -> dict | None:
-    """The manifest of a `moe-convert export` directory (safetensors or deepspeed format), else None."""
-    from .export import MANIFEST_KEY, SHARED_FILE, SINGLE_FILE
-    from .io import open_safetensors
+    """The manifest of a `moe-convert export` directory (safetensors or deepspeed format, read and checked
+    as `generate` and `from-deepspeed` read them), else None."""
+    from .export import SHARED_FILE, SINGLE_FILE
 
     if not path.is_dir() or (path / "config.json").is_file():
         return None
     if (path / "manifest.json").is_file():
-        return json.loads((path / "manifest.json").read_text())
-    first = next((path / f for f in (SINGLE_FILE, SHARED_FILE) if (path / f).is_file()), None)
-    meta = (open_safetensors(first).metadata() or {}) if first else {}
-    return json.loads(meta[MANIFEST_KEY]) if MANIFEST_KEY in meta else None
+        from .from_deepspeed import read_deepspeed_manifest
+
+        return read_deepspeed_manifest(path)
+    if any((path / f).is_file() for f in (SINGLE_FILE, SHARED_FILE)):
+        from .runtime import read_manifest
+
+        return read_manifest(path)
+    return None
 
 
 def config_from_manifest(m: dict):
