@@ -68,13 +68,21 @@ def cast_float(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if t.is_floating_point() else t
 
 
+CHECKPOINTS = "checkpoints"  # a train/distill output's checkpoint folder
+
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    """A train/distill output's complete checkpoints (trainer_state.json written last), oldest first."""
+    return sorted(p.parent for p in (out_dir / CHECKPOINTS).glob("step-*/trainer_state.json"))
+
+
 def unfinished_run_hint(path: Path) -> str:
     """For a message about a directory that is not a model: what it is instead when it is a train/distill
     output stopped before its last step (checkpoints, no final model yet); else ""."""
-    steps = sorted((path / "checkpoints").glob("step-*/trainer_state.json")) if path.is_dir() else []
+    steps = checkpoints(path) if path.is_dir() else []
     if not steps or (path / "config.json").is_file():
         return ""
-    return f"; it is an unfinished training run (checkpoint {steps[-1].parent.name}): finish it with --resume"
+    return f"; it is an unfinished training run (checkpoint {steps[-1].name}): finish it with --resume"
 
 
 def open_safetensors(file: Path):

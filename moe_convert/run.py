@@ -142,7 +142,7 @@ def _resume_note(step: Step, complete: bool) -> str:
     """An interrupted train/distill step continues from its newest checkpoint (unless an earlier step runs)."""
     if complete or step.kind not in ("train", "distill"):
         return ""
-    from .train import checkpoints
+    from .io import checkpoints
 
     ckpts = checkpoints(Path(step.output))
     return f"resumes from its checkpoint {ckpts[-1].name} (unless an earlier step runs)" if ckpts else ""
@@ -209,7 +209,7 @@ def run_step(step: Step, fresh: bool = False):
 
         return upcycle(spec.source, spec.output, **spec.upcycle_kwargs(), overwrite=True).to_dict()
     if step.kind in ("train", "distill"):
-        from .train import checkpoints
+        from .io import checkpoints
 
         resume = not fresh and bool(checkpoints(Path(spec.output)))
         if step.kind == "train":

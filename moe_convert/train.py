@@ -55,10 +55,9 @@ import torch
 from .data import PackedData
 from .config import TrainConfig, TrainJob
 from .errors import MoEConvertError
-from .io import DTYPES, apply_umask, check_output_apart, unfinished_run_hint
+from .io import CHECKPOINTS, DTYPES, apply_umask, check_output_apart, checkpoints, unfinished_run_hint
 
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
-CHECKPOINTS = "checkpoints"
 # Settings a resumed run may change: they decide what is logged, evaluated and kept, not the training.
 RESUME_MAY_CHANGE = ("log_every", "eval_every", "eval_windows", "save_every", "keep_checkpoints", "save_dtype",
                      "teacher_cache")  # the cache gives what the teacher would: where it lives does not matter
@@ -177,11 +176,6 @@ def eval_model(model: str | Path, data: str, *, text_field: str = "text", seq_le
         raise MoEConvertError(f"eval: the {split} split is empty (eval_fraction={eval_fraction})")
     return {"model": str(model), "data": data, "split": split, **evaluate(lm, windows, batch_size),
             "unigram_ppl": unigram_perplexity(packed.train, windows, len(tokenizer))}
-
-
-def checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints (trainer_state.json written last), oldest first."""
-    return sorted(p.parent for p in (out_dir / CHECKPOINTS).glob("step-*/trainer_state.json"))
 
 
 class Trainer:
