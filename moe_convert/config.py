@@ -195,6 +195,8 @@ def check_types(obj) -> None:
             raise MoEConvertError(f"{f.name}: expected {f.type}, got {value!r}")
 
 
+# Settings that change where something is kept, not any result: neither `--resume` nor `run` refuses a change.
+WHERE_ONLY = ("teacher_cache",)  # the cache gives what the teacher would, wherever it lives
 MAX_SEED = 2**32 - 1  # numpy's seeds (Accelerate's set_seed seeds numpy too) stop here
 
 

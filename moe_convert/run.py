@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import parse_int_list
+from .config import WHERE_ONLY, parse_int_list
 from .errors import MoEConvertError
 from .recipe import MAKES_MODEL, Recipe, Step
 
@@ -193,7 +193,7 @@ def changed_settings(state: dict, step: Step) -> str | None:
         return None
     ran, now = _leaves(ran), _leaves(_settings(step))
     changed = ", ".join(f"{k}: {ran.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(ran) | set(now))
-                        if ran.get(k) != now.get(k) and k != "teacher_cache")  # where it lives changes no result
+                        if ran.get(k) != now.get(k) and k not in WHERE_ONLY)
     if not changed:
         return None
     return f"step {step.index} ({step.kind}) is complete but ran with other settings ({changed}); " \

@@ -53,14 +53,14 @@ from pathlib import Path
 import torch
 
 from .data import PackedData
-from .config import TrainConfig, TrainJob
+from .config import WHERE_ONLY, TrainConfig, TrainJob
 from .errors import MoEConvertError
 from .io import CHECKPOINTS, DTYPES, apply_umask, check_output_apart, checkpoints, unfinished_run_hint
 
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
 # Settings a resumed run may change: they decide what is logged, evaluated and kept, not the training.
 RESUME_MAY_CHANGE = ("log_every", "eval_every", "eval_windows", "save_every", "keep_checkpoints", "save_dtype",
-                     "teacher_cache")  # the cache gives what the teacher would: where it lives does not matter
+                     *WHERE_ONLY)
 METRICS = "metrics.jsonl"
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, int], dict[str, torch.Tensor]]

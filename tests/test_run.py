@@ -207,3 +207,18 @@ def test_missing_data_is_refused_before_any_step_runs(tmp_path):
     result = CliRunner().invoke(app, ["run", str(recipe)])
     assert result.exit_code == 2 and f"step 1 (eval): data: {tmp_path / 'missing.txt'} does not exist" in result.output
     assert not (tmp_path / "run" / "0-upcycle").exists()
+
+
+def test_a_moved_teacher_cache_is_no_changed_setting():
+    """`--resume` and `run` share which settings only say where something is kept (config.WHERE_ONLY)."""
+    from dataclasses import asdict
+
+    from moe_convert.run import changed_settings
+
+    def step(cache):
+        doc = {"steps": [{"distill": {"teacher": "t", "data": "d", "kd_top_k": 8, "teacher_cache": cache}}]}
+        return parse_recipe(doc).steps[0]
+    ran = {"0": {"settings": json.loads(json.dumps(asdict(step("/a").spec), default=str))}}
+    assert changed_settings(ran, step("/b")) is None
+    assert "kd_top_k: 8 -> 4" in changed_settings(ran, parse_recipe({"steps": [{"distill": {
+        "teacher": "t", "data": "d", "kd_top_k": 4, "teacher_cache": "/a"}}]}).steps[0])
