@@ -24,8 +24,8 @@ from .errors import MoEConvertError
 from .modeling import host_spec
 from .teacher_cache import TeacherCache
 from .io import DTYPES
-from .train import (METRICS, Trainer, TrainResult, causal_lm_loss, claim_output, clear_output,
-                    job_settings, load_job_data, load_model)
+from .train import (METRICS, Trainer, TrainResult, causal_lm_loss, check_resume, check_stop_after, claim_output,
+                    clear_output, job_settings, load_job_data, load_model)
 
 
 @dataclass
@@ -281,9 +281,13 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
     tokenizer = load_tokenizer(job.model)
     plan = plan_student(config, job.student_layers, job.keep_layers)
     data = load_job_data(job, tokenizer, state, config)
+    settings = job_settings(job, data)
+    if resume:  # refused before the teacher loads
+        check_resume(out, job.config, settings, stop_after)
+    else:
+        check_stop_after(stop_after)
     teacher = load_model(job.model)
     student = build_student(teacher, plan, job.student_init, seed=job.config.seed)
-    settings = job_settings(job, data)
     cache = _teacher_cache(job, teacher.config, settings["teacher"]) if job.teacher_cache else None
     clear_output(state, out, resume, overwrite)  # every input and option checked: only now is anything removed
     kd = StagedKD(teacher if job.kd_steps > 0 else None, job.kd_steps, job.alpha, job.temperature,

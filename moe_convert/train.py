@@ -247,26 +247,10 @@ class Trainer:
         return path
 
     def _resume(self, stop_after: int | None) -> int:
-        """Restore the newest checkpoint; its step. Refused before anything changes when the run's
-        settings differ from the checkpoint's where they shape the training, or when `stop_after` is
-        not past it."""
-        if (self.out_dir / "config.json").is_file():  # the final model is written once the last step ran
-            raise MoEConvertError(f"resume: {self.out_dir} is already complete (it holds the final model); "
-                                  f"pass --overwrite to train it again")
-        ckpts = checkpoints(self.out_dir)
-        if not ckpts:
-            raise MoEConvertError(f"resume: no complete checkpoint under {self.out_dir / CHECKPOINTS}")
-        state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+        """Restore the newest checkpoint (`check_resume` first); its step."""
+        ckpt, state = check_resume(self.out_dir, self.cfg, self.settings, stop_after)
         step = state["step"]
-        saved = {**state["config"], **state.get("settings", {})}
-        now = {**asdict(self.cfg), **self.settings}
-        changed = [f"{k} {now.get(k)} (the checkpoint's: {v})" for k, v in saved.items()
-                   if k not in RESUME_MAY_CHANGE and now.get(k) != v]
-        if changed:
-            raise MoEConvertError(f"resume: {', '.join(changed)}; resume with the settings the run started with")
-        if stop_after is not None and stop_after <= step:
-            raise MoEConvertError(f"--stop-after {stop_after}: the newest checkpoint is already at step {step}")
-        self.accelerator.load_state(str(ckpts[-1]))
+        self.accelerator.load_state(str(ckpt))
         self.recent = state.get("recent", {})
         if self.accelerator.is_main_process:  # drop records the resumed run will write again
             metrics = self.out_dir / METRICS
@@ -291,8 +275,7 @@ class Trainer:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         cfg, acc = self.cfg, self.accelerator
-        if stop_after is not None and stop_after < 1:
-            raise MoEConvertError(f"--stop-after must be >= 1, got {stop_after}")
+        check_stop_after(stop_after)
         if acc.is_main_process and not resume:  # a resumed run's directory exists (else _resume refuses it)
             self.out_dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
@@ -377,6 +360,35 @@ class Trainer:
         acc.wait_for_everyone()
 
 
+def check_stop_after(stop_after: int | None) -> None:
+    if stop_after is not None and stop_after < 1:
+        raise MoEConvertError(f"--stop-after must be >= 1, got {stop_after}")
+
+
+def check_resume(out_dir: Path, cfg: TrainConfig, settings: dict, stop_after: int | None) -> tuple[Path, dict]:
+    """The newest checkpoint of `out_dir` and its trainer state, once resuming from it is allowed: refused
+    when the output is already complete, has no checkpoint, was trained with other settings where they
+    shape the training (`cfg` and the job's `settings`, less RESUME_MAY_CHANGE), or when `stop_after` is
+    not past it. The runners call it before loading any model, `Trainer.fit` again for the state."""
+    check_stop_after(stop_after)
+    if (out_dir / "config.json").is_file():  # the final model is written once the last step ran
+        raise MoEConvertError(f"resume: {out_dir} is already complete (it holds the final model); "
+                              f"pass --overwrite to train it again")
+    ckpts = checkpoints(out_dir)
+    if not ckpts:
+        raise MoEConvertError(f"resume: no complete checkpoint under {out_dir / CHECKPOINTS}")
+    state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+    saved = {**state["config"], **state.get("settings", {})}
+    now = {**asdict(cfg), **settings}
+    changed = [f"{k} {now.get(k)} (the checkpoint's: {v})" for k, v in saved.items()
+               if k not in RESUME_MAY_CHANGE and now.get(k) != v]
+    if changed:
+        raise MoEConvertError(f"resume: {', '.join(changed)}; resume with the settings the run started with")
+    if stop_after is not None and stop_after <= state["step"]:
+        raise MoEConvertError(f"--stop-after {stop_after}: the newest checkpoint is already at step {state['step']}")
+    return ckpts[-1], state
+
+
 def job_settings(job: TrainJob, data: PackedData) -> dict:
     """A job's own options that shape the training (data, distillation), for `Trainer(settings=...)`, with
     what it starts from (`model`; distill: `teacher`) and the token windows it trains on (`data`), each by
@@ -454,9 +466,14 @@ def run_training(job: TrainJob, *, resume: bool = False, stop_after: int | None 
     state = claim_output(out, resume, overwrite, inputs=[job.model, job.data])
     tokenizer = load_tokenizer(job.model)
     data = load_job_data(job, tokenizer, state, load_config(job.model))
+    settings = job_settings(job, data)
+    if resume:  # refused before the model loads
+        check_resume(out, job.config, settings, stop_after)
+    else:
+        check_stop_after(stop_after)
     model = load_model(job.model)
     clear_output(state, out, resume, overwrite)
-    trainer = Trainer(model, data, job.config, out, settings=job_settings(job, data), progress=progress)
+    trainer = Trainer(model, data, job.config, out, settings=settings, progress=progress)
     result = trainer.fit(resume=resume, stop_after=stop_after)
     if result.steps == job.config.steps:
         trainer.save_model(tokenizer, DTYPES[job.save_dtype])

@@ -116,6 +116,15 @@ def test_resume_continues_exactly(dense_dir, moe_dir, tmp_path):
     assert a[8] < a[1]
 
 
+def test_a_refused_resume_loads_no_model(dense_dir, tmp_path, monkeypatch):
+    from moe_convert import train
+
+    invoke(train_args(dense_dir, tmp_path / "o", "--stop-after", "2"))
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    refused = CliRunner().invoke(app, train_args(dense_dir, tmp_path / "o", "--resume", "--lr", "1"))
+    assert refused.exit_code == 2 and "lr 1.0 (the checkpoint's: 0.003)" in refused.output, refused.output
+
+
 def test_resume_compares_model_and_data_by_content(dense_dir, tmp_path):
     """Other weights at the same place, or other text in the same file, are refused; a copy elsewhere resumes."""
     texts = load_documents("builtin:pydoc").texts
