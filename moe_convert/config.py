@@ -200,6 +200,15 @@ WHERE_ONLY = ("teacher_cache",)  # the cache gives what the teacher would, where
 MAX_SEED = 2**32 - 1  # numpy's seeds (Accelerate's set_seed seeds numpy too) stop here
 
 
+def check_eval_args(split: str, batch_size: int, max_windows: int) -> None:
+    """`eval`'s options, checked before any work (also by a recipe's eval step, at plan time)."""
+    if split not in ("eval", "train"):
+        raise MoEConvertError(f"split: must be eval or train, got {split!r}")
+    if batch_size < 1 or max_windows < 0:
+        raise MoEConvertError(f"eval: batch_size must be >= 1 and max_windows >= 0 (0 = all), got {batch_size} "
+                              f"and {max_windows}")
+
+
 def check_seed(seed: int | None, name: str = "seed") -> None:
     """A seed every generator we seed accepts: 0..MAX_SEED (None: no seed)."""
     if seed is not None and not 0 <= seed <= MAX_SEED:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .config import DistillJob, TrainJob, check_layout_options, check_types, parse_int_list
+from .config import DistillJob, TrainJob, check_eval_args, check_layout_options, check_seed, check_types, parse_int_list
 from .errors import MoEConvertError
 
 # kind -> name of the field that takes the previous model (None: the kind takes no model)
@@ -66,6 +66,7 @@ class UpcycleStep:
             if value is not None:
                 setattr(self, name, ",".join(map(str, parse_int_list(value, name))))
         check_layout_options(self.pyramid, self.pyramid_split, self.experts)
+        check_seed(self.seed)
 
     def upcycle_kwargs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("source", "output", "source_config")}
@@ -102,6 +103,7 @@ class EvalStep:
         check_types(self)
         if not isinstance(self.models, list) or not all(isinstance(m, str) for m in self.models):
             raise MoEConvertError(f"models: expected a list of model directories, got {self.models!r}")
+        check_eval_args("eval", self.batch_size, self.max_windows)
 
 
 @dataclass

@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from .data import PackedData
-from .config import WHERE_ONLY, TrainConfig, TrainJob
+from .config import WHERE_ONLY, TrainConfig, TrainJob, check_eval_args
 from .errors import MoEConvertError
 from .io import CHECKPOINTS, DTYPES, apply_umask, check_output_apart, checkpoints, unfinished_run_hint
 
@@ -162,11 +162,7 @@ def eval_model(model: str | Path, data: str, *, text_field: str = "text", seq_le
     from .data import load_packed, load_tokenizer, unigram_perplexity
     from .summary import load_config
 
-    if split not in ("eval", "train"):
-        raise MoEConvertError(f"split: must be eval or train, got {split!r}")
-    if batch_size < 1 or max_windows < 0:
-        raise MoEConvertError(f"eval: batch_size must be >= 1 and max_windows >= 0 (0 = all), got {batch_size} "
-                              f"and {max_windows}")
+    check_eval_args(split, batch_size, max_windows)
     tokenizer = load_tokenizer(model)
     packed = load_packed(data, tokenizer, seq_len, text_field=text_field, eval_fraction=eval_fraction,
                          max_positions=max_positions(load_config(model)))

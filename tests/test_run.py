@@ -85,6 +85,8 @@ def test_upcycle_step_defaults_to_8_experts_like_the_cli():
     ({"steps": [{"upcycle": {"source": "s", "residual": "no"}}]}, [], "residual: expected bool"),
     ({"steps": [{"upcycle": {"source": "s", "fidelity": 0}}]}, [], "fidelity: expected bool"),
     ({"output": "o", "steps": [{"upcycle": {"source": "s"}}]}, ["output="], "'output' must name a directory, got ''"),
+    ({"steps": [{"eval": {"data": "d", "batch_size": 0}}]}, [], "batch_size must be >= 1"),  # at plan time
+    ({"steps": [{"upcycle": {"source": "s", "seed": -1}}]}, [], "seed: must be in 0.."),
 ])
 def test_bad_recipes_fail_naming_the_field(doc, overrides, message):
     with pytest.raises(MoEConvertError, match=message.replace("(", r"\(").replace(")", r"\)")):
