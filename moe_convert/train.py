@@ -394,7 +394,7 @@ def job_settings(job: TrainJob, data: PackedData) -> dict:
     own = {f.name: getattr(job, f.name) for f in fields(job) if "help" in f.metadata}  # _resume skips RESUME_MAY_CHANGE
     h = hashlib.sha256()
     for split in (data.train, data.eval):  # the tensors' own memory: no copy of the whole dataset
-        h.update(memoryview(split.contiguous().numpy()).cast("B"))
+        h.update(split.contiguous().numpy())  # C-contiguous, read as raw bytes (an empty split too)
     windows = h.hexdigest()[:12]
     return {**own, "teacher" if job.KIND == "distill" else "model": model_fingerprint(job.model),
             "data": f"windows {windows}"}

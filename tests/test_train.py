@@ -216,6 +216,13 @@ def test_lr_schedule_warmup_then_cosine(dense_dir, tmp_path):
     assert [r["step"] for r in metrics_of(tmp_path / "o", "eval")] == [4, 8]
 
 
+def test_no_held_out_split_trains_without_evals(dense_dir, tmp_path):
+    """--eval-fraction 0: every document trains, no eval runs (the resume fingerprint hashed an empty split)."""
+    result = json.loads(invoke(train_args(dense_dir, tmp_path / "o", "--eval-fraction", "0", "--steps", "2")).stdout)
+    assert result["complete"] and result["eval_loss"] is None and metrics_of(tmp_path / "o", "eval") == []
+    assert sorted(losses(tmp_path / "o")) == [1, 2]
+
+
 def test_prmoe_logs_ce_and_aux_and_saves_a_loadable_model(moe_dir, tmp_path):
     out = tmp_path / "o"
     result = json.loads(invoke(train_args(moe_dir, out, "--steps", "10")).stdout)
