@@ -334,7 +334,7 @@ class DistillJob(TrainJob):
     alpha: float = option(0.5, "Weight of the KD term: (1 - alpha) CE + alpha T^2 KL.")
     temperature: float = option(1.0, "KD softmax temperature T.")
     kd_stop: float = option(0.5, "KD for the first KD_STOP of the steps, then CE only with the teacher released "
-                                 "(0 = no KD, 1 = KD throughout; a value that rounds to no KD step is refused).")
+                                 "(0 = no KD, 1 = KD throughout; a value that rounds to no KD step, or below 1 to every step, is refused).")
     teacher_dtype: str = option("fp32", "Teacher precision: fp32 | bf16 | fp16.")
     kd_top_k: int | None = option(None, "KD over the teacher's K most likely tokens per position plus one outcome "
                                         "for all others (full KD at K = vocabulary). Default: full KD.")
@@ -360,6 +360,10 @@ class DistillJob(TrainJob):
         if self.kd_stop > 0 and self.kd_steps == 0:
             raise MoEConvertError(f"kd_stop: {self.kd_stop} of {self.config.steps} steps rounds to no KD step; "
                                   f"raise it (or the steps), or give 0 for no KD")
+        if self.kd_stop < 1 and self.kd_steps == self.config.steps:
+            raise MoEConvertError(f"kd_stop: {self.kd_stop} of {self.config.steps} steps rounds to KD at every step "
+                                  f"(the teacher is never released); lower it (or raise the steps), or give 1 "
+                                  f"for KD throughout")
         if self.teacher_dtype not in SAVE_DTYPE_NAMES:
             raise MoEConvertError(f"teacher_dtype: must be one of {', '.join(SAVE_DTYPE_NAMES)}, "
                                   f"got {self.teacher_dtype!r}")

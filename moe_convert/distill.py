@@ -256,9 +256,6 @@ def _median(values: list[float]) -> float | None:
 
 def _teacher_cache(job: DistillJob, teacher_config, fingerprint: str) -> TeacherCache:
     """The cache `--teacher-cache` names, checked against the teacher (before any output is touched)."""
-    text = teacher_config.get_text_config()
-    if job.kd_top_k > text.vocab_size:
-        raise MoEConvertError(f"kd_top_k: {job.kd_top_k} is more than the teacher's {text.vocab_size} tokens")
     if getattr(teacher_config, "capacity_factor", None) is not None:
         raise MoEConvertError("teacher_cache: the teacher drops tokens past a capacity factor, so a window's logits "
                               "depend on the batch it came in; a cache cannot stand in for it")
@@ -278,6 +275,9 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
     out = Path(job.output)
     state = claim_output(out, resume, overwrite, inputs=[job.model, job.data])
     config = load_config(job.model)  # plan and data are checked before the teacher is loaded
+    vocab = config.get_text_config().vocab_size
+    if job.kd_top_k is not None and job.kd_top_k > vocab:
+        raise MoEConvertError(f"kd_top_k: {job.kd_top_k} is more than the teacher's {vocab} tokens")
     tokenizer = load_tokenizer(job.model)
     plan = plan_student(config, job.student_layers, job.keep_layers)
     data = load_job_data(job, tokenizer, state, config)

@@ -156,10 +156,12 @@ def _cli(args):
         (["--temperature", "0"], "temperature"),
         (["--alpha", "2"], "alpha"),
         (["--kd-stop", "0.1"], "rounds to no KD step"),  # 0.1 of 2 steps
+        (["--kd-stop", "0.9"], "rounds to KD at every step"),  # 0.9 of 2 steps
         (["--keep-layers", "0,3", "--student-layers", "3"], "give one of them"),
         (["--teacher-cache", "tc"], "give --kd-top-k too"),
         (["--kd-top-k", "0"], "kd_top_k: must be >= 1"),
         (["--kd-top-k", "100000", "--teacher-cache", "tc"], "is more than the teacher's"),
+        (["--kd-top-k", "100000"], "is more than the teacher's"),  # without a cache too: before any output
     ],
 )
 def test_bad_options_one_line_nothing_written(teacher, data_file, tmp_path, extra, message):
@@ -217,9 +219,11 @@ def test_two_processes_reproduce_one(teacher, data_file, tmp_path):
 @pytest.mark.slow
 def test_staged_kd_beats_no_kd_on_held_out_perplexity(tmp_path):
     """The issue's quality check, end to end on the shipped checkpoint (benchmarks/distill_staged_kd.py):
-    upcycle -> train the teacher 500 steps -> distill one layer shallower for 200 steps three ways."""
+    upcycle -> train the teacher 500 steps -> distill one layer shallower for 200 steps, staged and without KD
+    (the benchmark's full-KD run is left out: the assertion does not read it)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MOE_CONVERT_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "benchmarks/distill_staged_kd.py", "-o", str(tmp_path / "mos")],
+    proc = subprocess.run([sys.executable, "benchmarks/distill_staged_kd.py", "-o", str(tmp_path / "mos"),
+                           "--kd-stops", "0.5,0"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "mos" / "results.json").read_text())
