@@ -1,6 +1,6 @@
 """Staged KD vs full KD vs no KD on the shipped checkpoint (issue 5's quality and speed check).
 
-    python benchmarks/distill_staged_kd.py -o runs/mos [--teacher-steps 500] [--steps 200]
+    python benchmarks/distill_staged_kd.py -o runs/mos [--teacher-steps 500] [--steps 200] [--kd-stops 0.5,1,0]
 
 Pipeline: checkpoints/tiny-gpt2 -> upcycle (pyramid 4,8) -> train the teacher briefly -> distill
 a student one layer shallower three ways (kd_stop 0.5 = staged, 1.0 = full KD, 0.0 = no KD), same
@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--kd-top-k", type=int, default=None)
+    ap.add_argument("--kd-stops", default="0.5,1,0", help="the KD stops to compare (the slow test runs 0.5,0)")
     args = ap.parse_args()
 
     from moe_convert.distill import DistillJob, run_distill
@@ -39,7 +40,8 @@ def main() -> None:
         cfg = TrainConfig(steps=args.teacher_steps, batch_size=args.batch_size, lr=1e-3, warmup_steps=10, eval_every=0)
         run_training(TrainJob(model=str(upcycled), data="builtin:pydoc", output=str(teacher), seq_len=args.seq_len,
                               config=cfg), overwrite=True, progress=False)
-    runs = [("staged KD (0.5)", 0.5, {}), ("full KD (1.0)", 1.0, {}), ("no KD (0.0)", 0.0, {})]
+    kinds = {0.0: "no KD", 1.0: "full KD"}
+    runs = [(f"{kinds.get(s, 'staged KD')} ({s})", s, {}) for s in map(float, args.kd_stops.split(","))]
     if args.kd_top_k:
         cached = {"kd_top_k": args.kd_top_k, "teacher_cache": str(out / "teacher-cache")}
         runs += [(f"top-{args.kd_top_k} KD, {state} cache", 1.0, cached) for state in ("cold", "warm")]
