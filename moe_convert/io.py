@@ -72,8 +72,10 @@ CHECKPOINTS = "checkpoints"  # a train/distill output's checkpoint folder
 
 
 def checkpoints(out_dir: Path) -> list[Path]:
-    """A train/distill output's complete checkpoints (trainer_state.json written last), oldest first."""
-    return sorted(p.parent for p in (out_dir / CHECKPOINTS).glob("step-*/trainer_state.json"))
+    """A train/distill output's complete checkpoints (trainer_state.json written last), oldest first: by step
+    number (`step-1000000` comes after `step-999999`, which a sort by name would not give)."""
+    found = [p.parent for p in (out_dir / CHECKPOINTS).glob("step-*/trainer_state.json")]
+    return sorted((p for p in found if p.name[len("step-"):].isdigit()), key=lambda p: int(p.name[len("step-"):]))
 
 
 def unfinished_run_hint(path: Path) -> str:

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moe_convert.errors import MoEConvertError
-from moe_convert.io import (SAFE_INDEX, CheckpointReader, ShardWriter, atomic_output_dir, copy_tokenizer_files,
+from moe_convert.io import (CHECKPOINTS, SAFE_INDEX, CheckpointReader, checkpoints, ShardWriter, atomic_output_dir, copy_tokenizer_files,
                             keep_freed_memory_for_reuse, read_safetensors, return_freed_memory,
                             parse_size)
 
@@ -194,3 +194,13 @@ def test_read_safetensors_truncated_or_corrupt_is_one_line(tmp_path):
 def test_glibc_takes_the_inference_heap_settings():
     assert keep_freed_memory_for_reuse() is True
     return_freed_memory()  # malloc_trim: callable, returns nothing
+
+
+def test_checkpoints_come_in_step_order(tmp_path):
+    """Past step 999999 the names outgrow their zero padding: newest is by step number, not by name."""
+    for step in (999_999, 1_000_000, 12):
+        d = tmp_path / CHECKPOINTS / f"step-{step:06d}"
+        d.mkdir(parents=True)
+        (d / "trainer_state.json").write_text("{}")
+    (tmp_path / CHECKPOINTS / "step-000013").mkdir()  # no trainer_state.json: incomplete, left out
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-000012", "step-999999", "step-1000000"]
