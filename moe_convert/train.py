@@ -421,6 +421,8 @@ def claim_output(out: Path, resume: bool, overwrite: bool, inputs=()):
     `inputs` (the model, the data). Nothing is removed yet (see `clear_output`)."""
     from accelerate import PartialState
 
+    if resume and overwrite:
+        raise MoEConvertError("--resume continues OUTPUT, --overwrite replaces it: give one of them")
     state = PartialState(cpu=cpu_only())
     check_output_apart(out, inputs)
     if out.exists() and not out.is_dir():

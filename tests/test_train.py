@@ -252,6 +252,8 @@ def test_mixed_precision_and_refusals(dense_dir, moe_dir, tmp_path):
     assert math.isfinite(moe["eval_loss"]) and len(metrics_of(tmp_path / "moe-bf16", "eval")) == 1
     refused = CliRunner().invoke(app, train_args(dense_dir, out))  # non-empty output without --overwrite
     assert refused.exit_code == 2 and "--overwrite" in refused.output
+    both = CliRunner().invoke(app, train_args(dense_dir, out, "--resume", "--overwrite"))  # on a finished output
+    assert both.exit_code == 2 and "give one of them" in both.output and (out / "config.json").exists(), both.output
     bad = CliRunner().invoke(app, train_args(dense_dir, tmp_path / "x", "--batch-size", "6", "--grad-accum", "4"))
     assert bad.exit_code == 2 and "not divisible" in bad.output
     for extra, message in [(["--lr", "inf"], "lr: must be a finite number"), (["--stop-after", "0"], "--stop-after")]:
