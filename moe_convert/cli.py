@@ -634,8 +634,8 @@ def run(
             runs, statuses = False, []  # as `run` goes: complete steps are skipped until one runs, then all run
             for p in plans:
                 runs = runs or not p.complete
-                statuses.append("to do" if not p.complete else "runs again" if runs else
-                                "refused" if p.changed else "done")
+                statuses.append("refused" if p.missing and not p.complete else "to do" if not p.complete else
+                                "runs again" if runs else "refused" if p.changed else "done")
             for p, status in zip(plans, statuses):
                 m = p.model or {}
                 experts = _compact(m.get("experts")) if m else ""

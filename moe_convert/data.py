@@ -242,6 +242,14 @@ class PackedData:
         return self.train.shape[1]
 
 
+def check_seq_len(seq_len: int, max_positions: int | None = None) -> None:
+    """A window has a next token to predict and fits the model's positions."""
+    if seq_len < 2:
+        raise MoEConvertError(f"seq_len: must be >= 2, got {seq_len}")
+    if max_positions is not None and seq_len > max_positions:
+        raise MoEConvertError(f"seq_len: {seq_len} is larger than the model's {max_positions} positions")
+
+
 def load_packed(
     source: str,
     tokenizer,
@@ -254,10 +262,7 @@ def load_packed(
     """`--data` -> packed train/eval windows, read from the cache when this exact packing exists."""
     from safetensors.torch import load_file, save_file
 
-    if seq_len < 2:
-        raise MoEConvertError(f"seq_len: must be >= 2, got {seq_len}")
-    if max_positions is not None and seq_len > max_positions:
-        raise MoEConvertError(f"seq_len: {seq_len} is larger than the model's {max_positions} positions")
+    check_seq_len(seq_len, max_positions)
     docs = load_documents(source, text_field)
     key = _sha([CACHE_FORMAT, docs.fingerprint, tokenizer_fingerprint(tokenizer), seq_len, eval_fraction])
     cache_file = default_cache_dir() / "data" / f"{key[:32]}.safetensors"

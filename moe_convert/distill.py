@@ -24,8 +24,8 @@ from .errors import MoEConvertError
 from .modeling import host_spec
 from .teacher_cache import TeacherCache
 from .io import DTYPES
-from .train import (METRICS, Trainer, TrainResult, causal_lm_loss, check_resume, check_stop_after, claim_output,
-                    clear_output, job_settings, load_job_data, load_model)
+from .train import (METRICS, Trainer, TrainResult, causal_lm_loss, check_job_for_model, check_resume, check_stop_after,
+                    claim_output, clear_output, job_settings, load_job_data, load_model)
 
 
 @dataclass
@@ -275,9 +275,7 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
     out = Path(job.output)
     state = claim_output(out, resume, overwrite, inputs=[job.model, job.data])
     config = load_config(job.model)  # plan and data are checked before the teacher is loaded
-    vocab = config.get_text_config().vocab_size
-    if job.kd_top_k is not None and job.kd_top_k > vocab:
-        raise MoEConvertError(f"kd_top_k: {job.kd_top_k} is more than the teacher's {vocab} tokens")
+    check_job_for_model(job, config)
     tokenizer = load_tokenizer(job.model)
     plan = plan_student(config, job.student_layers, job.keep_layers)
     data = load_job_data(job, tokenizer, state, config)

@@ -83,6 +83,23 @@ class Source:
         return tuple(self.reader.shape("host." + name))
 
 
+def check_prmoe(path: str | Path, model_type: str | None) -> None:
+    """Export takes our PR-MoE models only (`model_type` from the model's config.json)."""
+    from .configuration_prmoe import PRMoEConfig
+
+    if model_type != PRMoEConfig.model_type:
+        raise MoEConvertError(f"{path} is not a moe-convert PR-MoE model (config.json model_type is {model_type!r}, "
+                              f"expected 'prmoe'); make one with `moe-convert upcycle`")
+
+
+def check_ep_size(config, ep_size: int) -> None:
+    """Every MoE layer's experts split evenly over `ep_size` ranks (`config`: a PRMoEConfig)."""
+    for layer, E in zip(config.moe_layers, config.num_experts):
+        if E % ep_size:
+            raise MoEConvertError(f"--ep-size {ep_size} does not divide the {E} experts of MoE layer {layer}; "
+                                  f"pick an ep size that divides every layer's expert count {config.num_experts}")
+
+
 def open_source(path: str | Path) -> Source:
     """Open our model directory; anything else is a one-line error."""
     from .configuration_prmoe import PRMoEConfig
@@ -92,10 +109,7 @@ def open_source(path: str | Path) -> Source:
     if not path.is_dir():
         raise MoEConvertError(f"{path} is not a directory")
     reader = CheckpointReader(path)
-    model_type = reader.config.get("model_type")
-    if model_type != PRMoEConfig.model_type:
-        raise MoEConvertError(f"{path} is not a moe-convert PR-MoE model (config.json model_type is {model_type!r}, "
-                              f"expected 'prmoe'); make one with `moe-convert upcycle`")
+    check_prmoe(path, reader.config.get("model_type"))
     config = PRMoEConfig.from_pretrained(path)
     src = Source(path, reader, config, host_spec(config.text_config.model_type))
     names = set(src.names())
@@ -174,10 +188,7 @@ def _expert_names(src: Source) -> dict[str, tuple[int, int]]:
 
 def export_safetensors(src: Source, tmp: Path, dtype: str, ep_size: int, on_tensor, **_) -> list[str]:
     """The inference layout: one file, or a shared file plus one file per expert-parallel rank."""
-    for layer, E in zip(src.config.moe_layers, src.config.num_experts):
-        if E % ep_size:
-            raise MoEConvertError(f"--ep-size {ep_size} does not divide the {E} experts of MoE layer {layer}; "
-                                  f"pick an ep size that divides every layer's expert count {src.config.num_experts}")
+    check_ep_size(src.config, ep_size)
     meta, torch_dtype = manifest(src, FORMAT_NAME, dtype, ep_size), DTYPES[dtype]
     expert_names = _expert_names(src)
     if ep_size == 1:

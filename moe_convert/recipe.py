@@ -32,6 +32,28 @@ from .errors import MoEConvertError
 INPUT_FIELD = {"upcycle": "source", "train": "model", "distill": "teacher", "export": "model", "eval": None,
                "bench": None}
 MAKES_MODEL = ("upcycle", "train", "distill")  # kinds whose output is a model directory
+# Fields the CLI takes as comma-separated integers; YAML may also write them as a number or a list.
+INT_LIST_FIELDS = ("pyramid", "pyramid_split", "experts", "keep_layers")
+# Fields naming files or directories: a leading ~ is the home directory, as in a shell.
+PATH_FIELDS = ("source", "model", "teacher", "data", "output", "teacher_cache", "models")
+
+
+def _as_written_on_the_cli(body: dict) -> dict:
+    """A step's fields in the CLI's forms: integer lists comma-separated, `~` expanded in paths."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def home(v):
+        return str(Path(v).expanduser()) if isinstance(v, str) and v.startswith("~") else v
+
+    for name in INT_LIST_FIELDS:
+        v = body.get(name)
+        if is_int(v) or (isinstance(v, list) and v and all(map(is_int, v))):
+            body[name] = ",".join(map(str, v if isinstance(v, list) else [v]))
+    for name in PATH_FIELDS:
+        if name in body:
+            body[name] = [home(v) for v in body[name]] if isinstance(body[name], list) else home(body[name])
+    return body
 
 
 @dataclass
@@ -103,6 +125,9 @@ class EvalStep:
         check_types(self)
         if not isinstance(self.models, list) or not all(isinstance(m, str) for m in self.models):
             raise MoEConvertError(f"models: expected a list of model directories, got {self.models!r}")
+        if not self.models:
+            raise MoEConvertError("models: nothing to score; name the models, or put the eval step after a step "
+                                  "that makes one")
         check_eval_args("eval", self.batch_size, self.max_windows)
 
 
@@ -227,7 +252,7 @@ def parse_recipe(data: Any, where: str = "recipe", default_output: str | Path = 
         raise MoEConvertError(f"{where}: 'steps' must be a non-empty list")
     if "output" in data and not (isinstance(data["output"], str) and data["output"].strip()):
         raise MoEConvertError(f"{where}: 'output' must name a directory, got {data['output']!r}")
-    run_dir = Path(data.get("output", default_output))
+    run_dir = Path(data.get("output", default_output)).expanduser()
     steps, previous, models = [], None, []
     for i, item in enumerate(data["steps"]):
         if not isinstance(item, dict) or len(item) != 1:
@@ -237,7 +262,7 @@ def parse_recipe(data: Any, where: str = "recipe", default_output: str | Path = 
             raise MoEConvertError(f"{where}: step {i} has unknown kind {kind!r}; known: {', '.join(STEP_KINDS)}")
         if body is not None and not isinstance(body, dict):
             raise MoEConvertError(f"{where}: step {i} ({kind}) needs a mapping of fields")
-        body = dict(body or {})
+        body = _as_written_on_the_cli(dict(body or {}))
         body.setdefault("output", str(run_dir / f"{i}-{kind}"))
         input_field = INPUT_FIELD[kind]
         if input_field is not None and previous is not None:

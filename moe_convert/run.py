@@ -41,6 +41,7 @@ class StepPlan:
     peak_bytes: int | None  # estimated (see the module docstring)
     note: str = ""
     changed: str = ""  # a complete step whose settings differ from those it ran with: why `run` refuses it
+    missing: str = ""  # an input that is not there (nor made by an earlier step): `--dry-run` notes it, `run` refuses
 
 
 def _load_source_config(step: Step):
@@ -82,12 +83,14 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
     from .configuration_prmoe import PRMoEConfig
     from .data import check_data_source
     from .distill import plan_student, student_config
+    from .export import check_ep_size, check_prmoe
+    from .train import check_job_for_model
 
     configs: dict[str, tuple] = {}  # model dir -> (config, its row)
     state = _read_state(recipe)
     plans = []
     for step in recipe.steps:
-        spec, model, peak = step.spec, None, None
+        spec, model, peak, absent = step.spec, None, None, []
         try:
             if getattr(spec, "data", None) is not None:  # train, distill, eval: fail before any step runs
                 check_data_source(spec.data, offline_hub_ok=True)
@@ -106,14 +109,20 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
                 peak = dense_row["size_bytes"] + model["largest_layer_params"] * out_bytes
             elif step.kind in ("train", "distill", "export"):
                 if step.input not in configs and not (Path(step.input) / "config.json").is_file():
+                    missing = f"input {step.input} is not a model directory (and no earlier step makes it)"
                     plans.append(StepPlan(step.index, step.kind, step.output, is_complete(recipe, step, state), None,
-                                          None, f"input {step.input} does not exist yet (made outside this recipe)"))
+                                          None, missing, missing=missing))
                     continue
                 if step.input not in configs:
                     from .summary import load_config
 
                     configs[step.input] = (cfg := load_config(step.input), _model_row(cfg, 4))
                 config, row = configs[step.input]
+                if step.kind == "export":
+                    check_prmoe(step.input, config.model_type)
+                    check_ep_size(config, spec.ep_size)
+                else:
+                    check_job_for_model(spec, config)
                 if step.kind == "distill":
                     config = student_config(config, plan_student(config, spec.student_layers, spec.keep_layers))
                 dtype = spec.dtype if step.kind == "export" else spec.save_dtype
@@ -127,14 +136,17 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
                     peak = model["largest_layer_params"] * out_bytes
             elif step.kind == "eval":
                 peak = max((configs[m][1]["total_params"] * 4 for m in spec.models if m in configs), default=None)
+                absent = [m for m in spec.models if m not in configs and not (Path(m) / "config.json").is_file()]
         except MoEConvertError as e:
             where = f"{recipe.path}: " if recipe.path else ""
             raise MoEConvertError(f"{where}step {step.index} ({step.kind}): {e}") from None
         if model is not None and step.kind in MAKES_MODEL:
             configs[step.output] = (config, model)
         complete = is_complete(recipe, step, state)
-        plans.append(StepPlan(step.index, step.kind, step.output, complete, model, peak, _resume_note(step, complete),
-                              changed=(complete and changed_settings(state, step)) or ""))
+        missing = f"model(s) {', '.join(absent)}: not a model directory (and no earlier step makes it)" if absent else ""
+        plans.append(StepPlan(step.index, step.kind, step.output, complete, model, peak,
+                              missing or _resume_note(step, complete),
+                              changed=(complete and changed_settings(state, step)) or "", missing=missing))
     return plans
 
 
@@ -244,6 +256,9 @@ def execute(recipe: Recipe, on_step=lambda step, status: None) -> dict:
     """Run every step not yet complete, in order, and every step after one that ran;
     `on_step(step, "skip" | "start" | "done")` reports."""
     plans = plan_recipe(recipe)  # validates the whole chain before any work
+    for plan in plans:
+        if plan.missing and not plan.complete:
+            raise MoEConvertError(f"step {plan.index} ({plan.kind}): {plan.missing}")
     for plan in plans:  # the complete steps up to the first to run are skipped: only if unchanged
         if not plan.complete:
             break

@@ -440,6 +440,17 @@ def clear_output(state, out: Path, resume: bool, overwrite: bool) -> None:
     state.wait_for_everyone()
 
 
+def check_job_for_model(job: TrainJob, config) -> None:
+    """What a train/distill job asks of its model that the model's config decides, checked before anything
+    loads (and by `run` at plan time): windows within its positions; distill: --kd-top-k within its vocabulary."""
+    from .data import check_seq_len
+
+    check_seq_len(job.seq_len, max_positions(config))
+    vocab = config.get_text_config().vocab_size
+    if getattr(job, "kd_top_k", None) is not None and job.kd_top_k > vocab:
+        raise MoEConvertError(f"kd_top_k: {job.kd_top_k} is more than the teacher's {vocab} tokens")
+
+
 def load_job_data(job: TrainJob, tokenizer, state, config) -> PackedData:
     """The job's packed windows for the model `config` describes; one process tokenizes and fills the
     cache, the others read it. A tokenizer with more tokens than the model's vocabulary is refused."""
@@ -462,8 +473,10 @@ def run_training(job: TrainJob, *, resume: bool = False, stop_after: int | None 
 
     out = Path(job.output)
     state = claim_output(out, resume, overwrite, inputs=[job.model, job.data])
+    config = load_config(job.model)
+    check_job_for_model(job, config)
     tokenizer = load_tokenizer(job.model)
-    data = load_job_data(job, tokenizer, state, load_config(job.model))
+    data = load_job_data(job, tokenizer, state, config)
     settings = job_settings(job, data)
     if resume:  # refused before the model loads
         check_resume(out, job.config, settings, stop_after)

@@ -174,7 +174,8 @@ def test_cli_bad_input_gives_one_line_errors(tmp_path, no_tokenizer_model, cache
         (["eval", str(CHECKPOINT), "--data", str(no_field)], "has no field 'text' (fields: body)"),
         (["eval", str(CHECKPOINT), "--data", "builtin:pydoc", "--seq-len", "4096"], "larger than the model's 256 positions"),
         (["eval", str(no_tokenizer_model), "--data", "builtin:pydoc"], "has no tokenizer files"),
-        (["train", str(no_tokenizer_model), "--data", "builtin:pydoc", "-o", str(tmp_path / "o")], "has no tokenizer"),
+        (["train", str(no_tokenizer_model), "--data", "builtin:pydoc", "-o", str(tmp_path / "o"), "--seq-len", "16"],
+         "has no tokenizer"),
         (["train", str(CHECKPOINT), "--data", str(empty), "-o", str(tmp_path / "o2")], "is empty"),
     ]
     runner = CliRunner()

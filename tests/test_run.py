@@ -85,7 +85,9 @@ def test_upcycle_step_defaults_to_8_experts_like_the_cli():
     ({"steps": [{"upcycle": {"source": "s", "residual": "no"}}]}, [], "residual: expected bool"),
     ({"steps": [{"upcycle": {"source": "s", "fidelity": 0}}]}, [], "fidelity: expected bool"),
     ({"output": "o", "steps": [{"upcycle": {"source": "s"}}]}, ["output="], "'output' must name a directory, got ''"),
-    ({"steps": [{"eval": {"data": "d", "batch_size": 0}}]}, [], "batch_size must be >= 1"),  # at plan time
+    ({"steps": [{"eval": {"data": "d", "models": ["m"], "batch_size": 0}}]}, [], "batch_size must be >= 1"),  # at plan time
+    ({"steps": [{"eval": {"data": "d"}}]}, [], "models: nothing to score"),  # no model made before it either
+    ({"steps": [{"upcycle": {"source": "s", "pyramid": [4, "x"]}}]}, [], "pyramid: expected str"),
     ({"steps": [{"upcycle": {"source": "s", "seed": -1}}]}, [], "seed: must be in 0.."),
 ])
 def test_bad_recipes_fail_naming_the_field(doc, overrides, message):
@@ -164,6 +166,19 @@ def test_killed_mid_train_resumes_without_redoing_steps(tmp_path):
     assert {r["kd_on"] for r in metrics_of(out / "2-distill")} == {1}  # KD throughout: the new setting
 
 
+def test_recipe_yaml_takes_integer_lists_and_home_paths(tmp_path, monkeypatch):
+    """`pyramid: 8`, `pyramid: [2, 4]`, `keep_layers: [0, 3]` as the CLI's `8` / `2,4` / `0,3`; `~` in a
+    path is the home directory, as a shell gives it on the command line (it made a folder named ~)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "r.yaml").write_text("output: ~/runs\nsteps:\n  - upcycle: {source: ~/dense, pyramid: [2, 4]}\n"
+                                     "  - distill: {data: ~/d.txt, keep_layers: [0, 3]}\n")
+    up, distill = load_recipe(tmp_path / "r.yaml", ["upcycle.experts=null"]).steps
+    assert (up.spec.pyramid, up.spec.source, up.output) == ("2,4", f"{tmp_path}/dense", f"{tmp_path}/runs/0-upcycle")
+    assert (distill.spec.keep_layers, distill.spec.data, distill.spec.model) == ("0,3", f"{tmp_path}/d.txt", up.output)
+    (up, _) = load_recipe(tmp_path / "r.yaml", ["upcycle.pyramid=null", "upcycle.experts=8"]).steps
+    assert up.spec.experts == "8"
+
+
 def test_recipe_yaml_reads_numbers_and_words_as_written(tmp_path):
     """`lr: 3e-4` is a float and `mixed_precision: no` the word (PyYAML's YAML 1.1 rules read a
     string and False), in the file and in overrides."""
@@ -209,6 +224,29 @@ def test_missing_data_is_refused_before_any_step_runs(tmp_path):
     result = CliRunner().invoke(app, ["run", str(recipe)])
     assert result.exit_code == 2 and f"step 1 (eval): data: {tmp_path / 'missing.txt'} does not exist" in result.output
     assert not (tmp_path / "run" / "0-upcycle").exists()
+
+
+@pytest.mark.parametrize("steps, message", [
+    ("  - train: {data: 'builtin:pydoc', seq_len: 1000}\n", "step 1 (train): seq_len: 1000 is larger than the model's"),
+    ("  - distill: {data: 'builtin:pydoc', kd_top_k: 100000}\n", "step 1 (distill): kd_top_k: 100000 is more than"),
+    ("  - export: {ep_size: 3}\n", "step 1 (export): --ep-size 3 does not divide the 2 experts"),
+    ("  - export: {model: checkpoints/tiny-gpt2}\n", "step 1 (export): checkpoints/tiny-gpt2 is not a moe-convert"),
+    ("  - eval: {data: 'builtin:pydoc', models: [nowhere]}\n", "step 1 (eval): model(s) nowhere: not a model directory"),
+    ("  - train: {model: nowhere, data: 'builtin:pydoc'}\n", "step 1 (train): input nowhere is not a model directory"),
+])
+def test_what_the_models_decide_is_refused_before_any_step_runs(tmp_path, steps, message):
+    """Checks that need the step's model run on the planned configs: the upcycle never starts."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output: {tmp_path / 'run'}\nsteps:\n"
+                      "  - upcycle: {source: checkpoints/tiny-gpt2, pyramid: '2,4', fidelity: false}\n" + steps)
+    dry = CliRunner().invoke(app, ["run", str(recipe), "--dry-run", "--json"])
+    result = CliRunner().invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "run" / "0-upcycle").exists()
+    if "not a model directory" in message:  # the plan itself stands: --dry-run shows it, refused
+        assert dry.exit_code == 0 and message.split(": ", 1)[1] in json.loads(dry.stdout)[1]["missing"], dry.output
+    else:
+        assert dry.exit_code == 2 and message in dry.output
 
 
 def test_a_moved_teacher_cache_is_no_changed_setting():
