@@ -343,7 +343,8 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
     """Next token from logits (V,): argmax at temperature 0, else top-k / top-p (nucleus) sampling."""
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits.double() / temperature  # fp64: a tiny temperature must not overflow to inf
+    logits = logits.double()
+    logits = (logits - logits.max()) / temperature  # <= 0: a tiny temperature gives -inf, never +inf or nan
     if top_k:
         kth = logits.topk(min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

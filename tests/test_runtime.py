@@ -166,6 +166,7 @@ def test_sampling_controls(exported):
     greedy = rt.generate(prompt, 10).tokens
     assert rt.generate(prompt, 10, temperature=1.0, top_k=1, seed=1).tokens == greedy  # top-1 sampling is greedy
     assert rt.generate(prompt, 10, temperature=1.0, top_p=1e-6, seed=1).tokens == greedy  # nucleus of one token
+    assert rt.generate(prompt, 10, temperature=1e-310, seed=1).tokens == greedy  # logits / T overflowed to inf
     a = rt.generate(prompt, 10, temperature=5.0, seed=3).tokens
     assert a == rt.generate(prompt, 10, temperature=5.0, seed=3).tokens  # same seed, same text
     assert any(rt.generate(prompt, 10, temperature=5.0, seed=s).tokens != a for s in range(4, 8))
