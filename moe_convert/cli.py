@@ -382,6 +382,7 @@ def from_deepspeed(
     source: Path = typer.Argument(..., help="An `export --format deepspeed` directory, its layer files possibly trained in DeepSpeed since."),
     output: Path = typer.Option(..., "-o", "--output", help="Output model directory (built under a temporary name, renamed when complete)."),
     max_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB."),
+    dtype: str = typer.Option("auto", help="Precision of the model written: auto (as exported, the manifest's) | fp32 | bf16 | fp16. Layers saved in another precision since (a bf16 DeepSpeed run) are cast to it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (only once the new one is complete). Default: off."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table. Default: off."),
 ):
@@ -399,7 +400,8 @@ def from_deepspeed(
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                       console=err_console, transient=True, disable=json_out) as bar:
             task = bar.add_task("from-deepspeed", total=None)
-            result = import_deepspeed(source, output, overwrite, max_shard_size, on_tensor=lambda name: bar.advance(task))
+            result = import_deepspeed(source, output, overwrite, max_shard_size, dtype,
+                                      on_tensor=lambda name: bar.advance(task))
         if json_out:
             print_json(asdict(result))
             return

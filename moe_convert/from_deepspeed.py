@@ -46,9 +46,10 @@ def read_deepspeed_manifest(path: Path) -> dict:
         raise MoEConvertError(f"{file}: format {manifest.get('format') if isinstance(manifest, dict) else None!r} "
                               f"is not {DEEPSPEED_FORMAT}")
     layers = manifest.get("layers")
+    types = {"layer": int, "prefix": str, "experts": int, "file": str}
     if (not isinstance(manifest.get("host_config"), dict) or manifest.get("dtype") not in DTYPES
             or not isinstance(layers, list)
-            or not all(isinstance(e, dict) and {"layer", "prefix", "experts", "file"} <= set(e) for e in layers)):
+            or not all(isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in types.items()) for e in layers)):
         raise MoEConvertError(f"{file}: incomplete or damaged manifest (it needs host_config, a dtype of "
                               f"{', '.join(DTYPES)}, and layers with layer, prefix, experts and file)")
     return manifest
@@ -101,8 +102,12 @@ class _DeepSpeedTensors:
 
 
 def import_deepspeed(path: str | Path, output: str | Path, overwrite: bool = False,
-                     max_shard_size: str = "5GB", on_tensor=lambda name: None) -> ImportResult:
-    """Rebuild our model directory from an `export --format deepspeed` directory (possibly trained since)."""
+                     max_shard_size: str = "5GB", dtype: str = "auto", on_tensor=lambda name: None) -> ImportResult:
+    """Rebuild our model directory from an `export --format deepspeed` directory (possibly trained since).
+
+    `dtype` ("auto": the manifest's, as exported) is what the model is written in: tensors saved in another
+    precision since (a DeepSpeed run in bf16 saving its layers) are cast to it.
+    """
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     from .modeling import PRMoEForCausalLM, host_spec
@@ -111,6 +116,8 @@ def import_deepspeed(path: str | Path, output: str | Path, overwrite: bool = Fal
     path = Path(path)
     manifest = read_deepspeed_manifest(path)
     max_shard_bytes = parse_size(max_shard_size)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise MoEConvertError(f"--dtype {dtype!r} is not known; choose one of auto, {', '.join(DTYPES)}")
     try:
         config = config_from_manifest(manifest)
     except (KeyError, TypeError, ValueError) as e:  # a manifest edited by hand: wrong types or values
@@ -121,7 +128,7 @@ def import_deepspeed(path: str | Path, output: str | Path, overwrite: bool = Fal
         meta = PRMoEForCausalLM(config)
     saved = remove_tied_weights_from_state_dict(meta.state_dict(), meta)  # what save_pretrained writes
     source = _DeepSpeedTensors(path, manifest, host_spec(config.text_config.model_type))
-    dtype = DTYPES[manifest["dtype"]]  # as exported; every tensor is checked against it when read
+    dtype = DTYPES[manifest["dtype"] if dtype == "auto" else dtype]
     config.dtype = config.text_config.dtype = str(dtype).removeprefix("torch.")
     plan = [(name, tuple(t.shape), dtype if t.is_floating_point() else t.dtype) for name, t in saved.items()]
 
@@ -131,10 +138,10 @@ def import_deepspeed(path: str | Path, output: str | Path, overwrite: bool = Fal
         try:
             for name, shape, want in plan:
                 t = source.tensor(name)
-                if tuple(t.shape) != shape or t.dtype != want:
+                if tuple(t.shape) != shape or t.is_floating_point() != want.is_floating_point:
                     raise MoEConvertError(f"{name}: the DeepSpeed files hold {tuple(t.shape)} {t.dtype}, the "
                                           f"manifest's model needs {shape} {want}")
-                writer.write(name, t)
+                writer.write(name, t.to(want))
                 on_tensor(name)
             source.check_all_read()
             files = writer.finish()

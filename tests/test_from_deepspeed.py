@@ -39,8 +39,9 @@ def test_round_trip_is_exact(saved, host, tmp_path):
 
 
 def test_layers_trained_in_deepspeed_come_back(saved, host, tmp_path, deepspeed_moe):
-    """Each layer file loaded into DeepSpeed's MoE, trained a step there, saved again: our model's layers
-    then compute what DeepSpeed's modules compute."""
+    """Each layer file loaded into DeepSpeed's MoE, trained a step there, saved again in bf16 (as a bf16 run
+    saves it; the export was fp32): our model's layers, written in the export's fp32, then compute what
+    DeepSpeed's modules compute."""
     from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
     from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -59,10 +60,12 @@ def test_layers_trained_in_deepspeed_come_back(saved, host, tmp_path, deepspeed_
         out, aux, _ = ds(torch.randn(4, 8, cfg.hidden_size) * 3)
         (out.pow(2).mean() + aux).backward()
         opt.step()
-        save_file({k: v.contiguous() for k, v in ds.state_dict().items()}, file)
+        ds.to(torch.bfloat16).float()  # the weights a bf16 save keeps, exactly
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in ds.state_dict().items()}, file)
         modules.append(ds.eval())
     res = runner.invoke(app, ["from-deepspeed", str(tmp_path / "ds"), "-o", str(tmp_path / "back")])
     assert res.exit_code == 0, res.output
+    assert {t.dtype for t in load_file(tmp_path / "back" / "model.safetensors").values()} == {torch.float32}
     back = PRMoEForCausalLM.from_pretrained(tmp_path / "back").eval()
     x = torch.randn(3, 7, cfg.hidden_size) * 3
     with torch.no_grad():
@@ -91,7 +94,15 @@ def test_bad_input_is_one_line(saved, tmp_path):
         assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
         assert not (tmp_path / "y").exists()
     save_file(sd, layer_file)
-    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    res = runner.invoke(app, ["from-deepspeed", str(tmp_path / "ds"), "-o", str(tmp_path / "y"), "--dtype", "fp8"])
+    assert res.exit_code == 2 and "--dtype 'fp8' is not known" in res.output and not (tmp_path / "y").exists()
+    good = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    for field, value in [("file", None), ("experts", "6"), ("prefix", 3), ("layer", None)]:
+        manifest = json.loads(json.dumps(good))
+        manifest["layers"][0][field] = value
+        (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
+        res = runner.invoke(app, ["from-deepspeed", str(tmp_path / "ds"), "-o", str(tmp_path / "y")])
+        assert res.exit_code == 2 and "incomplete or damaged manifest" in res.output, (field, res.output)
     del manifest["layers"][0]["file"]
     (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
     res = runner.invoke(app, ["from-deepspeed", str(tmp_path / "ds"), "-o", str(tmp_path / "y")])
