@@ -14,7 +14,7 @@ layer each process routes its own tokens, then (`ExpertParallel.exchange`):
 4. all-to-all of the results back, in the order they were sent; the combine and the residual
    branch then run locally (`kernels.moe_forward`).
 
-Collectives go through `torch.distributed` (gloo on CPU, NCCL on GPU). The paper's hierarchical
+Collectives go through `torch.distributed` with gloo: the runtime runs on CPU. The paper's hierarchical
 all-to-all (within a node first, then across nodes) only pays across machines; it is not built.
 """
 

@@ -8,7 +8,8 @@
   `experts-0000r-of-0000N.safetensors` and everything else to `shared.safetensors`.
 - `hf`: our model directory again (`save_pretrained`: sharded, index), in the chosen dtype.
 - `deepspeed`: per MoE layer a state dict that `deepspeed.moe.layer.MoE(d, expert, num_experts=E,
-  k=top_k, use_residual=True).load_state_dict` accepts, plus the non-MoE weights and the manifest.
+  k=top_k, use_residual=True)` (False for a --no-residual model) accepts with `load_state_dict`, plus
+  the non-MoE weights and the manifest.
 
 Every format streams one source tensor at a time (except `hf`, which loads the model), writes into
 a temporary directory and renames it when complete, and copies the tokenizer files.
@@ -213,7 +214,7 @@ def export_hf(src: Source, tmp: Path, dtype: str, max_shard_size: str, on_tensor
 
 
 def export_deepspeed(src: Source, tmp: Path, dtype: str, on_tensor, **_) -> list[str]:
-    """Per MoE layer the state dict of `deepspeed.moe.layer.MoE(..., use_residual=True)`; the rest as is."""
+    """Per MoE layer the state dict of `deepspeed.moe.layer.MoE(..., use_residual=<the model's residual>)`; the rest as is."""
     meta, torch_dtype = manifest(src, DEEPSPEED_FORMAT, dtype), DTYPES[dtype]
     meta["expert_module"] = DEEPSPEED_EXPERT_MODULE[src.spec.ffn_kind]
     for entry in meta["layers"]:  # the layer table names every file, in every file's manifest

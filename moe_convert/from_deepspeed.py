@@ -1,7 +1,7 @@
 """`moe-convert from-deepspeed`: an `export --format deepspeed` directory -> our PR-MoE model directory.
 
 The way back after training in DeepSpeed (DESIGN.md section 7): each `moe_layer_LLL.safetensors` is
-the state dict of a `deepspeed.moe.layer.MoE(..., use_residual=True)` (the layer file a DeepSpeed user
+the state dict of a `deepspeed.moe.layer.MoE(..., use_residual=<the model's residual>)` (the layer file a DeepSpeed user
 saved again after training), `non_moe.safetensors` holds the other weights under the host's names,
 and `manifest.json` the host config and layer table. The experts are stacked back into our
 `[E, in, out]` tensors (nn.Linear experts transposed), one output tensor at a time, and written with

@@ -190,8 +190,9 @@ def route(
     Semantics pinned to DeepSpeed's `top1gating` / `top2gating`:
     - top-1 combines with the raw probability; top-k>1 renormalises the kept choices to sum to 1;
     - with a capacity factor, an expert keeps its first `capacity` assignments in priority order
-      (all first choices in token order, then all second choices, ...); dropped assignments give
-      zero expert output; `None` is dropless.
+      (all first choices in token order, then all second choices, ...), as DeepSpeed's top-2 gate
+      does (its top-1 gate keeps a random set, README); dropped assignments give zero expert
+      output; `None` is dropless.
     """
     T, E = logits.shape
     probs = logits.float().softmax(dim=-1)  # (T, E)
