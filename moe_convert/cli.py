@@ -497,12 +497,14 @@ def generate(
     with reporting_errors(json_out):
         from .errors import MoEConvertError
         from .data import load_tokenizer
-        from .runtime import check_sampling, eos_token_ids, load_runtime
+        from .runtime import check_sampling, eos_token_ids, load_runtime, read_manifest
 
         if max_new_tokens < 1:
             raise MoEConvertError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         check_sampling(temperature, top_k, top_p, seed)
         set_threads(threads)
+        read_manifest(export_dir)  # an export at all; then its tokenizer, before the weights load
+        tokenizer = load_tokenizer(export_dir)
         runtime = load_runtime(export_dir, expert_parallel=True)  # one rank's experts when started by torchrun
         if runtime.ep is not None and runtime.ep.rank != 0:  # rank 0 reports for the group
             json_out, console.quiet, err_console.quiet = False, True, True
@@ -510,7 +512,6 @@ def generate(
             err_console.print("note: --top-k, --top-p and --seed apply only with --temperature > 0; decoding greedily")
         if runtime.dtype != runtime.stored_dtype and not json_out:
             err_console.print("fp16 export computed in fp32: this CPU has no native fp16 matmul")
-        tokenizer = load_tokenizer(export_dir)
         ids = tokenizer(prompt)["input_ids"]
         out = runtime.generate(ids, max_new_tokens, temperature, top_k, top_p, seed,
                                eos_token_ids(export_dir, runtime.cfg))

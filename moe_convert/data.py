@@ -192,7 +192,10 @@ def load_tokenizer(path: str | Path):
                               + unfinished_run_hint(path))
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as e:  # files it cannot build a tokenizer from
+        raise MoEConvertError(f"tokenizer: could not load the tokenizer in {path}: {str(e).splitlines()[0]}") from None
 
 
 def train_bpe_tokenizer(texts: list[str], vocab_size: int, eos: str = "<|endoftext|>"):

@@ -414,9 +414,22 @@ def write_model_files(model, config, out_dir: Path, tokenizer_from: str | Path) 
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy the tokenizer files and generation_config.json found in `src` to `dst`; returns their names."""
+    """Copy the tokenizer files and generation_config.json found in `src` to `dst`; returns their names.
+
+    A tokenizer of vocab.json + merges.txt alone gets its class from `src`'s config.json, which `dst`
+    does not share (a PR-MoE model, an export without config.json): it is loaded from `src` and saved
+    in full into `dst` (tokenizer_config.json naming the class, tokenizer.json).
+    """
     src, dst = Path(src), Path(dst)
     names = sorted({p.name for pattern in TOKENIZER_FILES for p in src.glob(pattern) if p.is_file()})
     for name in names:
         shutil.copyfile(src / name, dst / name)
+    if any(n.startswith(("vocab", "merges")) for n in names) and not {"tokenizer.json", "tokenizer_config.json"} & set(names):
+        from transformers import AutoTokenizer
+
+        try:
+            AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(dst))
+        except (OSError, ValueError, KeyError, TypeError):  # not loadable in `src` either: left as found
+            return names
+        names = sorted({*names, *(p.name for pattern in TOKENIZER_FILES for p in dst.glob(pattern) if p.is_file())})
     return names

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from conftest import save_tiny_prmoes, tiny_gpt2_config
+from conftest import ROOT, save_tiny_prmoes, tiny_gpt2_config
 from moe_convert.cli import app
 from moe_convert.export import MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file, export
 
@@ -202,3 +202,37 @@ def test_default_dtype_is_the_stored_one(saved, tmp_path):
     assert auto.dtype == manifest["dtype"] == "bf16" and {t.dtype for t in tensors.values()} == {torch.bfloat16}
     wide = export(tmp_path / "bf16", tmp_path / "fp32", dtype="fp32")
     assert wide.dtype == "fp32" and wide.bytes > 1.9 * auto.bytes
+
+
+def test_tokenizer_of_vocab_and_merges_only_loads_from_the_export(tmp_path):
+    """A dense model whose tokenizer is vocab.json + merges.txt (its class comes from config.json): the
+    PR-MoE model and its export, whose configs do not name it, get the tokenizer saved in full."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from moe_convert.data import load_tokenizer
+    from moe_convert.upcycle import upcycle
+
+    dense = shutil.copytree(ROOT / "checkpoints" / "tiny-gpt2", tmp_path / "dense")
+    Tokenizer.from_file(str(dense / "tokenizer.json")).model.save(str(dense))  # vocab.json + merges.txt
+    (dense / "tokenizer.json").unlink()
+    (dense / "tokenizer_config.json").unlink()
+    upcycle(str(dense), tmp_path / "moe", pyramid="2,4", fidelity=False)
+    result = export(tmp_path / "moe", tmp_path / "out")
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= set(result.tokenizer_files)
+    text = "def main(): return sorted(x)"
+    want = load_tokenizer(dense)(text)["input_ids"]
+    assert load_tokenizer(tmp_path / "moe")(text)["input_ids"] == want
+    assert load_tokenizer(tmp_path / "out")(text)["input_ids"] == want
+
+
+def test_generate_checks_the_tokenizer_before_loading_weights(saved, tmp_path, monkeypatch):
+    from moe_convert import runtime
+
+    export(saved["gpt2"][1], tmp_path / "out")  # no tokenizer: one that cannot be read is put there
+    (tmp_path / "out" / "tokenizer.json").write_text("{not json")
+    monkeypatch.setattr(runtime, "load_runtime", lambda *a, **k: pytest.fail("loaded the weights first"))
+    res = runner.invoke(app, ["generate", str(tmp_path / "out"), "--prompt", "x", "--max-new-tokens", "2"])
+    assert res.exit_code == 2 and "tokenizer: could not load the tokenizer" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1

@@ -269,6 +269,7 @@ def test_sliding_windows_and_scaled_rope_equal_the_source_model(case, tmp_path):
 
 def test_unsupported_rope_is_a_one_line_error(tmp_path):
     _, path = export_tiny(tmp_path, "llama", rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0))
+    save_tokenizer(path)  # generate reads the tokenizer first
     res = runner.invoke(app, ["generate", str(path), "--prompt", "w3 w4", "--max-new-tokens", "2"])
     assert res.exit_code == 2 and "rope_type 'dynamic' is not supported" in res.output
 
