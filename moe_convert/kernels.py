@@ -175,7 +175,7 @@ class Routing:
     token: torch.Tensor  # (N,) int64: source token of each assignment, grouped by expert
     weight: torch.Tensor  # (N,) fp32: combine weight of each assignment
     counts: torch.Tensor  # (E,) int64: assignments per expert (after capacity)
-    aux_loss: torch.Tensor  # () fp32: E * sum_e mean(p_e) * fraction routed to e (first choice)
+    aux_loss: torch.Tensor  # () fp32: E * sum_e mean(p_e) * fraction routed to e (first choices; k > 2: all)
     first_choice_counts: torch.Tensor  # (E,) int64: first-choice tokens per expert, before capacity
 
 
@@ -187,12 +187,15 @@ def route(
 ) -> Routing:
     """Gate: softmax over experts, top-k choice, capacity, and the dispatch order.
 
-    Semantics pinned to DeepSpeed's `top1gating` / `top2gating`:
+    Semantics pinned to DeepSpeed's `top1gating` / `top2gating` / `topkgating`:
     - top-1 combines with the raw probability; top-k>1 renormalises the kept choices to sum to 1;
+      top-2's second choice is the second most probable expert (DeepSpeed with
+      `top2_2nd_expert_sampling=False`; by default it samples it with Gumbel noise);
     - with a capacity factor, an expert keeps its first `capacity` assignments in priority order
-      (all first choices in token order, then all second choices, ...), as DeepSpeed's top-2 gate
-      does (its top-1 gate keeps a random set, README); dropped assignments give zero expert
-      output; `None` is dropless.
+      (all first choices in token order, then all second choices), as DeepSpeed's top-2 gate does
+      (its top-1 gate keeps a random set, README); for k > 2 its most probable ones, as DeepSpeed's
+      top-k gate does. Dropped assignments give zero expert output; `None` is dropless;
+    - the aux loss counts first choices for k <= 2 and every choice (over k) for k > 2, as those gates do.
     """
     T, E = logits.shape
     probs = logits.float().softmax(dim=-1)  # (T, E)
@@ -205,12 +208,15 @@ def route(
     # Choice-major flattening gives the priority order: every token's first choice, then seconds.
     flat_e = top_e.t().reshape(-1)  # (k*T,)
     order = flat_e.argsort(stable=True)  # (k*T,) assignment ids grouped by expert
-    counts = torch.bincount(flat_e, minlength=E)  # (E,)
+    counts = assigned = torch.bincount(flat_e, minlength=E)  # (E,) before capacity
     first_counts = counts if top_k == 1 else torch.bincount(top_e[:, 0], minlength=E)  # before capacity
 
     kept = torch.ones_like(top_p, dtype=torch.bool)  # (T, k)
     if capacity_factor is not None:
         cap = expert_capacity(T, E, top_k, capacity_factor, min_capacity)
+        if top_k > 2:  # each expert's assignments by falling probability: the most probable are kept
+            by_p = top_p.t().reshape(-1).argsort(descending=True, stable=True)  # (k*T,)
+            order = by_p[flat_e[by_p].argsort(stable=True)]
         starts = counts.cumsum(0) - counts  # (E,) first sorted position of each expert
         rank = torch.arange(order.numel(), device=order.device) - starts[flat_e[order]]
         order = order[rank < cap]
@@ -223,7 +229,8 @@ def route(
     if top_k > 1:
         weight = weight / weight.sum(-1, keepdim=True).clamp_min(torch.finfo(weight.dtype).eps)
 
-    aux = E * torch.sum(probs.mean(0) * first_counts.to(probs.dtype) / T)
+    routed = first_counts / T if top_k <= 2 else assigned / (T * top_k)  # (E,) share of the counted choices
+    aux = E * torch.sum(probs.mean(0) * routed.to(probs.dtype))
     return Routing(
         token=order if top_k == 1 else order % T,
         weight=weight.t().reshape(-1)[order],
@@ -383,7 +390,8 @@ def moe_forward(x: torch.Tensor, router_weight: torch.Tensor, stacked: dict | Pa
     `exchange` (expert parallelism, `expert_parallel.ExpertParallel.exchange`): `stacked` holds this
     rank's experts only, and the expert-sorted rows travel to their experts' ranks and back.
     """
-    logits = linear(x.float(), router_weight.float())  # (T, E) fp32, as DeepSpeed's gate
+    with torch.autocast(x.device.type, enabled=False):  # mixed precision (autocast) must not lower the gate
+        logits = linear(x.float(), router_weight.float())  # (T, E) fp32, as DeepSpeed's gate
     routing = route(logits, top_k, capacity_factor, min_capacity)
     x_sorted = x[routing.token]  # (N, d)
 

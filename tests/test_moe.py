@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from moe_convert.config import expert_capacity
-from moe_convert.kernels import route
+from moe_convert.kernels import moe_forward, route
 from moe_convert.moe import Experts, PRMoELayer
 
 
@@ -122,20 +122,26 @@ def test_gradients_reach_every_part():
 # --- DeepSpeed's own layer as the oracle ------------------------------------------------------
 
 
-def test_equals_deepspeed_moe_layer(deepspeed_moe):
+@pytest.mark.parametrize("k, capacity_factor", [(1, None), (2, None), (2, 0.5), (3, None), (3, 0.5)])
+def test_equals_deepspeed_moe_layer(deepspeed_moe, k, capacity_factor):
+    """DeepSpeed's top-1, top-2 (second choice not sampled) and top-k gates, dropless and over capacity
+    (not top-1's: DeepSpeed keeps a random set there)."""
     from transformers import GPT2Config
     from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
     d, f, E = 24, 37, 6
     cfg = GPT2Config(n_embd=d, resid_pdrop=0.0)
     torch.manual_seed(1)
-    ds = deepspeed_moe(d, GPT2MLP(f, cfg), num_experts=E, k=1, use_residual=True, drop_tokens=False).eval()
+    cap = {} if capacity_factor is None else dict(capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
+                                                   min_capacity=1)
+    ds = deepspeed_moe(d, GPT2MLP(f, cfg), num_experts=E, k=k, use_residual=True, drop_tokens=capacity_factor is not None,
+                       top2_2nd_expert_sampling=False, **cap).eval()
     for p in ds.parameters():  # DeepSpeed deep-copies one expert: make every tensor distinct
         torch.nn.init.normal_(p, std=0.3)
     sd = ds.state_dict()
 
     experts = Experts("mlp", E, d, f, ACT2FN["gelu_new"])
-    ours = PRMoELayer(d, experts, GPT2MLP(f, cfg), top_k=1).eval()
+    ours = PRMoELayer(d, experts, GPT2MLP(f, cfg), top_k=k, capacity_factor=capacity_factor, min_capacity=1).eval()
     with torch.no_grad():
         ours.router.weight.copy_(sd["deepspeed_moe.gate.wg.weight"])
         for j in range(E):
@@ -150,5 +156,17 @@ def test_equals_deepspeed_moe_layer(deepspeed_moe):
         ds_out, ds_aux, _ = ds(x)
         y = ours(x)
     assert len(set(ours.expert_counts.nonzero().flatten().tolist())) > 2  # several experts really used
+    if capacity_factor is not None:  # some assignments really dropped
+        assert route(F.linear(x.reshape(-1, d), ours.router.weight), k, capacity_factor, 1).token.numel() < 3 * 13 * k
     torch.testing.assert_close(y, ds_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.aux_loss, ds_aux, rtol=1e-5, atol=1e-6)
+
+
+def test_gate_stays_fp32_under_autocast():
+    """bf16 mixed precision (Accelerate turns autocast on) must not route by bf16 logits."""
+    layer = make_layer(E=8, seed=3).train()
+    x = torch.randn(256, 24) * 3
+    ref = route(F.linear(x, layer.router.weight), 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, r = moe_forward(x, layer.router.weight, layer.experts.stacked(), layer.experts.act, top_k=1)
+    assert torch.equal(r.token, ref.token) and torch.equal(r.weight, ref.weight)
