@@ -92,6 +92,7 @@ class PRMoEForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    supports_gradient_checkpointing = True  # the host's decoder layers checkpoint; each MoE layer recomputes in them
 
     def __init__(self, config: PRMoEConfig):
         super().__init__(config)
@@ -136,13 +137,14 @@ class PRMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.host.set_output_embeddings(value)
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs) -> PRMoECausalLMOutput:
-        out = self.host(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+    def forward(self, input_ids=None, attention_mask=None, labels=None, return_dict=None,
+                **kwargs) -> PRMoECausalLMOutput | tuple:
+        out = self.host(input_ids=input_ids, attention_mask=attention_mask, labels=labels, return_dict=True, **kwargs)
         aux = self.aux_loss()
         loss = out.loss
         if loss is not None and aux is not None:
             loss = loss + self.config.aux_loss_coef * aux
-        return PRMoECausalLMOutput(
+        result = PRMoECausalLMOutput(
             loss=loss,
             ce_loss=out.loss,
             aux_loss=aux,
@@ -151,6 +153,8 @@ class PRMoEForCausalLM(PreTrainedModel, GenerationMixin):
             hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
+        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        return result if use_dict else result.to_tuple()  # the fields that are set, in order, as hosts return
 
 
 PRMoEConfig.register_for_auto_class()

@@ -111,6 +111,38 @@ def test_training_reduces_loss_and_reaches_every_moe_parameter(host):
     assert losses[-1] < losses[0] - 0.3, losses
 
 
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(host):
+    """`gradient_checkpointing_enable()` (what HF's Trainer calls): the MoE layers recompute inside the
+    host's checkpointed decoder layers; dropout off, so both runs compute the same function."""
+    model = tiny_prmoe(host, seed=6).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    ids = torch.randint(0, VOCAB, (3, 10))
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        return out.loss.detach(), out.aux_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    plain = loss_and_grads()
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    ckpt = loss_and_grads()
+    torch.testing.assert_close(ckpt[:2], plain[:2], rtol=0, atol=0)
+    for name, g in plain[2].items():
+        torch.testing.assert_close(ckpt[2][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_return_dict_false_gives_a_tuple(host):
+    model = tiny_prmoe(host, seed=7).eval()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        full = model(ids, labels=ids)
+        loss, aux, logits, *_ = model(ids, labels=ids, return_dict=False)  # MoeCausalLMOutputWithPast's order
+    assert torch.equal(loss, full.loss) and torch.equal(logits, full.logits) and torch.equal(aux, full.aux_loss)
+
+
 def test_moe_layers_placed_as_configured(host):
     model = tiny_prmoe(host, moe_layers=(0, 2), num_experts=(2, 7), num_experts_per_tok=2, residual=False)
     layers = model.moe_layers()
