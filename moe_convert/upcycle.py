@@ -307,7 +307,20 @@ def _load_dense(src: Path):
 
 @torch.inference_mode()
 def _calibrate(dense, spec: HostSpec, layers: dict[str, _LayerPlan], seed: int) -> None:
-    """preserve: fit each MoE layer's router to the dense hidden states entering that FFN."""
+    """preserve: fit each MoE layer's router to the dense hidden states entering that FFN.
+
+    On one thread: float sums split over threads round differently, and the routers must not depend on
+    the machine's core count (same inputs + seed -> the same bytes). The sample is small (README).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _fit_routers(dense, spec, layers, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_routers(dense, spec: HostSpec, layers: dict[str, _LayerPlan], seed: int) -> None:
     cfg = dense.config
     seq_len = _sample_len(cfg)
     decoder = dense.get_submodule(spec.layers)
