@@ -430,10 +430,16 @@ def eval_(
 ):
     """Held-out loss, perplexity and tokens/s (and the unigram-baseline perplexity of the same tokenizer)."""
     with reporting_errors(json_out):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress
+
         from .train import eval_model
 
-        result = eval_model(model, data, text_field=text_field, seq_len=seq_len, eval_fraction=eval_fraction,
-                            split=split, batch_size=batch_size, max_windows=max_windows)
+        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                      console=err_console, transient=True, disable=json_out) as bar:
+            task = bar.add_task("eval (windows)", total=None)
+            result = eval_model(model, data, text_field=text_field, seq_len=seq_len, eval_fraction=eval_fraction,
+                                split=split, batch_size=batch_size, max_windows=max_windows,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total))
         if json_out:
             print_json(result)
             return

@@ -261,8 +261,12 @@ def load_packed(
     text_field: str = "text",
     eval_fraction: float = 0.1,
     max_positions: int | None = None,
+    needed: tuple[str, ...] = ("train", "eval"),
 ) -> PackedData:
-    """`--data` -> packed train/eval windows, read from the cache when this exact packing exists."""
+    """`--data` -> packed train/eval windows, read from the cache when this exact packing exists.
+
+    A split in `needed` that is shorter than one window is an error (the held-out one only when
+    `eval_fraction` > 0); `eval --split train` needs only the train split, say."""
     from safetensors.torch import load_file, save_file
 
     check_seq_len(seq_len, max_positions)
@@ -271,24 +275,36 @@ def load_packed(
     cache_file = default_cache_dir() / "data" / f"{key[:32]}.safetensors"
     if cache_file.exists():
         tensors = load_file(str(cache_file))
-        return PackedData(tensors["train"].long(), tensors["eval"].long(), True, cache_file)
+        data = PackedData(tensors["train"].long(), tensors["eval"].long(), True, cache_file)
+        _check_splits(data, needed, source, seq_len, eval_fraction)
+        return data
 
     splits = split_documents(docs.texts, eval_fraction)
     packed = {name: pack(texts, tokenizer, seq_len) for name, texts in splits.items()}
-    if len(packed["train"]) == 0:
-        raise MoEConvertError(
-            f"data: the train split of {source} is shorter than one window of seq_len={seq_len} tokens"
-        )
-    if eval_fraction > 0 and len(packed["eval"]) == 0:
-        raise MoEConvertError(
-            f"data: the held-out split of {source} ({len(splits['eval'])} documents) is shorter than one window "
-            f"of seq_len={seq_len} tokens; raise --eval-fraction or lower --seq-len"
-        )
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
     save_file({name: t.int() for name, t in packed.items()}, str(tmp), metadata={"source": source})
     os.replace(tmp, cache_file)  # atomic: concurrent processes never read half a file
-    return PackedData(packed["train"], packed["eval"], False, cache_file)
+    data = PackedData(packed["train"], packed["eval"], False, cache_file)
+    _check_splits(data, needed, source, seq_len, eval_fraction, {k: len(v) for k, v in splits.items()})
+    return data
+
+
+def _check_splits(data: PackedData, needed: tuple[str, ...], source: str, seq_len: int, eval_fraction: float,
+                  documents: dict[str, int] | None = None) -> None:
+    """Each split in `needed` holds a window (the held-out one only when `eval_fraction` > 0); the error
+    counts the split's documents when known (`documents`: split -> count)."""
+    for name, what, remedy in (("train", "train split", "lower --eval-fraction or --seq-len"),
+                               ("eval", "held-out split", "raise --eval-fraction or lower --seq-len")):
+        if name not in needed or len(getattr(data, name)) or (name == "eval" and eval_fraction == 0):
+            continue
+        count = ""
+        if documents is not None:
+            total = sum(documents.values())
+            count = f" ({documents[name]} of {total} documents" + (
+                "; a .txt file's documents are separated by blank lines)" if total == 1 else ")")
+        raise MoEConvertError(f"data: the {what} of {source}{count} is shorter than one window of seq_len={seq_len} "
+                              f"tokens; {remedy}")
 
 
 def unigram_perplexity(train: torch.Tensor, eval: torch.Tensor, vocab_size: int) -> float:

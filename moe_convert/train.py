@@ -110,9 +110,14 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
     except (OSError, ValueError, KeyError) as e:
         raise MoEConvertError(f"model: could not load {path}: {str(e).splitlines()[0]}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers would initialise them at random and say nothing (its load report is silenced)
+        raise MoEConvertError(f"model: {path} lacks {len(missing)} weight(s) its config.json needs, e.g. "
+                              f"{missing[0]}: the checkpoint is incomplete")
+    return model
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -124,12 +129,23 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss); inf past what a float holds (a diverged model), nan stays nan."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 @torch.no_grad()
-def evaluate(model, windows: torch.Tensor, batch_size: int = 8, accelerator=None) -> dict:
+def evaluate(model, windows: torch.Tensor, batch_size: int = 8, accelerator=None,
+             progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
     """Held-out CE over `windows` (N, L) (sharded over processes): loss, perplexity, tokens/s.
 
-    `tokens` counts every position the model reads (what tokens/s is over); `scored_tokens` the
-    L - 1 positions per window that have a next token, which the loss averages over.
+    `tokens` counts every position the model reads; tokens/s is timed from the end of the first
+    batch (its one-off costs, e.g. oneDNN building its kernels, are not throughput) unless there is
+    only one. `scored_tokens` are the L - 1 positions per window that have a next token, which the
+    loss averages over. `progress(done, total)` after each batch (windows of this process).
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else next(model.parameters()).device
@@ -137,40 +153,45 @@ def evaluate(model, windows: torch.Tensor, batch_size: int = 8, accelerator=None
     model.eval()
     shard = windows[rank::world]
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of window losses, windows)
-    start = time.perf_counter()
+    start, timed = time.perf_counter(), 0  # timed: windows of this process inside the timing
     for i in range(0, len(shard), batch_size):
         batch = shard[i:i + batch_size].to(device)
         out = model(input_ids=batch, labels=batch)
         ce = out.ce_loss if getattr(out, "ce_loss", None) is not None else out.loss
         totals += torch.stack([ce.double() * len(batch), torch.tensor(len(batch), dtype=torch.float64, device=device)])
+        if i == 0 and len(shard) > batch_size:
+            start = time.perf_counter()
+        else:
+            timed += len(batch)
+        progress(i + len(batch), len(shard))
     if accelerator is not None:
         totals = accelerator.reduce(totals, reduction="sum")
     seconds = time.perf_counter() - start
     model.train(was_training)
     loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
     n = int(totals[1].item())
-    tokens = n * windows.shape[1]
-    return {"loss": loss, "ppl": math.exp(loss) if loss == loss else float("nan"), "windows": n,
-            "tokens": tokens, "scored_tokens": n * (windows.shape[1] - 1), "seconds": seconds,
-            "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
+    rate = timed * world * windows.shape[1] / seconds if seconds > 0 else 0.0  # every process reads as fast
+    return {"loss": loss, "ppl": perplexity(loss), "windows": n, "tokens": n * windows.shape[1],
+            "scored_tokens": n * (windows.shape[1] - 1), "seconds": seconds, "tokens_per_s": rate}
 
 
 def eval_model(model: str | Path, data: str, *, text_field: str = "text", seq_len: int = 128,
-               eval_fraction: float = 0.1, split: str = "eval", batch_size: int = 8, max_windows: int = 0) -> dict:
+               eval_fraction: float = 0.1, split: str = "eval", batch_size: int = 8, max_windows: int = 0,
+               progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
     """The `eval` command: a model directory's loss, perplexity and tokens/s on a data split, with the
-    unigram-baseline perplexity of the same tokenizer."""
+    unigram-baseline perplexity of the same tokenizer. `progress(done, total)` counts windows."""
     from .data import load_packed, load_tokenizer, unigram_perplexity
     from .summary import load_config
 
     check_eval_args(split, batch_size, max_windows)
     tokenizer = load_tokenizer(model)
     packed = load_packed(data, tokenizer, seq_len, text_field=text_field, eval_fraction=eval_fraction,
-                         max_positions=max_positions(load_config(model)))
+                         max_positions=max_positions(load_config(model)), needed=(split,))
     lm = load_model(model)
     windows = getattr(packed, split)[: max_windows or None]
     if len(windows) == 0:
         raise MoEConvertError(f"eval: the {split} split is empty (eval_fraction={eval_fraction})")
-    return {"model": str(model), "data": data, "split": split, **evaluate(lm, windows, batch_size),
+    return {"model": str(model), "data": data, "split": split, **evaluate(lm, windows, batch_size, progress=progress),
             "unigram_ppl": unigram_perplexity(packed.train, windows, len(tokenizer))}
 
 

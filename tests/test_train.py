@@ -326,3 +326,28 @@ def test_two_processes_train_a_prmoe(moe_dir, tmp_path):
     assert load_model(two).moe_layers()
 
 
+
+
+def test_eval_refuses_a_checkpoint_with_missing_weights(dense_dir, tmp_path):
+    """transformers would initialise a missing tensor at random and score the model as if whole."""
+    broken = shutil.copytree(dense_dir, tmp_path / "broken")
+    weights = load_file(broken / "model.safetensors")
+    drop = next(k for k in sorted(weights) if ".mlp." in k)
+    save_file({k: v for k, v in weights.items() if k != drop}, broken / "model.safetensors", metadata={"format": "pt"})
+    res = CliRunner().invoke(app, ["eval", str(broken), "--data", DATA, "--seq-len", str(SEQ), "--max-windows", "4"])
+    assert res.exit_code == 2 and "lacks 1 weight(s)" in res.output and drop in res.output, res.output
+
+
+def test_eval_of_one_split_needs_no_window_in_the_other(dense_dir, tmp_path):
+    from moe_convert.data import is_eval_document
+    from moe_convert.train import perplexity
+
+    text = next(t for t in (f"alpha{i} beta gamma " * 300 for i in range(50)) if not is_eval_document(t, 0.1))
+    (tmp_path / "one.txt").write_text(text)  # one document (no blank line), in the train split
+    args = ["eval", str(dense_dir), "--data", str(tmp_path / "one.txt"), "--seq-len", str(SEQ), "--json"]
+    held_out = CliRunner().invoke(app, args)
+    assert held_out.exit_code == 2 and "(0 of 1 documents; a .txt file's documents are separated by blank lines)" \
+        in held_out.output, held_out.output
+    train = json.loads(invoke([*args, "--split", "train", "--max-windows", "4"]).stdout)
+    assert train["windows"] == 4 and math.isfinite(train["ppl"])
+    assert perplexity(1e4) == math.inf and math.isnan(perplexity(float("nan")))  # a diverged model: no crash
