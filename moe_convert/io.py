@@ -189,6 +189,10 @@ class CheckpointReader:
         else:
             raise MoEConvertError(f"{self.path} has no {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}")
 
+    def files(self) -> list[Path]:
+        """The weight files the model is read from (not other formats or copies beside them)."""
+        return sorted(set(self._file_of.values()))
+
     def _open(self, file: Path):
         if file not in self._handles:
             if file.suffix == ".safetensors":

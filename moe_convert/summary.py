@@ -52,6 +52,7 @@ def fmt(value, spec: str) -> str:
 def load_config(path: str | Path):
     """A model directory's config.json, or a config .json file itself, as a transformers config."""
     import moe_convert  # noqa: F401  registers PRMoEConfig
+    from huggingface_hub.errors import StrictDataclassError  # transformers' typed config fields raise it
     from transformers import AutoConfig
 
     path = Path(path)
@@ -73,8 +74,8 @@ def load_config(path: str | Path):
         if d["model_type"] not in CONFIG_MAPPING:
             raise ValueError(f"model_type {d['model_type']!r} is not known to transformers")
         return AutoConfig.for_model(d.pop("model_type"), **d)
-    except (json.JSONDecodeError, ValueError) as e:
-        raise MoEConvertError(f"{file} is not a model config ({e})") from None
+    except (json.JSONDecodeError, ValueError, TypeError, StrictDataclassError) as e:  # the last: a field's type
+        raise MoEConvertError(f"{file} is not a model config ({str(e).splitlines()[0]})") from None
 
 
 def _count(module) -> int:
@@ -91,8 +92,12 @@ def summarize_config(config) -> ModelSummary:
 
     text = config.get_text_config()
     spec = host_spec(text.model_type)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError:  # a wrapper of a supported host, e.g. a vision-language model around Llama
+        raise MoEConvertError(f"model_type {config.model_type!r} is not a causal LM transformers builds with "
+                              f"AutoModelForCausalLM (its text model is {text.model_type!r}); give a causal LM") from None
     prefix = "host." if isinstance(model, PRMoEForCausalLM) else ""
     top_k = getattr(config, "num_experts_per_tok", 1) if prefix else 1
     rows = []
@@ -147,21 +152,32 @@ def config_from_manifest(m: dict):
                        aux_loss_coef=m.get("aux_loss_coef", 0.01))  # older manifests lack it: the default
 
 
+def _model_weight_files(path: Path) -> list[Path]:
+    """The weight files a model directory is loaded from (other formats and checkpoints beside them do not
+    count); none for a directory with only a config."""
+    from .io import CheckpointReader
+
+    try:
+        return CheckpointReader(path).files()
+    except MoEConvertError:
+        return []
+
+
 def summarize(path: str | Path) -> ModelSummary:
     """`inspect MODEL`: config-only counts plus what the weight files on disk say (size, dtype); an export
     directory is summarized from its manifest."""
     path = Path(path)
     manifest = export_manifest(path)
     summary = summarize_config(config_from_manifest(manifest) if manifest else load_config(path))
-    if manifest:
-        from .export import export_weight_files
+    from .export import export_weight_files
 
+    if manifest:
         missing = [f for f in export_weight_files(manifest) if not (path / f).is_file()]
         if missing:
             raise MoEConvertError(f"{path}: incomplete export, {', '.join(missing)} missing")
         summary.export = f"{manifest['format']} v{manifest['version']}, ep size {manifest.get('ep_size', 1)}"
     if path.is_dir():
-        files = [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES]
+        files = [path / f for f in export_weight_files(manifest)] if manifest else _model_weight_files(path)
         if files:
             summary.size_on_disk = sum(f.stat().st_size for f in files)
             dtypes = set().union(*(_safetensors_dtypes(f) for f in files if f.suffix == ".safetensors"))

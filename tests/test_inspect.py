@@ -90,6 +90,30 @@ def test_unknown_model_type_is_a_short_line(tmp_path):
     assert out.exit_code == 2 and "model_type 'nosuch' is not known" in out.output and len(out.output) < 200, out.output
 
 
+@pytest.mark.parametrize("config, message", [
+    ({"model_type": "gpt2", "n_layer": "x"}, "is not a model config"),  # a field of the wrong type
+    ({"model_type": "llava", "text_config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                            "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100}},
+     "model_type 'llava' is not a causal LM"),  # a wrapper of a supported host
+])
+def test_configs_transformers_refuses_are_one_line(tmp_path, config, message):
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    out = CliRunner().invoke(app, ["inspect", str(tmp_path / "c.json")])
+    assert out.exit_code == 2 and message in out.output and len(out.output.strip().splitlines()) == 1, out.output
+
+
+def test_size_on_disk_counts_the_weights_the_model_loads(tmp_path):
+    """Other formats and checkpoints beside the weights (a hub snapshot's .bin, a trainer's optimizer.pt)."""
+    from safetensors.torch import load_file
+
+    model = tiny_prmoe("gpt2", seed=2)
+    model.save_pretrained(tmp_path)
+    weights = (tmp_path / "model.safetensors").stat().st_size
+    torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    torch.save({"state": torch.zeros(1000)}, tmp_path / "optimizer.pt")
+    assert summarize(tmp_path).size_on_disk == weights
+
+
 @pytest.mark.parametrize("fmt, ep", [("safetensors", 2), ("deepspeed", 1)])
 def test_inspect_an_export_from_its_manifest(tmp_path, fmt, ep):
     """The same counts as the model it was made from, its own weight files' size and dtype."""
