@@ -296,6 +296,15 @@ def check_bench_args(tokens: int, hidden: int, experts: list[int], dtype: str, i
     if min(tokens, hidden, *experts, repeats) < 1:
         raise MoEConvertError("bench layer: --tokens, --hidden, --experts and --repeats must be >= 1")
     check_seed(seed, "--seed")
+    import psutil
+
+    copies = 1 + len(impls or IMPLS)  # the stacked weights, and at most one copy per implementation
+    need = copies * max(experts) * 8 * hidden * hidden * DTYPES[dtype].itemsize  # w_in + w_out, f = 4d
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise MoEConvertError(f"bench layer: E={max(experts)} experts of d={hidden} need about {need / 1e9:.1f} GB "
+                              f"for {copies} copies of their weights, {available / 1e9:.1f} GB is free; lower "
+                              f"--experts or --hidden, or bench fewer --impls")
 
 
 def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32", impls: list[str] | None = None,
@@ -303,12 +312,15 @@ def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32
                 on_step: Callable[[str], None] = lambda s: None) -> tuple[Machine, list[BenchRow]]:
     """Time every implementation on the same weights and input per expert count; medians over `repeats`."""
     check_bench_args(tokens, hidden, experts, dtype, impls, repeats, seed)
-    impls = impls or list(IMPLS)
-    if "deepspeed" in impls:
+    missing = {}  # implementation -> why it has no row
+    if "deepspeed" in (impls or IMPLS):
         try:
             deepspeed_moe_class()
         except ImportError:
-            impls = [i for i in impls if i != "deepspeed"]
+            if impls:  # asked for by name
+                raise MoEConvertError("--impls deepspeed: DeepSpeed is not installed (pip install deepspeed)") from None
+            missing["deepspeed"] = "skipped: DeepSpeed is not installed"
+    impls = impls or list(IMPLS)
     torch_dtype = DTYPES[dtype]
     machine = measure_machine(hidden, torch_dtype)
     rows: list[BenchRow] = []
@@ -317,8 +329,10 @@ def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32
         for E in experts:
             w = make_weights(E, hidden, torch_dtype, seed)
             x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed + 1)).to(torch_dtype)
-            fns, notes = {}, {}
+            fns, notes = {}, dict(missing)
             for name in impls:
+                if name in missing:
+                    continue
                 if name == "hf_batched_mm" and tokens * 2 * hidden * 4 * hidden * x.element_size() > BATCHED_MM_LIMIT:
                     notes[name] = "skipped: per-token weight copies exceed 2 GiB"
                     continue

@@ -28,7 +28,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-bench_app = typer.Typer(help="MoE layer and model speed against the anchors, as ratios.", no_args_is_help=True)
+bench_app = typer.Typer(help="MoE layer speed against DeepSpeed, transformers and the hardware floor, as ratios.",
+                        no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 console = Console()

@@ -52,6 +52,26 @@ def test_bench_layer_one_token_and_impls_lists():
 def test_bench_layer_bad_input():
     res = CliRunner().invoke(app, ["bench", "layer", "--tokens", "8", "--experts", "4", "--impls", "nope"])
     assert res.exit_code == 2 and "unknown nope" in res.output
+    for size in (["--experts", "99999999999999999999"], ["--hidden", "100000", "--experts", "64"]):
+        res = CliRunner().invoke(app, ["bench", "layer", "--tokens", "8", *size])
+        assert res.exit_code == 2 and "GB is free" in res.output and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_bench_layer_without_deepspeed(monkeypatch):
+    """Asked for by name, a missing DeepSpeed is an error; in the default set its row says why it is empty."""
+    from moe_convert import bench
+
+    def not_installed():
+        raise ImportError("No module named 'deepspeed'")
+    monkeypatch.setattr(bench, "deepspeed_moe_class", not_installed)
+    args = ["bench", "layer", "--tokens", "8", "--hidden", "32", "--experts", "4", "--repeats", "1"]
+    res = CliRunner().invoke(app, [*args, "--impls", "moe_convert,deepspeed"])
+    assert res.exit_code == 2 and "DeepSpeed is not installed" in res.output, res.output
+    rows = json.loads(CliRunner().invoke(app, [*args, "--impls", "moe_convert,hf_eager", "--json"]).stdout)
+    assert [r["impl"] for r in rows] == ["moe_convert", "hf_eager", "floor"]  # not asked for: no row
+    rows = {r["impl"]: r for r in json.loads(CliRunner().invoke(app, [*args, "--json"]).stdout)}
+    assert rows["deepspeed"]["ms"] is None and rows["deepspeed"]["note"] == "skipped: DeepSpeed is not installed"
+    assert rows["moe_convert"]["ms"] > 0 and rows["moe_convert"]["speedup_vs_deepspeed"] is None
 
 
 @pytest.mark.parametrize("kind", ["mlp", "gated"])
