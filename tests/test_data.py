@@ -55,8 +55,9 @@ def test_builtin_corpus_is_real_text_with_the_documented_split():
     assert not set(splits["train"]) & set(splits["eval"])
 
 
-def test_pack_is_tokens_plus_eos_concatenated_and_windowed(tokenizer):
-    docs = random_docs(random.Random(1), 30)
+@pytest.mark.parametrize("n_docs", [30, 2100])  # one batch of documents, and three
+def test_pack_is_tokens_plus_eos_concatenated_and_windowed(tokenizer, n_docs):
+    docs = random_docs(random.Random(1), n_docs)
     L = 17
     windows = pack(docs, tokenizer, L)
     stream = []
@@ -144,6 +145,9 @@ def test_library_errors_are_ours(tmp_path, tokenizer, cache):
         str(empty): "is empty",
         "builtin:nope": "no built-in corpus",
     }
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    cases[str(latin1)] = "UnicodeDecodeError"  # the error datasets wraps, not only its generic message
     for source, message in cases.items():
         with pytest.raises(MoEConvertError, match=message):
             load_packed(source, tokenizer, 8)
