@@ -322,8 +322,8 @@ class Trainer:
                     with nullcontext() if last else acc.no_sync(self.model):
                         out = self.loss_fn(self.model, batch, step)
                         acc.backward(out["loss"] / cfg.grad_accum)
-                    for k, v in out.items():
-                        sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+                    for k, v in out.items():  # logged values may live on the CPU (a loss_fn's counters)
+                        sums[k] = sums.get(k, 0.0) + v.detach().float().to(acc.device) / cfg.grad_accum
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.clip or float("inf"))
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
@@ -336,7 +336,7 @@ class Trainer:
                           "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt}
                 for k in ("loss", "ce"):  # the summary's last 10 steps, kept in checkpoints across a resume
                     self.recent[k] = (self.recent.get(k, []) + [record[k]])[-10:]
-                if done % cfg.log_every == 0 or done == stop:
+                if done % cfg.log_every == 0 or done == cfg.steps:  # not at --stop-after: a resume would log twice
                     self._log(record)
                 bar.update(task, completed=done, info=f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s")
                 final = done == cfg.steps

@@ -351,3 +351,18 @@ def test_eval_of_one_split_needs_no_window_in_the_other(dense_dir, tmp_path):
     train = json.loads(invoke([*args, "--split", "train", "--max-windows", "4"]).stdout)
     assert train["windows"] == 4 and math.isfinite(train["ppl"])
     assert perplexity(1e4) == math.inf and math.isnan(perplexity(float("nan")))  # a diverged model: no crash
+
+
+def test_log_cadence_survives_a_stop_and_resume(dense_dir, tmp_path):
+    """--log-every 2 stopped at an odd step: the resumed log has the records of an uninterrupted run."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    invoke(train_args(dense_dir, full, "--steps", "6", "--log-every", "2", "--save-every", "3"))
+    invoke(train_args(dense_dir, part, "--steps", "6", "--log-every", "2", "--save-every", "3", "--stop-after", "3"))
+    invoke(train_args(dense_dir, part, "--steps", "6", "--log-every", "2", "--save-every", "3", "--resume"))
+    assert [r["step"] for r in metrics_of(part)] == [r["step"] for r in metrics_of(full)] == [2, 4, 6]
+    assert losses(part) == losses(full)
+
+
+def test_a_run_that_is_all_warmup_says_how_far_the_lr_rose(dense_dir, tmp_path):
+    res = CliRunner().invoke(app, train_args(dense_dir, tmp_path / "o", "--steps", "2", "--warmup-steps", "10"))
+    assert res.exit_code == 0 and "the lr rose to 0.0006, 20% of --lr" in " ".join(res.stderr.split()), res.stderr
