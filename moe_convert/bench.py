@@ -296,6 +296,10 @@ def check_bench_args(tokens: int, hidden: int, experts: list[int], dtype: str, i
     if min(tokens, hidden, *experts, repeats) < 1:
         raise MoEConvertError("bench layer: --tokens, --hidden, --experts and --repeats must be >= 1")
     check_seed(seed, "--seed")
+
+
+def check_free_memory(hidden: int, experts: list[int], dtype: str, impls: list[str] | None) -> None:
+    """The weights fit in free memory now (checked when the bench starts, not when a recipe is planned)."""
     import psutil
 
     copies = 1 + len(impls or IMPLS)  # the stacked weights, and at most one copy per implementation
@@ -312,6 +316,7 @@ def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32
                 on_step: Callable[[str], None] = lambda s: None) -> tuple[Machine, list[BenchRow]]:
     """Time every implementation on the same weights and input per expert count; medians over `repeats`."""
     check_bench_args(tokens, hidden, experts, dtype, impls, repeats, seed)
+    check_free_memory(hidden, experts, dtype, impls)
     missing = {}  # implementation -> why it has no row
     if "deepspeed" in (impls or IMPLS):
         try:

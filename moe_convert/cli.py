@@ -451,7 +451,7 @@ def eval_(
         for col in ("windows", "tokens (scored)", "loss", "perplexity", "unigram ppl", "tokens/s"):
             table.add_column(col, justify="right")
         table.add_row(str(result["windows"]), f"{result['tokens']:,} ({result['scored_tokens']:,})",
-                      f"{result['loss']:.4f}", f"{result['ppl']:.2f}", f"{result['unigram_ppl']:.2f}",
+                      f"{result['loss']:.4f}", f"{result['ppl']:.2f}", fmt(result["unigram_ppl"], ".2f"),
                       f"{result['tokens_per_s']:,.0f}")
         console.print(table)
 

@@ -417,18 +417,31 @@ def write_model_files(model, config, out_dir: Path, tokenizer_from: str | Path) 
     copy_tokenizer_files(tokenizer_from, out_dir)
 
 
+def _names_no_tokenizer_class(dst: Path, names: list[str]) -> bool:
+    """Neither tokenizer.json nor a tokenizer_config.json with `tokenizer_class` among the copied files."""
+    if "tokenizer.json" in names:
+        return False
+    if "tokenizer_config.json" not in names:
+        return True
+    try:
+        return "tokenizer_class" not in json.loads((dst / "tokenizer_config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return True
+
+
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     """Copy the tokenizer files and generation_config.json found in `src` to `dst`; returns their names.
 
-    A tokenizer of vocab.json + merges.txt alone gets its class from `src`'s config.json, which `dst`
-    does not share (a PR-MoE model, an export without config.json): it is loaded from `src` and saved
-    in full into `dst` (tokenizer_config.json naming the class, tokenizer.json).
+    A tokenizer of vocab.json + merges.txt whose files do not name its class (no tokenizer.json, no
+    `tokenizer_class` in tokenizer_config.json) gets it from `src`'s config.json, which `dst` does not
+    share (a PR-MoE model, an export without config.json): it is loaded from `src` and saved in full
+    into `dst` (tokenizer_config.json naming the class, tokenizer.json).
     """
     src, dst = Path(src), Path(dst)
     names = sorted({p.name for pattern in TOKENIZER_FILES for p in src.glob(pattern) if p.is_file()})
     for name in names:
         shutil.copyfile(src / name, dst / name)
-    if any(n.startswith(("vocab", "merges")) for n in names) and not {"tokenizer.json", "tokenizer_config.json"} & set(names):
+    if any(n.startswith(("vocab", "merges")) for n in names) and _names_no_tokenizer_class(dst, names):
         from transformers import AutoTokenizer
 
         try:

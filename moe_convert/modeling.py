@@ -120,6 +120,15 @@ class PRMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def moe_layers(self) -> list[PRMoELayer]:
         return [m for m in self.modules() if isinstance(m, PRMoELayer)]
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        """Non-reentrant only: each MoE layer leaves its aux loss as a side output of the checkpointed
+        forward, which reentrant checkpointing runs without autograd (the aux loss would lose its gradient)."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.setdefault("use_reentrant", False):
+            raise ValueError("PRMoEForCausalLM: use_reentrant=True would cut the MoE aux loss off its gradient; "
+                             "use use_reentrant=False (the default here)")
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the MoE layers' load-balancing losses from the last forward (unweighted)."""
         losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
@@ -154,7 +163,11 @@ class PRMoEForCausalLM(PreTrainedModel, GenerationMixin):
             attentions=out.attentions,
         )
         use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        return result if use_dict else result.to_tuple()  # the fields that are set, in order, as hosts return
+        if use_dict:
+            return result
+        if loss is not None:
+            out["loss"] = loss  # with the MoE aux term
+        return out.to_tuple()  # the host's own tuple: (loss, logits, ...) with labels, (logits, ...) without
 
 
 PRMoEConfig.register_for_auto_class()

@@ -140,8 +140,8 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
         except MoEConvertError as e:
             where = f"{recipe.path}: " if recipe.path else ""
             raise MoEConvertError(f"{where}step {step.index} ({step.kind}): {e}") from None
-        if model is not None and step.kind in MAKES_MODEL:
-            configs[step.output] = (config, model)
+        if model is not None and (step.kind in MAKES_MODEL or (step.kind == "export" and spec.format == "hf")):
+            configs[step.output] = (config, model)  # a model directory later steps may name
         complete = is_complete(recipe, step, state)
         missing = f"model(s) {', '.join(absent)}: not a model directory (and no earlier step makes it)" if absent else ""
         plans.append(StepPlan(step.index, step.kind, step.output, complete, model, peak,

@@ -155,12 +155,11 @@ def config_from_manifest(m: dict):
 def _model_weight_files(path: Path) -> list[Path]:
     """The weight files a model directory is loaded from (other formats and checkpoints beside them do not
     count); none for a directory with only a config."""
-    from .io import CheckpointReader
+    from .io import BIN_INDEX, BIN_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS, CheckpointReader
 
-    try:
-        return CheckpointReader(path).files()
-    except MoEConvertError:
+    if not any((path / f).is_file() for f in (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)):
         return []
+    return CheckpointReader(path).files()  # a truncated or corrupt file: its one-line error
 
 
 def summarize(path: str | Path) -> ModelSummary:

@@ -192,7 +192,8 @@ def eval_model(model: str | Path, data: str, *, text_field: str = "text", seq_le
     if len(windows) == 0:
         raise MoEConvertError(f"eval: the {split} split is empty (eval_fraction={eval_fraction})")
     return {"model": str(model), "data": data, "split": split, **evaluate(lm, windows, batch_size, progress=progress),
-            "unigram_ppl": unigram_perplexity(packed.train, windows, len(tokenizer))}
+            # the baseline's frequencies come from the train split: none without it
+            "unigram_ppl": unigram_perplexity(packed.train, windows, len(tokenizer)) if len(packed.train) else None}
 
 
 class Trainer:

@@ -205,8 +205,9 @@ def test_default_dtype_is_the_stored_one(saved, tmp_path):
 
 
 def test_tokenizer_of_vocab_and_merges_only_loads_from_the_export(tmp_path):
-    """A dense model whose tokenizer is vocab.json + merges.txt (its class comes from config.json): the
-    PR-MoE model and its export, whose configs do not name it, get the tokenizer saved in full."""
+    """A dense model whose tokenizer is vocab.json + merges.txt and a tokenizer_config.json without a class
+    (which comes from config.json): the PR-MoE model and its export, whose configs do not name it, get the
+    tokenizer saved in full."""
     import shutil
 
     from tokenizers import Tokenizer
@@ -217,7 +218,7 @@ def test_tokenizer_of_vocab_and_merges_only_loads_from_the_export(tmp_path):
     dense = shutil.copytree(ROOT / "checkpoints" / "tiny-gpt2", tmp_path / "dense")
     Tokenizer.from_file(str(dense / "tokenizer.json")).model.save(str(dense))  # vocab.json + merges.txt
     (dense / "tokenizer.json").unlink()
-    (dense / "tokenizer_config.json").unlink()
+    (dense / "tokenizer_config.json").write_text('{"model_max_length": 256}')  # the old hub layout: no class
     upcycle(str(dense), tmp_path / "moe", pyramid="2,4", fidelity=False)
     result = export(tmp_path / "moe", tmp_path / "out")
     assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= set(result.tokenizer_files)

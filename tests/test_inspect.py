@@ -102,6 +102,14 @@ def test_configs_transformers_refuses_are_one_line(tmp_path, config, message):
     assert out.exit_code == 2 and message in out.output and len(out.output.strip().splitlines()) == 1, out.output
 
 
+def test_inspect_of_corrupt_weights_is_one_line(tmp_path):
+    tiny_prmoe("gpt2", seed=2).save_pretrained(tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:40])
+    out = CliRunner().invoke(app, ["inspect", str(tmp_path)])
+    assert out.exit_code == 2 and "model.safetensors" in out.output and len(out.output.strip().splitlines()) == 1
+
+
 def test_size_on_disk_counts_the_weights_the_model_loads(tmp_path):
     """Other formats and checkpoints beside the weights (a hub snapshot's .bin, a trainer's optimizer.pt)."""
     from safetensors.torch import load_file

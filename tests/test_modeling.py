@@ -134,13 +134,23 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(host):
         torch.testing.assert_close(ckpt[2][name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_return_dict_false_gives_a_tuple(host):
+def test_return_dict_false_gives_the_hosts_tuple(host):
+    """As the host returns it: (loss, logits, ...) with labels, logits first without (the loss holds the aux term)."""
     model = tiny_prmoe(host, seed=7).eval()
     ids = torch.randint(0, VOCAB, (2, 6))
     with torch.no_grad():
         full = model(ids, labels=ids)
-        loss, aux, logits, *_ = model(ids, labels=ids, return_dict=False)  # MoeCausalLMOutputWithPast's order
-    assert torch.equal(loss, full.loss) and torch.equal(logits, full.logits) and torch.equal(aux, full.aux_loss)
+        loss, logits, *_ = model(ids, labels=ids, return_dict=False)
+        no_labels = model(ids, return_dict=False)
+    assert torch.equal(loss, full.loss) and torch.equal(logits, full.logits)
+    assert torch.equal(no_labels[0], full.logits)
+
+
+def test_reentrant_checkpointing_is_refused(host):
+    """Reentrant checkpointing runs the forward without autograd: the aux loss would lose its gradient."""
+    model = tiny_prmoe(host, seed=8)
+    with pytest.raises(ValueError, match="use_reentrant=True would cut the MoE aux loss"):
+        model.gradient_checkpointing_enable({"use_reentrant": True})
 
 
 def test_moe_layers_placed_as_configured(host):

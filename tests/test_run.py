@@ -249,6 +249,22 @@ def test_what_the_models_decide_is_refused_before_any_step_runs(tmp_path, steps,
         assert dry.exit_code == 2 and message in dry.output
 
 
+def test_an_hf_export_is_a_model_later_steps_read(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output: {tmp_path / 'run'}\nsteps:\n"
+                      "  - upcycle: {source: checkpoints/tiny-gpt2, pyramid: '2,4', fidelity: false}\n"
+                      "  - export: {format: hf}\n"
+                      f"  - eval: {{data: 'builtin:pydoc', models: [{tmp_path / 'run' / '1-export'}]}}\n")
+    dry = CliRunner().invoke(app, ["run", str(recipe), "--dry-run", "--json"])
+    assert dry.exit_code == 0 and not json.loads(dry.stdout)[2]["missing"], dry.output
+
+
+def test_a_bench_step_is_planned_whatever_memory_is_free_now():
+    """Free memory is checked when the bench runs, not when the recipe is read (a --dry-run elsewhere)."""
+    (step,) = parse_recipe({"steps": [{"bench": {"hidden": 8192, "experts": "512"}}]}).steps
+    assert step.spec.hidden == 8192
+
+
 def test_a_moved_teacher_cache_is_no_changed_setting():
     """`--resume` and `run` share which settings only say where something is kept (config.WHERE_ONLY)."""
     from dataclasses import asdict

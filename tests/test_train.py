@@ -342,7 +342,7 @@ def test_eval_of_one_split_needs_no_window_in_the_other(dense_dir, tmp_path):
     from moe_convert.data import is_eval_document
     from moe_convert.train import perplexity
 
-    text = next(t for t in (f"alpha{i} beta gamma " * 300 for i in range(50)) if not is_eval_document(t, 0.1))
+    text = next(t for t in (f"alpha{i} beta gamma " * 300 for i in range(50)) if not is_eval_document(t.strip(), 0.1))
     (tmp_path / "one.txt").write_text(text)  # one document (no blank line), in the train split
     args = ["eval", str(dense_dir), "--data", str(tmp_path / "one.txt"), "--seq-len", str(SEQ), "--json"]
     held_out = CliRunner().invoke(app, args)
@@ -350,6 +350,10 @@ def test_eval_of_one_split_needs_no_window_in_the_other(dense_dir, tmp_path):
         in held_out.output, held_out.output
     train = json.loads(invoke([*args, "--split", "train", "--max-windows", "4"]).stdout)
     assert train["windows"] == 4 and math.isfinite(train["ppl"])
+    held = next(t for t in (f"delta{i} beta gamma " * 300 for i in range(50)) if is_eval_document(t.strip(), 0.1))
+    (tmp_path / "held.txt").write_text(held)  # one document, held out: no train split for the baseline
+    scored = json.loads(invoke([*args[:3], str(tmp_path / "held.txt"), *args[4:], "--max-windows", "4"]).stdout)
+    assert scored["windows"] == 4 and scored["unigram_ppl"] is None
     assert perplexity(1e4) == math.inf and math.isnan(perplexity(float("nan")))  # a diverged model: no crash
 
 
