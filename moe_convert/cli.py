@@ -128,7 +128,7 @@ def upcycle(
     max_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB, 2GiB."),
     dtype: str = typer.Option("auto", help="Output dtype: auto (the source's), fp32, bf16, fp16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (only once the new one is complete). Default: off."),
-    fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="Load both models and measure max |dlogits|, KL and expert spread on a fixed sample (skipped automatically when the upcycled model needs over half the free RAM). Default: on."),
+    fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="Load both models and measure max |dlogits|, KL and expert spread on a fixed sample (skipped automatically when the upcycled model needs over half the free RAM). It holds the upcycled model in memory: --no-fidelity keeps upcycle within the dense model's memory. Default: on."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table. Default: off."),
 ):
     """Dense HF checkpoint (hub id or local dir) -> PR-MoE checkpoint dir, streaming."""

@@ -200,12 +200,24 @@ class CheckpointReader:
             elif not file.is_file():
                 raise MoEConvertError(f"{file} is missing")
             else:  # pickled state dict: tensors only, memory-mapped so nothing is read up front
-                try:
-                    self._handles[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-                except Exception as e:  # pickle errors on truncated or corrupt files
-                    raise MoEConvertError(f"cannot read {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                                          " (truncated or corrupt?)") from None
+                self._handles[file] = self._load_pickled(file)
         return self._handles[file]
+
+    @staticmethod
+    def _load_pickled(file: Path) -> dict:
+        """A torch.save'd state dict, memory-mapped; one saved in torch's pre-1.6 format cannot be, so it
+        is read whole (the only case that holds a shard in memory)."""
+        for mmap in (True, False):
+            try:
+                return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if mmap and "mmap can only be used with files saved with" in str(e):
+                    continue  # the legacy format: no zip archive to map
+                error = e
+            except Exception as e:  # pickle errors on truncated or corrupt files
+                error = e
+            raise MoEConvertError(f"cannot read {file}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+                                  " (truncated or corrupt?)") from None
 
     def keys(self) -> list[str]:
         return list(self._file_of)
@@ -224,10 +236,13 @@ class CheckpointReader:
     def _meta(self, name: str) -> tuple[torch.Size, torch.dtype]:
         file = self._file_of[name]
         handle = self._open(file)
-        if file.suffix != ".safetensors":
-            t = handle[name]
-            return t.shape, t.dtype
-        s = handle.get_slice(name)
+        try:
+            if file.suffix != ".safetensors":
+                t = handle[name]
+                return t.shape, t.dtype
+            s = handle.get_slice(name)
+        except Exception:  # an index that names the wrong shard
+            raise MoEConvertError(f"{file} has no tensor {name!r}, though the index puts it there") from None
         return torch.Size(s.get_shape()), TORCH_DTYPES[s.get_dtype()]
 
     def shape(self, name: str) -> torch.Size:

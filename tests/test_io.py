@@ -95,11 +95,12 @@ def test_reader_single_sharded_and_bin(tmp_path):
         d = tmp_path / name
         write(d, tensors, cap)
         (d / "config.json").write_text('{"model_type": "gpt2"}')
-    d = tmp_path / "bin"
-    d.mkdir()
-    torch.save(tensors, d / "pytorch_model.bin")
-    (d / "config.json").write_text('{"model_type": "gpt2"}')
-    for name in ("single", "sharded", "bin"):
+    for name, zipped in (("bin", True), ("legacy_bin", False)):  # torch's zip format, and the pre-1.6 one
+        d = tmp_path / name
+        d.mkdir()
+        torch.save(tensors, d / "pytorch_model.bin", _use_new_zipfile_serialization=zipped)
+        (d / "config.json").write_text('{"model_type": "gpt2"}')
+    for name in ("single", "sharded", "bin", "legacy_bin"):
         r = CheckpointReader(tmp_path / name)
         assert r.config == {"model_type": "gpt2"} and sorted(r.keys()) == sorted(tensors)
         for k, v in tensors.items():
@@ -117,6 +118,19 @@ def test_reader_errors_name_the_file(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 17])
     with pytest.raises(MoEConvertError, match="model.safetensors.*truncated or corrupt"):
         CheckpointReader(tmp_path)
+
+
+def test_reader_of_a_stale_index_names_the_tensor(tmp_path):
+    tensors = random_tensors(4)
+    write(tmp_path, tensors, 200)  # sharded, with an index
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    index = json.loads((tmp_path / SAFE_INDEX).read_text())
+    name = next(iter(tensors))
+    others = sorted(set(index["weight_map"].values()) - {index["weight_map"][name]})
+    index["weight_map"][name] = others[0]  # a shard that does not hold it
+    (tmp_path / SAFE_INDEX).write_text(json.dumps(index))
+    with pytest.raises(MoEConvertError, match=f"has no tensor '{name}', though the index puts it there"):
+        CheckpointReader(tmp_path).dtype(name)
 
 
 @pytest.mark.parametrize("text,size", [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30),
