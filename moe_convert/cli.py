@@ -671,6 +671,9 @@ def run(
         if json_out:
             print_json({"report": str(report), "models": rows})
             return
+        if not rows:  # no eval step: nothing scored to tabulate
+            console.print(f"{recipe}: done, no eval step scored a model; report: {report}")
+            return
         from rich.table import Table
 
         table = Table(title=f"{recipe}: summary (report: {report})")

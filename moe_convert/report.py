@@ -96,6 +96,8 @@ def summary_rows(recipe, state: dict) -> list[dict]:
 
     rows = []
     for index, entry in sorted(state.items(), key=lambda kv: int(kv[0])):
+        if entry.get("stale"):  # not run again since an earlier step changed (an interrupted run)
+            continue
         if entry["kind"] != "eval":
             continue
         for ev in entry["result"]:
@@ -114,6 +116,8 @@ def bench_lines(state: dict) -> list[str]:
 
     lines = []
     for index, entry in sorted(state.items(), key=lambda kv: int(kv[0])):
+        if entry.get("stale"):  # not run again since an earlier step changed (an interrupted run)
+            continue
         if entry["kind"] != "bench":
             continue
         m, rows = entry["result"]["machine"], entry["result"]["rows"]

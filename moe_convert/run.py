@@ -161,8 +161,11 @@ def _resume_note(step: Step, complete: bool) -> str:
 
 
 def is_complete(recipe: Recipe, step: Step, state: dict) -> bool:
-    """The step's output is finished (`state`: the run's `run_state.json`, which records eval and bench)."""
+    """The step's output is finished (`state`: the run's `run_state.json`, which records eval and bench)
+    and not stale: made before an earlier step of this run ran again (`_mark_stale`)."""
     out = Path(step.output)
+    if state.get(str(step.index), {}).get("stale"):
+        return False
     if step.kind in MAKES_MODEL:
         return (out / "config.json").is_file()  # written last by each of them
     if step.kind == "export":
@@ -176,8 +179,16 @@ def _read_state(recipe: Recipe) -> dict:
 
 
 def _write_state(recipe: Recipe, index: int, result) -> None:
-    state = _read_state(recipe)
-    state[str(index)] = result
+    _save_state(recipe, {**_read_state(recipe), str(index): result})
+
+
+def _mark_stale(recipe: Recipe, steps: list[Step]) -> None:
+    """`steps` (after one about to run again) are to be redone: their outputs stop counting as complete
+    now, so a run interrupted before it reaches them does not skip them next time."""
+    _save_state(recipe, {**_read_state(recipe), **{str(s.index): {"kind": s.kind, "stale": True} for s in steps}})
+
+
+def _save_state(recipe: Recipe, state: dict) -> None:
     recipe.output.mkdir(parents=True, exist_ok=True)
     tmp = recipe.output / f"{STATE_FILE}.tmp"
     tmp.write_text(json.dumps(state, indent=1, default=str))
@@ -264,14 +275,18 @@ def execute(recipe: Recipe, on_step=lambda step, status: None) -> dict:
             break
         if plan.changed:
             raise MoEConvertError(plan.changed)
+    state = _read_state(recipe)
+    stale = {i for i, entry in state.items() if entry.get("stale")}  # their checkpoints predate their input too
     ran = False
     for step, plan in zip(recipe.steps, plans):
         if not ran and plan.complete:
             on_step(step, "skip")
             continue
         on_step(step, "start")
+        if not ran:  # every later step runs again: until it has, its old output is not the recipe's
+            _mark_stale(recipe, [s for s in recipe.steps if s.index > step.index])
         start = time.perf_counter()
-        result = run_step(step, fresh=ran)
+        result = run_step(step, fresh=ran or str(step.index) in stale)
         ran = True
         if step.kind in ("eval", "bench"):  # their output directory holds their results
             Path(step.output).mkdir(parents=True, exist_ok=True)

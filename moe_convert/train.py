@@ -368,9 +368,13 @@ class Trainer:
                 model = model.to(dtype)
             tmp = self.out_dir / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-            apply_umask(tmp)
+            try:
+                model.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+                apply_umask(tmp)
+            except BaseException:  # interrupted or failed: no half-written model left beside the checkpoints
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             (self.out_dir / "config.json").unlink(missing_ok=True)
             for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
                 os.replace(f, self.out_dir / f.name)

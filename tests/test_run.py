@@ -249,6 +249,37 @@ def test_what_the_models_decide_is_refused_before_any_step_runs(tmp_path, steps,
         assert dry.exit_code == 2 and message in dry.output
 
 
+def test_a_run_interrupted_after_a_rerun_step_does_not_skip_the_later_ones(tmp_path):
+    """Once a step runs again, every later output is stale until redone, also across an interruption
+    (the next run used to skip them: an export and eval of the old model, reported as current)."""
+    from moe_convert.run import execute
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output: {tmp_path / 'run'}\nsteps:\n"
+                      "  - upcycle: {source: checkpoints/tiny-gpt2, pyramid: '2,4', fidelity: false}\n"
+                      "  - export: {}\n"
+                      "  - eval: {data: 'builtin:pydoc', seq_len: 32, max_windows: 4}\n")
+    execute(load_recipe(recipe))
+    shutil.rmtree(tmp_path / "run" / "0-upcycle")
+    exported = (tmp_path / "run" / "1-export").stat().st_mtime_ns
+
+    def stop_at_export(step, status):
+        if step.kind == "export" and status == "start":
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        execute(load_recipe(recipe, ["upcycle.seed=2"]), on_step=stop_at_export)
+    plans = plan_recipe(load_recipe(recipe, ["upcycle.seed=2"]))
+    assert [p.complete for p in plans] == [True, False, False]  # the old export and eval no longer count
+    state = execute(load_recipe(recipe, ["upcycle.seed=2"]))
+    no_eval = tmp_path / "no_eval.yaml"  # a recipe that scores nothing ends with a line, not an empty table
+    no_eval.write_text(f"output: {tmp_path / 'run2'}\nsteps:\n"
+                       "  - upcycle: {source: checkpoints/tiny-gpt2, pyramid: '2,4', fidelity: false}\n")
+    done = CliRunner().invoke(app, ["run", str(no_eval)])
+    assert done.exit_code == 0 and "no eval step scored a model; report:" in done.output, done.output
+    assert (tmp_path / "run" / "1-export").stat().st_mtime_ns != exported
+    assert state["0"]["settings"]["seed"] == 2 and not any(e.get("stale") for e in state.values())
+
+
 def test_an_hf_export_is_a_model_later_steps_read(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"output: {tmp_path / 'run'}\nsteps:\n"

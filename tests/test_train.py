@@ -370,3 +370,20 @@ def test_log_cadence_survives_a_stop_and_resume(dense_dir, tmp_path):
 def test_a_run_that_is_all_warmup_says_how_far_the_lr_rose(dense_dir, tmp_path):
     res = CliRunner().invoke(app, train_args(dense_dir, tmp_path / "o", "--steps", "2", "--warmup-steps", "10"))
     assert res.exit_code == 0 and "the lr rose to 0.0006, 20% of --lr" in " ".join(res.stderr.split()), res.stderr
+
+
+def test_an_interrupted_final_save_leaves_no_half_model(dense_dir, tokenizer, tmp_path):
+    """Ctrl-C while the final model is written: nothing that looks like a model is left (the temporary
+    folder held config.json beside a partial model.safetensors)."""
+    data = load_packed(DATA, tokenizer, SEQ)
+    cfg = TrainConfig(steps=1, batch_size=4, warmup_steps=1, eval_every=0, eval_windows=4)
+    trainer = Trainer(load_model(dense_dir), data, cfg, tmp_path / "o", progress=False)
+    trainer.fit()
+
+    class InterruptedTokenizer:  # what Ctrl-C during the tokenizer's write looks like to save_model
+        def save_pretrained(self, path):
+            (Path(path) / "tokenizer.json").write_text("{")
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_model(InterruptedTokenizer())
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["metrics.jsonl"]
