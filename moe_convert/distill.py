@@ -107,10 +107,22 @@ def student_config(teacher_config, plan: StudentPlan):
     return cfg
 
 
-def build_student(teacher: torch.nn.Module, plan: StudentPlan, init: str = "teacher", seed: int = 0):
-    """A student model; `init="teacher"` copies the kept layers, embeddings, final norm and head."""
+def check_student_init(teacher_config, plan: StudentPlan, init: str) -> None:
+    """`init="teacher"` copies layers to new indices: refused where a layer's index is part of what it
+    computes (GPT-2 with `scale_attn_by_inverse_layer_idx` scales attention by 1 / (index + 1))."""
     if init not in ("teacher", "scratch"):
         raise MoEConvertError(f"student_init: must be 'teacher' or 'scratch', got {init!r}")
+    host, _ = _host_and_moe(teacher_config)
+    moved = plan.kept != list(range(len(plan.kept)))
+    if init == "teacher" and moved and getattr(host, "scale_attn_by_inverse_layer_idx", False):
+        raise MoEConvertError("student_init: this GPT-2 scales each layer's attention by 1 / (layer index + 1) "
+                              "(scale_attn_by_inverse_layer_idx), so a copied layer would compute otherwise at its "
+                              "new index; keep the first layers (--keep-layers 0,1,...) or use --student-init scratch")
+
+
+def build_student(teacher: torch.nn.Module, plan: StudentPlan, init: str = "teacher", seed: int = 0):
+    """A student model; `init="teacher"` copies the kept layers, embeddings, final norm and head."""
+    check_student_init(teacher.config, plan, init)
     cfg = student_config(teacher.config, plan)
     torch.manual_seed(seed)
     student = type(teacher)(cfg)
@@ -151,29 +163,40 @@ def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: f
     return {"ce": ce, "kd": kd, "loss": (1 - alpha) * ce + alpha * kd}
 
 
+# Stands in for -inf where a token is masked out of a logsumexp: finite, so a position whose top K hold
+# every token (K = V) gives exp(...) = 0 and finite gradients instead of -inf - (-inf) = nan.
+_MASKED = -1e30
+
+
 def kd_loss_top_k(student_logits, top_values, top_ids, rest_lse, labels, alpha: float,
                   temperature: float) -> dict[str, torch.Tensor]:
     """`kd_loss` with the teacher known by its K largest logits per position, top_values and top_ids
-    (B, S, K), and rest_lse (B, S): logsumexp of all its logits / T. KL runs over K + 1 outcomes: the K
-    tokens and "any other token", whose probability is what the K leave (for the student, what its
-    full softmax puts outside them). With K = V this is `kd_loss` exactly."""
+    (B, S, K), and rest_lse (B, S): logsumexp / T of its other logits (`top_k_of`). KL runs over K + 1
+    outcomes: the K tokens and "any other token", whose probability is what the K leave (for the student,
+    what its full softmax puts outside them). Everything is in log space, so a mass of 1e-30 outside the
+    top K is still scored as such (1 - sum(p) rounds it to 0). With K = V this is `kd_loss` exactly."""
     mask = labels[:, 1:] != -100  # (B, S-1)
     s = student_logits[:, :-1][mask].float()  # (N, V)
+    ids = top_ids[:, :-1][mask]  # (N, K)
     ce = F.cross_entropy(s, labels[:, 1:][mask])
-    log_ps = F.log_softmax(s / temperature, dim=-1).gather(-1, top_ids[:, :-1][mask])  # (N, K)
-    log_pt = top_values[:, :-1][mask].float() / temperature - rest_lse[:, :-1][mask].float()[:, None]  # (N, K)
-    tiny = torch.finfo(torch.float32).tiny
-    pt_rest = (1 - log_pt.exp().sum(-1)).clamp_min(0)  # (N,) the teacher's mass beyond its top K
-    ps_rest = (1 - log_ps.exp().sum(-1)).clamp_min(tiny)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1) + pt_rest * (pt_rest.clamp_min(tiny).log() - ps_rest.log())
+    st = s / temperature
+    lse_s = st.logsumexp(-1)  # (N,)
+    log_ps = st.gather(-1, ids) - lse_s[:, None]  # (N, K)
+    log_ps_rest = st.scatter(-1, ids, _MASKED).logsumexp(-1) - lse_s  # (N,)
+    vt = top_values[:, :-1][mask].float() / temperature  # (N, K)
+    rest_t = rest_lse[:, :-1][mask].float()  # (N,)
+    lse_t = torch.logaddexp(vt.logsumexp(-1), rest_t)
+    log_pt, log_pt_rest = vt - lse_t[:, None], rest_t - lse_t
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1) + log_pt_rest.exp() * (log_pt_rest - log_ps_rest)
     kd = temperature**2 * kl.mean()
     return {"ce": ce, "kd": kd, "loss": (1 - alpha) * ce + alpha * kd}
 
 
 def top_k_of(teacher_logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, ...]:
-    """What `kd_loss_top_k` needs of teacher logits (B, S, V): values and ids (B, S, K), logsumexp (B, S)."""
+    """What `kd_loss_top_k` needs of teacher logits (B, S, V): values and ids (B, S, K), and the
+    logsumexp / T of the logits outside the top K (B, S)."""
     values, ids = teacher_logits.topk(k, dim=-1)
-    return values, ids, (teacher_logits.float() / temperature).logsumexp(-1)
+    return values, ids, (teacher_logits.float() / temperature).scatter(-1, ids, _MASKED).logsumexp(-1)
 
 
 # --- the staged-KD run ---------------------------------------------------------------------------
@@ -206,13 +229,17 @@ class StagedKD:
         if self.top_k is None:
             logs = kd_loss(out.logits, self._teacher_logits(batch).clone(), batch, self.alpha, self.temperature)
         else:
-            cached = self.cache.get(batch) if self.cache else None
-            logs = {"teacher_cached": torch.tensor(float(cached is not None))}
-            if cached is None:
-                cached = top_k_of(self._teacher_logits(batch), self.top_k, self.temperature)
+            kept = self.cache.get(batch) if self.cache else [None] * len(batch)  # per window: entry or None
+            missing = [i for i, entry in enumerate(kept) if entry is None]
+            logs = {"teacher_cached": torch.tensor(float(not missing))}
+            if missing:  # the teacher runs on the whole batch, as in a run that would have filled them all
+                fresh = top_k_of(self._teacher_logits(batch), self.top_k, self.temperature)
                 if self.cache:
-                    self.cache.put(batch, *cached)
-            values, ids, rest = (t.clone() for t in cached)
+                    self.cache.put(batch[missing], *(t[missing] for t in fresh))
+                for i in missing:
+                    kept[i] = tuple(t[i] for t in fresh)
+            # kept windows give what the run that filled them computed, also when others had to be computed now
+            values, ids, rest = (torch.stack([entry[j] for entry in kept]).to(batch.device).clone() for j in range(3))
             logs |= kd_loss_top_k(out.logits, values, ids, rest, batch, self.alpha, self.temperature)
         aux = getattr(out, "aux_loss", None)
         if aux is not None:
@@ -278,6 +305,7 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
     check_job_for_model(job, config)
     tokenizer = load_tokenizer(job.model)
     plan = plan_student(config, job.student_layers, job.keep_layers)
+    check_student_init(config, plan, job.student_init)
     data = load_job_data(job, tokenizer, state, config)
     settings = job_settings(job, data)
     if resume:  # refused before the teacher loads

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import CHECKPOINT, ROOT, free_port, metrics_of
+from conftest import CHECKPOINT, ROOT, VOCAB, free_port, metrics_of, tiny_prmoe
 from moe_convert.cli import app
 from moe_convert.distill import DistillJob, StagedKD, build_student, plan_student, run_distill
 from moe_convert.errors import MoEConvertError
@@ -96,11 +96,35 @@ def test_teacher_cache_gives_what_the_teacher_gives(teacher, data_file, tmp_path
     assert [r["loss"] for r in runs["warm"]] == [r["loss"] for r in runs["cold"]]
     assert all(r["teacher_cached"] == 1.0 for r in runs["warm"])
     (entries,) = [d for d in (tmp_path / "tc").iterdir()]
-    assert entries.name.endswith("-fp32-top8-T1.0") and len(list(entries.glob("*.safetensors"))) > 0
+    assert entries.name.endswith("-fp32-top8-T1.0-v2") and len(list(entries.glob("*.safetensors"))) > 0
     nocache = run_distill(job(teacher, data_file, tmp_path / "plain", kd_stop=1.0, kd_top_k=8, cfg={"steps": 12}),
                           progress=False)
     assert [r["loss"] for r in metrics_of(tmp_path / "plain")] == [r["loss"] for r in runs["cold"]]
     assert nocache.kd_steps == 12
+
+
+def test_partly_kept_batches_and_damaged_entries(tmp_path):
+    """A batch with some windows kept gives their kept values (not the teacher's of this batch), and an
+    entry that cannot be read is computed again instead of stopping the run with a traceback."""
+    from moe_convert.teacher_cache import TeacherCache
+
+    torch.manual_seed(0)
+    teacher = tiny_prmoe("gpt2", seed=1).eval()
+    student = tiny_prmoe("gpt2", seed=2)
+    cache = TeacherCache(tmp_path, "config+weights abc", 4, 1.0, "fp32")
+    kd = StagedKD(teacher, kd_steps=10, alpha=0.5, temperature=1.0, top_k=4, cache=cache)
+    batch = torch.randint(0, VOCAB, (3, 9))
+    kd.loss(student, batch[:2], 0)  # keeps windows 0 and 1
+    files = [cache._file(w) for w in batch]
+    kept = [cache._read(f) for f in files[:2]]
+    kept[0] = (kept[0][0] + 0.25, *kept[0][1:])  # what another batch's forward might have left there
+    save_file({"values": kept[0][0], "ids": kept[0][1].int(), "rest_lse": kept[0][2]}, files[0])
+    files[1].write_bytes(b"\x00" * 10)  # damaged
+    logs = kd.loss(student, batch, 1)
+    assert logs["teacher_cached"] == 0 and all(f.is_file() for f in files)  # rewritten and added
+    assert torch.equal(cache._read(files[0])[0], kept[0][0])  # the kept entry stays, and is what was used:
+    got = kd.loss(student, batch, 2)
+    assert got["teacher_cached"] == 1 and torch.equal(got["kd"], logs["kd"])
 
 
 def test_a_bad_teacher_cache_is_refused_before_the_old_output_goes(teacher, data_file, tmp_path):

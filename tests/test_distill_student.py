@@ -65,6 +65,20 @@ def test_dense_teacher_student():
     assert student_config(teacher.config, plan).n_layer == 2
 
 
+def test_a_layer_index_that_shapes_attention_refuses_teacher_init():
+    """GPT-2 with scale_attn_by_inverse_layer_idx: a kept layer at a new index would compute otherwise."""
+    teacher = GPT2LMHeadModel(tiny_gpt2_config(scale_attn_by_inverse_layer_idx=True))
+    with pytest.raises(MoEConvertError, match="scale_attn_by_inverse_layer_idx"):
+        build_student(teacher, plan_student(teacher.config, -2), "teacher")
+    first = build_student(teacher, plan_student(teacher.config, 2, "0,1"), "teacher")  # same indices: allowed
+    ids = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        want = teacher.transformer.ln_f(teacher(ids, output_hidden_states=True).hidden_states[2])  # after block 1
+        got = first(ids, output_hidden_states=True).hidden_states[2]  # the student's last: ln_f applied
+    torch.testing.assert_close(got, want)
+    build_student(teacher, plan_student(teacher.config, -2), "scratch")
+
+
 def test_top_k_kd_is_full_kd_at_k_v_and_keeps_the_rest_as_one_outcome():
     torch.manual_seed(3)
     s, t = torch.randn(2, 6, 11) * 2, torch.randn(2, 6, 11) * 2
@@ -83,6 +97,26 @@ def test_top_k_kd_is_full_kd_at_k_v_and_keeps_the_rest_as_one_outcome():
     want = 1.7**2 * (pt * (pt.log() - ps.log())).sum(-1).mean()
     got = kd_loss_top_k(s, values, ids, lse, labels, 0.3, 1.7)["kd"]
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_top_k_kd_scores_a_tiny_outside_mass_in_log_space():
+    """A confident student puts ~1e-12 outside the teacher's top 2: 1 - sum(p) rounds that to 0 in fp32,
+    which overstated KL and left no gradient back towards the other tokens. fp64 is the oracle."""
+    t = torch.tensor([[[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5], [0.0] * 8]])
+    s = torch.tensor([[[40.0, 30.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0] * 8]], requires_grad=True)
+    labels = torch.tensor([[0, 1]])
+
+    def oracle(s):  # K + 1 outcomes from full softmaxes, in fp64
+        pt, ps = t[0, 0].double().softmax(-1), s[0, 0].double().softmax(-1)
+        p = torch.stack([pt[0], pt[1], pt[2:].sum()])
+        q = torch.stack([ps[0], ps[1], ps[2:].sum()])
+        return (p * (p.log() - q.log())).sum()
+    got = kd_loss_top_k(s, *top_k_of(t, 2, 1.0), labels, 0.0, 1.0)["kd"]
+    want = oracle(s)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    (g,) = torch.autograd.grad(got, s)
+    (w,) = torch.autograd.grad(oracle(s), s)
+    torch.testing.assert_close(g[0, 0].double(), w[0, 0].double(), rtol=1e-4, atol=1e-9)
 
 
 def test_kd_loss_is_the_formula_on_hand_made_logits():
