@@ -298,17 +298,21 @@ def check_bench_args(tokens: int, hidden: int, experts: list[int], dtype: str, i
     check_seed(seed, "--seed")
 
 
-def check_free_memory(hidden: int, experts: list[int], dtype: str, impls: list[str] | None) -> None:
-    """The weights fit in free memory now (checked when the bench starts, not when a recipe is planned)."""
+def check_free_memory(tokens: int, hidden: int, experts: list[int], dtype: str, impls: list[str] | None) -> None:
+    """The weights and activations fit in free memory now (checked when the bench starts, not when a
+    recipe is planned)."""
     import psutil
 
     copies = 1 + len(impls or IMPLS)  # the stacked weights, and at most one copy per implementation
-    need = copies * max(experts) * 8 * hidden * hidden * DTYPES[dtype].itemsize  # w_in + w_out, f = 4d
+    size = DTYPES[dtype].itemsize
+    need = copies * max(experts) * 8 * hidden * hidden * size  # w_in + w_out, f = 4d
+    need += 16 * tokens * 4 * hidden * size  # a few (T, 4d) intermediates (the dense FFN doubles T)
     available = psutil.virtual_memory().available
     if need > available:
-        raise MoEConvertError(f"bench layer: E={max(experts)} experts of d={hidden} need about {need / 1e9:.1f} GB "
-                              f"for {copies} copies of their weights, {available / 1e9:.1f} GB is free; lower "
-                              f"--experts or --hidden, or bench fewer --impls")
+        raise MoEConvertError(f"bench layer: T={tokens}, E={max(experts)} experts of d={hidden} need about "
+                              f"{need / 1e9:.1f} GB for the weights ({copies} copies) and activations, "
+                              f"{available / 1e9:.1f} GB is free; lower --tokens, --experts or --hidden, or bench "
+                              f"fewer --impls")
 
 
 def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32", impls: list[str] | None = None,
@@ -316,7 +320,7 @@ def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32
                 on_step: Callable[[str], None] = lambda s: None) -> tuple[Machine, list[BenchRow]]:
     """Time every implementation on the same weights and input per expert count; medians over `repeats`."""
     check_bench_args(tokens, hidden, experts, dtype, impls, repeats, seed)
-    check_free_memory(hidden, experts, dtype, impls)
+    check_free_memory(tokens, hidden, experts, dtype, impls)
     missing = {}  # implementation -> why it has no row
     if "deepspeed" in (impls or IMPLS):
         try:

@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import MoEConvertError
 
+MAX_EXPERTS = 1_000_000  # per MoE layer: far past any model, and before torch's integer sizes overflow
+MAX_TEMPERATURE = 1e4  # KD softmax temperature: past it every distribution is flat (and T^2 overflows later)
+
 MIXED_PRECISION = ("no", "bf16", "fp16")
 SAVE_DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
@@ -49,8 +52,9 @@ class MoELayout:
                     f"(allowed 0..{self.num_layers - 1})"
                 )
         for layer, e in zip(self.moe_layers, self.num_experts):
-            if e < 1:
-                raise MoEConvertError(f"num_experts: every MoE layer needs >= 1 expert, got {e} at layer {layer}")
+            if not 1 <= e <= MAX_EXPERTS:
+                raise MoEConvertError(f"num_experts: every MoE layer needs 1 to {MAX_EXPERTS:,} experts, got {e} "
+                                      f"at layer {layer}")
         if self.num_experts and not 1 <= self.top_k <= min(self.num_experts):
             raise MoEConvertError(
                 f"top_k: must be between 1 and the smallest expert count ({min(self.num_experts)}), got {self.top_k}"
@@ -351,8 +355,8 @@ class DistillJob(TrainJob):
                                   "(e.g. 32)")
         if not 0.0 <= self.alpha <= 1.0:
             raise MoEConvertError(f"alpha: must be in [0, 1], got {self.alpha}")
-        if not self.temperature > 0:
-            raise MoEConvertError(f"temperature: must be > 0, got {self.temperature}")
+        if not 0 < self.temperature <= MAX_TEMPERATURE:  # T^2 scales the KD term: inf gave NaN weights
+            raise MoEConvertError(f"temperature: must be > 0 and at most {MAX_TEMPERATURE:g}, got {self.temperature}")
         if not 0.0 <= self.kd_stop <= 1.0:
             raise MoEConvertError(f"kd_stop: must be in [0, 1] (a fraction of the steps), got {self.kd_stop}")
         if self.student_init not in ("teacher", "scratch"):

@@ -176,12 +176,18 @@ class CheckpointReader:
             self.config: dict = json.loads(config_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MoEConvertError(f"{config_file} is not valid JSON: {e}") from None
+        if not isinstance(self.config, dict):
+            raise MoEConvertError(f"{config_file} is not a model config (a JSON object)")
         self._file_of: dict[str, Path] = {}  # tensor name -> file holding it
         self._handles: dict[Path, object] = {}  # open safe_open handles / mmap'ed .bin dicts
         for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (BIN_WEIGHTS, BIN_INDEX)):
             if (self.path / index).is_file():
-                weight_map = json.loads((self.path / index).read_text())["weight_map"]
-                self._file_of = {name: self.path / f for name, f in weight_map.items()}
+                try:
+                    weight_map = json.loads((self.path / index).read_text())["weight_map"]
+                    self._file_of = {name: self.path / f for name, f in weight_map.items()}
+                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+                    raise MoEConvertError(f"{self.path / index} is not a shard index (JSON with a weight_map "
+                                          f"of tensor -> file)") from None
                 break
             if (self.path / single).is_file():
                 self._file_of = {name: self.path / single for name in self._open(self.path / single).keys()}

@@ -289,10 +289,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
     path = Path(path)
     if not path.is_file():
-        raise MoEConvertError(f"recipe: {path} does not exist")
+        raise MoEConvertError(f"recipe: {path} {'is a directory, not a file' if path.is_dir() else 'does not exist'}")
     try:
         data = read_yaml(path.read_text())
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise MoEConvertError(f"recipe: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     recipe = parse_recipe(apply_overrides(data, list(overrides)) if overrides else data, str(path),
                           default_output=Path("runs") / path.stem)

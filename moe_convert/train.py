@@ -109,9 +109,11 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     import moe_convert  # noqa: F401  registers PRMoE with the Auto classes
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # the last: truncated or corrupt weights
         raise MoEConvertError(f"model: could not load {path}: {str(e).splitlines()[0]}") from None
     missing = sorted(info.get("missing_keys") or ())
     if missing:  # transformers would initialise them at random and say nothing (its load report is silenced)
@@ -290,6 +292,7 @@ class Trainer:
     def fit(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
         """Train to `cfg.steps` (or stop, checkpointed, after step `stop_after`)."""
         from accelerate.utils import set_seed
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         cfg, acc = self.cfg, self.accelerator
@@ -308,7 +311,8 @@ class Trainer:
         tokens_per_step = cfg.batch_size * self.data.seq_len
         ev, t_run = None, time.perf_counter()
         bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                       TimeRemainingColumn(), disable=not (self.progress and acc.is_main_process), transient=False)
+                       TimeRemainingColumn(), disable=not (self.progress and acc.is_main_process), transient=False,
+                       console=Console(stderr=True))  # stdout keeps the summary (or --json) alone
         with bar:
             task = bar.add_task("train", total=cfg.steps, completed=start, info="")
             for step in range(start, stop):

@@ -52,7 +52,8 @@ def test_bench_layer_one_token_and_impls_lists():
 def test_bench_layer_bad_input():
     res = CliRunner().invoke(app, ["bench", "layer", "--tokens", "8", "--experts", "4", "--impls", "nope"])
     assert res.exit_code == 2 and "unknown nope" in res.output
-    for size in (["--experts", "99999999999999999999"], ["--hidden", "100000", "--experts", "64"]):
+    for size in (["--experts", "99999999999999999999"], ["--hidden", "100000", "--experts", "64"],
+                 ["--tokens", "1000000000000", "--experts", "4"]):
         res = CliRunner().invoke(app, ["bench", "layer", "--tokens", "8", *size])
         assert res.exit_code == 2 and "GB is free" in res.output and len(res.output.strip().splitlines()) == 1, res.output
 

@@ -178,6 +178,8 @@ def _cli(args):
         (["--student-layers", "-4"], "student_layers"),
         (["--kd-stop", "1.5"], "kd_stop"),
         (["--temperature", "0"], "temperature"),
+        (["--temperature", "inf"], "temperature: must be > 0 and at most"),  # NaN weights, saved as complete
+        (["--temperature", "1e300"], "temperature: must be > 0 and at most"),  # T^2 overflowed: a traceback
         (["--alpha", "2"], "alpha"),
         (["--kd-stop", "0.1"], "rounds to no KD step"),  # 0.1 of 2 steps
         (["--kd-stop", "0.9"], "rounds to KD at every step"),  # 0.9 of 2 steps

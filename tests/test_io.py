@@ -120,6 +120,17 @@ def test_reader_errors_name_the_file(tmp_path):
         CheckpointReader(tmp_path)
 
 
+def test_reader_of_a_config_or_index_that_is_no_such_thing(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(MoEConvertError, match="is not a model config"):
+        CheckpointReader(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    for text in ("{not json", '{"metadata": {}}'):
+        (tmp_path / SAFE_INDEX).write_text(text)
+        with pytest.raises(MoEConvertError, match="is not a shard index"):
+            CheckpointReader(tmp_path)
+
+
 def test_reader_of_a_stale_index_names_the_tensor(tmp_path):
     tensors = random_tensors(4)
     write(tmp_path, tensors, 200)  # sharded, with an index

@@ -336,6 +336,10 @@ def test_eval_refuses_a_checkpoint_with_missing_weights(dense_dir, tmp_path):
     save_file({k: v for k, v in weights.items() if k != drop}, broken / "model.safetensors", metadata={"format": "pt"})
     res = CliRunner().invoke(app, ["eval", str(broken), "--data", DATA, "--seq-len", str(SEQ), "--max-windows", "4"])
     assert res.exit_code == 2 and "lacks 1 weight(s)" in res.output and drop in res.output, res.output
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated: a SafetensorError traceback
+    res = CliRunner().invoke(app, ["eval", str(broken), "--data", DATA, "--seq-len", str(SEQ), "--max-windows", "4"])
+    assert res.exit_code == 2 and "model: could not load" in res.output and len(res.output.strip().splitlines()) == 1
 
 
 def test_eval_of_one_split_needs_no_window_in_the_other(dense_dir, tmp_path):

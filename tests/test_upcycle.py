@@ -256,6 +256,7 @@ def _truncated(tmp_path, src):
     ("aux_nan", "aux_loss_coef: must be a finite number"),
     ("seed", "seed: must be in 0..4294967295"),
     ("split_alone", "give --pyramid too"),
+    ("pyramid_huge", "num_experts: every MoE layer needs 1 to 1,000,000 experts"),  # a torch overflow traceback
 ])
 def test_bad_input_one_line_nonzero_nothing_written(dense_dirs, tmp_path, case, message):
     work = tmp_path / "work"
@@ -275,7 +276,7 @@ def test_bad_input_one_line_nonzero_nothing_written(dense_dirs, tmp_path, case, 
         args = {"pyramid0": ["--pyramid", "0,8"], "pyramidx": ["--pyramid", "8,x"], "stages": ["--pyramid", "1,2,3"],
                 "experts": ["--experts", "2,2,2"], "init": ["--init", "zeros"], "noise_inf": ["--init", "noise:inf"],
                 "aux_nan": ["--aux-loss-coef", "nan"], "seed": ["--seed", "-1"],
-                "split_alone": ["--pyramid-split", "1,1"]}[case]
+                "split_alone": ["--pyramid-split", "1,1"], "pyramid_huge": ["--pyramid", "99999999999999999999"]}[case]
     before = sorted(p.name for p in work.iterdir())
     r = CliRunner().invoke(app, ["upcycle", src, "-o", str(out), *args])
     assert r.exit_code == 2, r.output
