@@ -24,8 +24,7 @@ from .errors import MoEConvertError
 from .modeling import host_spec
 from .teacher_cache import TeacherCache
 from .io import DTYPES
-from .train import (METRICS, Trainer, TrainResult, causal_lm_loss, check_job_for_model, check_resume, check_stop_after,
-                    claim_output, clear_output, job_settings, load_job_data, load_model)
+from .train import METRICS, Trainer, TrainResult, causal_lm_loss, clear_output, load_model, prepare_job
 
 
 @dataclass
@@ -247,7 +246,6 @@ class StagedKD:
             logs["loss"] = logs["loss"] + _unwrap(model).config.aux_loss_coef * aux
         return {**logs, "kd_on": torch.ones(()), "rss_gb": rss}
 
-
     @torch.inference_mode()
     def _teacher_logits(self, batch: torch.Tensor) -> torch.Tensor:
         return self.teacher(input_ids=batch).logits  # (B, S, V)
@@ -296,22 +294,14 @@ def _teacher_cache(job: DistillJob, teacher_config, fingerprint: str) -> Teacher
 def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None = None, overwrite: bool = False,
                 progress: bool = True) -> DistillResult:
     """The `distill` command: plan and build the student, train it with staged KD, save it."""
-    from .data import load_tokenizer
     from .summary import load_config
 
     out = Path(job.output)
-    state = claim_output(out, resume, overwrite, inputs=[job.model, job.data])
-    config = load_config(job.model)  # plan and data are checked before the teacher is loaded
-    check_job_for_model(job, config)
-    tokenizer = load_tokenizer(job.model)
+    config = load_config(job.model)  # the plan, the data and a resume are checked before the teacher loads
     plan = plan_student(config, job.student_layers, job.keep_layers)
     check_student_init(config, plan, job.student_init)
-    data = load_job_data(job, tokenizer, state, config)
-    settings = job_settings(job, data)
-    if resume:  # refused before the teacher loads
-        check_resume(out, job.config, settings, stop_after)
-    else:
-        check_stop_after(stop_after)
+    state, tokenizer, data, settings = prepare_job(job, config, resume=resume, stop_after=stop_after,
+                                                   overwrite=overwrite)
     teacher = load_model(job.model)
     student = build_student(teacher, plan, job.student_init, seed=job.config.seed)
     cache = _teacher_cache(job, teacher.config, settings["teacher"]) if job.teacher_cache else None

@@ -213,16 +213,15 @@ class CheckpointReader:
     def _load_pickled(file: Path) -> dict:
         """A torch.save'd state dict, memory-mapped; one saved in torch's pre-1.6 format cannot be, so it
         is read whole (the only case that holds a shard in memory)."""
-        for mmap in (True, False):
+        try:
             try:
-                return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+                return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:
-                if mmap and "mmap can only be used with files saved with" in str(e):
-                    continue  # the legacy format: no zip archive to map
-                error = e
-            except Exception as e:  # pickle errors on truncated or corrupt files
-                error = e
-            raise MoEConvertError(f"cannot read {file}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+                if "mmap can only be used with files saved with" not in str(e):
+                    raise
+                return torch.load(file, map_location="cpu", weights_only=True)  # legacy: no zip archive to map
+        except Exception as e:  # pickle errors on truncated or corrupt files
+            raise MoEConvertError(f"cannot read {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                                   " (truncated or corrupt?)") from None
 
     def keys(self) -> list[str]:
@@ -256,6 +255,15 @@ class CheckpointReader:
 
     def dtype(self, name: str) -> torch.dtype:
         return self._meta(name)[1]
+
+
+def model_weight_files(path: Path) -> list[Path]:
+    """The weight files a model directory is loaded from (`CheckpointReader.files`): other formats and
+    checkpoints beside them (a hub snapshot's .bin, a trainer's optimizer.pt) are not its weights. None for
+    a directory without weights (a config alone); a corrupt file is the reader's one-line error."""
+    if not any((path / f).is_file() for f in (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)):
+        return []
+    return CheckpointReader(path).files()
 
 
 @dataclass(frozen=True)
@@ -459,7 +467,7 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     into `dst` (tokenizer_config.json naming the class, tokenizer.json).
     """
     src, dst = Path(src), Path(dst)
-    names = sorted({p.name for pattern in TOKENIZER_FILES for p in src.glob(pattern) if p.is_file()})
+    names = _tokenizer_files(src)
     for name in names:
         shutil.copyfile(src / name, dst / name)
     if any(n.startswith(("vocab", "merges")) for n in names) and _names_no_tokenizer_class(dst, names):
@@ -469,5 +477,9 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
             AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(dst))
         except (OSError, ValueError, KeyError, TypeError):  # not loadable in `src` either: left as found
             return names
-        names = sorted({*names, *(p.name for pattern in TOKENIZER_FILES for p in dst.glob(pattern) if p.is_file())})
+        names = _tokenizer_files(dst)  # the copies and what save_pretrained added
     return names
+
+
+def _tokenizer_files(directory: Path) -> list[str]:
+    return sorted({p.name for pattern in TOKENIZER_FILES for p in directory.glob(pattern) if p.is_file()})

@@ -152,16 +152,6 @@ def config_from_manifest(m: dict):
                        aux_loss_coef=m.get("aux_loss_coef", 0.01))  # older manifests lack it: the default
 
 
-def _model_weight_files(path: Path) -> list[Path]:
-    """The weight files a model directory is loaded from (other formats and checkpoints beside them do not
-    count); none for a directory with only a config."""
-    from .io import BIN_INDEX, BIN_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS, CheckpointReader
-
-    if not any((path / f).is_file() for f in (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)):
-        return []
-    return CheckpointReader(path).files()  # a truncated or corrupt file: its one-line error
-
-
 def summarize(path: str | Path) -> ModelSummary:
     """`inspect MODEL`: config-only counts plus what the weight files on disk say (size, dtype); an export
     directory is summarized from its manifest."""
@@ -169,6 +159,7 @@ def summarize(path: str | Path) -> ModelSummary:
     manifest = export_manifest(path)
     summary = summarize_config(config_from_manifest(manifest) if manifest else load_config(path))
     from .export import export_weight_files
+    from .io import model_weight_files
 
     if manifest:
         missing = [f for f in export_weight_files(manifest) if not (path / f).is_file()]
@@ -176,7 +167,7 @@ def summarize(path: str | Path) -> ModelSummary:
             raise MoEConvertError(f"{path}: incomplete export, {', '.join(missing)} missing")
         summary.export = f"{manifest['format']} v{manifest['version']}, ep size {manifest.get('ep_size', 1)}"
     if path.is_dir():
-        files = [path / f for f in export_weight_files(manifest)] if manifest else _model_weight_files(path)
+        files = [path / f for f in export_weight_files(manifest)] if manifest else model_weight_files(path)
         if files:
             summary.size_on_disk = sum(f.stat().st_size for f in files)
             dtypes = set().union(*(_safetensors_dtypes(f) for f in files if f.suffix == ".safetensors"))

@@ -107,9 +107,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     if not (path / "config.json").is_file():
         raise MoEConvertError(f"model: {path} is not a model directory (no config.json)" + unfinished_run_hint(path))
     import moe_convert  # noqa: F401  registers PRMoE with the Auto classes
-    from transformers import AutoModelForCausalLM
-
     from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
 
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
@@ -431,15 +430,16 @@ def job_settings(job: TrainJob, data: PackedData) -> dict:
 
 
 def model_fingerprint(path: str | Path) -> str:
-    """A model directory's config.json and weight files (names and bytes), hashed: the same model wherever
-    it lives; any other weights differ. Reading them costs about what loading the model costs."""
+    """A model directory's config.json and the weight files it loads (`io.model_weight_files`: names and
+    bytes), hashed: the same model wherever it lives; any other weights differ. Reading them costs about
+    what loading the model costs (another format or an optimizer state beside them is not read)."""
     import hashlib
 
-    from .summary import WEIGHT_SUFFIXES
+    from .io import model_weight_files
 
     path = Path(path)
     h = hashlib.sha256((path / "config.json").read_bytes() if (path / "config.json").is_file() else b"")
-    for f in sorted(f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES) if path.is_dir() else []:
+    for f in model_weight_files(path) if path.is_dir() else []:
         with open(f, "rb") as fh:
             h.update(f.name.encode() + hashlib.file_digest(fh, "sha256").digest())
     return "config+weights " + h.hexdigest()[:12]
@@ -495,23 +495,32 @@ def load_job_data(job: TrainJob, tokenizer, state, config) -> PackedData:
                            eval_fraction=job.eval_fraction, max_positions=max_positions(config))
 
 
-def run_training(job: TrainJob, *, resume: bool = False, stop_after: int | None = None, overwrite: bool = False,
-                 progress: bool = True) -> TrainResult:
-    """The `train` command (and a recipe's `train` step): load, train, save the final model."""
+def prepare_job(job: TrainJob, config, *, resume: bool, stop_after: int | None, overwrite: bool):
+    """What train and distill check and read before any weights load, in this order: the output, what the
+    model's `config` decides, the tokenizer and packed data, and a resume against its checkpoint.
+    Returns (process state, tokenizer, data, settings)."""
     from .data import load_tokenizer
-    from .summary import load_config
 
-    out = Path(job.output)
-    state = claim_output(out, resume, overwrite, inputs=[job.model, job.data])
-    config = load_config(job.model)
+    state = claim_output(Path(job.output), resume, overwrite, inputs=[job.model, job.data])
     check_job_for_model(job, config)
     tokenizer = load_tokenizer(job.model)
     data = load_job_data(job, tokenizer, state, config)
     settings = job_settings(job, data)
-    if resume:  # refused before the model loads
-        check_resume(out, job.config, settings, stop_after)
+    if resume:  # refused before any model loads
+        check_resume(Path(job.output), job.config, settings, stop_after)
     else:
         check_stop_after(stop_after)
+    return state, tokenizer, data, settings
+
+
+def run_training(job: TrainJob, *, resume: bool = False, stop_after: int | None = None, overwrite: bool = False,
+                 progress: bool = True) -> TrainResult:
+    """The `train` command (and a recipe's `train` step): load, train, save the final model."""
+    from .summary import load_config
+
+    out = Path(job.output)
+    state, tokenizer, data, settings = prepare_job(job, load_config(job.model), resume=resume, stop_after=stop_after,
+                                                   overwrite=overwrite)
     model = load_model(job.model)
     clear_output(state, out, resume, overwrite)
     trainer = Trainer(model, data, job.config, out, settings=settings, progress=progress)
