@@ -628,7 +628,7 @@ def run(
         from dataclasses import asdict
 
         from .recipe import load_recipe
-        from .run import execute, plan_recipe  # execute validates the whole plan before any work
+        from .run import execute, plan_recipe, statuses  # execute validates the whole plan before any work
 
         r = load_recipe(recipe, overrides or [])
         if dry_run:
@@ -642,19 +642,15 @@ def run(
             for col in ("step", "kind", "status", "layers", "experts per MoE layer", "total", "active", "size",
                         "peak mem (est.)", "output"):  # noqa: E501
                 table.add_column(col, justify="right" if col in ("total", "active", "size", "layers") else "left")
-            runs, statuses = False, []  # as `run` goes: complete steps are skipped until one runs, then all run
-            for p in plans:
-                runs = runs or not p.complete
-                statuses.append("refused" if p.missing and not p.complete else "to do" if not p.complete else
-                                "runs again" if runs else "refused" if p.changed else "done")
-            for p, status in zip(plans, statuses):
+            todo = statuses(plans)
+            for p, status in zip(plans, todo):
                 m = p.model or {}
                 experts = _compact(m.get("experts")) if m else ""
                 table.add_row(str(p.index), p.kind, status, str(m.get("layers", "")),
                               experts, _params(m["total_params"]) if m else "", _params(m["active_params"]) if m else "",
                               _bytes(m.get("size_bytes")) if m else "", _bytes(p.peak_bytes), p.output)
             console.print(table)
-            for p, status in zip(plans, statuses):
+            for p, status in zip(plans, todo):
                 for line in filter(None, (p.note, p.changed if status == "refused" else "")):
                     console.print(f"step {p.index}: {line}")
             return

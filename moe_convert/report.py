@@ -90,17 +90,20 @@ def _label(recipe, path: str) -> str:
     return Path(path).name
 
 
+def _results(state: dict, kind: str) -> list[tuple[str, object]]:
+    """(step index, result) of the run's finished steps of `kind`, in step order (`state`: run_state.json;
+    a stale entry, not run again since an earlier step changed, has none)."""
+    return [(index, entry["result"]) for index, entry in sorted(state.items(), key=lambda kv: int(kv[0]))
+            if entry["kind"] == kind and not entry.get("stale")]
+
+
 def summary_rows(recipe, state: dict) -> list[dict]:
     """Per evaluated model: layers, experts per layer, total/active params, held-out ppl, tokens/s."""
     from .summary import summarize
 
     rows = []
-    for index, entry in sorted(state.items(), key=lambda kv: int(kv[0])):
-        if entry.get("stale"):  # not run again since an earlier step changed (an interrupted run)
-            continue
-        if entry["kind"] != "eval":
-            continue
-        for ev in entry["result"]:
+    for _, result in _results(state, "eval"):
+        for ev in result:
             s = summarize(ev["model"])
             experts = [r.experts for r in s.layers if r.experts]
             rows.append({"model": _label(recipe, ev["model"]), "path": ev["model"], "layers": len(s.layers),
@@ -115,12 +118,8 @@ def bench_lines(state: dict) -> list[str]:
     from .summary import fmt
 
     lines = []
-    for index, entry in sorted(state.items(), key=lambda kv: int(kv[0])):
-        if entry.get("stale"):  # not run again since an earlier step changed (an interrupted run)
-            continue
-        if entry["kind"] != "bench":
-            continue
-        m, rows = entry["result"]["machine"], entry["result"]["rows"]
+    for index, result in _results(state, "bench"):
+        m, rows = result["machine"], result["rows"]
         first = rows[0] if rows else {}
         lines += [f"## Step {index}: bench layer (T={first.get('tokens')}, d={first.get('hidden')}, "
                   f"{first.get('dtype')}; GEMM {m['gemm_gflops']:.0f} GFLOP/s, bandwidth {m['bandwidth_gbs']:.1f} GB/s)",

@@ -29,6 +29,7 @@ from .recipe import MAKES_MODEL, Recipe, Step
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 STATE_FILE = "run_state.json"
 RESULTS_FILE = "results.json"  # what an eval or bench step writes in its output directory
+NOT_MADE = "not a model directory (and no earlier step makes it)"  # an input or eval model of no step
 
 
 @dataclass
@@ -108,8 +109,8 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
                 model = _model_row(config, out_bytes)
                 peak = dense_row["size_bytes"] + model["largest_layer_params"] * out_bytes
             elif step.kind in ("train", "distill", "export"):
-                if step.input not in configs and not (Path(step.input) / "config.json").is_file():
-                    missing = f"input {step.input} is not a model directory (and no earlier step makes it)"
+                if _absent([step.input], configs):
+                    missing = f"input {step.input} is {NOT_MADE}"
                     plans.append(StepPlan(step.index, step.kind, step.output, is_complete(recipe, step, state), None,
                                           None, missing, missing=missing))
                     continue
@@ -136,18 +137,36 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
                     peak = model["largest_layer_params"] * out_bytes
             elif step.kind == "eval":
                 peak = max((configs[m][1]["total_params"] * 4 for m in spec.models if m in configs), default=None)
-                absent = [m for m in spec.models if m not in configs and not (Path(m) / "config.json").is_file()]
+                absent = _absent(spec.models, configs)
         except MoEConvertError as e:
             where = f"{recipe.path}: " if recipe.path else ""
             raise MoEConvertError(f"{where}step {step.index} ({step.kind}): {e}") from None
         if model is not None and (step.kind in MAKES_MODEL or (step.kind == "export" and spec.format == "hf")):
             configs[step.output] = (config, model)  # a model directory later steps may name
         complete = is_complete(recipe, step, state)
-        missing = f"model(s) {', '.join(absent)}: not a model directory (and no earlier step makes it)" if absent else ""
+        missing = f"model(s) {', '.join(absent)}: {NOT_MADE}" if absent else ""
         plans.append(StepPlan(step.index, step.kind, step.output, complete, model, peak,
                               missing or _resume_note(step, complete),
                               changed=(complete and changed_settings(state, step)) or "", missing=missing))
     return plans
+
+
+def _absent(models: list[str], planned: dict) -> list[str]:
+    """The model directories that neither exist nor come from an earlier step (`planned`)."""
+    return [m for m in models if m not in planned and not (Path(m) / "config.json").is_file()]
+
+
+def statuses(plans: list[StepPlan]) -> list[str]:
+    """What `run` does with each planned step: "done" (skipped), "to do", "runs again" (an earlier step
+    runs, so its input changed) or "refused" (an input nothing makes; complete, but with other settings)."""
+    out, runs = [], False  # complete steps are skipped until one runs; from then on every step runs
+    for p in plans:
+        runs = runs or not p.complete
+        if p.missing and not p.complete:
+            out.append("refused")
+        else:
+            out.append("to do" if not p.complete else "runs again" if runs else "refused" if p.changed else "done")
+    return out
 
 
 def _resume_note(step: Step, complete: bool) -> str:
@@ -267,19 +286,15 @@ def execute(recipe: Recipe, on_step=lambda step, status: None) -> dict:
     """Run every step not yet complete, in order, and every step after one that ran;
     `on_step(step, "skip" | "start" | "done")` reports."""
     plans = plan_recipe(recipe)  # validates the whole chain before any work
-    for plan in plans:
-        if plan.missing and not plan.complete:
-            raise MoEConvertError(f"step {plan.index} ({plan.kind}): {plan.missing}")
-    for plan in plans:  # the complete steps up to the first to run are skipped: only if unchanged
-        if not plan.complete:
-            break
-        if plan.changed:
-            raise MoEConvertError(plan.changed)
+    todo = statuses(plans)
+    for plan, status in zip(plans, todo):
+        if status == "refused":
+            raise MoEConvertError(f"step {plan.index} ({plan.kind}): {plan.missing}" if plan.missing else plan.changed)
     state = _read_state(recipe)
     stale = {i for i, entry in state.items() if entry.get("stale")}  # their checkpoints predate their input too
     ran = False
-    for step, plan in zip(recipe.steps, plans):
-        if not ran and plan.complete:
+    for step, status in zip(recipe.steps, todo):
+        if status == "done":
             on_step(step, "skip")
             continue
         on_step(step, "start")
