@@ -20,12 +20,14 @@ The expert matmuls have two backends, picked per call by `pick_backend` from mea
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .config import expert_capacity
+from .native import Job, check_layout, layout_ok, packed_matmul, packed_ptr
 
 # Activations by config name, as fused torch functions (one pass over memory instead of several).
 ACTIVATIONS = {
@@ -72,6 +74,9 @@ ROW_BLOCK_BYTES = 4 * 2**20
 # Batch size oneDNN is told to expect when packing: large hints gave the fastest kernels at every
 # row count measured (1 to 4096 rows, fp32 and bf16).
 PACK_BATCH_HINT = 512
+# Rows up to which the native kernel (`native.py`) beats oneDNN on packed fp32 weights read from DRAM:
+# 8 hit experts, 1 row each 1.5x faster, 4 rows 1.4x, 8 rows 1.15x, 16 rows even (README, "Decode kernel").
+NATIVE_MAX_ROWS = 8
 # Matrices smaller than this stay plain: for them oneDNN's per-call cost outweighs the faster kernel
 # (one-row FFN, hot weights: d=128 34 us packed vs 10 us MKL addmm; even at d=384, 2.25 MiB per matrix).
 PACK_MIN_BYTES = 2 * 2**20
@@ -107,7 +112,51 @@ def pack_matrix(w: torch.Tensor) -> torch.Tensor | None:
     `linear` / `ffn`); None where that does not pay: no oneDNN for it, or under `PACK_MIN_BYTES`."""
     if _REORDER_WEIGHT is None or not onednn_ok(w) or not _large(w):
         return None
-    return _REORDER_WEIGHT(w.t().contiguous(), PACK_BATCH_HINT)
+    w_t = w.t().contiguous()  # [out, in]
+    packed = _REORDER_WEIGHT(w_t, PACK_BATCH_HINT)
+    if w.dtype == torch.float32:
+        check_layout(packed, w_t)
+    return packed
+
+
+def native_pointers(w: dict[str, torch.Tensor]) -> dict[str, int] | None:
+    """Addresses of a packed FFN's matrices and biases for the native kernel; None where it does not apply
+    (not fp32, no kernel on this machine, or a layout it cannot read)."""
+    if not all(v.dtype == torch.float32 and (not k.startswith("w_") or (v.is_mkldnn and layout_ok(*v.shape)))
+               and (k.startswith("w_") or v.is_contiguous()) for k, v in w.items()):
+        return None
+    return {k: packed_ptr(v) if k.startswith("w_") else v.data_ptr() for k, v in w.items()}
+
+
+def _native_ok(x: torch.Tensor, out: torch.Tensor | None) -> bool:
+    """x (n, in) can feed the native kernel, writing into `out` when given: fp32 CPU, few rows, contiguous output."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] <= NATIVE_MAX_ROWS
+            and (out is None or out.is_contiguous()))
+
+
+def _native_ffns(x: torch.Tensor, parts: list[tuple[int, int, dict[str, int]]], f: int, act,
+                 out: torch.Tensor) -> None:
+    """FFNs of a few rows each on packed fp32 weights, in two native calls: every first matmul, the
+    activation over all their rows, every second matmul.
+
+    x (N, d) and out (N, d) contiguous; parts: (start, stop, `native_pointers` of the FFN for rows start:stop),
+    all with hidden size f. Rows of x outside the parts are not read, nor those of out written.
+    """
+    rows = [t - s for s, t, _ in parts]
+    x_rows = [s for s, _, _ in parts]  # each part's first row in x and out
+    h_rows = list(itertools.accumulate(rows, initial=0))  # and in the (sum of rows, f) intermediate
+
+    def matmul(src, src_rows, name, bias, dst, dst_rows):  # every part: dst rows = src rows @ its matrix `name`
+        k_in, k_out, size = src.shape[1], dst.shape[1], src.element_size()
+        packed_matmul([Job(n, src.data_ptr() + a * k_in * size, p[name], p.get(bias, 0), dst.data_ptr() + b * k_out * size)
+                       for n, a, b, (_, _, p) in zip(rows, src_rows, dst_rows, parts)], k_out, k_in)
+
+    def first(name, bias=None):
+        h = x.new_empty(h_rows[-1], f)  # (rows, f)
+        matmul(x, x_rows, name, bias, h, h_rows)
+        return h
+    h = act(first("w_gate")).mul_(first("w_up")) if "w_gate" in parts[0][2] else act(first("w_in", "b_in"))
+    matmul(h, h_rows, "w_out", "b_out", out, x_rows)
 
 
 def pack_ffn(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -138,8 +187,14 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     Through oneDNN for packed weights, and for CPU inference from `ONEDNN_MIN_ROWS` rows (the fp32
     router at T=4096: 2.3x faster than MKL here, README) or, for fewer rows, when w is a contiguous
     [out, in] matrix of `PACK_MIN_BYTES` or more (an LM head of 50257 x 1024, one row: 3.8 ms against
-    MKL's 10.0 ms).
+    MKL's 10.0 ms). Packed fp32 weights on up to `NATIVE_MAX_ROWS` rows go through the native kernel.
     """
+    if w.is_mkldnn and _native_ok(x, None) and layout_ok(*w.shape) and (
+            b is None or (b.dtype == torch.float32 and b.is_contiguous())):
+        x, y = x.contiguous(), x.new_empty(x.shape[0], w.shape[0])
+        packed_matmul([Job(x.shape[0], x.data_ptr(), packed_ptr(w), 0 if b is None else b.data_ptr(),
+                          y.data_ptr())], *w.shape)
+        return y
     rows_ok = x.shape[0] >= ONEDNN_MIN_ROWS or (w.is_contiguous() and _large(w))
     if w.is_mkldnn or (rows_ok and onednn_ok(x, w, b)):
         return _LINEAR_POINTWISE(x, w, b, "none", [], "")
@@ -249,7 +304,12 @@ def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], act, out: torch.Tensor | No
     Gated kind (`w_gate`, `w_up`, `w_out`): (act(x Wg) * x Wu) Wd, as Llama/Mistral/Qwen2 do.
     """
     if is_packed(w):
-        return _onednn_ffn(x, w, fused_activation(act), out)
+        pointers = native_pointers(w) if _native_ok(x, out) else None
+        if pointers is None:
+            return _onednn_ffn(x, w, fused_activation(act), out)
+        out = x.new_empty(x.shape[0], w["w_out"].shape[0]) if out is None else out
+        _native_ffns(x.contiguous(), [(0, x.shape[0], pointers)], w["w_out"].shape[1], fused_activation(act), out)
+        return out
     if x.shape[0] >= ONEDNN_MIN_ROWS and onednn_ok(x, *w.values()):
         w_t = {k: v.t() if k.startswith("w_") else v for k, v in w.items()}  # [out, in] views
         return _onednn_ffn(x, w_t, fused_activation(act), out)
@@ -301,26 +361,39 @@ def pick_backend(x: torch.Tensor, counts: torch.Tensor, stacked: dict[str, torch
 
 @dataclass
 class PackedExperts:
-    """E experts' weights packed once for CPU inference (`pack_experts`): `weights[e]` is expert e's `pack_ffn`."""
+    """E experts' weights packed once for CPU inference (`pack_experts`): `weights[e]` is expert e's `pack_ffn`,
+    `pointers[e]` its `native_pointers` (None where the native kernel does not apply)."""
 
     weights: list[dict[str, torch.Tensor]]
+    pointers: list[dict[str, int] | None]
 
 
 def pack_experts(stacked: dict[str, torch.Tensor]) -> PackedExperts | dict[str, torch.Tensor]:
     """Stacked [E, in, out] expert weights packed per expert for oneDNN; `stacked` itself where that does not apply."""
     weights = [pack_ffn({k: v[e] for k, v in stacked.items()}) for e in range(stacked["w_out"].shape[0])]
-    return PackedExperts(weights) if is_packed(weights[0]) else stacked
+    if not is_packed(weights[0]):
+        return stacked
+    return PackedExperts(weights, [native_pointers(w) for w in weights])
 
 
-def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], weights_of, act) -> torch.Tensor:
+def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], weights_of, act,
+                        pointers: list[dict[str, int] | None] | None = None) -> torch.Tensor:
     """Inference loop: each expert's whole FFN (`ffn`) on its slice, written into one (N, d) buffer.
 
     `weights_of(e)` gives expert e's weights (packed, or [in, out] views of the stacked tensors).
-    Running both matmuls of one expert back to back keeps its (n, f) intermediate in cache.
+    Running both matmuls of one expert back to back keeps its (n, f) intermediate in cache. With
+    `pointers` (packed experts), the slices of at most `NATIVE_MAX_ROWS` rows go through the native
+    kernel together, in two calls (decode: one token per expert).
     """
     out = torch.empty_like(x)  # (N, d)
+    few = []  # (start, stop, pointers) for the native kernel
     for e, s, t in slices:
-        ffn(x[s:t], weights_of(e), act, out[s:t])
+        if pointers is not None and pointers[e] is not None and _native_ok(x[s:t], None):
+            few.append((s, t, pointers[e]))
+        else:
+            ffn(x[s:t], weights_of(e), act, out[s:t])
+    if few:
+        _native_ffns(x.contiguous(), few, weights_of(slices[0][0])["w_out"].shape[1], act, out)
     return out
 
 
@@ -342,7 +415,7 @@ def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, stacked: dict[str, 
     """
     act = fused_activation(act)
     if isinstance(stacked, PackedExperts):
-        return _expert_loop_nograd(x_sorted, _slices(counts), stacked.weights.__getitem__, act)
+        return _expert_loop_nograd(x_sorted, _slices(counts), stacked.weights.__getitem__, act, stacked.pointers)
     backend = backend or pick_backend(x_sorted, counts, stacked)
     if backend == "grouped_mm":  # no per-expert slices: `counts.tolist()` would sync a GPU
         def linear(h, name, bias=None):

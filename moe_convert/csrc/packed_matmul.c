@@ -1,0 +1,80 @@
+/* Few-row matmuls on weights that oneDNN packed for fp32 inference (moe_convert/native.py).
+ *
+ * oneDNN's packed fp32 [out, in] matrix (`kernels.pack_matrix`) is stored in blocks of 64 outputs:
+ * block b holds w[64 b + o, i] at offset (b * in + i) * 64 + o, the last block padded to 64
+ * (`native.layout_ok` checks this on the running machine before any call). For a handful of rows
+ * the product is a stream over those bytes: each block keeps its 64 outputs of every row in
+ * registers while it reads its [in][64] panel once, front to back.
+ *
+ * One call runs many jobs with the same (out, in) shape, e.g. the first matmul of every expert that
+ * got tokens, on torch's own OpenMP threads (the library links the libgomp torch loaded).
+ */
+#include <stdint.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));  /* 16 floats, unaligned loads allowed */
+#define BLOCK 64
+#define MAX_GROUP 4  /* rows computed per pass over a panel: 16 accumulators of the 32 vector registers */
+
+/* y[r, 0:64] = bias[0:64] + sum_i x[r, i] * panel[i, 0:64] for R rows; `valid` outputs are written. */
+#define PANEL_KERNEL(R)                                                                                  \
+    static void panel_##R(const float *x, int64_t in, const float *panel, const float *bias, float *y,  \
+                          int64_t ldy, int64_t valid) {                                                  \
+        v16 acc[R][4];                                                                                   \
+        for (int r = 0; r < R; r++)                                                                      \
+            for (int c = 0; c < 4; c++) acc[r][c] = bias ? *(const v16 *)(bias + 16 * c) : (v16){0};     \
+        for (int64_t i = 0; i < in; i++) {                                                               \
+            const v16 *w = (const v16 *)(panel + i * BLOCK);                                             \
+            v16 w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];                                              \
+            for (int r = 0; r < R; r++) {                                                                \
+                float xv = x[r * in + i];                                                                \
+                acc[r][0] += xv * w0, acc[r][1] += xv * w1, acc[r][2] += xv * w2, acc[r][3] += xv * w3;  \
+            }                                                                                            \
+        }                                                                                                \
+        for (int r = 0; r < R; r++) {                                                                    \
+            if (valid == BLOCK) {                                                                        \
+                for (int c = 0; c < 4; c++) *(v16 *)(y + r * ldy + 16 * c) = acc[r][c];                  \
+            } else {                                                                                     \
+                memcpy(y + r * ldy, acc[r], (size_t)valid * sizeof(float));                              \
+            }                                                                                            \
+        }                                                                                                \
+    }
+PANEL_KERNEL(1)
+PANEL_KERNEL(2)
+PANEL_KERNEL(3)
+PANEL_KERNEL(4)
+
+/* A job: y (rows, out) = x (rows, in) @ w^T + bias, x and y contiguous, bias NULL or (out,). */
+typedef struct {
+    int64_t rows;
+    const float *x;
+    const float *w; /* oneDNN-packed [out, in] */
+    const float *bias;
+    float *y;
+} job_t;
+
+void mc_packed_matmul(int64_t njobs, const job_t *jobs, int64_t out, int64_t in) {
+    int64_t blocks = (out + BLOCK - 1) / BLOCK, units = njobs * blocks;
+#pragma omp parallel for schedule(static)
+    for (int64_t u = 0; u < units; u++) {
+        const job_t *j = jobs + u / blocks;
+        int64_t b = u % blocks, valid = out - b * BLOCK < BLOCK ? out - b * BLOCK : BLOCK;
+        const float *panel = j->w + b * in * BLOCK, *bias = j->bias ? j->bias + b * BLOCK : NULL;
+        float tail[BLOCK]; /* the last block's bias, zero-padded: the kernels load 64 values */
+        if (bias && valid < BLOCK) {
+            memset(tail, 0, sizeof tail);
+            memcpy(tail, bias, (size_t)valid * sizeof(float));
+            bias = tail;
+        }
+        for (int64_t r = 0; r < j->rows; r += MAX_GROUP) {
+            const float *x = j->x + r * in;
+            float *y = j->y + r * out + b * BLOCK;
+            switch (j->rows - r < MAX_GROUP ? j->rows - r : MAX_GROUP) {
+            case 1: panel_1(x, in, panel, bias, y, out, valid); break;
+            case 2: panel_2(x, in, panel, bias, y, out, valid); break;
+            case 3: panel_3(x, in, panel, bias, y, out, valid); break;
+            default: panel_4(x, in, panel, bias, y, out, valid); break;
+            }
+        }
+    }
+}

@@ -1,0 +1,190 @@
+"""The native few-row kernel (`native.py`, `csrc/packed_matmul.c`) on oneDNN-packed weights: the layout
+it assumes, its results against float64 references and against oneDNN, decode through the runtime,
+and the fallback when it is switched off or cannot be built."""
+
+import ctypes
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import VOCAB, tiny_gpt2_config, tiny_llama_config
+from moe_convert import kernels, native
+from moe_convert.export import export
+from moe_convert.kernels import ACTIVATIONS, PackedExperts, ffn, linear, moe_forward, pack_experts, pack_ffn, pack_matrix
+from moe_convert.runtime import load_runtime
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernel off: {native.why_unavailable()}")
+GELU = ACTIVATIONS["gelu_new"]
+
+
+@pytest.fixture(autouse=True)
+def pack_small(monkeypatch):
+    """Pack matrices of any size, as the runtime packs large ones."""
+    monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the native kernel's calls (it still runs)."""
+    seen = []
+    real = kernels.packed_matmul
+
+    def counted(jobs, out, inp):
+        seen.append(len(jobs))
+        real(jobs, out, inp)
+    monkeypatch.setattr(kernels, "packed_matmul", counted)
+    return seen
+
+
+@pytest.mark.parametrize("out_features, in_features", [(2048, 512), (512, 2048), (100, 512), (96, 32)])
+def test_onednn_packs_fp32_weights_as_the_kernel_reads_them(out_features, in_features):
+    """Every entry of the packed buffer, not only the ones `check_layout` samples: [ceil(out/64)][in][64]."""
+    w = torch.randn(out_features, in_features)
+    packed = pack_matrix(w.t())  # [in, out] given, [out, in] packed
+    assert native.layout_ok(out_features, in_features)
+    blocks = -(-out_features // native.BLOCK)
+    raw = torch.frombuffer((ctypes.c_float * (blocks * native.BLOCK * in_features)).from_address(native.packed_ptr(packed)),
+                           dtype=torch.float32).view(blocks, in_features, native.BLOCK).clone()
+    padded = torch.zeros(blocks * native.BLOCK, in_features)
+    padded[:out_features] = w
+    expected = padded.view(blocks, native.BLOCK, in_features).transpose(1, 2)  # [block][in][64]
+    real = (torch.arange(blocks * native.BLOCK) < out_features).view(blocks, 1, native.BLOCK).expand_as(raw)
+    assert torch.equal(raw[real], expected[real])  # the padding of the last block is never read
+
+
+def reference_ffn(x, w, act):
+    """The FFN in float64 from plain [in, out] weights."""
+    w = {k: v.double() for k, v in w.items()}
+    x = x.double()
+    h = act(x @ w["w_gate"]) * (x @ w["w_up"]) if "w_gate" in w else act(x @ w["w_in"] + w["b_in"])
+    return h @ w["w_out"] + w.get("b_out", 0)
+
+
+def ffn_weights(kind, d, f, experts=None):
+    lead = () if experts is None else (experts,)
+    mats = ({"w_gate": (d, f), "w_up": (d, f), "w_out": (f, d)} if kind == "gated"
+            else {"w_in": (d, f), "b_in": (f,), "w_out": (f, d), "b_out": (d,)})
+    return {k: torch.randn(*lead, *shape) * (shape[0] ** -0.5 if len(shape) == 2 else 1) for k, shape in mats.items()}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("out_features", [512, 100])
+def test_linear_on_few_rows_equals_float64(out_features, bias, calls):
+    w = torch.randn(384, out_features) / 384 ** 0.5  # [in, out]
+    b = torch.randn(out_features) if bias else None
+    packed = pack_matrix(w)
+    for rows in range(1, kernels.NATIVE_MAX_ROWS + 2):
+        x = torch.randn(rows, 384)
+        ref = x.double() @ w.double() + (0 if b is None else b.double())
+        torch.testing.assert_close(linear(x, packed, b), ref.float(), rtol=1e-5, atol=1e-5)
+    assert len(calls) == kernels.NATIVE_MAX_ROWS  # one call per row count up to the limit, oneDNN above it
+
+
+@pytest.mark.parametrize("kind, act", [("gpt2", GELU), ("gated", ACTIVATIONS["silu"])])
+def test_ffn_on_few_rows_equals_float64_and_onednn(kind, act, calls):
+    w = ffn_weights(kind, 256, 1024)
+    packed = pack_ffn(w)
+    assert kernels.native_pointers(packed) is not None
+    for rows in (1, 3, 5, kernels.NATIVE_MAX_ROWS):
+        x = torch.randn(rows, 256)
+        got = ffn(x, packed, act)
+        torch.testing.assert_close(got, reference_ffn(x, w, act).float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, kernels._onednn_ffn(x, packed, act, None), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 4 * (3 if kind == "gated" else 2)  # gate and up are separate calls
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Each output is one thread's sum in a fixed order: bitwise the same on 1 thread as on 2."""
+    w = ffn_weights("gpt2", 256, 1024)
+    packed, x = pack_ffn(w), torch.randn(3, 256)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ffn(x, packed, GELU)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(ffn(x, packed, GELU), one)
+
+
+def test_decode_mixes_native_and_onednn_experts_and_equals_the_plain_path(calls):
+    """A batch where some experts get more than NATIVE_MAX_ROWS tokens (oneDNN) and others fewer (native):
+    the packed runtime path equals the layer's path on the plain stacked weights."""
+    E, d = 6, 256
+    stacked = ffn_weights("gpt2", d, 4 * d, experts=E)
+    router = torch.randn(E, d)
+    router[0] *= 0  # expert 0's logit is 0: with the others' random, it wins for some tokens, not most
+    x = torch.randn(40, d)
+    packed = pack_experts(stacked)
+    assert isinstance(packed, PackedExperts) and all(p is not None for p in packed.pointers)
+    with torch.inference_mode():
+        got, routing = moe_forward(x, router, packed, GELU)
+        ref, _ = moe_forward(x, router, stacked, GELU)
+    hit = routing.counts[routing.counts > 0]
+    assert (hit > kernels.NATIVE_MAX_ROWS).any() and (hit <= kernels.NATIVE_MAX_ROWS).any(), routing.counts
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert calls == [int((hit <= kernels.NATIVE_MAX_ROWS).sum())] * 2  # all few-row experts in two calls
+
+
+@pytest.mark.parametrize("host", ["gpt2", "llama"])
+def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, tmp_path, calls):
+    """KV-cache decoding one token at a time (every FFN, expert and projection on few rows) against the
+    source PRMoEForCausalLM's logits."""
+    from moe_convert.configuration_prmoe import PRMoEConfig
+    from moe_convert.modeling import PRMoEForCausalLM
+
+    text = tiny_gpt2_config(n_inner=128) if host == "gpt2" else tiny_llama_config(intermediate_size=128)
+    torch.manual_seed(3)
+    model = PRMoEForCausalLM(PRMoEConfig(text_config=text.to_dict(), moe_layers=[1, 3], num_experts=[4, 6])).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)  # GPT-2 starts its biases at zero
+    model.save_pretrained(tmp_path / "src")
+    export(tmp_path / "src", tmp_path / "out")
+    rt = load_runtime(tmp_path / "out")
+    assert all(p is not None for p in rt.ffns[1]["stacked"].pointers)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    cache = rt.new_cache(2, 9)
+    steps = [rt.forward(ids[:, :1], cache)] + [rt.forward(ids[:, t:t + 1], cache) for t in range(1, 9)]
+    with torch.no_grad():
+        ref = model(ids).logits
+    torch.testing.assert_close(torch.cat(steps, dim=1), ref, rtol=1e-5, atol=1e-5)
+    assert calls  # the decode steps went through the kernel
+
+
+FALLBACK = textwrap.dedent("""
+    import torch
+    from moe_convert import kernels, native
+    kernels.PACK_MIN_BYTES = 0
+    w, x = torch.randn(64, 128), torch.randn(2, 64)
+    y = kernels.linear(x, kernels.pack_matrix(w))
+    torch.testing.assert_close(y, x @ w, rtol=1e-5, atol=1e-5)
+    print(native.library() is None, native.why_unavailable())
+""")
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"MOE_CONVERT_NATIVE": "0"}, "MOE_CONVERT_NATIVE=0"),
+    ({"CC": "/nonexistent/cc"}, "no C compiler"),
+    ({"CC": "false"}, "could not build the native kernel: false failed"),
+])
+def test_without_the_kernel_results_come_from_onednn(env, reason, tmp_path):
+    """Switched off, no compiler, or a compiler that fails: the same results, and the reason is told."""
+    run_env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env}
+    done = subprocess.run([sys.executable, "-c", FALLBACK], env=run_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("True " + reason), done.stdout
+    assert not list(tmp_path.rglob("*.tmp"))  # a failed build leaves nothing behind
+
+
+def test_the_library_is_built_once_into_the_user_cache(tmp_path):
+    script = "from moe_convert import native; print(native.library()._name)"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    first, second = (subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                    timeout=120).stdout.strip() for _ in range(2))
+    assert first == second and first.startswith(str(tmp_path / "moe-convert" / "native"))
+    assert [p.name for p in (tmp_path / "moe-convert" / "native").iterdir()] == [os.path.basename(first)]
