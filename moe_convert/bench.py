@@ -107,9 +107,9 @@ def make_weights(E: int, d: int, dtype: torch.dtype, seed: int = 0) -> LayerWeig
 
 
 # --- implementations: each builds a callable x (T, d) -> y (T, d) from the same weights -------------
-def _residual(w: LayerWeights, x: torch.Tensor, dense: dict[str, torch.Tensor] | None = None):
-    """(coef (T, 2), dense FFN output (T, d)); `dense` overrides the weights (packed ones)."""
-    return F.linear(x, w.coef_w, w.coef_b).softmax(-1), ffn(x, dense or w.dense, ACTIVATIONS[ACT])
+def _residual(w: LayerWeights, x: torch.Tensor):
+    """(coef (T, 2), dense FFN output (T, d))."""
+    return F.linear(x, w.coef_w, w.coef_b).softmax(-1), ffn(x, w.dense, ACTIVATIONS[ACT])
 
 
 def impl_moe_convert(w: LayerWeights, backend: str | None = None) -> Callable:
@@ -117,9 +117,9 @@ def impl_moe_convert(w: LayerWeights, backend: str | None = None) -> Callable:
     at load). A backend: the stacked [E, in, out] weights as `PRMoELayer` holds them, that backend forced."""
     stacked, dense = (w.stacked, w.dense) if backend else (pack_experts(w.stacked), pack_ffn(w.dense))
 
-    def run(x):
-        return moe_forward(x, w.router, stacked, ACTIVATIONS[ACT], residual=_residual(w, x, dense),
-                           backend=backend)[0]
+    def run(x):  # the residual FFN's weights go in, as the runtime passes them
+        coef = F.linear(x, w.coef_w, w.coef_b).softmax(-1)
+        return moe_forward(x, w.router, stacked, ACTIVATIONS[ACT], residual=(coef, dense), backend=backend)[0]
     return run
 
 
@@ -214,6 +214,12 @@ IMPLS: dict[str, Callable[[LayerWeights], Callable | None]] = {
 
 
 # --- the machine and the floor -------------------------------------------------------------------
+# Read before every timed call: larger than the last-level cache, it leaves each implementation the same
+# start, its weights in DRAM and no dirty lines of the previous implementation to write back first
+# (after DeepSpeed's layer those cost our decode ~0.5 ms: 40 GB/s against 60, README).
+EVICT_BYTES = 256 * 2**20
+
+
 def _median_ms(fn: Callable, repeats: int) -> float:
     fn()
     times = []
@@ -307,6 +313,7 @@ def check_free_memory(tokens: int, hidden: int, experts: list[int], dtype: str, 
     size = DTYPES[dtype].itemsize
     need = copies * max(experts) * 8 * hidden * hidden * size  # w_in + w_out, f = 4d
     need += 16 * tokens * 4 * hidden * size  # a few (T, 4d) intermediates (the dense FFN doubles T)
+    need += EVICT_BYTES
     available = psutil.virtual_memory().available
     if need > available:
         raise MoEConvertError(f"bench layer: T={tokens}, E={max(experts)} experts of d={hidden} need about "
@@ -332,6 +339,7 @@ def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32
     impls = impls or list(IMPLS)
     torch_dtype = DTYPES[dtype]
     machine = measure_machine(hidden, torch_dtype)
+    evict = torch.ones(EVICT_BYTES // 4)  # read before each timed call
     rows: list[BenchRow] = []
     work: dict[int, tuple[int, int]] = {}  # expert count -> `layer_work`
     with torch.inference_mode():
@@ -357,6 +365,7 @@ def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32
             for r in range(repeats):  # interleaved rounds, so drift on a shared machine hits every impl alike
                 on_step(f"E={E}: round {r + 1}/{repeats}")
                 for name, fn in fns.items():
+                    evict.sum()  # every call starts from the same caches: cold, no lines left dirty by the one before
                     t = time.perf_counter()
                     fn(x)
                     times[name].append((time.perf_counter() - t) * 1e3)

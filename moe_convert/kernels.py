@@ -68,6 +68,10 @@ _POST_OPS = {ACTIVATIONS["gelu_new"]: ("gelu", "tanh"), ACTIVATIONS["gelu_pytorc
 # Rows from which oneDNN beats MKL's addmm on transposed-view weights (fp32, this machine, README):
 # below it MKL's GEMV path reads the weights faster. Packed weights always go through oneDNN.
 ONEDNN_MIN_ROWS = 8
+# The same for one matrix (`linear`: the router, small projections), weights cold as in decode:
+# oneDNN's ~70 us set-up per call on plain weights outweighs its faster kernel below this (router
+# E=128, d=512: 8 rows MKL 0.039 ms against 0.077, 96 rows 0.097 against 0.114, 128 rows 0.125 against 0.107).
+LINEAR_ONEDNN_MIN_ROWS = 128
 # An FFN runs over row blocks whose (rows, f) intermediate fits in this many bytes, so the second
 # matmul reads it from cache: 1.28x faster than one pass over 4096 rows at d=512 (README).
 ROW_BLOCK_BYTES = 4 * 2**20
@@ -134,29 +138,25 @@ def _native_ok(x: torch.Tensor, out: torch.Tensor | None) -> bool:
             and (out is None or out.is_contiguous()))
 
 
-def _native_ffns(x: torch.Tensor, parts: list[tuple[int, int, dict[str, int]]], f: int, act,
-                 out: torch.Tensor) -> None:
+def _native_ffns(parts: list[tuple[torch.Tensor, torch.Tensor, dict[str, int]]], f: int, act) -> None:
     """FFNs of a few rows each on packed fp32 weights, in two native calls: every first matmul, the
-    activation over all their rows, every second matmul.
+    activation over all their rows, every second matmul (decode: one stream over all the weights).
 
-    x (N, d) and out (N, d) contiguous; parts: (start, stop, `native_pointers` of the FFN for rows start:stop),
-    all with hidden size f. Rows of x outside the parts are not read, nor those of out written.
+    parts: (x (n, d), out (n, d), `native_pointers` of the FFN), x and out contiguous (views of larger
+    tensors are fine); every FFN has hidden size f. Results are written into each part's out.
     """
-    rows = [t - s for s, t, _ in parts]
-    x_rows = [s for s, _, _ in parts]  # each part's first row in x and out
-    h_rows = list(itertools.accumulate(rows, initial=0))  # and in the (sum of rows, f) intermediate
+    rows = [x.shape[0] for x, _, _ in parts]
+    h_rows = list(itertools.accumulate(rows, initial=0))  # each part's first row in the (sum of rows, f) intermediate
+    x0 = parts[0][0]
 
-    def matmul(src, src_rows, name, bias, dst, dst_rows):  # every part: dst rows = src rows @ its matrix `name`
-        k_in, k_out, size = src.shape[1], dst.shape[1], src.element_size()
-        packed_matmul([Job(n, src.data_ptr() + a * k_in * size, p[name], p.get(bias, 0), dst.data_ptr() + b * k_out * size)
-                       for n, a, b, (_, _, p) in zip(rows, src_rows, dst_rows, parts)], k_out, k_in)
-
-    def first(name, bias=None):
-        h = x.new_empty(h_rows[-1], f)  # (rows, f)
-        matmul(x, x_rows, name, bias, h, h_rows)
+    def first(name, bias=None):  # every part's x @ its matrix `name` (+ bias) -> h (sum of rows, f)
+        h = x0.new_empty(h_rows[-1], f)
+        packed_matmul([Job(n, x.data_ptr(), p[name], p.get(bias, 0), h[a:].data_ptr())
+                       for n, a, (x, _, p) in zip(rows, h_rows, parts)], f, x0.shape[1])
         return h
     h = act(first("w_gate")).mul_(first("w_up")) if "w_gate" in parts[0][2] else act(first("w_in", "b_in"))
-    matmul(h, h_rows, "w_out", "b_out", out, x_rows)
+    packed_matmul([Job(n, h[a:].data_ptr(), p["w_out"], p.get("b_out", 0), out.data_ptr())
+                   for n, a, (_, out, p) in zip(rows, h_rows, parts)], x0.shape[1], f)
 
 
 def pack_ffn(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -184,8 +184,8 @@ def _linear_act(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None, act=
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, w, b)` for x (n, in) and w [out, in], plain or packed (`pack_matrix`).
 
-    Through oneDNN for packed weights, and for CPU inference from `ONEDNN_MIN_ROWS` rows (the fp32
-    router at T=4096: 2.3x faster than MKL here, README) or, for fewer rows, when w is a contiguous
+    Through oneDNN for packed weights, and for CPU inference from `LINEAR_ONEDNN_MIN_ROWS` rows (the
+    fp32 router at T=4096: 2.3x faster than MKL here, README) or, for fewer rows, when w is a contiguous
     [out, in] matrix of `PACK_MIN_BYTES` or more (an LM head of 50257 x 1024, one row: 3.8 ms against
     MKL's 10.0 ms). Packed fp32 weights on up to `NATIVE_MAX_ROWS` rows go through the native kernel.
     """
@@ -195,7 +195,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         packed_matmul([Job(x.shape[0], x.data_ptr(), packed_ptr(w), 0 if b is None else b.data_ptr(),
                           y.data_ptr())], *w.shape)
         return y
-    rows_ok = x.shape[0] >= ONEDNN_MIN_ROWS or (w.is_contiguous() and _large(w))
+    rows_ok = x.shape[0] >= LINEAR_ONEDNN_MIN_ROWS or (w.is_contiguous() and _large(w))
     if w.is_mkldnn or (rows_ok and onednn_ok(x, w, b)):
         return _LINEAR_POINTWISE(x, w, b, "none", [], "")
     return F.linear(x, w, b)
@@ -230,8 +230,14 @@ class Routing:
     token: torch.Tensor  # (N,) int64: source token of each assignment, grouped by expert
     weight: torch.Tensor  # (N,) fp32: combine weight of each assignment
     counts: torch.Tensor  # (E,) int64: assignments per expert (after capacity)
-    aux_loss: torch.Tensor  # () fp32: E * sum_e mean(p_e) * fraction routed to e (first choices; k > 2: all)
     first_choice_counts: torch.Tensor  # (E,) int64: first-choice tokens per expert, before capacity
+    probs: torch.Tensor  # (T, E) fp32: the gate's probabilities
+    routed: torch.Tensor  # (E,) share of the counted choices routed to each expert (first choices; k > 2: all)
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """() fp32: E * sum_e mean(p_e) * routed_e, computed when asked for (training; inference never does)."""
+        return self.probs.shape[1] * torch.sum(self.probs.mean(0) * self.routed.to(self.probs.dtype))
 
 
 def route(
@@ -266,7 +272,7 @@ def route(
     counts = assigned = torch.bincount(flat_e, minlength=E)  # (E,) before capacity
     first_counts = counts if top_k == 1 else torch.bincount(top_e[:, 0], minlength=E)  # before capacity
 
-    kept = torch.ones_like(top_p, dtype=torch.bool)  # (T, k)
+    weight = top_p  # (T, k)
     if capacity_factor is not None:
         cap = expert_capacity(T, E, top_k, capacity_factor, min_capacity)
         if top_k > 2:  # each expert's assignments by falling probability: the most probable are kept
@@ -278,20 +284,17 @@ def route(
         counts = counts.clamp(max=cap)
         kept_flat = torch.zeros_like(flat_e, dtype=torch.bool)
         kept_flat[order] = True
-        kept = kept_flat.view(top_k, T).t()
-
-    weight = top_p if capacity_factor is None else top_p * kept
+        weight = top_p * kept_flat.view(top_k, T).t()
     if top_k > 1:
         weight = weight / weight.sum(-1, keepdim=True).clamp_min(torch.finfo(weight.dtype).eps)
 
-    routed = first_counts / T if top_k <= 2 else assigned / (T * top_k)  # (E,) share of the counted choices
-    aux = E * torch.sum(probs.mean(0) * routed.to(probs.dtype))
     return Routing(
         token=order if top_k == 1 else order % T,
         weight=weight.t().reshape(-1)[order],
         counts=counts,
-        aux_loss=aux,
         first_choice_counts=first_counts,
+        probs=probs,
+        routed=first_counts / T if top_k <= 2 else assigned / (T * top_k),
     )
 
 
@@ -308,7 +311,7 @@ def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], act, out: torch.Tensor | No
         if pointers is None:
             return _onednn_ffn(x, w, fused_activation(act), out)
         out = x.new_empty(x.shape[0], w["w_out"].shape[0]) if out is None else out
-        _native_ffns(x.contiguous(), [(0, x.shape[0], pointers)], w["w_out"].shape[1], fused_activation(act), out)
+        _native_ffns([(x.contiguous(), out, pointers)], w["w_out"].shape[1], fused_activation(act))
         return out
     if x.shape[0] >= ONEDNN_MIN_ROWS and onednn_ok(x, *w.values()):
         w_t = {k: v.t() if k.startswith("w_") else v for k, v in w.items()}  # [out, in] views
@@ -377,23 +380,33 @@ def pack_experts(stacked: dict[str, torch.Tensor]) -> PackedExperts | dict[str, 
 
 
 def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], weights_of, act,
-                        pointers: list[dict[str, int] | None] | None = None) -> torch.Tensor:
+                        pointers: list[dict[str, int] | None] | None = None,
+                        also: tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Inference loop: each expert's whole FFN (`ffn`) on its slice, written into one (N, d) buffer.
 
     `weights_of(e)` gives expert e's weights (packed, or [in, out] views of the stacked tensors).
     Running both matmuls of one expert back to back keeps its (n, f) intermediate in cache. With
     `pointers` (packed experts), the slices of at most `NATIVE_MAX_ROWS` rows go through the native
-    kernel together, in two calls (decode: one token per expert).
+    kernel together, in two calls (decode: one token per expert), and with them `also` = (rows, FFN
+    weights, output), another FFN of the same shapes (the residual branch), when it qualifies too.
     """
+    x = x.contiguous()
     out = torch.empty_like(x)  # (N, d)
-    few = []  # (start, stop, pointers) for the native kernel
+    few = []  # (rows, output, pointers) for the native kernel
     for e, s, t in slices:
         if pointers is not None and pointers[e] is not None and _native_ok(x[s:t], None):
-            few.append((s, t, pointers[e]))
+            few.append((x[s:t], out[s:t], pointers[e]))
         else:
             ffn(x[s:t], weights_of(e), act, out[s:t])
+    if also is not None:
+        rows, weights, dense = also
+        also_pointers = native_pointers(weights) if few and is_packed(weights) and _native_ok(rows, dense) else None
+        if also_pointers is None:
+            ffn(rows, weights, act, dense)
+        else:
+            few.append((rows.contiguous(), dense, also_pointers))
     if few:
-        _native_ffns(x.contiguous(), few, weights_of(slices[0][0])["w_out"].shape[1], act, out)
+        _native_ffns(few, weights_of(slices[0][0])["w_out"].shape[1], act)
     return out
 
 
@@ -404,18 +417,20 @@ def _slices(counts: torch.Tensor) -> list[tuple[int, int, int]]:
 
 
 def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, stacked: dict[str, torch.Tensor] | PackedExperts,
-               act, backend: str | None = None) -> torch.Tensor:
+               act, backend: str | None = None,
+               also: tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Run each expert on its contiguous slice of the expert-sorted tokens.
 
     x_sorted (N, d), counts (E,), stacked weights [E, ...] or `PackedExperts` -> (N, d). Experts that
     received no tokens are skipped: their weights are never read. Without autograd or autocast ("loop",
     and always for packed weights) each expert runs its whole FFN in turn (`_expert_loop_nograd`); with
     either, or with "grouped_mm", all experts' first matmuls run, then one activation over the
-    whole (N, f) intermediate, then all second matmuls.
+    whole (N, f) intermediate, then all second matmuls. `also` (packed experts only): another FFN run
+    with them (`_expert_loop_nograd`).
     """
     act = fused_activation(act)
     if isinstance(stacked, PackedExperts):
-        return _expert_loop_nograd(x_sorted, _slices(counts), stacked.weights.__getitem__, act, stacked.pointers)
+        return _expert_loop_nograd(x_sorted, _slices(counts), stacked.weights.__getitem__, act, stacked.pointers, also)
     backend = backend or pick_backend(x_sorted, counts, stacked)
     if backend == "grouped_mm":  # no per-expert slices: `counts.tolist()` would sync a GPU
         def linear(h, name, bias=None):
@@ -456,10 +471,13 @@ def combine(y_sorted: torch.Tensor, routing: Routing, num_tokens: int,
 
 def moe_forward(x: torch.Tensor, router_weight: torch.Tensor, stacked: dict | PackedExperts, act, top_k=1, capacity_factor=None,
                 min_capacity=4, dropout: float = 0.0, training: bool = False,
-                residual: tuple[torch.Tensor, torch.Tensor] | None = None,
+                residual: tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]] | None = None,
                 backend: str | None = None, exchange=None) -> tuple[torch.Tensor, Routing]:
     """PR-MoE branch for x (T, d): gate in fp32, dispatch by sort, experts, combine (+ residual mix) -> (T, d).
 
+    `residual = (coef (T, 2), dense)` mixes in the residual branch (`combine`): dense is its FFN's output
+    (T, d), or that FFN's weights (`pack_ffn`), run here with `act`, with packed experts in the same
+    native calls as theirs (decode: one stream over the residual's and the hit experts' weights).
     `exchange` (expert parallelism, `expert_parallel.ExpertParallel.exchange`): `stacked` holds this
     rank's experts only, and the expert-sorted rows travel to their experts' ranks and back.
     """
@@ -467,9 +485,17 @@ def moe_forward(x: torch.Tensor, router_weight: torch.Tensor, stacked: dict | Pa
         logits = linear(x.float(), router_weight.float())  # (T, E) fp32, as DeepSpeed's gate
     routing = route(logits, top_k, capacity_factor, min_capacity)
     x_sorted = x[routing.token]  # (N, d)
+    also = None  # the residual FFN, run with the experts
+    if residual is not None and isinstance(residual[1], dict):
+        weights, dense = residual[1], torch.empty_like(x)  # (T, d), filled below
+        if exchange is None and isinstance(stacked, PackedExperts):
+            also = (x, weights, dense)
+        else:
+            ffn(x, weights, act, dense)
+        residual = (residual[0], dense)
 
     def run(rows, counts):
-        return expert_ffn(rows, counts, stacked, act, backend)
+        return expert_ffn(rows, counts, stacked, act, backend, also)
     y = run(x_sorted, routing.counts) if exchange is None else exchange(x_sorted, routing.counts, run)  # (N, d)
     if dropout and training:
         y = F.dropout(y, dropout, training=True)

@@ -205,7 +205,7 @@ class Runtime:
             return ffn(x, w["dense"], self.act).reshape(shape)
         residual = None
         if "dense" in w:
-            residual = (F.linear(x, *w["coef"]).softmax(-1), ffn(x, w["dense"], self.act))  # (T, 2), (T, d)
+            residual = (F.linear(x, *w["coef"]).softmax(-1), w["dense"])  # (T, 2), the FFN run with the experts
         m = self.manifest
         y, _ = moe_forward(x, w["router"], w["stacked"], self.act, m["top_k"], m["capacity_factor"],
                            m["min_capacity"], residual=residual, exchange=None if self.ep is None else self.ep.exchange)

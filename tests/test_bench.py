@@ -55,7 +55,8 @@ def test_bench_layer_bad_input():
     for size in (["--experts", "99999999999999999999"], ["--hidden", "100000", "--experts", "64"],
                  ["--tokens", "1000000000000", "--experts", "4"]):
         res = CliRunner().invoke(app, ["bench", "layer", "--tokens", "8", *size])
-        assert res.exit_code == 2 and "GB is free" in res.output and len(res.output.strip().splitlines()) == 1, res.output
+        errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]  # (a busy host adds a load warning)
+        assert res.exit_code == 2 and len(errors) == 1 and "GB is free" in errors[0], res.output
 
 
 def test_bench_layer_without_deepspeed(monkeypatch):

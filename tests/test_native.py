@@ -129,6 +129,20 @@ def test_decode_mixes_native_and_onednn_experts_and_equals_the_plain_path(calls)
     assert calls == [int((hit <= kernels.NATIVE_MAX_ROWS).sum())] * 2  # all few-row experts in two calls
 
 
+def test_the_residual_ffn_streams_with_the_experts(calls):
+    """Decode: given the residual FFN's weights, moe_forward runs it in the experts' two native calls, and
+    the layer equals the one given the residual's output computed on its own from plain weights."""
+    E, d = 16, 256
+    stacked, dense = ffn_weights("gpt2", d, 4 * d, experts=E), ffn_weights("gpt2", d, 4 * d)
+    router, x = torch.randn(E, d), torch.randn(4, d)
+    coef = torch.randn(4, 2).softmax(-1)
+    with torch.inference_mode():
+        got, routing = moe_forward(x, router, pack_experts(stacked), GELU, residual=(coef, pack_ffn(dense)))
+        ref, _ = moe_forward(x, router, stacked, GELU, residual=(coef, reference_ffn(x, dense, GELU).float()))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert calls == [int((routing.counts > 0).sum()) + 1] * 2
+
+
 @pytest.mark.parametrize("host", ["gpt2", "llama"])
 def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, tmp_path, calls):
     """KV-cache decoding one token at a time (every FFN, expert and projection on few rows) against the
