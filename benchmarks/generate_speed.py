@@ -1,13 +1,15 @@
 """`generate` speed on a GPT-2-medium-width PR-MoE export (random weights, built in code).
 
     python benchmarks/generate_speed.py [--layers 8] [--hidden 1024] [--experts 8] [--prompt 256] [--new 32] [--dtype fp32]
+                                        [--native-ab]
 
 Builds the model (every other layer a PR-MoE layer with the residual FFN), saves it, exports it with
 `moe-convert export --format safetensors`, loads it with the runtime and runs greedy generation
 three times; prints the load time, the median prefill time and decode tokens/s, the peak RSS of the
 process after the model was built and saved (built in a child process, so it does not count), and
 what is resident at the end. Run it from two checkouts (with PYTHONPATH pointing at each) to compare
-versions back to back.
+versions back to back. `--native-ab` instead alternates generations with the native few-row kernel
+(`moe_convert/native.py`) on and off in this one process, and prints the medians of both.
 """
 
 import argparse
@@ -39,6 +41,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="fp32", help="export dtype: fp32, bf16, fp16")
+    ap.add_argument("--native-ab", action="store_true", help="alternate runs with the native kernel on and off")
     ap.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # the child process that builds the export
     args = ap.parse_args()
     if args.build:
@@ -51,6 +54,8 @@ def main() -> None:
         rt = load_runtime(Path(tmp) / "out")
         load_s = time.perf_counter() - start
     prompt = torch.randint(0, 50257, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+    if args.native_ab:
+        return native_ab(rt, prompt, args)
     runs = [rt.generate(prompt, args.new) for _ in range(args.repeats + 1)][1:]  # the first warms up
     prefill = statistics.median(r.prefill_s for r in runs) * 1e3
     decode = statistics.median(r.decode_tokens_per_s for r in runs)
@@ -60,6 +65,25 @@ def main() -> None:
           f"load {load_s:.1f} s, "
           f"prefill {args.prompt} tokens {prefill:.0f} ms, decode {decode:.1f} tokens/s (median of {args.repeats}); "
           f"peak RSS {mib['VmHWM']} MiB, resident at the end {mib['RssAnon']} MiB anonymous + {mib['RssFile']} MiB file")
+
+
+def native_ab(rt, prompt: list[int], args) -> None:
+    """Generations alternating with the native kernel on (rows up to `NATIVE_MAX_ROWS`) and off (oneDNN)."""
+    from moe_convert import kernels, native
+
+    if native.library() is None:
+        sys.exit(f"the native kernel is off here: {native.why_unavailable()}")
+    rows, runs = kernels.NATIVE_MAX_ROWS, {"native": [], "oneDNN": []}
+    for i in range(2 * (args.repeats + 1)):
+        name = "native" if i % 2 == 0 else "oneDNN"
+        kernels.NATIVE_MAX_ROWS = rows if name == "native" else 0
+        runs[name].append(rt.generate(prompt, args.new))
+    kernels.NATIVE_MAX_ROWS = rows
+    decode = {k: statistics.median(r.decode_tokens_per_s for r in v[1:]) for k, v in runs.items()}  # first: warm-up
+    tokens = {k: [round(r.decode_tokens_per_s, 1) for r in v[1:]] for k, v in runs.items()}
+    print(f"decode tokens/s, median of {args.repeats} alternating runs: native kernel {decode['native']:.1f} "
+          f"{tokens['native']}, oneDNN {decode['oneDNN']:.1f} {tokens['oneDNN']}: "
+          f"{decode['native'] / decode['oneDNN']:.2f}x")
 
 
 def build(out: Path, layers: int, hidden: int, experts: int, dtype: str) -> None:
