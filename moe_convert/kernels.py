@@ -149,12 +149,16 @@ def _native_ffns(parts: list[tuple[torch.Tensor, torch.Tensor, dict[str, int]]],
     h_rows = list(itertools.accumulate(rows, initial=0))  # each part's first row in the (sum of rows, f) intermediate
     x0 = parts[0][0]
 
-    def first(name, bias=None):  # every part's x @ its matrix `name` (+ bias) -> h (sum of rows, f)
-        h = x0.new_empty(h_rows[-1], f)
-        packed_matmul([Job(n, x.data_ptr(), p[name], p.get(bias, 0), h[a:].data_ptr())
-                       for n, a, (x, _, p) in zip(rows, h_rows, parts)], f, x0.shape[1])
-        return h
-    h = act(first("w_gate")).mul_(first("w_up")) if "w_gate" in parts[0][2] else act(first("w_in", "b_in"))
+    def first(*names, bias=None):  # every part's x @ each matrix in `names` (+ bias) -> (sum of rows, f) each
+        hs = [x0.new_empty(h_rows[-1], f) for _ in names]
+        packed_matmul([Job(n, x.data_ptr(), p[name], p.get(bias, 0), h[a:].data_ptr()) for name, h in zip(names, hs)
+                       for n, a, (x, _, p) in zip(rows, h_rows, parts)], f, x0.shape[1])  # one call for all
+        return hs
+    if "w_gate" in parts[0][2]:
+        gate, up = first("w_gate", "w_up")
+        h = act(gate).mul_(up)
+    else:
+        h = act(first("w_in", bias="b_in")[0])
     packed_matmul([Job(n, h[a:].data_ptr(), p["w_out"], p.get("b_out", 0), out.data_ptr())
                    for n, a, (_, out, p) in zip(rows, h_rows, parts)], x0.shape[1], f)
 
@@ -189,7 +193,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     [out, in] matrix of `PACK_MIN_BYTES` or more (an LM head of 50257 x 1024, one row: 3.8 ms against
     MKL's 10.0 ms). Packed fp32 weights on up to `NATIVE_MAX_ROWS` rows go through the native kernel.
     """
-    if w.is_mkldnn and _native_ok(x, None) and layout_ok(*w.shape) and (
+    if w.is_mkldnn and w.dtype == torch.float32 and _native_ok(x, None) and layout_ok(*w.shape) and (
             b is None or (b.dtype == torch.float32 and b.is_contiguous())):
         x, y = x.contiguous(), x.new_empty(x.shape[0], w.shape[0])
         packed_matmul([Job(x.shape[0], x.data_ptr(), packed_ptr(w), 0 if b is None else b.data_ptr(),

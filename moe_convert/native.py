@@ -101,7 +101,7 @@ def library() -> ctypes.CDLL | None:
         _reason = "MOE_CONVERT_NATIVE=0"
     elif not sys.platform.startswith("linux") or not _torch_uses_libgomp():
         _reason = "needs Linux and a torch built with GNU OpenMP"
-    elif getattr(torch.ops.mkldnn, "data_ptr", None) is None:
+    elif any(getattr(torch.ops.mkldnn, op, None) is None for op in ("data_ptr", "_nbytes")):
         _reason = "this torch cannot give the address of oneDNN-packed weights"
     elif cc is None:
         _reason = "no C compiler (set CC)"

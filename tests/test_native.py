@@ -94,7 +94,7 @@ def test_ffn_on_few_rows_equals_float64_and_onednn(kind, act, calls):
         got = ffn(x, packed, act)
         torch.testing.assert_close(got, reference_ffn(x, w, act).float(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got, kernels._onednn_ffn(x, packed, act, None), rtol=1e-5, atol=1e-5)
-    assert len(calls) == 4 * (3 if kind == "gated" else 2)  # gate and up are separate calls
+    assert len(calls) == 4 * 2  # gate and up together
 
 
 def test_results_do_not_depend_on_the_thread_count():
