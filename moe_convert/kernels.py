@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import expert_capacity
-from .native import Job, check_layout, layout_ok, packed_matmul, packed_ptr
+from .native import Job, packed_matmul, packed_ptr, register, usable
 
 # Activations by config name, as fused torch functions (one pass over memory instead of several).
 ACTIVATIONS = {
@@ -116,26 +116,40 @@ def pack_matrix(w: torch.Tensor) -> torch.Tensor | None:
     `linear` / `ffn`); None where that does not pay: no oneDNN for it, or under `PACK_MIN_BYTES`."""
     if _REORDER_WEIGHT is None or not onednn_ok(w) or not _large(w):
         return None
-    w_t = w.t().contiguous()  # [out, in]
-    packed = _REORDER_WEIGHT(w_t, PACK_BATCH_HINT)
+    packed = _pack(w.t().contiguous())
     if w.dtype == torch.float32:
-        check_layout(packed, w_t)
+        register(packed, _pack)  # the native kernel may read it (few rows)
     return packed
+
+
+def _pack(w_t: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> oneDNN's blocked layout, for `PACK_BATCH_HINT` rows."""
+    return _REORDER_WEIGHT(w_t, PACK_BATCH_HINT)
 
 
 def native_pointers(w: dict[str, torch.Tensor]) -> dict[str, int] | None:
     """Addresses of a packed FFN's matrices and biases for the native kernel; None where it does not apply
-    (not fp32, no kernel on this machine, or a layout it cannot read)."""
-    if not all(v.dtype == torch.float32 and (not k.startswith("w_") or (v.is_mkldnn and layout_ok(*v.shape)))
-               and (k.startswith("w_") or v.is_contiguous()) for k, v in w.items()):
+    (no kernel on this machine, matrices it may not read (`native.usable`: fp32, packed by `pack_matrix`,
+    a layout it reads), or shapes that do not fit together: [f, d] in, [d, f] out, biases (f,) and (d,))."""
+    mats = {k: v for k, v in w.items() if k.startswith("w_")}
+    biases = {k: v for k, v in w.items() if k.startswith("b_") and v is not None}
+    if "w_out" not in mats or not all(m.is_mkldnn and usable(m) for m in mats.values()):
         return None
-    return {k: packed_ptr(v) if k.startswith("w_") else v.data_ptr() for k, v in w.items()}
+    d, f = mats["w_out"].shape
+    if any(tuple(m.shape) != (f, d) for k, m in mats.items() if k != "w_out") or not all(
+            b.dtype == torch.float32 and b.is_contiguous() and b.shape == ((d,) if k == "b_out" else (f,))
+            for k, b in biases.items()):
+        return None
+    return {**{k: packed_ptr(m) for k, m in mats.items()}, **{k: b.data_ptr() for k, b in biases.items()}}
 
 
-def _native_ok(x: torch.Tensor, out: torch.Tensor | None) -> bool:
-    """x (n, in) can feed the native kernel, writing into `out` when given: fp32 CPU, few rows, contiguous output."""
-    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] <= NATIVE_MAX_ROWS
-            and (out is None or out.is_contiguous()))
+def _native_ok(x: torch.Tensor, width: int, out: torch.Tensor | None, out_width: int) -> bool:
+    """x (n, width) can feed the native kernel, writing into `out` (n, out_width) when given: fp32 CPU,
+    at most `NATIVE_MAX_ROWS` rows, a contiguous fp32 output."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and x.shape[1] == width
+            and x.shape[0] <= NATIVE_MAX_ROWS
+            and (out is None or (out.is_contiguous() and out.dtype == torch.float32
+                                 and tuple(out.shape) == (x.shape[0], out_width))))
 
 
 def _native_ffns(parts: list[tuple[torch.Tensor, torch.Tensor, dict[str, int]]], f: int, act) -> None:
@@ -193,8 +207,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     [out, in] matrix of `PACK_MIN_BYTES` or more (an LM head of 50257 x 1024, one row: 3.8 ms against
     MKL's 10.0 ms). Packed fp32 weights on up to `NATIVE_MAX_ROWS` rows go through the native kernel.
     """
-    if w.is_mkldnn and w.dtype == torch.float32 and _native_ok(x, None) and layout_ok(*w.shape) and (
-            b is None or (b.dtype == torch.float32 and b.is_contiguous())):
+    if w.is_mkldnn and usable(w) and _native_ok(x, w.shape[1], None, w.shape[0]) and (
+            b is None or (b.dtype == torch.float32 and b.is_contiguous() and b.shape == w.shape[:1])):
         x, y = x.contiguous(), x.new_empty(x.shape[0], w.shape[0])
         packed_matmul([Job(x.shape[0], x.data_ptr(), packed_ptr(w), 0 if b is None else b.data_ptr(),
                           y.data_ptr())], *w.shape)
@@ -311,7 +325,8 @@ def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], act, out: torch.Tensor | No
     Gated kind (`w_gate`, `w_up`, `w_out`): (act(x Wg) * x Wu) Wd, as Llama/Mistral/Qwen2 do.
     """
     if is_packed(w):
-        pointers = native_pointers(w) if _native_ok(x, out) else None
+        d = w["w_out"].shape[0]
+        pointers = native_pointers(w) if _native_ok(x, d, out, d) else None
         if pointers is None:
             return _onednn_ffn(x, w, fused_activation(act), out)
         out = x.new_empty(x.shape[0], w["w_out"].shape[0]) if out is None else out
@@ -366,13 +381,14 @@ def pick_backend(x: torch.Tensor, counts: torch.Tensor, stacked: dict[str, torch
     return "loop"
 
 
-@dataclass
+@dataclass(frozen=True)
 class PackedExperts:
     """E experts' weights packed once for CPU inference (`pack_experts`): `weights[e]` is expert e's `pack_ffn`,
-    `pointers[e]` its `native_pointers` (None where the native kernel does not apply)."""
+    `pointers[e]` its `native_pointers` (None where the native kernel does not apply). Frozen: the
+    pointers are the addresses of these very weights."""
 
-    weights: list[dict[str, torch.Tensor]]
-    pointers: list[dict[str, int] | None]
+    weights: tuple[dict[str, torch.Tensor], ...]
+    pointers: tuple[dict[str, int] | None, ...]
 
 
 def pack_experts(stacked: dict[str, torch.Tensor]) -> PackedExperts | dict[str, torch.Tensor]:
@@ -380,11 +396,11 @@ def pack_experts(stacked: dict[str, torch.Tensor]) -> PackedExperts | dict[str, 
     weights = [pack_ffn({k: v[e] for k, v in stacked.items()}) for e in range(stacked["w_out"].shape[0])]
     if not is_packed(weights[0]):
         return stacked
-    return PackedExperts(weights, [native_pointers(w) for w in weights])
+    return PackedExperts(tuple(weights), tuple(native_pointers(w) for w in weights))
 
 
 def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], weights_of, act,
-                        pointers: list[dict[str, int] | None] | None = None,
+                        pointers: tuple[dict[str, int] | None, ...] | None = None,
                         also: tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Inference loop: each expert's whole FFN (`ffn`) on its slice, written into one (N, d) buffer.
 
@@ -396,21 +412,25 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
     """
     x = x.contiguous()
     out = torch.empty_like(x)  # (N, d)
-    few = []  # (rows, output, pointers) for the native kernel
+    few, shape = [], None  # (rows, output, pointers) for the native kernel; the experts' w_out shape
     for e, s, t in slices:
-        if pointers is not None and pointers[e] is not None and _native_ok(x[s:t], None):
+        w = weights_of(e)
+        if pointers is not None and pointers[e] is not None and _native_ok(x[s:t], w["w_out"].shape[0], None, 0):
             few.append((x[s:t], out[s:t], pointers[e]))
+            shape = w["w_out"].shape
         else:
-            ffn(x[s:t], weights_of(e), act, out[s:t])
+            ffn(x[s:t], w, act, out[s:t])
     if also is not None:
         rows, weights, dense = also
-        also_pointers = native_pointers(weights) if few and is_packed(weights) and _native_ok(rows, dense) else None
+        same = few and is_packed(weights) and weights.keys() == weights_of(slices[0][0]).keys() and (
+            weights["w_out"].shape == shape)
+        also_pointers = native_pointers(weights) if same and _native_ok(rows, shape[0], dense, shape[0]) else None
         if also_pointers is None:
             ffn(rows, weights, act, dense)
         else:
             few.append((rows.contiguous(), dense, also_pointers))
     if few:
-        _native_ffns(few, weights_of(slices[0][0])["w_out"].shape[1], act)
+        _native_ffns(few, shape[1], act)
     return out
 
 

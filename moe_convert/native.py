@@ -9,7 +9,7 @@ The library is compiled once per machine and source with the system C compiler (
 -fopenmp`) into the user cache, then loaded with ctypes. It runs on torch's OpenMP threads: it links
 `libgomp.so.1`, the soname of the runtime this torch build loaded, so the loader hands it torch's
 copy. Nothing here is required: without a compiler, with another OpenMP runtime (or none), with
-`MOE_CONVERT_NATIVE=0`, or where oneDNN packs another layout, `library()` or `layout_ok` says no
+`MOE_CONVERT_NATIVE=0`, or where oneDNN packs another layout, `library()` or `usable` says no
 and callers keep oneDNN (`why_unavailable()` tells why).
 """
 
@@ -24,16 +24,21 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 SOURCE = Path(__file__).with_name("csrc") / "packed_matmul.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 BLOCK = 64  # outputs per block of oneDNN's packed fp32 layout: [ceil(out / 64)][in][64]
-LAYOUT_SAMPLES = 4096  # entries of each packed matrix checked against its source at pack time
 _reason = ""  # why `library()` is None
-_layout: dict[tuple[int, int], bool] = {}  # (out, in) -> oneDNN packs that shape as BLOCK expects
+_lock = threading.Lock()  # one build and load per process
+_layout: dict[tuple[int, int], bool] = {}  # (out, in) -> a probe of that shape was packed as BLOCK expects
+_usable = WeakIdKeyDictionary()  # packed tensors `register` accepted
 
 
 class Job(ctypes.Structure):
@@ -68,13 +73,17 @@ def _cpu_identity() -> str:
 
 
 def _torch_uses_libgomp() -> bool:
-    """torch runs on OpenMP and has libgomp.so.1 mapped: the library then shares torch's thread pool."""
+    """torch runs on OpenMP from one mapped file named libgomp.so.1: the soname our library links, so the
+    loader hands it that copy and its threads are torch's. (Some wheels ship a renamed copy,
+    libgomp-<hash>.so.1; linking would then load the system's as a second runtime.)"""
     if "OpenMP" not in torch.__config__.parallel_info():
         return False
     try:
-        return "libgomp" in Path("/proc/self/maps").read_text()
+        maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return False
+    files = {line.split()[-1] for line in maps if "libgomp" in line}
+    return len(files) == 1 and Path(next(iter(files))).name == "libgomp.so.1"
 
 
 def _build(cc: str) -> Path:
@@ -83,18 +92,26 @@ def _build(cc: str) -> Path:
     path = _cache_dir() / f"packed_matmul-{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            raise OSError(f"{Path(cc).name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise OSError(f"{Path(cc).name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
     return path
 
 
-@functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (`why_unavailable()` says why)."""
+    with _lock:
+        return _load()
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
     global _reason
     cc = _compiler()
     if os.environ.get("MOE_CONVERT_NATIVE", "1") == "0":
@@ -111,7 +128,8 @@ def library() -> ctypes.CDLL | None:
         except (OSError, subprocess.SubprocessError) as e:
             _reason = f"could not build the native kernel: {e}"
             return None
-        lib.mc_packed_matmul.argtypes = [ctypes.c_int64, ctypes.POINTER(Job), ctypes.c_int64, ctypes.c_int64]
+        lib.mc_packed_matmul.argtypes = [ctypes.c_int64, ctypes.POINTER(Job), ctypes.c_int64, ctypes.c_int64,
+                                         ctypes.c_int]
         lib.mc_packed_matmul.restype = None
         return lib
     return None
@@ -122,35 +140,49 @@ def packed_ptr(packed: torch.Tensor) -> int:
     return torch.ops.mkldnn.data_ptr(packed)
 
 
-def check_layout(packed: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `packed` (oneDNN's fp32 packing of w, [out, in]) lies as the kernel reads it; remembered by shape.
+def register(packed: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Let the kernel read `packed`, an fp32 [out, in] matrix that `pack` made, if that is safe; True if so.
 
-    oneDNN picks the packed layout by shape (and CPU), so the first matrix of each shape decides for
-    all: its size and `LAYOUT_SAMPLES` entries (the first and last too) must match w.
+    oneDNN picks the packed layout by shape, CPU and packing hint, so the first time a shape comes, a
+    probe matrix of distinct values is packed by the same `pack` and every entry compared with where
+    the kernel would read it. Only tensors registered here go through the kernel (`usable`).
     """
-    shape = tuple(w.shape)
-    if shape not in _layout:
-        _layout[shape] = library() is not None and w.dtype == torch.float32 and _same_layout(packed, w)
-    return _layout[shape]
+    out, inp = packed.shape
+    if library() is None or packed.dtype != torch.float32 or torch.ops.mkldnn._nbytes(packed) != _padded(out, inp) * 4:
+        return False
+    if (out, inp) not in _layout:
+        probe = torch.randn(out, inp, generator=torch.Generator().manual_seed(0))
+        _layout[out, inp] = _same_layout(pack(probe), probe)
+    if _layout[out, inp]:
+        _usable[packed] = True
+    return _layout[out, inp]
+
+
+def usable(packed: torch.Tensor) -> bool:
+    """`packed` was accepted by `register`."""
+    return packed in _usable
+
+
+def _padded(out: int, inp: int) -> int:
+    return -(-out // BLOCK) * BLOCK * inp
 
 
 def _same_layout(packed: torch.Tensor, w: torch.Tensor) -> bool:
+    """Every entry of w [out, in] lies in `packed` at [out // 64][in][out % 64] (the last block's padding aside)."""
     out, inp = w.shape
-    padded = -(-out // BLOCK) * BLOCK * inp
-    if torch.ops.mkldnn._nbytes(packed) != padded * 4:
+    if torch.ops.mkldnn._nbytes(packed) != _padded(out, inp) * 4:
         return False
-    raw = torch.frombuffer((ctypes.c_float * padded).from_address(packed_ptr(packed)), dtype=torch.float32)
-    g = torch.Generator().manual_seed(0)
-    flat = torch.cat([torch.tensor([0, w.numel() - 1]), torch.randint(w.numel(), (LAYOUT_SAMPLES,), generator=g)])
-    o, i = flat // inp, flat % inp
-    return torch.equal(raw[(o // BLOCK * inp + i) * BLOCK + o % BLOCK], w.reshape(-1)[flat])
-
-
-def layout_ok(out: int, inp: int) -> bool:
-    """A packed fp32 [out, in] matrix can go through the kernel (`check_layout` passed for its shape)."""
-    return _layout.get((out, inp), False)
+    blocks = -(-out // BLOCK)
+    raw = torch.frombuffer((ctypes.c_float * _padded(out, inp)).from_address(packed_ptr(packed)),
+                           dtype=torch.float32).view(blocks, inp, BLOCK)
+    expected = torch.zeros(blocks * BLOCK, inp)
+    expected[:out] = w
+    expected = expected.view(blocks, BLOCK, inp).transpose(1, 2)  # (blocks, in, 64)
+    real = (torch.arange(blocks * BLOCK) < out).view(blocks, 1, BLOCK).expand_as(raw)
+    return torch.equal(raw[real], expected[real])
 
 
 def packed_matmul(jobs: list[Job], out: int, inp: int) -> None:
-    """Run every job (same `out`, `inp`) in one call on torch's threads; the caller checked `layout_ok`."""
-    library().mc_packed_matmul(len(jobs), (Job * len(jobs))(*jobs), out, inp)
+    """Run every job (same `out`, `inp`, weights `usable`) in one call on torch's threads (as many as
+    `torch.get_num_threads()`)."""
+    library().mc_packed_matmul(len(jobs), (Job * len(jobs))(*jobs), out, inp, torch.get_num_threads())

@@ -17,7 +17,7 @@ from moe_convert.export import export
 from moe_convert.kernels import ACTIVATIONS, PackedExperts, ffn, linear, moe_forward, pack_experts, pack_ffn, pack_matrix
 from moe_convert.runtime import load_runtime
 
-pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernel off: {native.why_unavailable()}")
+needs_kernel = pytest.mark.skipif(native.library() is None, reason=f"native kernel off: {native.why_unavailable()}")
 GELU = ACTIVATIONS["gelu_new"]
 
 
@@ -40,12 +40,13 @@ def calls(monkeypatch):
     return seen
 
 
+@needs_kernel
 @pytest.mark.parametrize("out_features, in_features", [(2048, 512), (512, 2048), (100, 512), (96, 32)])
 def test_onednn_packs_fp32_weights_as_the_kernel_reads_them(out_features, in_features):
-    """Every entry of the packed buffer, not only the ones `check_layout` samples: [ceil(out/64)][in][64]."""
+    """Every entry of the packed buffer of real weights (`register` checks a probe of each shape): [ceil(out/64)][in][64]."""
     w = torch.randn(out_features, in_features)
     packed = pack_matrix(w.t())  # [in, out] given, [out, in] packed
-    assert native.layout_ok(out_features, in_features)
+    assert native.usable(packed)
     blocks = -(-out_features // native.BLOCK)
     raw = torch.frombuffer((ctypes.c_float * (blocks * native.BLOCK * in_features)).from_address(native.packed_ptr(packed)),
                            dtype=torch.float32).view(blocks, in_features, native.BLOCK).clone()
@@ -71,6 +72,7 @@ def ffn_weights(kind, d, f, experts=None):
     return {k: torch.randn(*lead, *shape) * (shape[0] ** -0.5 if len(shape) == 2 else 1) for k, shape in mats.items()}
 
 
+@needs_kernel
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("out_features", [512, 100])
 def test_linear_on_few_rows_equals_float64(out_features, bias, calls):
@@ -84,6 +86,7 @@ def test_linear_on_few_rows_equals_float64(out_features, bias, calls):
     assert len(calls) == kernels.NATIVE_MAX_ROWS  # one call per row count up to the limit, oneDNN above it
 
 
+@needs_kernel
 @pytest.mark.parametrize("kind, act", [("gpt2", GELU), ("gated", ACTIVATIONS["silu"])])
 def test_ffn_on_few_rows_equals_float64_and_onednn(kind, act, calls):
     w = ffn_weights(kind, 256, 1024)
@@ -97,6 +100,7 @@ def test_ffn_on_few_rows_equals_float64_and_onednn(kind, act, calls):
     assert len(calls) == 4 * 2  # gate and up together
 
 
+@needs_kernel
 def test_results_do_not_depend_on_the_thread_count():
     """Each output is one thread's sum in a fixed order: bitwise the same on 1 thread as on 2."""
     w = ffn_weights("gpt2", 256, 1024)
@@ -110,6 +114,7 @@ def test_results_do_not_depend_on_the_thread_count():
     assert torch.equal(ffn(x, packed, GELU), one)
 
 
+@needs_kernel
 def test_decode_mixes_native_and_onednn_experts_and_equals_the_plain_path(calls):
     """A batch where some experts get more than NATIVE_MAX_ROWS tokens (oneDNN) and others fewer (native):
     the packed runtime path equals the layer's path on the plain stacked weights."""
@@ -129,6 +134,7 @@ def test_decode_mixes_native_and_onednn_experts_and_equals_the_plain_path(calls)
     assert calls == [int((hit <= kernels.NATIVE_MAX_ROWS).sum())] * 2  # all few-row experts in two calls
 
 
+@needs_kernel
 def test_the_residual_ffn_streams_with_the_experts(calls):
     """Decode: given the residual FFN's weights, moe_forward runs it in the experts' two native calls, and
     the layer equals the one given the residual's output computed on its own from plain weights."""
@@ -143,6 +149,47 @@ def test_the_residual_ffn_streams_with_the_experts(calls):
     assert calls == [int((routing.counts > 0).sum()) + 1] * 2
 
 
+@needs_kernel
+def test_a_residual_ffn_of_another_size_runs_on_its_own(calls):
+    """A residual FFN whose hidden size differs from the experts' does not join their native calls."""
+    E, d = 4, 128
+    stacked, dense = ffn_weights("gpt2", d, 4 * d, experts=E), ffn_weights("gpt2", d, 8 * d)
+    router, x, coef = torch.randn(E, d), torch.randn(3, d), torch.randn(3, 2).softmax(-1)
+    with torch.inference_mode():
+        got, routing = moe_forward(x, router, pack_experts(stacked), GELU, residual=(coef, pack_ffn(dense)))
+        ref, _ = moe_forward(x, router, stacked, GELU, residual=(coef, reference_ffn(x, dense, GELU).float()))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert calls == [1, 1] + [int((routing.counts > 0).sum())] * 2  # the residual alone, then the experts
+
+
+@needs_kernel
+def test_only_matrices_packed_by_pack_matrix_reach_the_kernel(calls):
+    """A matrix packed another way (here oneDNN's hint for 1 row, a different layout of the same size)
+    goes through oneDNN, and the result is right."""
+    w = torch.randn(2048, 512) / 512 ** 0.5
+    packed = kernels._REORDER_WEIGHT(w.contiguous(), 1)
+    assert torch.ops.mkldnn._nbytes(packed) == w.numel() * 4 and not native.usable(packed)
+    x = torch.randn(1, 512)
+    torch.testing.assert_close(linear(x, packed), x @ w.t(), rtol=1e-5, atol=1e-5)
+    assert calls == []
+
+
+@needs_kernel
+def test_shapes_that_do_not_fit_are_refused_not_computed(calls):
+    """A wrong bias, input width or output buffer goes to oneDNN, which refuses it; nothing is written past it."""
+    w = torch.randn(256, 1024) / 16
+    packed, packed_ffn = pack_matrix(w), pack_ffn(ffn_weights("gpt2", 256, 1024))
+    with pytest.raises(RuntimeError):
+        linear(torch.randn(1, 256), packed, torch.randn(10))
+    with pytest.raises(RuntimeError):
+        linear(torch.randn(1, 200), packed)
+    buf = torch.zeros(4, 256)
+    with pytest.raises(RuntimeError):
+        ffn(torch.randn(3, 256), packed_ffn, GELU, out=buf[:2])
+    assert calls == [] and not buf[2:].any()
+
+
+@needs_kernel
 @pytest.mark.parametrize("host", ["gpt2", "llama"])
 def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, tmp_path, calls):
     """KV-cache decoding one token at a time (every FFN, expert and projection on few rows) against the
@@ -183,8 +230,8 @@ FALLBACK = textwrap.dedent("""
 
 @pytest.mark.parametrize("env, reason", [
     ({"MOE_CONVERT_NATIVE": "0"}, "MOE_CONVERT_NATIVE=0"),
-    ({"CC": "/nonexistent/cc"}, "no C compiler"),
-    ({"CC": "false"}, "could not build the native kernel: false failed"),
+    pytest.param({"CC": "/nonexistent/cc"}, "no C compiler", marks=needs_kernel),
+    pytest.param({"CC": "false"}, "could not build the native kernel: false failed", marks=needs_kernel),
 ])
 def test_without_the_kernel_results_come_from_onednn(env, reason, tmp_path):
     """Switched off, no compiler, or a compiler that fails: the same results, and the reason is told."""
@@ -195,6 +242,7 @@ def test_without_the_kernel_results_come_from_onednn(env, reason, tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))  # a failed build leaves nothing behind
 
 
+@needs_kernel
 def test_the_library_is_built_once_into_the_user_cache(tmp_path):
     script = "from moe_convert import native; print(native.library()._name)"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}

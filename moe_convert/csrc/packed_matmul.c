@@ -2,12 +2,13 @@
  *
  * oneDNN's packed fp32 [out, in] matrix (`kernels.pack_matrix`) is stored in blocks of 64 outputs:
  * block b holds w[64 b + o, i] at offset (b * in + i) * 64 + o, the last block padded to 64
- * (`native.layout_ok` checks this on the running machine before any call). For a handful of rows
+ * (`native.register` checks this on the running machine before any call). For a handful of rows
  * the product is a stream over those bytes: each block keeps its 64 outputs of every row in
  * registers while it reads its [in][64] panel once, front to back.
  *
  * One call runs many jobs with the same (out, in) shape, e.g. the first matmul of every expert that
- * got tokens, on torch's own OpenMP threads (the library links the libgomp torch loaded).
+ * got tokens, on torch's own OpenMP threads (the library links the libgomp torch loaded), as many
+ * as torch uses.
  */
 #include <stdint.h>
 #include <string.h>
@@ -53,9 +54,9 @@ typedef struct {
     float *y;
 } job_t;
 
-void mc_packed_matmul(int64_t njobs, const job_t *jobs, int64_t out, int64_t in) {
+void mc_packed_matmul(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int threads) {
     int64_t blocks = (out + BLOCK - 1) / BLOCK, units = njobs * blocks;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t u = 0; u < units; u++) {
         const job_t *j = jobs + u / blocks;
         int64_t b = u % blocks, valid = out - b * BLOCK < BLOCK ? out - b * BLOCK : BLOCK;
