@@ -340,6 +340,11 @@ class Trainer:
                           "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt}
                 for k in ("loss", "ce"):  # the summary's last 10 steps, kept in checkpoints across a resume
                     self.recent[k] = (self.recent.get(k, []) + [record[k]])[-10:]
+                if not math.isfinite(record["loss"]):  # every rank has the same reduced loss: all stop here
+                    self._log(record)
+                    raise MoEConvertError(
+                        f"training diverged: the loss is {record['loss']} at step {done}; no final model is written "
+                        f"(checkpoints of earlier steps are kept). Lower --lr, raise --warmup-steps or set --clip")
                 if done % cfg.log_every == 0 or done == cfg.steps:  # not at --stop-after: a resume would log twice
                     self._log(record)
                 bar.update(task, completed=done, info=f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s")

@@ -391,3 +391,14 @@ def test_an_interrupted_final_save_leaves_no_half_model(dense_dir, tokenizer, tm
     with pytest.raises(KeyboardInterrupt):
         trainer.save_model(InterruptedTokenizer())
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_diverged_run_stops_with_an_error_and_no_final_model(dense_dir, tmp_path):
+    """An lr far too high: the loss turns inf/NaN; the run stops there with a one-line error, logs that
+    step, and writes no model that looks complete."""
+    res = CliRunner().invoke(app, train_args(dense_dir, tmp_path / "o", "--lr", "1e12", "--clip", "0",
+                                             "--warmup-steps", "0", "--save-every", "1"))
+    assert res.exit_code == 2 and "training diverged: the loss is" in res.output, res.output
+    logged = metrics_of(tmp_path / "o")
+    assert not math.isfinite(logged[-1]["loss"]) and all(math.isfinite(r["loss"]) for r in logged[:-1])
+    assert not (tmp_path / "o" / "config.json").exists()
