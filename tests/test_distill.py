@@ -219,6 +219,28 @@ def test_tokenizer_larger_than_teacher_vocabulary(teacher, data_file, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_share_one_teacher_cache(teacher, data_file, tmp_path):
+    """torchrun --nproc_per_node 2 writing one --teacher-cache: a second two-process run and a one-process
+    run read every window back (no teacher forward) and log exactly the first run's losses."""
+    args = ["distill", "--teacher", str(teacher), "--data", str(data_file), "--seq-len", "32", "--batch-size", "4",
+            "--steps", "3", "--warmup-steps", "1", "--lr", "2e-3", "--eval-every", "0", "--eval-windows", "4",
+            "--kd-stop", "1", "--kd-top-k", "8", "--teacher-cache", str(tmp_path / "tc"), "--student-layers", "-1",
+            "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for name in ("cold", "warm"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "moe_convert", *args, "-o", str(tmp_path / name)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    cold, warm, one = (metrics_of(tmp_path / name) for name in ("cold", "warm", "one"))
+    assert [r["teacher_cached"] for r in cold] == [0, 0, 0]
+    assert [r["teacher_cached"] for r in warm] == [r["teacher_cached"] for r in one] == [1, 1, 1]
+    assert [r["kd"] for r in warm] == [r["kd"] for r in cold]
+    assert [r["kd"] for r in one][0] == pytest.approx(cold[0]["kd"], rel=1e-5)  # the same teacher values, one shard
+
+
 def test_two_processes_reproduce_one(teacher, data_file, tmp_path):
     """torchrun --nproc_per_node 2 (gloo): same global batch, same losses as one process (KD and CE phases)."""
     args = ["distill", "--teacher", str(teacher), "--data", str(data_file), "--seq-len", "32", "--batch-size", "4",
