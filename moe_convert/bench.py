@@ -107,9 +107,14 @@ def make_weights(E: int, d: int, dtype: torch.dtype, seed: int = 0) -> LayerWeig
 
 
 # --- implementations: each builds a callable x (T, d) -> y (T, d) from the same weights -------------
+def _coef(w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    """(T, 2) the residual mix's coefficients."""
+    return F.linear(x, w.coef_w, w.coef_b).softmax(-1)
+
+
 def _residual(w: LayerWeights, x: torch.Tensor):
     """(coef (T, 2), dense FFN output (T, d))."""
-    return F.linear(x, w.coef_w, w.coef_b).softmax(-1), ffn(x, w.dense, ACTIVATIONS[ACT])
+    return _coef(w, x), ffn(x, w.dense, ACTIVATIONS[ACT])
 
 
 def impl_moe_convert(w: LayerWeights, backend: str | None = None) -> Callable:
@@ -118,8 +123,7 @@ def impl_moe_convert(w: LayerWeights, backend: str | None = None) -> Callable:
     stacked, dense = (w.stacked, w.dense) if backend else (pack_experts(w.stacked), pack_ffn(w.dense))
 
     def run(x):  # the residual FFN's weights go in, as the runtime passes them
-        coef = F.linear(x, w.coef_w, w.coef_b).softmax(-1)
-        return moe_forward(x, w.router, stacked, ACTIVATIONS[ACT], residual=(coef, dense), backend=backend)[0]
+        return moe_forward(x, w.router, stacked, ACTIVATIONS[ACT], residual=(_coef(w, x), dense), backend=backend)[0]
     return run
 
 

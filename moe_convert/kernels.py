@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import expert_capacity
-from .native import Job, packed_matmul, packed_ptr, register, usable
+from .native import Job, address, packed_matmul, register
 
 # Activations by config name, as fused torch functions (one pass over memory instead of several).
 ACTIVATIONS = {
@@ -129,18 +129,19 @@ def _pack(w_t: torch.Tensor) -> torch.Tensor:
 
 def native_pointers(w: dict[str, torch.Tensor]) -> dict[str, int] | None:
     """Addresses of a packed FFN's matrices and biases for the native kernel; None where it does not apply
-    (no kernel on this machine, matrices it may not read (`native.usable`: fp32, packed by `pack_matrix`,
+    (no kernel on this machine, matrices it may not read (`native.address`: fp32, packed by `pack_matrix`,
     a layout it reads), or shapes that do not fit together: [f, d] in, [d, f] out, biases (f,) and (d,))."""
     mats = {k: v for k, v in w.items() if k.startswith("w_")}
     biases = {k: v for k, v in w.items() if k.startswith("b_") and v is not None}
-    if "w_out" not in mats or not all(m.is_mkldnn and usable(m) for m in mats.values()):
+    addresses = {k: address(m) if m.is_mkldnn else None for k, m in mats.items()}
+    if "w_out" not in mats or None in addresses.values():
         return None
     d, f = mats["w_out"].shape
     if any(tuple(m.shape) != (f, d) for k, m in mats.items() if k != "w_out") or not all(
             b.dtype == torch.float32 and b.is_contiguous() and b.shape == ((d,) if k == "b_out" else (f,))
             for k, b in biases.items()):
         return None
-    return {**{k: packed_ptr(m) for k, m in mats.items()}, **{k: b.data_ptr() for k, b in biases.items()}}
+    return {**addresses, **{k: b.data_ptr() for k, b in biases.items()}}
 
 
 def _native_ok(x: torch.Tensor, width: int, out: torch.Tensor | None, out_width: int) -> bool:
@@ -207,11 +208,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     [out, in] matrix of `PACK_MIN_BYTES` or more (an LM head of 50257 x 1024, one row: 3.8 ms against
     MKL's 10.0 ms). Packed fp32 weights on up to `NATIVE_MAX_ROWS` rows go through the native kernel.
     """
-    if w.is_mkldnn and usable(w) and _native_ok(x, w.shape[1], None, w.shape[0]) and (
+    w_address = address(w) if w.is_mkldnn else None
+    if w_address is not None and _native_ok(x, w.shape[1], None, w.shape[0]) and (
             b is None or (b.dtype == torch.float32 and b.is_contiguous() and b.shape == w.shape[:1])):
         x, y = x.contiguous(), x.new_empty(x.shape[0], w.shape[0])
-        packed_matmul([Job(x.shape[0], x.data_ptr(), packed_ptr(w), 0 if b is None else b.data_ptr(),
-                          y.data_ptr())], *w.shape)
+        packed_matmul([Job(x.shape[0], x.data_ptr(), w_address, 0 if b is None else b.data_ptr(), y.data_ptr())],
+                      *w.shape)
         return y
     rows_ok = x.shape[0] >= LINEAR_ONEDNN_MIN_ROWS or (w.is_contiguous() and _large(w))
     if w.is_mkldnn or (rows_ok and onednn_ok(x, w, b)):
@@ -325,12 +327,12 @@ def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], act, out: torch.Tensor | No
     Gated kind (`w_gate`, `w_up`, `w_out`): (act(x Wg) * x Wu) Wd, as Llama/Mistral/Qwen2 do.
     """
     if is_packed(w):
-        d = w["w_out"].shape[0]
+        d, f = w["w_out"].shape
         pointers = native_pointers(w) if _native_ok(x, d, out, d) else None
         if pointers is None:
             return _onednn_ffn(x, w, fused_activation(act), out)
-        out = x.new_empty(x.shape[0], w["w_out"].shape[0]) if out is None else out
-        _native_ffns([(x.contiguous(), out, pointers)], w["w_out"].shape[1], fused_activation(act))
+        out = x.new_empty(x.shape[0], d) if out is None else out
+        _native_ffns([(x.contiguous(), out, pointers)], f, fused_activation(act))
         return out
     if x.shape[0] >= ONEDNN_MIN_ROWS and onednn_ok(x, *w.values()):
         w_t = {k: v.t() if k.startswith("w_") else v for k, v in w.items()}  # [out, in] views
@@ -422,8 +424,7 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
             ffn(x[s:t], w, act, out[s:t])
     if also is not None:
         rows, weights, dense = also
-        same = few and is_packed(weights) and weights.keys() == weights_of(slices[0][0]).keys() and (
-            weights["w_out"].shape == shape)
+        same = few and weights.keys() == weights_of(slices[0][0]).keys() and weights["w_out"].shape == shape
         also_pointers = native_pointers(weights) if same and _native_ok(rows, shape[0], dense, shape[0]) else None
         if also_pointers is None:
             ffn(rows, weights, act, dense)

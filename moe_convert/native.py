@@ -10,7 +10,7 @@ The library is compiled once per machine and source with the system C compiler (
 -fopenmp`) into the user cache, then loaded with ctypes. It runs on torch's OpenMP threads: it links
 `libgomp.so.1`, the soname of the runtime this torch build loaded, so the loader hands it torch's
 copy. Nothing here is required: without a compiler, with another OpenMP runtime (or none), with
-`MOE_CONVERT_NATIVE=0`, or where oneDNN packs another layout, `library()` or `usable` says no
+`MOE_CONVERT_NATIVE=0`, or where oneDNN packs another layout, `library()` or `address` says no
 and callers keep oneDNN (`why_unavailable()` tells why).
 """
 
@@ -39,7 +39,7 @@ BLOCK = 64  # outputs per block of oneDNN's packed fp32 layout: [ceil(out / 64)]
 _reason = ""  # why `library()` is None
 _lock = threading.Lock()  # one build and load per process
 _layout: dict[tuple[int, int], bool] = {}  # (out, in) -> a probe of that shape was packed as BLOCK expects
-_usable = WeakIdKeyDictionary()  # packed tensors `register` accepted
+_address = WeakIdKeyDictionary()  # packed tensor `register` accepted -> the address of its bytes
 
 
 class Job(ctypes.Structure):
@@ -136,8 +136,8 @@ def _load() -> ctypes.CDLL | None:
     return None
 
 
-def packed_ptr(packed: torch.Tensor) -> int:
-    """Address of a oneDNN-packed tensor's bytes."""
+def _data_ptr(packed: torch.Tensor) -> int:
+    """Address of a oneDNN-packed tensor's bytes (a torch op call: `address` keeps it for registered ones)."""
     return torch.ops.mkldnn.data_ptr(packed)
 
 
@@ -146,7 +146,7 @@ def register(packed: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor])
 
     oneDNN picks the packed layout by shape, CPU and packing hint, so the first time a shape comes, a
     probe matrix of distinct values is packed by the same `pack` and every entry compared with where
-    the kernel would read it. Only tensors registered here go through the kernel (`usable`).
+    the kernel would read it. Only tensors registered here go through the kernel (`address`).
     """
     out, inp = packed.shape
     if library() is None or packed.dtype != torch.float32 or torch.ops.mkldnn._nbytes(packed) != _padded(out, inp) * 4:
@@ -155,13 +155,13 @@ def register(packed: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor])
         probe = torch.randn(out, inp, generator=torch.Generator().manual_seed(0))
         _layout[out, inp] = _same_layout(pack(probe), probe)
     if _layout[out, inp]:
-        _usable[packed] = True
+        _address[packed] = _data_ptr(packed)
     return _layout[out, inp]
 
 
-def usable(packed: torch.Tensor) -> bool:
-    """`packed` was accepted by `register`."""
-    return packed in _usable
+def address(packed: torch.Tensor) -> int | None:
+    """Where the bytes of `packed` lie, if `register` accepted it (the kernel may read it); else None."""
+    return _address.get(packed)
 
 
 def _padded(out: int, inp: int) -> int:
@@ -174,7 +174,7 @@ def _same_layout(packed: torch.Tensor, w: torch.Tensor) -> bool:
     if torch.ops.mkldnn._nbytes(packed) != _padded(out, inp) * 4:
         return False
     blocks = -(-out // BLOCK)
-    raw = torch.frombuffer((ctypes.c_float * _padded(out, inp)).from_address(packed_ptr(packed)),
+    raw = torch.frombuffer((ctypes.c_float * _padded(out, inp)).from_address(_data_ptr(packed)),
                            dtype=torch.float32).view(blocks, inp, BLOCK)
     expected = torch.zeros(blocks * BLOCK, inp)
     expected[:out] = w
@@ -184,6 +184,6 @@ def _same_layout(packed: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def packed_matmul(jobs: list[Job], out: int, inp: int) -> None:
-    """Run every job (same `out`, `inp`, weights `usable`) in one call on torch's threads (as many as
+    """Run every job (same `out`, `inp`, weights with an `address`) in one call on torch's threads (as many as
     `torch.get_num_threads()`)."""
     library().mc_packed_matmul(len(jobs), (Job * len(jobs))(*jobs), out, inp, torch.get_num_threads())

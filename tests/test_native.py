@@ -48,9 +48,9 @@ def test_onednn_packs_fp32_weights_as_the_kernel_reads_them(out_features, in_fea
     """Every entry of the packed buffer of real weights (`register` checks a probe of each shape): [ceil(out/64)][in][64]."""
     w = torch.randn(out_features, in_features)
     packed = pack_matrix(w.t())  # [in, out] given, [out, in] packed
-    assert native.usable(packed)
+    assert native.address(packed) is not None
     blocks = -(-out_features // native.BLOCK)
-    raw = torch.frombuffer((ctypes.c_float * (blocks * native.BLOCK * in_features)).from_address(native.packed_ptr(packed)),
+    raw = torch.frombuffer((ctypes.c_float * (blocks * native.BLOCK * in_features)).from_address(native.address(packed)),
                            dtype=torch.float32).view(blocks, in_features, native.BLOCK).clone()
     padded = torch.zeros(blocks * native.BLOCK, in_features)
     padded[:out_features] = w
@@ -170,7 +170,7 @@ def test_only_matrices_packed_by_pack_matrix_reach_the_kernel(calls):
     goes through oneDNN, and the result is right."""
     w = torch.randn(2048, 512) / 512 ** 0.5
     packed = kernels._REORDER_WEIGHT(w.contiguous(), 1)
-    assert torch.ops.mkldnn._nbytes(packed) == w.numel() * 4 and not native.usable(packed)
+    assert torch.ops.mkldnn._nbytes(packed) == w.numel() * 4 and native.address(packed) is None
     x = torch.randn(1, 512)
     torch.testing.assert_close(linear(x, packed), x @ w.t(), rtol=1e-5, atol=1e-5)
     assert calls == []
