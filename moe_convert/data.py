@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import MoEConvertError
+from .errors import MoEConvertError, one_line
 from .io import unfinished_run_hint
 
 BUILTIN_PREFIX = "builtin:"
@@ -164,8 +164,7 @@ def _why(e: BaseException) -> str:
     """An exception in one line, with the error under it (datasets wraps the real one, e.g. a
     UnicodeDecodeError, in "An error occurred while generating the dataset")."""
     cause = e.__cause__ or e.__context__
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return first if cause is None else f"{first} ({type(cause).__name__}: {(str(cause).splitlines() or [''])[0]})"
+    return one_line(e) if cause is None else f"{one_line(e)} ({type(cause).__name__}: {one_line(cause)})"
 
 
 def _texts_of(ds, text_field: str, where: str) -> list[str]:
@@ -203,7 +202,7 @@ def load_tokenizer(path: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError, TypeError) as e:  # files it cannot build a tokenizer from
-        raise MoEConvertError(f"tokenizer: could not load the tokenizer in {path}: {str(e).splitlines()[0]}") from None
+        raise MoEConvertError(f"tokenizer: could not load the tokenizer in {path}: {one_line(e)}") from None
 
 
 def train_bpe_tokenizer(texts: list[str], vocab_size: int, eos: str = "<|endoftext|>"):

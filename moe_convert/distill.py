@@ -195,7 +195,7 @@ def top_k_of(teacher_logits: torch.Tensor, k: int, temperature: float) -> tuple[
     """What `kd_loss_top_k` needs of teacher logits (B, S, V): values and ids (B, S, K), and the
     logsumexp / T of the logits outside the top K (B, S)."""
     values, ids = teacher_logits.topk(k, dim=-1)
-    return values, ids, (teacher_logits.float() / temperature).scatter(-1, ids, _MASKED).logsumexp(-1)
+    return values, ids, (teacher_logits.float() / temperature).scatter_(-1, ids, _MASKED).logsumexp(-1)
 
 
 # --- the staged-KD run ---------------------------------------------------------------------------
@@ -232,13 +232,15 @@ class StagedKD:
             missing = [i for i, entry in enumerate(kept) if entry is None]
             logs = {"teacher_cached": torch.tensor(float(not missing))}
             if missing:  # the teacher runs on the whole batch, as in a run that would have filled them all
-                fresh = top_k_of(self._teacher_logits(batch), self.top_k, self.temperature)
+                values, ids, rest = top_k_of(self._teacher_logits(batch), self.top_k, self.temperature)
                 if self.cache:
-                    self.cache.put(batch[missing], *(t[missing] for t in fresh))
-                for i in missing:
-                    kept[i] = tuple(t[i] for t in fresh)
-            # kept windows give what the run that filled them computed, also when others had to be computed now
-            values, ids, rest = (torch.stack([entry[j] for entry in kept]).to(batch.device).clone() for j in range(3))
+                    self.cache.put(batch[missing], values[missing], ids[missing], rest[missing])
+                for i, entry in enumerate(kept):  # kept windows give what the run that filled them computed
+                    if entry is not None:
+                        for t, v in zip((values, ids, rest), entry):
+                            t[i] = v.to(t.device)
+            else:
+                values, ids, rest = (torch.stack([entry[j] for entry in kept]).to(batch.device) for j in range(3))
             logs |= kd_loss_top_k(out.logits, values, ids, rest, batch, self.alpha, self.temperature)
         aux = getattr(out, "aux_loss", None)
         if aux is not None:
@@ -302,9 +304,9 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
     check_student_init(config, plan, job.student_init)
     state, tokenizer, data, settings = prepare_job(job, config, resume=resume, stop_after=stop_after,
                                                    overwrite=overwrite)
+    cache = _teacher_cache(job, config, settings["teacher"]) if job.teacher_cache else None
     teacher = load_model(job.model)
     student = build_student(teacher, plan, job.student_init, seed=job.config.seed)
-    cache = _teacher_cache(job, teacher.config, settings["teacher"]) if job.teacher_cache else None
     clear_output(state, out, resume, overwrite)  # every input and option checked: only now is anything removed
     kd = StagedKD(teacher if job.kd_steps > 0 else None, job.kd_steps, job.alpha, job.temperature,
                   job.kd_top_k, cache)

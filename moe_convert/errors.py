@@ -3,3 +3,8 @@
 
 class MoEConvertError(Exception):
     """A problem with the user's input or configuration, stated in one line."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message for a one-line error: its first non-empty line, else its type's name."""
+    return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MoEConvertError
+from .errors import MoEConvertError, one_line
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -96,7 +96,7 @@ def open_safetensors(file: Path):
     try:
         return safe_open(str(file), framework="pt")
     except Exception as e:  # safetensors' errors on a truncated/corrupt header or data section
-        raise MoEConvertError(f"cannot read {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        raise MoEConvertError(f"cannot read {file}: {one_line(e)}"
                               " (truncated or corrupt?)") from None
 
 
@@ -221,7 +221,7 @@ class CheckpointReader:
                     raise
                 return torch.load(file, map_location="cpu", weights_only=True)  # legacy: no zip archive to map
         except Exception as e:  # pickle errors on truncated or corrupt files
-            raise MoEConvertError(f"cannot read {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            raise MoEConvertError(f"cannot read {file}: {one_line(e)}"
                                   " (truncated or corrupt?)") from None
 
     def keys(self) -> list[str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DistillJob, TrainJob, check_eval_args, check_layout_options, check_seed, check_types, parse_int_list
-from .errors import MoEConvertError
+from .errors import MoEConvertError, one_line
 
 # kind -> name of the field that takes the previous model (None: the kind takes no model)
 INPUT_FIELD = {"upcycle": "source", "train": "model", "distill": "teacher", "export": "model", "eval": None,
@@ -293,7 +293,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     try:
         data = read_yaml(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise MoEConvertError(f"recipe: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise MoEConvertError(f"recipe: {path} is not valid YAML: {one_line(e)}") from None
     recipe = parse_recipe(apply_overrides(data, list(overrides)) if overrides else data, str(path),
                           default_output=Path("runs") / path.stem)
     recipe.path = path

@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import MoEConvertError
+from .errors import MoEConvertError, one_line
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
@@ -75,7 +75,7 @@ def load_config(path: str | Path):
             raise ValueError(f"model_type {d['model_type']!r} is not known to transformers")
         return AutoConfig.for_model(d.pop("model_type"), **d)
     except (json.JSONDecodeError, ValueError, TypeError, StrictDataclassError) as e:  # the last: a field's type
-        raise MoEConvertError(f"{file} is not a model config ({str(e).splitlines()[0]})") from None
+        raise MoEConvertError(f"{file} is not a model config ({one_line(e)})") from None
 
 
 def _count(module) -> int:

@@ -35,12 +35,12 @@ class TeacherCache:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def _file(self, window: torch.Tensor) -> Path:
-        return self.dir / f"{hashlib.sha256(window.cpu().numpy().tobytes()).hexdigest()[:32]}.safetensors"
+        return self.dir / f"{hashlib.sha256(window.numpy().tobytes()).hexdigest()[:32]}.safetensors"
 
     def get(self, batch: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
         """Per window of `batch` (B, S): its (values (S, K), ids (S, K) int64, rest_lse (S,)), or None when it
         is not kept. An entry that cannot be read (a damaged file) is removed and counts as not kept."""
-        return [self._read(self._file(w)) for w in batch]
+        return [self._read(self._file(w)) for w in batch.cpu()]  # one copy to the host, not one per window
 
     def _read(self, file: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         if not file.is_file():
@@ -54,7 +54,7 @@ class TeacherCache:
 
     def put(self, batch: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, rest_lse: torch.Tensor) -> None:
         """Keep `distill.top_k_of`'s output for every window of `batch` (B, S)."""
-        for window, v, i, r in zip(batch, values, ids, rest_lse):
+        for window, v, i, r in zip(batch.cpu(), values, ids, rest_lse):
             file = self._file(window)
             if not file.is_file():
                 tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")

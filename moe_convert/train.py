@@ -54,7 +54,7 @@ import torch
 
 from .data import PackedData
 from .config import WHERE_ONLY, TrainConfig, TrainJob, check_eval_args
-from .errors import MoEConvertError
+from .errors import MoEConvertError, one_line
 from .io import CHECKPOINTS, DTYPES, apply_umask, check_output_apart, checkpoints, unfinished_run_hint
 
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
@@ -113,7 +113,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # the last: truncated or corrupt weights
-        raise MoEConvertError(f"model: could not load {path}: {str(e).splitlines()[0]}") from None
+        raise MoEConvertError(f"model: could not load {path}: {one_line(e)}") from None
     missing = sorted(info.get("missing_keys") or ())
     if missing:  # transformers would initialise them at random and say nothing (its load report is silenced)
         raise MoEConvertError(f"model: {path} lacks {len(missing)} weight(s) its config.json needs, e.g. "

@@ -41,7 +41,7 @@ import transformers
 from . import __version__
 from .config import MoELayout, build_layout, check_seed
 from .configuration_prmoe import PRMoEConfig
-from .errors import MoEConvertError
+from .errors import MoEConvertError, one_line
 from .io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_output_apart, parse_size,
                  write_model_files)
 from .modeling import HostSpec, PRMoEForCausalLM, host_spec
@@ -132,7 +132,7 @@ def resolve_source(source: str) -> Path:
         if offline:
             raise MoEConvertError(f"{source!r} is not a local directory and is not in the hub cache (offline)") from None
         raise MoEConvertError(f"{source!r} is not a local directory and could not be downloaded: "
-                              f"{str(e).splitlines()[0]}") from None
+                              f"{one_line(e)}") from None
     return local
 
 
