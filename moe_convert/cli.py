@@ -282,8 +282,8 @@ def _note_stop(result, job) -> None:
     cfg = job.config
     if cfg.warmup_steps >= cfg.steps:
         err_console.print(f"note: --warmup-steps {cfg.warmup_steps} >= --steps {cfg.steps}: the whole run was warmup "
-                          f"(the lr rose to {cfg.lr * cfg.steps / cfg.warmup_steps:.3g}, "
-                          f"{cfg.steps / cfg.warmup_steps:.0%} of --lr, and never decayed)")
+                          f"(the lr rose to {cfg.lr * cfg.lr_factor(cfg.steps - 1):.3g}, "
+                          f"{cfg.lr_factor(cfg.steps - 1):.0%} of --lr, and never decayed)")
     if not result.complete:
         err_console.print(f"stopped after step {result.steps} of {result.total_steps}: {result.output} holds "
                           f"checkpoints, not a model yet; continue with --resume")

@@ -120,14 +120,16 @@ class PRMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def moe_layers(self) -> list[PRMoELayer]:
         return [m for m in self.modules() if isinstance(m, PRMoELayer)]
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs):
         """Non-reentrant only: each MoE layer leaves its aux loss as a side output of the checkpointed
-        forward, which reentrant checkpointing runs without autograd (the aux loss would lose its gradient)."""
-        kwargs = dict(gradient_checkpointing_kwargs or {})
-        if kwargs.setdefault("use_reentrant", False):
+        forward, which reentrant checkpointing runs without autograd (the aux loss would lose its gradient).
+        transformers routes its deprecated alias `gradient_checkpointing_enable` here too, and HF's
+        Trainer calls this with `every_n_layers` / `offload`, passed on as they come."""
+        checkpoint_kwargs = dict(activation_checkpointing_kwargs or {})
+        if checkpoint_kwargs.setdefault("use_reentrant", False):
             raise ValueError("PRMoEForCausalLM: use_reentrant=True would cut the MoE aux loss off its gradient; "
                              "use use_reentrant=False (the default here)")
-        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        super().activation_checkpointing_enable(checkpoint_kwargs, **kwargs)
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the MoE layers' load-balancing losses from the last forward (unweighted)."""

@@ -111,9 +111,11 @@ def test_training_reduces_loss_and_reaches_every_moe_parameter(host):
     assert losses[-1] < losses[0] - 0.3, losses
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(host):
-    """`gradient_checkpointing_enable()` (what HF's Trainer calls): the MoE layers recompute inside the
-    host's checkpointed decoder layers; dropout off, so both runs compute the same function."""
+@pytest.mark.parametrize("enable", ["activation_checkpointing_enable", "gradient_checkpointing_enable"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(host, enable):
+    """`activation_checkpointing_enable(every_n_layers=1)` (what HF's Trainer calls) or its deprecated alias:
+    the MoE layers recompute inside the host's checkpointed decoder layers; dropout off, so both runs
+    compute the same function."""
     model = tiny_prmoe(host, seed=6).train()
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
@@ -126,7 +128,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(host):
         out.loss.backward()
         return out.loss.detach(), out.aux_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
     plain = loss_and_grads()
-    model.gradient_checkpointing_enable()
+    getattr(model, enable)(**({"every_n_layers": 1} if enable == "activation_checkpointing_enable" else {}))
     assert model.is_gradient_checkpointing
     ckpt = loss_and_grads()
     torch.testing.assert_close(ckpt[:2], plain[:2], rtol=0, atol=0)
@@ -151,6 +153,8 @@ def test_reentrant_checkpointing_is_refused(host):
     model = tiny_prmoe(host, seed=8)
     with pytest.raises(ValueError, match="use_reentrant=True would cut the MoE aux loss"):
         model.gradient_checkpointing_enable({"use_reentrant": True})
+    with pytest.raises(ValueError, match="use_reentrant=True would cut the MoE aux loss"):
+        model.activation_checkpointing_enable({"use_reentrant": True}, every_n_layers=1)
 
 
 def test_moe_layers_placed_as_configured(host):
