@@ -240,8 +240,9 @@ class Machine:
     bandwidth_gbs: float  # memory read bandwidth (sum over a tensor far larger than the caches)
 
 
-def measure_machine(d: int, dtype: torch.dtype, repeats: int = 5) -> Machine:
-    """Best GEMM rate of a (2048, d) x (d, 4d) matmul in `dtype`; best read bandwidth summing 256 MiB.
+def measure_machine(d: int, dtype: torch.dtype, big: torch.Tensor, repeats: int = 5) -> Machine:
+    """Best GEMM rate of a (2048, d) x (d, 4d) matmul in `dtype`; best read bandwidth summing `big` (fp32,
+    far larger than the caches: the bench's `EVICT_BYTES` buffer).
 
     The GEMM rate is the best of torch's own matmul (MKL for fp32 in this torch build) and oneDNN's
     linear (`kernels._linear_pointwise`, what our kernels call) on plain and on packed weights: on
@@ -251,7 +252,6 @@ def measure_machine(d: int, dtype: torch.dtype, repeats: int = 5) -> Machine:
     the neighbours.
     """
     a, b = torch.randn(2048, d, dtype=dtype), torch.randn(d, 4 * d, dtype=dtype)
-    big = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB
     gemms = [lambda: a @ b]
     if kernels.onednn_ok(a):
         gemms.append(lambda: kernels._linear_act(a, b.t(), None))
@@ -260,7 +260,7 @@ def measure_machine(d: int, dtype: torch.dtype, repeats: int = 5) -> Machine:
         gemms.append(lambda: kernels._linear_act(a, packed, None))
     gemm_ms = min(_median_ms(g, 1) for g in gemms for _ in range(repeats))
     bw_ms = min(_median_ms(big.sum, 1) for _ in range(repeats))
-    return Machine(2 * 2048 * d * 4 * d / gemm_ms / 1e6, big.numel() * 4 / bw_ms / 1e6)
+    return Machine(2 * 2048 * d * 4 * d / gemm_ms / 1e6, big.numel() * big.element_size() / bw_ms / 1e6)
 
 
 def layer_work(w: LayerWeights, x: torch.Tensor) -> tuple[int, int]:
@@ -342,8 +342,8 @@ def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32
             missing["deepspeed"] = "skipped: DeepSpeed is not installed"
     impls = impls or list(IMPLS)
     torch_dtype = DTYPES[dtype]
-    machine = measure_machine(hidden, torch_dtype)
-    evict = torch.ones(EVICT_BYTES // 4)  # read before each timed call
+    evict = torch.ones(EVICT_BYTES // 4)  # read before each timed call, and to measure the bandwidth
+    machine = measure_machine(hidden, torch_dtype, evict)
     rows: list[BenchRow] = []
     work: dict[int, tuple[int, int]] = {}  # expert count -> `layer_work`
     with torch.inference_mode():
@@ -359,7 +359,7 @@ def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32
                     continue
                 on_step(f"E={E}: set up {name}")
                 fns[name] = IMPLS[name](w)
-            ref = impl_moe_convert(w)(x).float()
+            ref = (fns.get("moe_convert") or impl_moe_convert(w))(x).float()
             times: dict[str, list[float]] = {name: [] for name in fns}
             errs = {}
             for name, fn in fns.items():  # warm up, and check every implementation computes the same layer
@@ -373,7 +373,7 @@ def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32
                     t = time.perf_counter()
                     fn(x)
                     times[name].append((time.perf_counter() - t) * 1e3)
-            again = measure_machine(hidden, torch_dtype)  # after the rounds too: keep the best seen
+            again = measure_machine(hidden, torch_dtype, evict)  # after the rounds too: keep the best seen
             machine = Machine(max(machine.gemm_gflops, again.gemm_gflops), max(machine.bandwidth_gbs, again.bandwidth_gbs))
             ms = {name: statistics.median(ts) for name, ts in times.items()}
             work[E] = layer_work(w, x)

@@ -27,7 +27,8 @@ import torch
 
 from .errors import MoEConvertError
 from .summary import WEIGHT_SUFFIXES
-from .io import DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, copy_tokenizer_files, parse_size
+from .io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_dtype_choice,
+                 copy_tokenizer_files, parse_size)
 
 HF_MAX_SHARD_SIZE = "5GB"  # `--format hf` shards, unless --max-shard-size says otherwise
 FORMAT_NAME = "moe-convert-inference"
@@ -271,8 +272,7 @@ def check_export_args(fmt: str, dtype: str, ep_size: int, max_shard_size: str | 
     """`export`'s format options, checked before any work (also by a recipe's export step)."""
     if fmt not in FORMATS:
         raise MoEConvertError(f"--format {fmt!r} is not known; choose one of {', '.join(FORMATS)}")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise MoEConvertError(f"--dtype {dtype!r} is not known; choose one of auto, {', '.join(DTYPES)}")
+    check_dtype_choice(dtype)
     if ep_size < 1:
         raise MoEConvertError(f"--ep-size must be >= 1, got {ep_size}")
     if ep_size > 1 and fmt != "safetensors":

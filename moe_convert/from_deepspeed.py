@@ -19,7 +19,8 @@ import torch
 from . import __version__
 from .errors import MoEConvertError
 from .export import DEEPSPEED_FORMAT, DEEPSPEED_NON_MOE, DEEPSPEED_ROUTER, deepspeed_expert_key
-from .io import DTYPES, ShardWriter, atomic_output_dir, open_safetensors, parse_size, write_model_files
+from .io import (DTYPES, ShardWriter, atomic_output_dir, check_dtype_choice, open_safetensors, parse_size,
+                 write_model_files)
 
 
 @dataclass
@@ -116,8 +117,7 @@ def import_deepspeed(path: str | Path, output: str | Path, overwrite: bool = Fal
     path = Path(path)
     manifest = read_deepspeed_manifest(path)
     max_shard_bytes = parse_size(max_shard_size)
-    if dtype != "auto" and dtype not in DTYPES:
-        raise MoEConvertError(f"--dtype {dtype!r} is not known; choose one of auto, {', '.join(DTYPES)}")
+    check_dtype_choice(dtype)
     try:
         config = config_from_manifest(manifest)
     except (KeyError, TypeError, ValueError) as e:  # a manifest edited by hand: wrong types or values

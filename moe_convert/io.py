@@ -34,6 +34,12 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 # torch dtype <-> the safetensors header's dtype string
 # dtype names every command takes (--dtype, save_dtype, teacher_dtype) -> torch dtypes
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_dtype_choice(dtype: str) -> None:
+    """A `--dtype` that takes `auto` (keep the source's) or one of `DTYPES`."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise MoEConvertError(f"--dtype {dtype!r} is not known; choose one of auto, {', '.join(DTYPES)}")
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",

@@ -42,8 +42,8 @@ from . import __version__
 from .config import MoELayout, build_layout, check_seed
 from .configuration_prmoe import PRMoEConfig
 from .errors import MoEConvertError, one_line
-from .io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_output_apart, parse_size,
-                 write_model_files)
+from .io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_dtype_choice,
+                 check_output_apart, parse_size, write_model_files)
 from .modeling import HostSpec, PRMoEForCausalLM, host_spec
 from .moe import EXPERT_PARAMS
 
@@ -371,8 +371,7 @@ def upcycle(
     init_spec = InitSpec.parse(init)
     max_shard_bytes = parse_size(max_shard_size)
     check_seed(seed)
-    if dtype != "auto" and dtype not in DTYPES:
-        raise MoEConvertError(f"dtype: expected auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_dtype_choice(dtype)
     output = Path(output)
     if output.exists() and not overwrite:  # fail before any work; atomic_output_dir checks again
         raise MoEConvertError(f"output {output} already exists (pass --overwrite to replace it)")
