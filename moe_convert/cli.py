@@ -623,7 +623,7 @@ def run(
                                  "total/active params, size, peak memory) without loading weights. Default: off."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan / summary as JSON. Default: off."),
 ):
-    """Run a recipe: upcycle/train/distill/export/eval/bench steps chained from one YAML file; finished steps are skipped (refused if their settings changed); writes report.md."""
+    """Run a recipe: upcycle/train/distill/export/eval/bench steps chained from one YAML file; finished steps are skipped (refused if their settings changed); a missing input is refused before any work; writes report.md."""
     with reporting_errors(json_out):
         from dataclasses import asdict
 

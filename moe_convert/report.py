@@ -92,9 +92,9 @@ def _label(recipe, path: str) -> str:
 
 def _results(state: dict, kind: str) -> list[tuple[str, object]]:
     """(step index, result) of the run's finished steps of `kind`, in step order (`state`: run_state.json;
-    a stale entry, not run again since an earlier step changed, has none)."""
+    a stale entry, not run again since an earlier step changed, has no result)."""
     return [(index, entry["result"]) for index, entry in sorted(state.items(), key=lambda kv: int(kv[0]))
-            if entry["kind"] == kind and not entry.get("stale")]
+            if entry["kind"] == kind and "result" in entry]
 
 
 def summary_rows(recipe, state: dict) -> list[dict]:

@@ -9,8 +9,11 @@ the student + the teacher's weights; export = one stacked tensor (it streams); e
 
 A step whose output is complete is skipped, so an interrupted run continues where it stopped; a
 train/distill step with checkpoints resumes from the newest one. Once a step runs, every later one
-runs afresh (its input changed). A complete step whose settings differ from those it ran with (an
-override, an edited recipe) is refused before any work: remove its output to run it again.
+runs afresh (its input changed): they are marked stale, and a stale train/distill step resumes only
+from a checkpoint made after the mark. A complete step whose settings differ from those it ran with
+(an override, an edited recipe) is refused before any work: remove its output to run it again. So is
+a step that would run without its input (a model directory nothing makes) or an eval `models` entry
+no step makes.
 Results and each step's settings are kept in `<run dir>/run_state.json`; `report.md` and its plots
 are written at the end.
 """
@@ -18,6 +21,7 @@ are written at the end.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +47,7 @@ class StepPlan:
     note: str = ""
     changed: str = ""  # a complete step whose settings differ from those it ran with: why `run` refuses it
     missing: str = ""  # an input that is not there (nor made by an earlier step): `--dry-run` notes it, `run` refuses
+    starts_over: bool = False  # an earlier step ran again after its checkpoints were made: not resumed
 
 
 def _load_source_config(step: Step):
@@ -91,7 +96,7 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
     state = _read_state(recipe)
     plans = []
     for step in recipe.steps:
-        spec, model, peak, absent = step.spec, None, None, []
+        spec, model, peak, missing = step.spec, None, None, ""
         try:
             if getattr(spec, "data", None) is not None:  # train, distill, eval: fail before any step runs
                 check_data_source(spec.data, offline_hub_ok=True)
@@ -108,12 +113,9 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
                     else _dtype_bytes(spec.dtype)
                 model = _model_row(config, out_bytes)
                 peak = dense_row["size_bytes"] + model["largest_layer_params"] * out_bytes
+            elif step.kind in ("train", "distill", "export") and _absent([step.input], configs):
+                missing = f"input {step.input} is {NOT_MADE}"
             elif step.kind in ("train", "distill", "export"):
-                if _absent([step.input], configs):
-                    missing = f"input {step.input} is {NOT_MADE}"
-                    plans.append(StepPlan(step.index, step.kind, step.output, is_complete(recipe, step, state), None,
-                                          None, missing, missing=missing))
-                    continue
                 if step.input not in configs:
                     from .summary import load_config
 
@@ -138,16 +140,17 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
             elif step.kind == "eval":
                 peak = max((configs[m][1]["total_params"] * 4 for m in spec.models if m in configs), default=None)
                 absent = _absent(spec.models, configs)
+                missing = f"model(s) {', '.join(absent)}: {NOT_MADE}" if absent else ""
         except MoEConvertError as e:
             where = f"{recipe.path}: " if recipe.path else ""
             raise MoEConvertError(f"{where}step {step.index} ({step.kind}): {e}") from None
         if model is not None and (step.kind in MAKES_MODEL or (step.kind == "export" and spec.format == "hf")):
             configs[step.output] = (config, model)  # a model directory later steps may name
-        complete = is_complete(recipe, step, state)
-        missing = f"model(s) {', '.join(absent)}: {NOT_MADE}" if absent else ""
+        complete, starts_over = is_complete(recipe, step, state), _starts_over(step, state)
         plans.append(StepPlan(step.index, step.kind, step.output, complete, model, peak,
-                              missing or _resume_note(step, complete),
-                              changed=(complete and changed_settings(state, step)) or "", missing=missing))
+                              missing or _resume_note(step, complete or starts_over),
+                              changed=(complete and changed_settings(state, step)) or "", missing=missing,
+                              starts_over=starts_over))
     return plans
 
 
@@ -162,16 +165,28 @@ def statuses(plans: list[StepPlan]) -> list[str]:
     out, runs = [], False  # complete steps are skipped until one runs; from then on every step runs
     for p in plans:
         runs = runs or not p.complete
-        if p.missing and not p.complete:
-            out.append("refused")
+        if runs:
+            out.append("refused" if p.missing else "runs again" if p.complete else "to do")
         else:
-            out.append("to do" if not p.complete else "runs again" if runs else "refused" if p.changed else "done")
+            out.append("refused" if p.changed else "done")
     return out
 
 
-def _resume_note(step: Step, complete: bool) -> str:
-    """An interrupted train/distill step continues from its newest checkpoint (unless an earlier step runs)."""
-    if complete or step.kind not in ("train", "distill"):
+def _starts_over(step: Step, state: dict) -> bool:
+    """Marked stale (`_mark_stale`) and no checkpoint made since: what it has predates its input."""
+    from .io import checkpoints
+
+    since = stale_since(state.get(str(step.index), {}))
+    if since is None:
+        return False
+    ckpts = checkpoints(Path(step.output)) if step.kind in ("train", "distill") else []
+    return not (ckpts and (ckpts[-1] / "trainer_state.json").stat().st_mtime > since)
+
+
+def _resume_note(step: Step, no_resume: bool) -> str:
+    """An interrupted train/distill step continues from its newest checkpoint (unless an earlier step runs);
+    `no_resume`: complete, or it starts over (`_starts_over`)."""
+    if no_resume or step.kind not in ("train", "distill"):
         return ""
     from .io import checkpoints
 
@@ -183,7 +198,7 @@ def is_complete(recipe: Recipe, step: Step, state: dict) -> bool:
     """The step's output is finished (`state`: the run's `run_state.json`, which records eval and bench)
     and not stale: made before an earlier step of this run ran again (`_mark_stale`)."""
     out = Path(step.output)
-    if state.get(str(step.index), {}).get("stale"):
+    if stale_since(state.get(str(step.index), {})) is not None:
         return False
     if step.kind in MAKES_MODEL:
         return (out / "config.json").is_file()  # written last by each of them
@@ -201,10 +216,17 @@ def _write_state(recipe: Recipe, index: int, result) -> None:
     _save_state(recipe, {**_read_state(recipe), str(index): result})
 
 
+def stale_since(entry: dict) -> float | None:
+    """When a step's `run_state.json` entry was marked stale (`_mark_stale`), or None (current). An entry
+    of an older version says only `"stale": true`: stale since ever."""
+    return entry.get("stale_since", math.inf if entry.get("stale") else None)
+
+
 def _mark_stale(recipe: Recipe, steps: list[Step]) -> None:
     """`steps` (after one about to run again) are to be redone: their outputs stop counting as complete
     now, so a run interrupted before it reaches them does not skip them next time."""
-    _save_state(recipe, {**_read_state(recipe), **{str(s.index): {"kind": s.kind, "stale": True} for s in steps}})
+    marks = {str(s.index): {"kind": s.kind, "stale_since": time.time()} for s in steps}
+    _save_state(recipe, {**_read_state(recipe), **marks})
 
 
 def _save_state(recipe: Recipe, state: dict) -> None:
@@ -290,10 +312,8 @@ def execute(recipe: Recipe, on_step=lambda step, status: None) -> dict:
     for plan, status in zip(plans, todo):
         if status == "refused":
             raise MoEConvertError(f"step {plan.index} ({plan.kind}): {plan.missing}" if plan.missing else plan.changed)
-    state = _read_state(recipe)
-    stale = {i for i, entry in state.items() if entry.get("stale")}  # their checkpoints predate their input too
     ran = False
-    for step, status in zip(recipe.steps, todo):
+    for step, plan, status in zip(recipe.steps, plans, todo):
         if status == "done":
             on_step(step, "skip")
             continue
@@ -301,7 +321,7 @@ def execute(recipe: Recipe, on_step=lambda step, status: None) -> dict:
         if not ran:  # every later step runs again: until it has, its old output is not the recipe's
             _mark_stale(recipe, [s for s in recipe.steps if s.index > step.index])
         start = time.perf_counter()
-        result = run_step(step, fresh=ran or str(step.index) in stale)
+        result = run_step(step, fresh=ran or plan.starts_over)
         ran = True
         if step.kind in ("eval", "bench"):  # their output directory holds their results
             Path(step.output).mkdir(parents=True, exist_ok=True)

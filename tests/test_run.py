@@ -277,7 +277,7 @@ def test_a_run_interrupted_after_a_rerun_step_does_not_skip_the_later_ones(tmp_p
     done = CliRunner().invoke(app, ["run", str(no_eval)])
     assert done.exit_code == 0 and "no eval step scored a model; report:" in done.output, done.output
     assert (tmp_path / "run" / "1-export").stat().st_mtime_ns != exported
-    assert state["0"]["settings"]["seed"] == 2 and not any(e.get("stale") for e in state.values())
+    assert state["0"]["settings"]["seed"] == 2 and not any("stale_since" in e for e in state.values())
 
 
 def test_an_hf_export_is_a_model_later_steps_read(tmp_path):
@@ -309,3 +309,39 @@ def test_a_moved_teacher_cache_is_no_changed_setting():
     assert changed_settings(ran, step("/b")) is None
     assert "kd_top_k: 8 -> 4" in changed_settings(ran, parse_recipe({"steps": [{"distill": {
         "teacher": "t", "data": "d", "kd_top_k": 4, "teacher_cache": "/a"}}]}).steps[0])
+
+
+def test_a_stale_step_is_planned_to_start_over_not_to_resume(tmp_path):
+    """A train step stopped at a checkpoint resumes; once an earlier step has run again after that
+    checkpoint (the step is stale), the checkpoint predates its input: the plan no longer says it resumes,
+    and `run` starts it over. (The dry-run said "resumes" while `run` started over.)"""
+    out = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output: {out}\nsteps:\n"
+                      "  - train: {model: checkpoints/tiny-gpt2, data: 'builtin:pydoc', seq_len: 32, batch_size: 4,"
+                      " steps: 4, eval_windows: 4}\n")
+    (step,) = load_recipe(recipe).steps
+    stopped = CliRunner().invoke(app, ["train", "checkpoints/tiny-gpt2", "--data", "builtin:pydoc", "-o", step.output,
+                                       "--seq-len", "32", "--batch-size", "4", "--steps", "4", "--eval-windows", "4",
+                                       "--stop-after", "1"])
+    assert stopped.exit_code == 0, stopped.output
+    (plan,) = plan_recipe(load_recipe(recipe))
+    assert "resumes from its checkpoint step-" in plan.note and not plan.starts_over
+    mark = {"kind": "train", "stale_since": time.time()}  # as `run` marks it when an earlier step runs
+    (out / "run_state.json").write_text(json.dumps({"0": mark}))
+    (plan,) = plan_recipe(load_recipe(recipe))
+    assert plan.starts_over and "resumes" not in plan.note
+    (out / "run_state.json").write_text(json.dumps({"0": {**mark, "stale_since": mark["stale_since"] - 3600}}))
+    (plan,) = plan_recipe(load_recipe(recipe))  # a checkpoint made after the mark was made from the new input
+    assert not plan.starts_over and "resumes from its checkpoint step-" in plan.note
+
+
+def test_a_missing_input_is_refused_wherever_the_step_would_run():
+    """A complete step whose input is gone is skipped while nothing before it runs; once an earlier step
+    runs it would run too, without its input: refused before any work, not half-way through the run."""
+    from moe_convert.run import StepPlan, statuses
+
+    upcycle = StepPlan(0, "upcycle", "0", complete=False, model=None, peak_bytes=None)
+    train = StepPlan(1, "train", "1", complete=True, model=None, peak_bytes=None, missing="input x: not made")
+    assert statuses([upcycle, train]) == ["to do", "refused"]
+    assert statuses([StepPlan(0, "upcycle", "0", True, None, None), train]) == ["done", "done"]
