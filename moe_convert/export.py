@@ -302,6 +302,6 @@ def export(model: str | Path, out: str | Path, fmt: str = "safetensors", dtype: 
         files = FORMATS[fmt](src, tmp, dtype=dtype, ep_size=ep_size, max_shard_size=max_shard_size,
                              on_tensor=on_tensor)
         tokenizer_files = copy_tokenizer_files(src.path, tmp)
-        size = sum(p.stat().st_size for p in tmp.iterdir() if p.suffix in WEIGHT_SUFFIXES)  # as inspect counts
+        size = sum(p.stat().st_size for p in tmp.iterdir() if p.suffix in WEIGHT_SUFFIXES)  # weight files only
     files = [f for f in files if f not in tokenizer_files]  # hf's save_pretrained also writes generation_config.json
     return ExportResult(fmt, str(out), dtype, ep_size, files, size, tokenizer_files)

@@ -35,7 +35,7 @@ MAKES_MODEL = ("upcycle", "train", "distill")  # kinds whose output is a model d
 # Fields the CLI takes as comma-separated integers; YAML may also write them as a number or a list.
 INT_LIST_FIELDS = ("pyramid", "pyramid_split", "experts", "keep_layers")
 # Fields naming files or directories: a leading ~ is the home directory, as in a shell.
-PATH_FIELDS = ("source", "model", "teacher", "data", "output", "teacher_cache", "models")
+PATH_FIELDS = ("source", "source_config", "model", "teacher", "data", "output", "teacher_cache", "models")
 
 
 def _as_written_on_the_cli(body: dict) -> dict:

@@ -54,7 +54,7 @@ def _load_source_config(step: Step):
     """The config of an upcycle source: a local dir, the hub cache, or the recipe's `source_config`."""
     from .summary import load_config
 
-    source = Path(step.spec.source).expanduser()
+    source = Path(step.spec.source)  # `~` already expanded by the recipe
     if source.is_dir():
         return load_config(source)
     if step.spec.source_config:

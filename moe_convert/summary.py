@@ -161,13 +161,14 @@ def summarize(path: str | Path) -> ModelSummary:
     from .export import export_weight_files
     from .io import model_weight_files
 
+    export_files = export_weight_files(manifest) if manifest else None
     if manifest:
-        missing = [f for f in export_weight_files(manifest) if not (path / f).is_file()]
+        missing = [f for f in export_files if not (path / f).is_file()]
         if missing:
             raise MoEConvertError(f"{path}: incomplete export, {', '.join(missing)} missing")
         summary.export = f"{manifest['format']} v{manifest['version']}, ep size {manifest.get('ep_size', 1)}"
     if path.is_dir():
-        files = [path / f for f in export_weight_files(manifest)] if manifest else model_weight_files(path)
+        files = [path / f for f in export_files] if manifest else model_weight_files(path)
         if files:
             summary.size_on_disk = sum(f.stat().st_size for f in files)
             dtypes = set().union(*(_safetensors_dtypes(f) for f in files if f.suffix == ".safetensors"))

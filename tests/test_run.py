@@ -170,10 +170,11 @@ def test_recipe_yaml_takes_integer_lists_and_home_paths(tmp_path, monkeypatch):
     """`pyramid: 8`, `pyramid: [2, 4]`, `keep_layers: [0, 3]` as the CLI's `8` / `2,4` / `0,3`; `~` in a
     path is the home directory, as a shell gives it on the command line (it made a folder named ~)."""
     monkeypatch.setenv("HOME", str(tmp_path))
-    (tmp_path / "r.yaml").write_text("output: ~/runs\nsteps:\n  - upcycle: {source: ~/dense, pyramid: [2, 4]}\n"
+    (tmp_path / "r.yaml").write_text("output: ~/runs\nsteps:\n  - upcycle: {source: ~/dense, source_config: ~/c.json, pyramid: [2, 4]}\n"
                                      "  - distill: {data: ~/d.txt, keep_layers: [0, 3]}\n")
     up, distill = load_recipe(tmp_path / "r.yaml", ["upcycle.experts=null"]).steps
     assert (up.spec.pyramid, up.spec.source, up.output) == ("2,4", f"{tmp_path}/dense", f"{tmp_path}/runs/0-upcycle")
+    assert up.spec.source_config == f"{tmp_path}/c.json"
     assert (distill.spec.keep_layers, distill.spec.data, distill.spec.model) == ("0,3", f"{tmp_path}/d.txt", up.output)
     (up, _) = load_recipe(tmp_path / "r.yaml", ["upcycle.pyramid=null", "upcycle.experts=8"]).steps
     assert up.spec.experts == "8"
