@@ -184,22 +184,10 @@ class CheckpointReader:
             raise MoEConvertError(f"{config_file} is not valid JSON: {e}") from None
         if not isinstance(self.config, dict):
             raise MoEConvertError(f"{config_file} is not a model config (a JSON object)")
-        self._file_of: dict[str, Path] = {}  # tensor name -> file holding it
         self._handles: dict[Path, object] = {}  # open safe_open handles / mmap'ed .bin dicts
-        for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (BIN_WEIGHTS, BIN_INDEX)):
-            if (self.path / index).is_file():
-                try:
-                    weight_map = json.loads((self.path / index).read_text())["weight_map"]
-                    self._file_of = {name: self.path / f for name, f in weight_map.items()}
-                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-                    raise MoEConvertError(f"{self.path / index} is not a shard index (JSON with a weight_map "
-                                          f"of tensor -> file)") from None
-                break
-            if (self.path / single).is_file():
-                self._file_of = {name: self.path / single for name in self._open(self.path / single).keys()}
-                break
-        else:
-            raise MoEConvertError(f"{self.path} has no {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}")
+        found, weight_map = _find_weights(self.path)
+        self._file_of: dict[str, Path] = (  # tensor name -> file holding it
+            {name: found for name in self._open(found).keys()} if weight_map is None else weight_map)
 
     def files(self) -> list[Path]:
         """The weight files the model is read from (not other formats or copies beside them)."""
@@ -263,13 +251,30 @@ class CheckpointReader:
         return self._meta(name)[1]
 
 
+def _find_weights(path: Path) -> tuple[Path, dict[str, Path] | None]:
+    """Where a model directory's weights are: (its single weights file, None), or (its shard index,
+    tensor name -> shard), safetensors before .bin, as transformers looks."""
+    for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (BIN_WEIGHTS, BIN_INDEX)):
+        if (path / index).is_file():
+            try:
+                weight_map = json.loads((path / index).read_text())["weight_map"]
+                return path / index, {name: path / f for name, f in weight_map.items()}
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+                raise MoEConvertError(f"{path / index} is not a shard index (JSON with a weight_map "
+                                      f"of tensor -> file)") from None
+        if (path / single).is_file():
+            return path / single, None
+    raise MoEConvertError(f"{path} has no {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}")
+
+
 def model_weight_files(path: Path) -> list[Path]:
-    """The weight files a model directory is loaded from (`CheckpointReader.files`): other formats and
-    checkpoints beside them (a hub snapshot's .bin, a trainer's optimizer.pt) are not its weights. None for
-    a directory without weights (a config alone); a corrupt file is the reader's one-line error."""
+    """The weight files a model directory is loaded from (`CheckpointReader.files`), found without opening
+    any: other formats and checkpoints beside them (a hub snapshot's .bin, a trainer's optimizer.pt) are
+    not its weights. None for a directory without weights (a config alone)."""
     if not any((path / f).is_file() for f in (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)):
         return []
-    return CheckpointReader(path).files()
+    found, weight_map = _find_weights(path)
+    return [found] if weight_map is None else sorted(set(weight_map.values()))
 
 
 @dataclass(frozen=True)
