@@ -98,6 +98,14 @@ def tune_memory_for_inference() -> None:
     keep_freed_memory_for_reuse()
 
 
+def _count_bar(json_out: bool):
+    """A transient "description, bar, done/total" progress bar on stderr; off under --json."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress
+
+    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                    console=err_console, transient=True, disable=json_out)
+
+
 def print_json(obj) -> None:
     """Machine-readable output: plain JSON on stdout, nothing else (NaN and infinities, which JSON
     has not, as null)."""
@@ -346,15 +354,12 @@ def export(
         import time
         from dataclasses import asdict
 
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress
-
         from .export import check_export_args, count_tensors, export as run_export, open_source
 
         start = time.perf_counter()
         check_export_args(fmt, dtype, ep_size, max_shard_size)  # before the progress bar: a one-line error
         src = open_source(model)
-        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                      console=err_console, transient=True, disable=json_out) as bar:
+        with _count_bar(json_out) as bar:
             task = bar.add_task(f"export {fmt}", total=count_tensors(src, fmt, max(ep_size, 1)))
             result = run_export(model, output, fmt, dtype, ep_size, overwrite, max_shard_size, src=src,
                                 on_tensor=lambda name: bar.advance(task))
@@ -393,14 +398,11 @@ def from_deepspeed(
         import time
         from dataclasses import asdict
 
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress
-
         from .from_deepspeed import import_deepspeed, read_deepspeed_manifest
 
         start = time.perf_counter()
         read_deepspeed_manifest(source)  # before the progress bar: a one-line error
-        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                      console=err_console, transient=True, disable=json_out) as bar:
+        with _count_bar(json_out) as bar:
             task = bar.add_task("from-deepspeed", total=None)
             result = import_deepspeed(source, output, overwrite, max_shard_size, dtype,
                                       on_tensor=lambda name: bar.advance(task))
@@ -432,12 +434,9 @@ def eval_(
 ):
     """Held-out loss, perplexity and tokens/s (and the unigram-baseline perplexity of the same tokenizer)."""
     with reporting_errors(json_out):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress
-
         from .train import eval_model
 
-        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                      console=err_console, transient=True, disable=json_out) as bar:
+        with _count_bar(json_out) as bar:
             task = bar.add_task("eval (windows)", total=None)
             result = eval_model(model, data, text_field=text_field, seq_len=seq_len, eval_fraction=eval_fraction,
                                 split=split, batch_size=batch_size, max_windows=max_windows,
