@@ -155,7 +155,11 @@ class PRMoEForCausalLM(PreTrainedModel, GenerationMixin):
         loss = out.loss
         if loss is not None and aux is not None:
             loss = loss + self.config.aux_loss_coef * aux
-        result = PRMoECausalLMOutput(
+        if not (self.config.return_dict if return_dict is None else return_dict):
+            if loss is not None:
+                out["loss"] = loss  # with the MoE aux term
+            return out.to_tuple()  # the host's own tuple: (loss, logits, ...) with labels, (logits, ...) without
+        return PRMoECausalLMOutput(
             loss=loss,
             ce_loss=out.loss,
             aux_loss=aux,
@@ -164,12 +168,6 @@ class PRMoEForCausalLM(PreTrainedModel, GenerationMixin):
             hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
-        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        if use_dict:
-            return result
-        if loss is not None:
-            out["loss"] = loss  # with the MoE aux term
-        return out.to_tuple()  # the host's own tuple: (loss, logits, ...) with labels, (logits, ...) without
 
 
 PRMoEConfig.register_for_auto_class()
