@@ -332,14 +332,14 @@ def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32
     """Time every implementation on the same weights and input per expert count; medians over `repeats`."""
     check_bench_args(tokens, hidden, experts, dtype, impls, repeats, seed)
     check_free_memory(tokens, hidden, experts, dtype, impls)
-    missing = {}  # implementation -> why it has no row
+    no_deepspeed = False  # in the default set: its row says why it is empty
     if "deepspeed" in (impls or IMPLS):
         try:
             deepspeed_moe_class()
         except ImportError:
             if impls:  # asked for by name
                 raise MoEConvertError("--impls deepspeed: DeepSpeed is not installed (pip install deepspeed)") from None
-            missing["deepspeed"] = "skipped: DeepSpeed is not installed"
+            no_deepspeed = True
     impls = impls or list(IMPLS)
     torch_dtype = DTYPES[dtype]
     evict = torch.ones(EVICT_BYTES // 4)  # read before each timed call, and to measure the bandwidth
@@ -350,9 +350,10 @@ def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32
         for E in experts:
             w = make_weights(E, hidden, torch_dtype, seed)
             x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed + 1)).to(torch_dtype)
-            fns, notes = {}, dict(missing)
+            fns, notes = {}, {}
             for name in impls:
-                if name in missing:
+                if name == "deepspeed" and no_deepspeed:
+                    notes[name] = "skipped: DeepSpeed is not installed"
                     continue
                 if name == "hf_batched_mm" and tokens * 2 * hidden * 4 * hidden * x.element_size() > BATCHED_MM_LIMIT:
                     notes[name] = "skipped: per-token weight copies exceed 2 GiB"
