@@ -510,9 +510,9 @@ def generate(
             raise MoEConvertError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         check_sampling(temperature, top_k, top_p, seed)
         set_threads(threads)
-        read_manifest(export_dir)  # an export at all; then its tokenizer, before the weights load
+        manifest = read_manifest(export_dir)  # an export at all; then its tokenizer, before the weights load
         tokenizer = load_tokenizer(export_dir)
-        runtime = load_runtime(export_dir, expert_parallel=True)  # one rank's experts when started by torchrun
+        runtime = load_runtime(export_dir, expert_parallel=True, manifest=manifest)  # one rank's experts under torchrun
         if runtime.ep is not None and runtime.ep.rank != 0:  # rank 0 reports for the group
             json_out, console.quiet, err_console.quiet = False, True, True
         if temperature == 0 and (top_k, top_p, seed) != (None, None, None) and not json_out:

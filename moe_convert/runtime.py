@@ -485,10 +485,11 @@ RUNTIMES: dict[str, type[Runtime]] = {"gpt2": GPT2Runtime, "llama": LlamaRuntime
                                       "qwen2": LlamaRuntime}
 
 
-def load_runtime(path: str | Path, expert_parallel: bool = False) -> Runtime:
-    """Load and verify an export, ready to run. With `expert_parallel`, a process started by torchrun as one
-    of `ep_size` ranks loads the shared weights and its own experts (`expert_parallel.from_environment`)."""
-    manifest = read_manifest(path)
+def load_runtime(path: str | Path, expert_parallel: bool = False, manifest: dict | None = None) -> Runtime:
+    """Load and verify an export, ready to run (`manifest`: its `read_manifest`, when the caller has it).
+    With `expert_parallel`, a process started by torchrun as one of `ep_size` ranks loads the shared weights
+    and its own experts (`expert_parallel.from_environment`)."""
+    manifest = manifest or read_manifest(path)
     if manifest["host"] not in RUNTIMES:
         raise MoEConvertError(f"the runtime has no forward for host {manifest['host']!r} "
                               f"(supported: {', '.join(RUNTIMES)})")
