@@ -482,11 +482,11 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     for name in names:
         shutil.copyfile(src / name, dst / name)
     if any(n.startswith(("vocab", "merges")) for n in names) and _names_no_tokenizer_class(dst, names):
-        from transformers import AutoTokenizer
+        from .data import load_tokenizer
 
         try:
-            AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(dst))
-        except (OSError, ValueError, KeyError, TypeError):  # not loadable in `src` either: left as found
+            load_tokenizer(src).save_pretrained(str(dst))
+        except MoEConvertError:  # not loadable in `src` either: left as found
             return names
         names = _tokenizer_files(dst)  # the copies and what save_pretrained added
     return names
