@@ -33,7 +33,7 @@ from .config import check_seed
 from .errors import MoEConvertError
 from .io import DTYPES
 from . import kernels
-from .kernels import ACTIVATIONS, ffn, moe_forward, pack_experts, pack_ffn
+from .kernels import ACTIVATIONS, back_with_huge_pages, ffn, moe_forward, pack_experts, pack_ffn, packed_matrices
 
 ACT = "gelu_pytorch_tanh"  # GPT-2's tanh GELU, fused in every implementation
 BATCHED_MM_LIMIT = 2 * 2**30  # hf_batched_mm copies the chosen expert's weights per token: skip past 2 GiB
@@ -121,6 +121,7 @@ def impl_moe_convert(w: LayerWeights, backend: str | None = None) -> Callable:
     """Our kernels. No backend: as the runtime runs them, weights packed once at setup (`generate` packs
     at load). A backend: the stacked [E, in, out] weights as `PRMoELayer` holds them, that backend forced."""
     stacked, dense = (w.stacked, w.dense) if backend else (pack_experts(w.stacked), pack_ffn(w.dense))
+    back_with_huge_pages(packed_matrices(stacked) + packed_matrices(dense))  # as the runtime does after packing
 
     def run(x):  # the residual FFN's weights go in, as the runtime passes them
         return moe_forward(x, w.router, stacked, ACTIVATIONS[ACT], residual=(_coef(w, x), dense), backend=backend)[0]
@@ -201,6 +202,7 @@ def impl_deepspeed(w: LayerWeights) -> Callable:
 def impl_dense(w: LayerWeights) -> Callable:
     """Same useful FLOPs as the layer's two branches: one dense FFN over 2T tokens, weights packed as ours."""
     act, dense = ACTIVATIONS[ACT], pack_ffn(w.dense)
+    back_with_huge_pages(packed_matrices(dense))
     return lambda x: ffn(torch.cat([x, x]), dense, act)
 
 

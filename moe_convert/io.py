@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -167,6 +168,39 @@ def return_freed_memory() -> None:
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+HUGE_PAGE = 2 * 2**20  # a transparent huge page on x86-64 and most arm64 kernels
+# Least share of a huge page the given regions must fill for it to be collapsed: the rest of it is
+# other heap memory, made resident with it (at most this much waste).
+HUGE_PAGE_MIN_SHARE = 0.9
+
+
+def collapse_into_huge_pages(regions: Iterable[tuple[int, int]]) -> int:
+    """Back the memory of `regions` ((address, bytes) each) with transparent huge pages, now; bytes collapsed.
+
+    torch's `THP_MEM_ALLOC_ENABLE` asks for huge pages, but it aligns allocations to 4 KiB, so a
+    4 MiB weight matrix lies on one huge page and 4 KiB pages for the rest. Here every 2 MiB-aligned
+    page the regions fill at least `HUGE_PAGE_MIN_SHARE` of (e.g. one shared by two adjacent matrices)
+    is marked for huge pages and collapsed into one (Linux >= 6.1 `MADV_COLLAPSE`; addresses and
+    contents stay as they are). Weights streamed from DRAM then read 1.13-1.17x faster (decode's
+    experts, README). Where the kernel refuses (older, THP off, memory short) nothing changes.
+    """
+    import ctypes
+
+    madvise = getattr(ctypes.CDLL(None), "madvise", None) if sys.platform.startswith("linux") else None
+    if madvise is None:
+        return 0
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # <sys/mman.h>
+    filled: dict[int, int] = {}  # huge page index -> bytes of the regions in it
+    for start, size in regions:
+        for page in range(start // HUGE_PAGE, (start + size - 1) // HUGE_PAGE + 1):
+            overlap = min(start + size, (page + 1) * HUGE_PAGE) - max(start, page * HUGE_PAGE)
+            filled[page] = filled.get(page, 0) + overlap
+    pages = [p * HUGE_PAGE for p, n in sorted(filled.items()) if n >= HUGE_PAGE_MIN_SHARE * HUGE_PAGE]
+    return HUGE_PAGE * sum(madvise(a, HUGE_PAGE, MADV_HUGEPAGE) == 0 and madvise(a, HUGE_PAGE, MADV_COLLAPSE) == 0
+                           for a in pages)
 
 
 class CheckpointReader:

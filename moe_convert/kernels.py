@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import expert_capacity
+from .io import collapse_into_huge_pages
 from .native import Job, address, packed_matmul, register
 
 # Activations by config name, as fused torch functions (one pass over memory instead of several).
@@ -399,6 +400,23 @@ def pack_experts(stacked: dict[str, torch.Tensor]) -> PackedExperts | dict[str, 
     if not is_packed(weights[0]):
         return stacked
     return PackedExperts(tuple(weights), tuple(native_pointers(w) for w in weights))
+
+
+def packed_matrices(w: dict[str, torch.Tensor] | PackedExperts) -> list[torch.Tensor]:
+    """The oneDNN-packed matrices of an FFN's weights (`pack_ffn`) or of packed experts."""
+    return [m for one in (w.weights if isinstance(w, PackedExperts) else (w,)) for m in one.values()
+            if m is not None and m.is_mkldnn]
+
+
+def back_with_huge_pages(matrices: list[torch.Tensor]) -> int:
+    """Put packed matrices on transparent huge pages (`io.collapse_into_huge_pages`); bytes collapsed.
+
+    Call it once everything is packed and the packing's temporaries are freed: trimming freed heap
+    memory afterwards (`io.return_freed_memory`) would split huge pages it shares with them.
+    """
+    if any(getattr(_MKLDNN, op, None) is None for op in ("data_ptr", "_nbytes")):
+        return 0
+    return collapse_into_huge_pages((_MKLDNN.data_ptr(m), _MKLDNN._nbytes(m)) for m in matrices)
 
 
 def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], weights_of, act,

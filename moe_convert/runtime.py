@@ -23,7 +23,8 @@ from .expert_parallel import ExpertParallel, from_environment
 from .export import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file,
                      export_weight_files)
 from .io import open_safetensors, read_safetensors, return_freed_memory
-from .kernels import ACTIVATIONS, ffn, linear, moe_forward, native_fp16_matmul, pack_experts, pack_ffn, pack_matrix
+from .kernels import (ACTIVATIONS, back_with_huge_pages, ffn, linear, moe_forward, native_fp16_matmul, pack_experts, pack_ffn,
+                      pack_matrix, packed_matrices)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -163,6 +164,8 @@ class Runtime:
             for name in self.PROJECTIONS:
                 self._add_projection(f"{self.spec.layers}.{i}.{self.ATTENTION}.{name}")
             return_freed_memory()  # this layer's exported copies are packed: peak stays near one model, not two
+        back_with_huge_pages([m for w in self.ffns for part in ("stacked", "dense") if part in w
+                              for m in packed_matrices(w[part])] + [w for w, _ in self.proj.values() if w.is_mkldnn])
 
     def configure(self, c: dict) -> None:
         """Read the host config (heads, norms, positions); raises before any tensor is read."""

@@ -2,6 +2,7 @@
 
 import json
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moe_convert.errors import MoEConvertError
-from moe_convert.io import (CHECKPOINTS, SAFE_INDEX, CheckpointReader, checkpoints, ShardWriter, atomic_output_dir, copy_tokenizer_files,
+from moe_convert.io import (CHECKPOINTS, HUGE_PAGE, SAFE_INDEX, CheckpointReader, checkpoints, collapse_into_huge_pages,
+                            ShardWriter, atomic_output_dir, copy_tokenizer_files,
                             keep_freed_memory_for_reuse, read_safetensors, return_freed_memory,
                             parse_size)
 
@@ -219,6 +221,40 @@ def test_read_safetensors_truncated_or_corrupt_is_one_line(tmp_path):
 def test_glibc_takes_the_inference_heap_settings():
     assert keep_freed_memory_for_reuse() is True
     return_freed_memory()  # malloc_trim: callable, returns nothing
+
+
+def _huge_page_bytes_over(start: int, end: int) -> int:
+    """AnonHugePages of the mappings that overlap [start, end) (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo < end and hi > start
+        elif inside and head == "AnonHugePages:":
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def _can_collapse() -> bool:
+    """Linux >= 6.1 (MADV_COLLAPSE) with transparent huge pages not switched off."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    major, minor = (int(v) for v in platform.release().split(".")[:2])
+    return platform.system() == "Linux" and (major, minor) >= (6, 1) and thp.exists() and "[never]" not in thp.read_text()
+
+
+def test_collapse_into_huge_pages_keeps_contents_and_skips_thin_pages():
+    t = torch.randn(5 * HUGE_PAGE // 4)  # 5 MiB of fp32, at whatever alignment the allocator gave
+    before = t.clone()
+    start, size = t.data_ptr(), t.numel() * 4
+    full = (start + size) // HUGE_PAGE - -(-start // HUGE_PAGE)  # huge pages wholly inside: 1 or 2
+    done = collapse_into_huge_pages([(start, size)])
+    assert torch.equal(t, before)
+    assert done % HUGE_PAGE == 0 and done <= (full + 2) * HUGE_PAGE
+    if _can_collapse():
+        assert done >= full * HUGE_PAGE and _huge_page_bytes_over(start, start + size) >= done
+    # a region that fills little of any huge page is left alone
+    assert collapse_into_huge_pages([(start, HUGE_PAGE // 4)]) == 0
 
 
 def test_checkpoints_come_in_step_order(tmp_path):
