@@ -281,9 +281,8 @@ def route(
     """
     T, E = logits.shape
     probs = logits.float().softmax(dim=-1)  # (T, E)
-    if top_k == 1:
-        top_e = probs.argmax(dim=-1, keepdim=True)  # (T, 1), argmax exactly as DeepSpeed top-1
-        top_p = probs.gather(-1, top_e)
+    if top_k == 1:  # (T, 1) each; the first maximum, as DeepSpeed top-1's argmax
+        top_p, top_e = probs.max(dim=-1, keepdim=True)
     else:
         top_p, top_e = probs.topk(top_k, dim=-1)  # (T, k)
 
@@ -455,8 +454,8 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
 
 def _slices(counts: torch.Tensor) -> list[tuple[int, int, int]]:
     """(expert, start, stop) of each expert's rows in the expert-sorted order, experts without rows left out."""
-    ends = counts.cumsum(0).tolist()
-    return [(e, t - n, t) for e, (n, t) in enumerate(zip(counts.tolist(), ends)) if n]
+    n = counts.tolist()
+    return [(e, t - n[e], t) for e, t in enumerate(itertools.accumulate(n)) if n[e]]
 
 
 def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, stacked: dict[str, torch.Tensor] | PackedExperts,
@@ -496,20 +495,23 @@ def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, stacked: dict[str, 
 
 
 def combine(y_sorted: torch.Tensor, routing: Routing, num_tokens: int,
-            residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+            residual: tuple[torch.Tensor, torch.Tensor] | None = None, overwrite: bool = False) -> torch.Tensor:
     """Un-sort: weighted expert outputs (N, d) scattered back to their tokens -> (T, d).
 
     With `residual = (coef (T, 2), dense (T, d))` the PR-MoE mix `coef0 * moe + coef1 * dense` is
-    fused in: the scatter adds `coef0 * weight * y` straight into `coef1 * dense`.
+    fused in: the scatter adds `coef0 * weight * y` straight into `coef1 * dense`. `overwrite`: y_sorted
+    and dense are the caller's temporaries and autograd is off, so both are scaled in place (two
+    fewer (T, d) tensors written: 0.5 ms of 1.1 at T=4096, d=512).
     """
     weight = routing.weight  # (N,)
     if residual is None:
         out = y_sorted.new_zeros(num_tokens, y_sorted.shape[-1])
     else:
         coef, dense = residual
-        out = dense * coef[:, 1:].to(dense.dtype)  # (T, d)
+        out = (dense.mul_ if overwrite else dense.mul)(coef[:, 1:].to(dense.dtype))  # (T, d)
         weight = weight * coef[routing.token, 0].to(weight.dtype)
-    return out.index_add_(0, routing.token, y_sorted * weight.unsqueeze(-1).to(y_sorted.dtype))
+    scale = weight.unsqueeze(-1).to(y_sorted.dtype)  # (N, 1)
+    return out.index_add_(0, routing.token, y_sorted.mul_(scale) if overwrite else y_sorted * scale)
 
 
 def moe_forward(x: torch.Tensor, router_weight: torch.Tensor, stacked: dict | PackedExperts, act, top_k=1, capacity_factor=None,
@@ -527,9 +529,11 @@ def moe_forward(x: torch.Tensor, router_weight: torch.Tensor, stacked: dict | Pa
     with torch.autocast(x.device.type, enabled=False):  # mixed precision (autocast) must not lower the gate
         logits = linear(x.float(), router_weight.float())  # (T, E) fp32, as DeepSpeed's gate
     routing = route(logits, top_k, capacity_factor, min_capacity)
-    x_sorted = x[routing.token]  # (N, d)
+    x_sorted = x.index_select(0, routing.token)  # (N, d); 2.5x faster than x[token] at T=4096
     also = None  # the residual FFN, run with the experts
+    overwrite = False  # combine may scale y and dense in place: both made here, no autograd
     if residual is not None and isinstance(residual[1], dict):
+        overwrite = not torch.is_grad_enabled()
         weights, dense = residual[1], torch.empty_like(x)  # (T, d), filled below
         if exchange is None and isinstance(stacked, PackedExperts):
             also = (x, weights, dense)
@@ -542,4 +546,4 @@ def moe_forward(x: torch.Tensor, router_weight: torch.Tensor, stacked: dict | Pa
     y = run(x_sorted, routing.counts) if exchange is None else exchange(x_sorted, routing.counts, run)  # (N, d)
     if dropout and training:
         y = F.dropout(y, dropout, training=True)
-    return combine(y, routing, x.shape[0], residual), routing
+    return combine(y, routing, x.shape[0], residual, overwrite), routing

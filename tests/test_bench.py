@@ -121,6 +121,23 @@ def test_no_grad_path_equals_autograd_path():
     torch.testing.assert_close(a, coef[:, :1] * moe + coef[:, 1:] * dense, rtol=1e-5, atol=1e-5)
 
 
+def test_in_place_combine_equals_the_autograd_path():
+    """With the residual FFN's weights, inference scales its own temporaries in place (`combine(overwrite=)`):
+    bit for bit what the path that keeps them computes, and the caller's tensors stay as they were."""
+    torch.manual_seed(2)
+    E, d, f = 6, 16, 24
+    stacked = {"w_in": torch.randn(E, d, f), "b_in": torch.randn(E, f), "w_out": torch.randn(E, f, d),
+               "b_out": torch.randn(E, d)}
+    dense = {"w_in": torch.randn(d, f), "b_in": torch.randn(f), "w_out": torch.randn(f, d), "b_out": torch.randn(d)}
+    x, router, coef = torch.randn(40, d), torch.randn(E, d), torch.rand(40, 2).softmax(-1)
+    kept = (x.clone(), coef.clone())
+    with torch.no_grad():
+        a, _ = moe_forward(x, router, stacked, ACTIVATIONS["gelu_new"], residual=(coef, dense))
+    b, _ = moe_forward(x, router, stacked, ACTIVATIONS["gelu_new"], residual=(coef, dense), backend="loop")
+    assert torch.equal(a, b)
+    assert torch.equal(x, kept[0]) and torch.equal(coef, kept[1])
+
+
 @pytest.mark.parametrize("name", ["gelu_new", "gelu_pytorch_tanh", "gelu", "silu", "relu"])
 def test_fused_activations_equal_transformers(name):
     x = torch.randn(1000) * 4
@@ -164,6 +181,25 @@ def test_packed_and_plain_ffn_equal_the_formula(kind, act, dtype, rows, monkeypa
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
             else:
                 assert (got - ref).norm() / ref.norm() < 2e-2
+
+
+def test_packed_weights_on_huge_pages_compute_the_same():
+    """`back_with_huge_pages` moves the runtime's packed matrices (here 4 MiB each) onto huge pages where
+    the kernel can: every byte stays where oneDNN and the native kernel read it."""
+    torch.manual_seed(3)
+    experts = pack_experts(random_ffn("mlp", 512, 2048, E=2))
+    if not isinstance(experts, PackedExperts):
+        pytest.skip("no oneDNN packing in this torch")
+    x, router = torch.randn(9, 512), torch.randn(2, 512)
+    with torch.inference_mode():
+        before = [moe_forward(x[:n], router, experts, ACTIVATIONS["gelu_new"])[0] for n in (1, 9)]
+        matrices = kernels.packed_matrices(experts)
+        assert len(matrices) == 4
+        done = kernels.back_with_huge_pages(matrices)
+        assert done % (2 * 2**20) == 0 and done <= 4 * 6 * 2**20
+        after = [moe_forward(x[:n], router, experts, ACTIVATIONS["gelu_new"])[0] for n in (1, 9)]
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
 
 
 def test_pack_leaves_weights_alone_where_onednn_does_not_apply(monkeypatch):
