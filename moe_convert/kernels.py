@@ -145,38 +145,43 @@ def native_pointers(w: dict[str, torch.Tensor]) -> dict[str, int] | None:
     return {**addresses, **{k: b.data_ptr() for k, b in biases.items()}}
 
 
+def _native_input(x: torch.Tensor, width: int) -> bool:
+    """x (n, width) is an input the native kernel reads: fp32, CPU, 2-D."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and x.shape[1] == width
+
+
 def _native_ok(x: torch.Tensor, width: int, out: torch.Tensor | None, out_width: int) -> bool:
     """x (n, width) can feed the native kernel, writing into `out` (n, out_width) when given: fp32 CPU,
     at most `NATIVE_MAX_ROWS` rows, a contiguous fp32 output."""
-    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and x.shape[1] == width
-            and x.shape[0] <= NATIVE_MAX_ROWS
+    return (_native_input(x, width) and x.shape[0] <= NATIVE_MAX_ROWS
             and (out is None or (out.is_contiguous() and out.dtype == torch.float32
                                  and tuple(out.shape) == (x.shape[0], out_width))))
 
 
-def _native_ffns(parts: list[tuple[torch.Tensor, torch.Tensor, dict[str, int]]], f: int, act) -> None:
-    """FFNs of a few rows each on packed fp32 weights, in two native calls: every first matmul, the
-    activation over all their rows, every second matmul (decode: one stream over all the weights).
+def _native_ffns(parts: list[tuple[int, int, int, dict[str, int]]], d: int, f: int, act) -> None:
+    """FFNs (d -> f -> d) of a few rows each on packed fp32 weights, in two native calls: every first
+    matmul, the activation over all their rows, every second matmul (decode: one stream over all the weights).
 
-    parts: (x (n, d), out (n, d), `native_pointers` of the FFN), x and out contiguous (views of larger
-    tensors are fine); every FFN has hidden size f. Results are written into each part's out.
+    parts: (rows n, address of x (n, d), address of out (n, d), `native_pointers` of the FFN) per FFN,
+    x and out contiguous fp32 rows that the caller keeps alive (rows of larger tensors are fine:
+    addresses, not views, because a decode step's dozen views cost more than the arithmetic).
+    Results are written into each out.
     """
-    rows = [x.shape[0] for x, _, _ in parts]
-    h_rows = list(itertools.accumulate(rows, initial=0))  # each part's first row in the (sum of rows, f) intermediate
-    x0 = parts[0][0]
+    starts = list(itertools.accumulate((n for n, *_ in parts), initial=0))  # each part's first intermediate row
 
     def first(*names, bias=None):  # every part's x @ each matrix in `names` (+ bias) -> (sum of rows, f) each
-        hs = [x0.new_empty(h_rows[-1], f) for _ in names]
-        packed_matmul([Job(n, x.data_ptr(), p[name], p.get(bias, 0), h[a:].data_ptr()) for name, h in zip(names, hs)
-                       for n, a, (x, _, p) in zip(rows, h_rows, parts)], f, x0.shape[1])  # one call for all
+        hs = [torch.empty(starts[-1], f, dtype=torch.float32) for _ in names]
+        packed_matmul([Job(n, xa, p[name], p.get(bias, 0), h.data_ptr() + 4 * f * a) for name, h in zip(names, hs)
+                       for a, (n, xa, _, p) in zip(starts, parts)], f, d)  # one call for all
         return hs
-    if "w_gate" in parts[0][2]:
+    if "w_gate" in parts[0][3]:
         gate, up = first("w_gate", "w_up")
         h = act(gate).mul_(up)
     else:
         h = act(first("w_in", bias="b_in")[0])
-    packed_matmul([Job(n, h[a:].data_ptr(), p["w_out"], p.get("b_out", 0), out.data_ptr())
-                   for n, a, (_, out, p) in zip(rows, h_rows, parts)], x0.shape[1], f)
+    ha = h.data_ptr()
+    packed_matmul([Job(n, ha + 4 * f * a, p["w_out"], p.get("b_out", 0), oa) for a, (n, _, oa, p) in zip(starts, parts)],
+                  d, f)
 
 
 def pack_ffn(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -331,8 +336,8 @@ def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], act, out: torch.Tensor | No
         pointers = native_pointers(w) if _native_ok(x, d, out, d) else None
         if pointers is None:
             return _onednn_ffn(x, w, fused_activation(act), out)
-        out = x.new_empty(x.shape[0], d) if out is None else out
-        _native_ffns([(x.contiguous(), out, pointers)], f, fused_activation(act))
+        x, out = x.contiguous(), x.new_empty(x.shape[0], d) if out is None else out
+        _native_ffns([(x.shape[0], x.data_ptr(), out.data_ptr(), pointers)], d, f, fused_activation(act))
         return out
     if x.shape[0] >= ONEDNN_MIN_ROWS and onednn_ok(x, *w.values()):
         w_t = {k: v.t() if k.startswith("w_") else v for k, v in w.items()}  # [out, in] views
@@ -431,24 +436,27 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
     """
     x = x.contiguous()
     out = torch.empty_like(x)  # (N, d)
-    few, shape = [], None  # (rows, output, pointers) for the native kernel; the experts' w_out shape
+    native = pointers is not None and _native_input(x, x.shape[1])
+    x_at, out_at, row = x.data_ptr(), out.data_ptr(), x.shape[1] * x.element_size()
+    few, shape = [], None  # (rows, x address, output address, pointers) for the native kernel; experts' w_out shape
     for e, s, t in slices:
         w = weights_of(e)
-        if pointers is not None and pointers[e] is not None and _native_ok(x[s:t], w["w_out"].shape[0], None, 0):
-            few.append((x[s:t], out[s:t], pointers[e]))
+        if native and pointers[e] is not None and t - s <= NATIVE_MAX_ROWS and w["w_out"].shape[0] == x.shape[1]:
+            few.append((t - s, x_at + s * row, out_at + s * row, pointers[e]))
             shape = w["w_out"].shape
         else:
             ffn(x[s:t], w, act, out[s:t])
     if also is not None:
         rows, weights, dense = also
+        rows = rows.contiguous()  # alive until the native calls below
         same = few and weights.keys() == weights_of(slices[0][0]).keys() and weights["w_out"].shape == shape
         also_pointers = native_pointers(weights) if same and _native_ok(rows, shape[0], dense, shape[0]) else None
         if also_pointers is None:
             ffn(rows, weights, act, dense)
         else:
-            few.append((rows.contiguous(), dense, also_pointers))
+            few.append((rows.shape[0], rows.data_ptr(), dense.data_ptr(), also_pointers))
     if few:
-        _native_ffns(few, shape[1], act)
+        _native_ffns(few, *shape, act)
     return out
 
 
