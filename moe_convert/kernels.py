@@ -145,15 +145,15 @@ def native_pointers(w: dict[str, torch.Tensor]) -> dict[str, int] | None:
     return {**addresses, **{k: b.data_ptr() for k, b in biases.items()}}
 
 
-def _native_input(x: torch.Tensor, width: int) -> bool:
-    """x (n, width) is an input the native kernel reads: fp32, CPU, 2-D."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and x.shape[1] == width
+def _native_input(x: torch.Tensor) -> bool:
+    """x is rows the native kernel reads: fp32, CPU, 2-D."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
 
 
 def _native_ok(x: torch.Tensor, width: int, out: torch.Tensor | None, out_width: int) -> bool:
     """x (n, width) can feed the native kernel, writing into `out` (n, out_width) when given: fp32 CPU,
     at most `NATIVE_MAX_ROWS` rows, a contiguous fp32 output."""
-    return (_native_input(x, width) and x.shape[0] <= NATIVE_MAX_ROWS
+    return (_native_input(x) and x.shape[1] == width and x.shape[0] <= NATIVE_MAX_ROWS
             and (out is None or (out.is_contiguous() and out.dtype == torch.float32
                                  and tuple(out.shape) == (x.shape[0], out_width))))
 
@@ -436,7 +436,7 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
     """
     x = x.contiguous()
     out = torch.empty_like(x)  # (N, d)
-    native = pointers is not None and _native_input(x, x.shape[1])
+    native = pointers is not None and _native_input(x)
     x_at, out_at, row = x.data_ptr(), out.data_ptr(), x.shape[1] * x.element_size()
     few, shape = [], None  # (rows, x address, output address, pointers) for the native kernel; experts' w_out shape
     for e, s, t in slices:

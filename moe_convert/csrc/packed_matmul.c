@@ -16,9 +16,6 @@
 typedef float v16 __attribute__((vector_size(64), aligned(4)));  /* 16 floats, unaligned loads allowed */
 #define BLOCK 64
 #define MAX_GROUP 4  /* rows computed per pass over a panel: 16 accumulators of the 32 vector registers */
-/* Panel rows (256 bytes each) fetched ahead of use: the hardware prefetcher alone left the stream at
- * 0.87-0.95x the rate with this (README, "The native few-row kernel"). */
-#define PREFETCH_ROWS 8
 
 /* y[r, 0:64] = bias[0:64] + sum_i x[r, i] * panel[i, 0:64] for R rows; `valid` outputs are written. */
 #define PANEL_KERNEL(R)                                                                                  \
@@ -29,8 +26,6 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));  /* 16 floats, u
             for (int c = 0; c < 4; c++) acc[r][c] = bias ? *(const v16 *)(bias + 16 * c) : (v16){0};     \
         for (int64_t i = 0; i < in; i++) {                                                               \
             const v16 *w = (const v16 *)(panel + i * BLOCK);                                             \
-            for (int l = 0; l < 4; l++) /* past the panel's end: a hint, never a fault */                \
-                __builtin_prefetch((const void *)((uintptr_t)w + 256 * PREFETCH_ROWS + 64 * l), 0, 0);   \
             v16 w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];                                              \
             for (int r = 0; r < R; r++) {                                                                \
                 float xv = x[r * in + i];                                                                \
