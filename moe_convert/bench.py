@@ -369,9 +369,10 @@ def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32
                 y = fn(x).float()
                 if name != "dense_ffn":  # a cost reference only: it computes 2T tokens of one FFN
                     errs[name] = float((y - ref).abs().max() / ref.abs().max())
-            for r in range(repeats):  # interleaved rounds, so drift on a shared machine hits every impl alike
-                on_step(f"E={E}: round {r + 1}/{repeats}")
-                for name, fn in fns.items():
+            order = list(fns.items())
+            for r in range(repeats):  # interleaved rounds, so drift on a shared machine hits every impl alike;
+                on_step(f"E={E}: round {r + 1}/{repeats}")  # each round starts one impl later: no fixed places
+                for name, fn in order[r % len(order):] + order[:r % len(order)]:
                     evict.sum()  # every call starts from the same caches: cold, no lines left dirty by the one before
                     t = time.perf_counter()
                     fn(x)
