@@ -79,9 +79,18 @@ ROW_BLOCK_BYTES = 4 * 2**20
 # Batch size oneDNN is told to expect when packing: large hints gave the fastest kernels at every
 # row count measured (1 to 4096 rows, fp32 and bf16).
 PACK_BATCH_HINT = 512
-# Rows up to which the native kernel (`native.py`) beats oneDNN on packed fp32 weights read from DRAM:
-# 8 hit experts, 1 row each 1.5x faster, 4 rows 1.4x, 8 rows 1.15x, 16 rows even (README, "Decode kernel").
-NATIVE_MAX_ROWS = 8
+# The native kernel (`native.py`) on packed fp32 weights read from DRAM, against oneDNN (README, "The
+# native few-row kernel"). Slices up to `NATIVE_BATCH_ROWS` rows run together, every expert's first
+# matmul in one call (decode: 8 hit experts, 1 row each 1.5x faster, 4 rows 1.4x, 8 rows 1.15x).
+NATIVE_BATCH_ROWS = 8
+# Up to this many rows one FFN or matrix at a time, when `_native_rows` allows (E=128 experts, both
+# matmuls, d=512, in ABBA order: 8 rows 0.90x oneDNN's time, 24 rows 0.77x, 32 rows 0.85x, 64 rows
+# 0.92x, 96 rows 0.97x, 128 rows 1.02x).
+NATIVE_MAX_ROWS = 96
+# Over 6 rows the kernel reads each [in][64] panel again per 6 rows, from L2: it paid with in <= 2048
+# (a 512 KiB panel: 0.84-0.94x oneDNN's time from 16 to 96 rows), not with in = 4096 (1 MiB, this
+# CPU's whole L2: 1.02-1.05x).
+NATIVE_MAX_REREAD_IN = 2048
 # Matrices smaller than this stay plain: for them oneDNN's per-call cost outweighs the faster kernel
 # (one-row FFN, hot weights: d=128 34 us packed vs 10 us MKL addmm; even at d=384, 2.25 MiB per matrix).
 PACK_MIN_BYTES = 2 * 2**20
@@ -150,10 +159,15 @@ def _native_input(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
 
 
-def _native_ok(x: torch.Tensor, width: int, out: torch.Tensor | None, out_width: int) -> bool:
+def _native_rows(rows: int, *inner: int) -> bool:
+    """The native kernel is the faster one for `rows` rows through matrices of these input widths."""
+    return rows <= NATIVE_BATCH_ROWS or (rows <= NATIVE_MAX_ROWS and max(inner) <= NATIVE_MAX_REREAD_IN)
+
+
+def _native_ok(x: torch.Tensor, width: int, out: torch.Tensor | None, out_width: int, *inner: int) -> bool:
     """x (n, width) can feed the native kernel, writing into `out` (n, out_width) when given: fp32 CPU,
-    at most `NATIVE_MAX_ROWS` rows, a contiguous fp32 output."""
-    return (_native_input(x) and x.shape[1] == width and x.shape[0] <= NATIVE_MAX_ROWS
+    few enough rows for matrices of input widths `width` and `inner` (`_native_rows`), a contiguous fp32 output."""
+    return (_native_input(x) and x.shape[1] == width and _native_rows(x.shape[0], width, *inner)
             and (out is None or (out.is_contiguous() and out.dtype == torch.float32
                                  and tuple(out.shape) == (x.shape[0], out_width))))
 
@@ -212,7 +226,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     Through oneDNN for packed weights, and for CPU inference from `LINEAR_ONEDNN_MIN_ROWS` rows (the
     fp32 router at T=4096: 2.3x faster than MKL here, README) or, for fewer rows, when w is a contiguous
     [out, in] matrix of `PACK_MIN_BYTES` or more (an LM head of 50257 x 1024, one row: 3.8 ms against
-    MKL's 10.0 ms). Packed fp32 weights on up to `NATIVE_MAX_ROWS` rows go through the native kernel.
+    MKL's 10.0 ms). Packed fp32 weights on few rows (`_native_rows`) go through the native kernel.
     """
     w_address = address(w) if w.is_mkldnn else None
     if w_address is not None and _native_ok(x, w.shape[1], None, w.shape[0]) and (
@@ -333,7 +347,7 @@ def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], act, out: torch.Tensor | No
     """
     if is_packed(w):
         d, f = w["w_out"].shape
-        pointers = native_pointers(w) if _native_ok(x, d, out, d) else None
+        pointers = native_pointers(w) if _native_ok(x, d, out, d, f) else None
         if pointers is None:
             return _onednn_ffn(x, w, fused_activation(act), out)
         x, out = x.contiguous(), x.new_empty(x.shape[0], d) if out is None else out
@@ -430,9 +444,10 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
 
     `weights_of(e)` gives expert e's weights (packed, or [in, out] views of the stacked tensors).
     Running both matmuls of one expert back to back keeps its (n, f) intermediate in cache. With
-    `pointers` (packed experts), the slices of at most `NATIVE_MAX_ROWS` rows go through the native
+    `pointers` (packed experts), the slices of at most `NATIVE_BATCH_ROWS` rows go through the native
     kernel together, in two calls (decode: one token per expert), and with them `also` = (rows, FFN
     weights, output), another FFN of the same shapes (the residual branch), when it qualifies too.
+    (`ffn` takes larger slices through the native kernel one at a time, up to `NATIVE_MAX_ROWS`.)
     """
     x = x.contiguous()
     out = torch.empty_like(x)  # (N, d)
@@ -441,7 +456,7 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
     few, shape = [], None  # (rows, x address, output address, pointers) for the native kernel; experts' w_out shape
     for e, s, t in slices:
         w = weights_of(e)
-        if native and pointers[e] is not None and t - s <= NATIVE_MAX_ROWS and w["w_out"].shape[0] == x.shape[1]:
+        if native and pointers[e] is not None and t - s <= NATIVE_BATCH_ROWS and w["w_out"].shape[0] == x.shape[1]:
             few.append((t - s, x_at + s * row, out_at + s * row, pointers[e]))
             shape = w["w_out"].shape
         else:
@@ -450,7 +465,7 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
         rows, weights, dense = also
         rows = rows.contiguous()  # alive until the native calls below
         same = few and weights.keys() == weights_of(slices[0][0]).keys() and weights["w_out"].shape == shape
-        also_pointers = native_pointers(weights) if same and _native_ok(rows, shape[0], dense, shape[0]) else None
+        also_pointers = native_pointers(weights) if same and _native_ok(rows, shape[0], dense, shape[0], shape[1]) else None
         if also_pointers is None:
             ffn(rows, weights, act, dense)
         else:

@@ -81,11 +81,24 @@ def test_linear_on_few_rows_equals_float64(out_features, bias, calls):
     w = torch.randn(384, out_features) / 384 ** 0.5  # [in, out]
     b = torch.randn(out_features) if bias else None
     packed = pack_matrix(w)
-    for rows in range(1, kernels.NATIVE_MAX_ROWS + 2):
+    row_counts = [*range(1, kernels.NATIVE_BATCH_ROWS + 1), 13, 40, kernels.NATIVE_MAX_ROWS, kernels.NATIVE_MAX_ROWS + 1]
+    for rows in row_counts:  # one group of 6 rows and several (the next panel fetched ahead)
         x = torch.randn(rows, 384)
         ref = x.double() @ w.double() + (0 if b is None else b.double())
         torch.testing.assert_close(linear(x, packed, b), ref.float(), rtol=1e-5, atol=1e-5)
-    assert len(calls) == kernels.NATIVE_MAX_ROWS  # one call per row count up to the limit, oneDNN above it
+    assert len(calls) == len(row_counts) - 1  # one call per row count up to the limit, oneDNN above it
+
+
+@needs_kernel
+def test_wide_inputs_take_the_kernel_for_few_rows_only(calls):
+    """Past 6 rows each panel is read again per 6 rows: with 1 MiB panels (in = 4096) that loses to oneDNN,
+    so only up to `NATIVE_BATCH_ROWS` rows go native there; results are right either way."""
+    w = torch.randn(4096, 64) / 64  # [in, out]
+    packed = pack_matrix(w)
+    for rows in (kernels.NATIVE_BATCH_ROWS, kernels.NATIVE_BATCH_ROWS + 1):
+        x = torch.randn(rows, 4096)
+        torch.testing.assert_close(linear(x, packed), (x.double() @ w.double()).float(), rtol=1e-5, atol=1e-5)
+    assert calls == [1]
 
 
 @needs_kernel
@@ -94,12 +107,13 @@ def test_ffn_on_few_rows_equals_float64_and_onednn(kind, act, calls):
     w = ffn_weights(kind, 256, 1024)
     packed = pack_ffn(w)
     assert kernels.native_pointers(packed) is not None
-    for rows in (1, 3, 5, kernels.NATIVE_MAX_ROWS):
+    row_counts = (1, 3, 5, kernels.NATIVE_BATCH_ROWS, 31, kernels.NATIVE_MAX_ROWS)
+    for rows in row_counts:
         x = torch.randn(rows, 256)
         got = ffn(x, packed, act)
         torch.testing.assert_close(got, reference_ffn(x, w, act).float(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got, kernels._onednn_ffn(x, packed, act, None), rtol=1e-5, atol=1e-5)
-    assert len(calls) == 4 * 2  # gate and up together
+    assert len(calls) == len(row_counts) * 2  # gate and up together
 
 
 @needs_kernel
@@ -117,9 +131,10 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 @needs_kernel
-def test_decode_mixes_native_and_onednn_experts_and_equals_the_plain_path(calls):
-    """A batch where some experts get more than NATIVE_MAX_ROWS tokens (oneDNN) and others fewer (native):
-    the packed runtime path equals the layer's path on the plain stacked weights."""
+def test_decode_batches_few_row_experts_and_runs_the_others_one_by_one(calls):
+    """A batch where some experts get more than NATIVE_BATCH_ROWS tokens (each its own two native calls)
+    and others fewer (all in two calls): the packed runtime path equals the layer's path on the plain
+    stacked weights."""
     E, d = 6, 256
     stacked = ffn_weights("gpt2", d, 4 * d, experts=E)
     router = torch.randn(E, d)
@@ -131,9 +146,10 @@ def test_decode_mixes_native_and_onednn_experts_and_equals_the_plain_path(calls)
         got, routing = moe_forward(x, router, packed, GELU)
         ref, _ = moe_forward(x, router, stacked, GELU)
     hit = routing.counts[routing.counts > 0]
-    assert (hit > kernels.NATIVE_MAX_ROWS).any() and (hit <= kernels.NATIVE_MAX_ROWS).any(), routing.counts
+    few = int((hit <= kernels.NATIVE_BATCH_ROWS).sum())
+    assert 0 < few < len(hit), routing.counts
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    assert calls == [int((hit <= kernels.NATIVE_MAX_ROWS).sum())] * 2  # all few-row experts in two calls
+    assert calls == [1, 1] * (len(hit) - few) + [few] * 2  # larger experts one by one, then the few-row ones
 
 
 @needs_kernel
