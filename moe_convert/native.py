@@ -1,10 +1,12 @@
-"""A native kernel for few-row matmuls on oneDNN-packed fp32 weights: decode's expert and residual FFNs
-and packed projections.
+"""A native kernel for matmuls of a few rows (up to ~100) on oneDNN-packed fp32 weights: decode's expert
+and residual FFNs, packed projections, and the experts of prefill with many experts.
 
 With one token per expert, the layer's cost is reading each hit expert's weights from DRAM. oneDNN
 streams its own packed weights at ~40 GB/s for one row; a plain loop over the same bytes, in the
 order they lie in memory, at ~60 GB/s, the rate of torch's own `sum` over them (README, "The native
-few-row kernel"). `csrc/packed_matmul.c` is that loop. It reads the packed weights in place (no second copy).
+few-row kernel"). `csrc/packed_matmul.c` is that loop. With more rows it reads each panel again
+per 6 rows and meanwhile fetches the next panel, which oneDNN's kernel reads cold. It reads the
+packed weights in place (no second copy).
 
 The library is compiled once per machine and source with the system C compiler (`-O3 -march=native
 -fopenmp`) into the user cache, then loaded with ctypes. It runs on torch's OpenMP threads: it links
