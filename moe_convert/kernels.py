@@ -456,9 +456,12 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
     few, shape = [], None  # (rows, x address, output address, pointers) for the native kernel; experts' w_out shape
     for e, s, t in slices:
         w = weights_of(e)
-        if native and pointers[e] is not None and t - s <= NATIVE_BATCH_ROWS and w["w_out"].shape[0] == x.shape[1]:
-            few.append((t - s, x_at + s * row, out_at + s * row, pointers[e]))
+        part = (t - s, x_at + s * row, out_at + s * row, pointers[e]) if native and pointers[e] is not None else None
+        if part and t - s <= NATIVE_BATCH_ROWS and w["w_out"].shape[0] == x.shape[1]:
+            few.append(part)
             shape = w["w_out"].shape
+        elif part and w["w_out"].shape[0] == x.shape[1] and _native_rows(t - s, *w["w_out"].shape):
+            _native_ffns([part], *w["w_out"].shape, act)  # what `ffn` would run, without re-deriving the pointers
         else:
             ffn(x[s:t], w, act, out[s:t])
     if also is not None:
