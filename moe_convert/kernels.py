@@ -446,8 +446,8 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
     Running both matmuls of one expert back to back keeps its (n, f) intermediate in cache. With
     `pointers` (packed experts), the slices of at most `NATIVE_BATCH_ROWS` rows go through the native
     kernel together, in two calls (decode: one token per expert), and with them `also` = (rows, FFN
-    weights, output), another FFN of the same shapes (the residual branch), when it qualifies too.
-    (`ffn` takes larger slices through the native kernel one at a time, up to `NATIVE_MAX_ROWS`.)
+    weights, output), another FFN of the same shapes (the residual branch), when it qualifies too;
+    larger slices up to `NATIVE_MAX_ROWS` (`_native_rows`) go through it one at a time.
     """
     x = x.contiguous()
     out = torch.empty_like(x)  # (N, d)
@@ -456,18 +456,18 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
     few, shape = [], None  # (rows, x address, output address, pointers) for the native kernel; experts' w_out shape
     for e, s, t in slices:
         w = weights_of(e)
-        part = (t - s, x_at + s * row, out_at + s * row, pointers[e]) if native and pointers[e] is not None else None
-        if part and t - s <= NATIVE_BATCH_ROWS and w["w_out"].shape[0] == x.shape[1]:
-            few.append(part)
-            shape = w["w_out"].shape
-        elif part and w["w_out"].shape[0] == x.shape[1] and _native_rows(t - s, *w["w_out"].shape):
-            _native_ffns([part], *w["w_out"].shape, act)  # what `ffn` would run, without re-deriving the pointers
-        else:
+        d, f = w["w_out"].shape
+        if not (native and pointers[e] is not None and d == x.shape[1] and _native_rows(t - s, d, f)):
             ffn(x[s:t], w, act, out[s:t])
+        elif t - s <= NATIVE_BATCH_ROWS:
+            few.append((t - s, x_at + s * row, out_at + s * row, pointers[e]))
+            shape = (d, f)
+        else:  # what `ffn` would run, with the pointers packed at load
+            _native_ffns([(t - s, x_at + s * row, out_at + s * row, pointers[e])], d, f, act)
     if also is not None:
         rows, weights, dense = also
         rows = rows.contiguous()  # alive until the native calls below
-        same = few and weights.keys() == weights_of(slices[0][0]).keys() and weights["w_out"].shape == shape
+        same = few and weights.keys() == weights_of(slices[0][0]).keys() and tuple(weights["w_out"].shape) == shape
         also_pointers = native_pointers(weights) if same and _native_ok(rows, shape[0], dense, shape[0], shape[1]) else None
         if also_pointers is None:
             ffn(rows, weights, act, dense)
