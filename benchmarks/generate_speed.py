@@ -68,17 +68,20 @@ def main() -> None:
 
 
 def native_ab(rt, prompt: list[int], args) -> None:
-    """Generations alternating with the native kernel on (rows up to `NATIVE_MAX_ROWS`) and off (oneDNN)."""
+    """Generations alternating with the native kernel on (its row limits as they are) and off (both 0: oneDNN)."""
     from moe_convert import kernels, native
 
     if native.library() is None:
         sys.exit(f"the native kernel is off here: {native.why_unavailable()}")
-    rows, runs = kernels.NATIVE_MAX_ROWS, {"native": [], "oneDNN": []}
+    limits = {name: getattr(kernels, name) for name in ("NATIVE_BATCH_ROWS", "NATIVE_MAX_ROWS")}
+    runs = {"native": [], "oneDNN": []}
     for i in range(2 * (args.repeats + 1)):
         name = "native" if i % 2 == 0 else "oneDNN"
-        kernels.NATIVE_MAX_ROWS = rows if name == "native" else 0
+        for limit, rows in limits.items():
+            setattr(kernels, limit, rows if name == "native" else 0)
         runs[name].append(rt.generate(prompt, args.new))
-    kernels.NATIVE_MAX_ROWS = rows
+    for limit, rows in limits.items():
+        setattr(kernels, limit, rows)
     decode = {k: statistics.median(r.decode_tokens_per_s for r in v[1:]) for k, v in runs.items()}  # first: warm-up
     tokens = {k: [round(r.decode_tokens_per_s, 1) for r in v[1:]] for k, v in runs.items()}
     print(f"decode tokens/s, median of {args.repeats} alternating runs: native kernel {decode['native']:.1f} "
