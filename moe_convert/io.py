@@ -32,15 +32,9 @@ SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
-# torch dtype <-> the safetensors header's dtype string
 # dtype names every command takes (--dtype, save_dtype, teacher_dtype) -> torch dtypes
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def check_dtype_choice(dtype: str) -> None:
-    """A `--dtype` that takes `auto` (keep the source's) or one of `DTYPES`."""
-    if dtype != "auto" and dtype not in DTYPES:
-        raise MoEConvertError(f"--dtype {dtype!r} is not known; choose one of auto, {', '.join(DTYPES)}")
+# torch dtype <-> the safetensors header's dtype string
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -54,6 +48,12 @@ TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.jso
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def check_dtype_choice(dtype: str) -> None:
+    """A `--dtype` that takes `auto` (keep the source's) or one of `DTYPES`."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise MoEConvertError(f"--dtype {dtype!r} is not known; choose one of auto, {', '.join(DTYPES)}")
 
 
 def parse_size(text: str | int) -> int:
