@@ -150,10 +150,14 @@ def native_pointers(w: dict[str, torch.Tensor]) -> dict[str, int] | None:
         return None
     d, f = mats["w_out"].shape
     if any(tuple(m.shape) != (f, d) for k, m in mats.items() if k != "w_out") or not all(
-            b.dtype == torch.float32 and b.is_contiguous() and b.shape == ((d,) if k == "b_out" else (f,))
-            for k, b in biases.items()):
+            _native_bias(b, d if k == "b_out" else f) for k, b in biases.items()):
         return None
     return {**addresses, **{k: b.data_ptr() for k, b in biases.items()}}
+
+
+def _native_bias(b: torch.Tensor, n: int) -> bool:
+    """b is a bias the native kernel reads for n outputs: contiguous fp32 (n,)."""
+    return b.dtype == torch.float32 and b.is_contiguous() and tuple(b.shape) == (n,)
 
 
 def _native_input(x: torch.Tensor) -> bool:
@@ -231,8 +235,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     MKL's 10.0 ms). Packed fp32 weights on few rows (`_native_rows`) go through the native kernel.
     """
     w_address = address(w) if w.is_mkldnn else None
-    if w_address is not None and _native_ok(x, w.shape[1], None, w.shape[0]) and (
-            b is None or (b.dtype == torch.float32 and b.is_contiguous() and b.shape == w.shape[:1])):
+    if w_address is not None and _native_ok(x, w.shape[1], None, w.shape[0]) and (b is None or _native_bias(b, w.shape[0])):
         x, y = x.contiguous(), x.new_empty(x.shape[0], w.shape[0])
         packed_matmul([Job(x.shape[0], x.data_ptr(), w_address, 0 if b is None else b.data_ptr(), y.data_ptr())],
                       *w.shape)
@@ -461,11 +464,13 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
         d, f = w["w_out"].shape
         if not (native and pointers[e] is not None and d == x.shape[1] and _native_rows(t - s, d, f)):
             ffn(x[s:t], w, act, out[s:t])
-        elif t - s <= NATIVE_BATCH_ROWS:
-            few.append((t - s, x_at + s * row, out_at + s * row, pointers[e]))
+            continue
+        part = (t - s, x_at + s * row, out_at + s * row, pointers[e])
+        if t - s <= NATIVE_BATCH_ROWS:
+            few.append(part)
             shape = (d, f)
         else:  # what `ffn` would run, with the pointers packed at load
-            _native_ffns([(t - s, x_at + s * row, out_at + s * row, pointers[e])], d, f, act)
+            _native_ffns([part], d, f, act)
     if also is not None:
         rows, weights, dense = also
         rows = rows.contiguous()  # alive until the native calls below
