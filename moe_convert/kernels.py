@@ -235,7 +235,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     MKL's 10.0 ms). Packed fp32 weights on few rows (`_native_rows`) go through the native kernel.
     """
     w_address = address(w) if w.is_mkldnn else None
-    if w_address is not None and _native_ok(x, w.shape[1], None, w.shape[0]) and (b is None or _native_bias(b, w.shape[0])):
+    if (w_address is not None and _native_ok(x, w.shape[1], None, w.shape[0])
+            and (b is None or _native_bias(b, w.shape[0]))):
         x, y = x.contiguous(), x.new_empty(x.shape[0], w.shape[0])
         packed_matmul([Job(x.shape[0], x.data_ptr(), w_address, 0 if b is None else b.data_ptr(), y.data_ptr())],
                       *w.shape)
@@ -475,7 +476,8 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
         rows, weights, dense = also
         rows = rows.contiguous()  # alive until the native calls below
         same = few and weights.keys() == weights_of(slices[0][0]).keys() and tuple(weights["w_out"].shape) == shape
-        also_pointers = native_pointers(weights) if same and _native_ok(rows, shape[0], dense, shape[0], shape[1]) else None
+        fits = same and _native_ok(rows, shape[0], dense, shape[0], shape[1])
+        also_pointers = native_pointers(weights) if fits else None
         if also_pointers is None:
             ffn(rows, weights, act, dense)
         else:

@@ -23,8 +23,8 @@ from .expert_parallel import ExpertParallel, from_environment
 from .export import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file,
                      export_weight_files)
 from .io import open_safetensors, read_safetensors, return_freed_memory
-from .kernels import (ACTIVATIONS, back_with_huge_pages, ffn, linear, moe_forward, native_fp16_matmul, pack_experts, pack_ffn,
-                      pack_matrix, packed_matrices)
+from .kernels import (ACTIVATIONS, back_with_huge_pages, ffn, linear, moe_forward, native_fp16_matmul, pack_experts,
+                      pack_ffn, pack_matrix, packed_matrices)
 
 
 def read_manifest(path: str | Path) -> dict:
