@@ -552,7 +552,7 @@ def bench_layer(
 ):
     """One MoE layer: ours vs DeepSpeed vs transformers vs the hardware floor.
 
-    Same weights and inputs for every implementation, interleaved rounds, medians. The process asks for transparent huge pages (THP_MEM_ALLOC_ENABLE=1 unless you set it) and keeps freed heap memory for reuse, for every implementation alike. Run it on an otherwise idle machine.
+    Same weights and inputs for every implementation, interleaved rounds (each starting one implementation later), every call after a 256 MiB read, medians. The process asks for transparent huge pages (THP_MEM_ALLOC_ENABLE=1 unless you set it) and keeps freed heap memory for reuse, for every implementation alike. Run it on an otherwise idle machine.
     """
     tune_memory_for_inference()
     with reporting_errors(json_out):

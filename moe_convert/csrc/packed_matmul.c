@@ -18,6 +18,7 @@
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));  /* 16 floats, unaligned loads allowed */
 #define BLOCK 64
+#define LINE 64      /* bytes per cache line: the unit of the prefetch */
 #define MAX_GROUP 6  /* rows computed per pass over a panel: 24 accumulators of the 32 vector registers */
 
 /* y[r, 0:64] = bias[0:64] + sum_i x[r, i] * panel[i, 0:64] for R rows; `valid` outputs are written.
@@ -29,7 +30,7 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));  /* 16 floats, u
         for (int r = 0; r < R; r++)                                                                      \
             for (int c = 0; c < 4; c++) acc[r][c] = bias ? *(const v16 *)(bias + 16 * c) : (v16){0};     \
         for (int64_t i = 0; i < in; i++) {                                                               \
-            if (i < ahead) __builtin_prefetch(next + 64 * i, 0, 3);                                      \
+            if (i < ahead) __builtin_prefetch(next + LINE * i, 0, 3);                                    \
             const v16 *w = (const v16 *)(panel + i * BLOCK);                                             \
             v16 w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];                                              \
             for (int r = 0; r < R; r++) {                                                                \
@@ -62,7 +63,8 @@ typedef struct {
 } job_t;
 
 void mc_packed_matmul(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int threads) {
-    int64_t blocks = (out + BLOCK - 1) / BLOCK, units = njobs * blocks, panel_lines = in * BLOCK * 4 / 64;
+    int64_t blocks = (out + BLOCK - 1) / BLOCK, units = njobs * blocks;
+    int64_t panel_lines = in * BLOCK * (int64_t)sizeof(float) / LINE; /* cache lines of one [in][64] panel */
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t u = 0; u < units; u++) {
         const job_t *j = jobs + u / blocks;
@@ -83,7 +85,7 @@ void mc_packed_matmul(int64_t njobs, const job_t *jobs, int64_t out, int64_t in,
         for (int64_t r = 0, pass = 0; r < j->rows; r += MAX_GROUP, pass++) {
             const float *x = j->x + r * in;
             float *y = j->y + r * out + b * BLOCK;
-            const char *ahead_at = next ? next + 64 * pass * share : NULL;
+            const char *ahead_at = next ? next + LINE * pass * share : NULL;
             int64_t ahead = next ? (panel_lines - pass * share < share ? panel_lines - pass * share : share) : 0;
             switch (j->rows - r < MAX_GROUP ? j->rows - r : MAX_GROUP) {
             case 1: panel_1(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
