@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import check_seed
+from .decode import Decoder
 from .errors import MoEConvertError
 from .io import DTYPES
 from . import kernels
@@ -122,9 +123,14 @@ def impl_moe_convert(w: LayerWeights, backend: str | None = None) -> Callable:
     at load). A backend: the stacked [E, in, out] weights as `PRMoELayer` holds them, that backend forced."""
     stacked, dense = (w.stacked, w.dense) if backend else (pack_experts(w.stacked), pack_ffn(w.dense))
     back_with_huge_pages(packed_matrices(stacked) + packed_matrices(dense))  # as the runtime does after packing
+    decoder = None if backend else Decoder.build(w.router, stacked, (w.coef_w, w.coef_b, dense), ACTIVATIONS[ACT],
+                                                 top_k=1, capacity_factor=None, min_capacity=4)
 
-    def run(x):  # the residual FFN's weights go in, as the runtime passes them
-        return moe_forward(x, w.router, stacked, ACTIVATIONS[ACT], residual=(_coef(w, x), dense), backend=backend)[0]
+    def run(x):  # as the runtime runs a layer: few tokens through the decoder, else the residual FFN's weights go in
+        y = decoder(x) if decoder else None
+        if y is None:
+            y = moe_forward(x, w.router, stacked, ACTIVATIONS[ACT], residual=(_coef(w, x), dense), backend=backend)[0]
+        return y
     return run
 
 

@@ -6,7 +6,8 @@ streams its own packed weights at ~40 GB/s for one row; a plain loop over the sa
 order they lie in memory, at ~60 GB/s, the rate of torch's own `sum` over them (README, "The native
 few-row kernel"). `csrc/packed_matmul.c` is that loop. With more rows it reads each panel again
 per 6 rows and meanwhile fetches the next panel, which oneDNN's kernel reads cold. It reads the
-packed weights in place (no second copy).
+packed weights in place (no second copy). The same library holds `csrc/moe_decode.c`, a PR-MoE layer's
+decode step around those matmuls (`decode.py`).
 
 The library is compiled once per machine and source with the system C compiler (`-O3 -march=native
 -fopenmp`) into the user cache, then loaded with ctypes. It runs on torch's OpenMP threads: it links
@@ -35,7 +36,8 @@ from pathlib import Path
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-SOURCE = Path(__file__).with_name("csrc") / "packed_matmul.c"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "packed_matmul.c", CSRC / "moe_decode.c"]  # one library; both include packed_matmul.h
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 BLOCK = 64  # outputs per block of oneDNN's packed fp32 layout: [ceil(out / 64)][in][64]
 _reason = ""  # why `library()` is None
@@ -91,14 +93,15 @@ def _torch_uses_libgomp() -> bool:
 
 def _build(cc: str) -> Path:
     """The compiled library in the cache, built (atomically) when missing. Raises OSError on failure."""
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
+    texts = [p.read_text() for p in sorted(CSRC.glob("*.[ch]"))]
+    key = hashlib.sha256("\0".join([*texts, cc, *FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
     path = _cache_dir() / f"packed_matmul-{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+            done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
                 raise OSError(f"{Path(cc).name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
             os.replace(tmp, path)
@@ -134,6 +137,8 @@ def _load() -> ctypes.CDLL | None:
         lib.mc_packed_matmul.argtypes = [ctypes.c_int64, ctypes.POINTER(Job), ctypes.c_int64, ctypes.c_int64,
                                          ctypes.c_int]
         lib.mc_packed_matmul.restype = None
+        for phase in (lib.mc_moe_decode_first, lib.mc_moe_decode_second):  # (address of a decode.State, threads)
+            phase.argtypes, phase.restype = [ctypes.c_void_p, ctypes.c_int], None
         return lib
     return None
 

@@ -2,7 +2,8 @@
 
 No transformers model class runs here: the GPT-2 and Llama-family forwards are written out below
 over the exported tensors (host-native names), and every MoE layer goes through
-`kernels.moe_forward` with the residual mix fused into its combine. `generate` decodes greedily or
+`kernels.moe_forward` with the residual mix fused into its combine, or, for a few tokens (decode),
+through `decode.Decoder`: the whole layer in two native calls. `generate` decodes greedily or
 by sampling (temperature, top-k, top-p) and reports tokens/s.
 """
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import check_seed
+from .decode import Decoder
 from .errors import MoEConvertError
 from .expert_parallel import ExpertParallel, from_environment
 from .export import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file,
@@ -198,6 +200,10 @@ class Runtime:
         if self.manifest["residual"]:
             w["dense"] = self._kernel_ffn(prefix + "mlp.")
             w["coef"] = (self.t[prefix + "coefficient.weight"], self.t[prefix + "coefficient.bias"])
+        if self.ep is None:  # with expert parallelism the rows travel to other ranks: moe_forward's exchange
+            m = self.manifest
+            w["decoder"] = Decoder.build(w["router"], w["stacked"], (*w["coef"], w["dense"]) if "dense" in w else None,
+                                         self.act, m["top_k"], m["capacity_factor"], m["min_capacity"])
         return w
 
     def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -206,6 +212,9 @@ class Runtime:
         x = x.reshape(-1, shape[-1])  # (T, d)
         if "router" not in w:
             return ffn(x, w["dense"], self.act).reshape(shape)
+        y = w["decoder"](x) if w.get("decoder") else None  # few tokens: the whole layer in two native calls
+        if y is not None:
+            return y.reshape(shape)
         residual = None
         if "dense" in w:
             residual = (F.linear(x, *w["coef"]).softmax(-1), w["dense"])  # (T, 2), the FFN run with the experts

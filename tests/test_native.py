@@ -209,9 +209,10 @@ def test_shapes_that_do_not_fit_are_refused_not_computed(calls):
 
 @needs_kernel
 @pytest.mark.parametrize("host", ["gpt2", "llama"])
-def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, tmp_path, calls):
-    """KV-cache decoding one token at a time (every FFN, expert and projection on few rows) against the
-    source PRMoEForCausalLM's logits."""
+def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, tmp_path, calls, monkeypatch):
+    """KV-cache decoding one token at a time (every FFN, expert and projection on few rows; the MoE layers
+    through `decode.Decoder`) against the source PRMoEForCausalLM's logits."""
+    from moe_convert.decode import Decoder
     from moe_convert.configuration_prmoe import PRMoEConfig
     from moe_convert.modeling import PRMoEForCausalLM
 
@@ -226,6 +227,13 @@ def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, tmp_p
     export(tmp_path / "src", tmp_path / "out")
     rt = load_runtime(tmp_path / "out")
     assert all(p is not None for p in rt.ffns[1]["stacked"].pointers)
+    decoded, real = [], Decoder.__call__
+
+    def counted(self, x):
+        y = real(self, x)
+        decoded.append(y is not None and x.shape[0])
+        return y
+    monkeypatch.setattr(Decoder, "__call__", counted)
     ids = torch.randint(0, VOCAB, (2, 9))
     cache = rt.new_cache(2, 9)
     steps = [rt.forward(ids[:, :1], cache)] + [rt.forward(ids[:, t:t + 1], cache) for t in range(1, 9)]
@@ -233,6 +241,7 @@ def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, tmp_p
         ref = model(ids).logits
     torch.testing.assert_close(torch.cat(steps, dim=1), ref, rtol=1e-5, atol=1e-5)
     assert calls  # the decode steps went through the kernel
+    assert decoded == [2] * 2 * 9  # each step's two MoE layers took the batch's 2 tokens
 
 
 FALLBACK = textwrap.dedent("""

@@ -13,8 +13,9 @@
  * got tokens, on torch's own OpenMP threads (the library links the libgomp torch loaded), as many
  * as torch uses.
  */
-#include <stdint.h>
 #include <string.h>
+
+#include "packed_matmul.h"
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));  /* 16 floats, unaligned loads allowed */
 #define BLOCK 64
@@ -53,19 +54,10 @@ PANEL_KERNEL(4)
 PANEL_KERNEL(5)
 PANEL_KERNEL(6)
 
-/* A job: y (rows, out) = x (rows, in) @ w^T + bias, x and y contiguous, bias NULL or (out,). */
-typedef struct {
-    int64_t rows;
-    const float *x;
-    const float *w; /* oneDNN-packed [out, in] */
-    const float *bias;
-    float *y;
-} job_t;
-
-void mc_packed_matmul(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int threads) {
+void run_jobs(int64_t njobs, const job_t *jobs, int64_t out, int64_t in) {
     int64_t blocks = (out + BLOCK - 1) / BLOCK, units = njobs * blocks;
     int64_t panel_lines = in * BLOCK * (int64_t)sizeof(float) / LINE; /* cache lines of one [in][64] panel */
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp for schedule(static)
     for (int64_t u = 0; u < units; u++) {
         const job_t *j = jobs + u / blocks;
         int64_t b = u % blocks, valid = out - b * BLOCK < BLOCK ? out - b * BLOCK : BLOCK;
@@ -97,4 +89,9 @@ void mc_packed_matmul(int64_t njobs, const job_t *jobs, int64_t out, int64_t in,
             }
         }
     }
+}
+
+void mc_packed_matmul(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int threads) {
+#pragma omp parallel num_threads(threads)
+    run_jobs(njobs, jobs, out, in);
 }

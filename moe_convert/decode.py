@@ -1,0 +1,123 @@
+"""A PR-MoE layer's decode step in two native calls (`csrc/moe_decode.c`), for the runtime's few-token forwards.
+
+With the other layers' weights streamed through the caches in between, every torch op of a decode
+step starts cold: the router, softmax, top-1, coefficient, sort, gather and combine cost ~0.4 ms of
+a ~2 ms T=8, E=128 layer whose weights stream in ~1.3 ms. `Decoder` runs them in C around the same
+packed-weight jobs `kernels._native_ffns` runs (expert and residual outputs bit for bit the same),
+with torch's own activation between the two calls. The router, gate softmax and coefficient are
+summed in another order than torch's (~1e-7 relative); ties go to the first expert, as
+`kernels.route`'s.
+
+It applies to top-1 layers whose experts and residual FFN are packed fp32 weights the native kernel
+reads (`kernels.PackedExperts` with every pointer), for at most `MAX_TOKENS` tokens and only where
+the capacity cannot drop one; `Decoder.build` returns None otherwise, and a call it cannot take
+returns None: the caller runs `kernels.moe_forward`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .config import expert_capacity
+from .kernels import PackedExperts, fused_activation, native_pointers
+from .native import library
+
+MAX_TOKENS = 8  # = MAX_TOKENS in csrc/moe_decode.c: tokens per call (decode: the batch)
+_FIRST = {"w_in": "w1", "b_in": "b1", "w_gate": "w1", "w_up": "w_up"}  # native_pointers key -> FFN field
+_SECOND = {"w_out": "w2", "b_out": "b2"}
+
+
+class FFN(ctypes.Structure):
+    """One FFN's packed matrices and biases (0 where absent): GPT-2 kind w1, b1, w2, b2; gated w1 (gate), w_up, w2."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("w1", "b1", "w_up", "w2", "b2")]
+
+
+class State(ctypes.Structure):
+    """`decode_t` of csrc/moe_decode.c: the layer, the call, and phase 1's routing for phase 2."""
+
+    _fields_ = [("d", ctypes.c_int64), ("f", ctypes.c_int64), ("experts", ctypes.c_int64),
+                ("router", ctypes.c_void_p), ("coef_w", ctypes.c_void_p), ("coef_b", ctypes.c_void_p),
+                ("ffns", ctypes.c_void_p), ("xs", ctypes.c_void_p), ("h", ctypes.c_void_p), ("up", ctypes.c_void_p),
+                ("y", ctypes.c_void_p), ("tokens", ctypes.c_int64), ("x", ctypes.c_void_p),
+                ("act_h", ctypes.c_void_p), ("out", ctypes.c_void_p), ("expert", ctypes.c_int64 * MAX_TOKENS),
+                ("slot", ctypes.c_int64 * MAX_TOKENS), ("scale", ctypes.c_float * MAX_TOKENS),
+                ("keep", ctypes.c_float * MAX_TOKENS)]
+
+
+def _ffn(pointers: dict[str, int]) -> FFN:
+    return FFN(**{_FIRST.get(k) or _SECOND[k]: v for k, v in pointers.items()})
+
+
+def _plain_fp32(t: torch.Tensor, shape: tuple[int, ...]) -> bool:
+    return not t.is_mkldnn and t.dtype == torch.float32 and t.is_contiguous() and tuple(t.shape) == shape
+
+
+class Decoder:
+    """One PR-MoE layer's forward for a few tokens: `decoder(x)` -> (T, d), or None where it does not apply.
+
+    Keeps its scratch buffers between calls: one layer's decoder is not for concurrent calls.
+    """
+
+    def __init__(self, router: torch.Tensor, experts: PackedExperts, residual, act, tokens: frozenset[int]):
+        E, d = router.shape
+        f = experts.weights[0]["w_out"].shape[1]
+        ffns = [_ffn(p) for p in experts.pointers] + ([] if residual is None else [_ffn(residual[2])])
+        self.gated = "w_gate" in experts.weights[0]
+        self.act, self.tokens, self.rows_per_token = act, tokens, 1 + (residual is not None)
+        rows = MAX_TOKENS * self.rows_per_token
+        self._keep = (router, experts, residual)  # alive as long as the state points at them
+        self._ffns = (FFN * len(ffns))(*ffns)
+        self._xs, self._y = torch.empty(MAX_TOKENS, d), torch.empty(rows, d)
+        self._h, self._up = torch.empty(rows, f), torch.empty(rows, f) if self.gated else None
+        self.state = State(d=d, f=f, experts=E, router=router.data_ptr(), ffns=ctypes.addressof(self._ffns),
+                           xs=self._xs.data_ptr(), h=self._h.data_ptr(), y=self._y.data_ptr(),
+                           up=self._up.data_ptr() if self.gated else None)
+        if residual is not None:
+            self.state.coef_w, self.state.coef_b = residual[0].data_ptr(), residual[1].data_ptr()
+        self._at = ctypes.addressof(self.state)
+
+    @classmethod
+    def build(cls, router: torch.Tensor, experts, residual: tuple[torch.Tensor, torch.Tensor, dict] | None, act,
+              top_k: int, capacity_factor: float | None, min_capacity: int) -> Decoder | None:
+        """The decoder of a layer: router (E, d), experts (`kernels.pack_experts`), residual = (coefficient
+        weight (2, d), its bias (2,), the residual FFN's `pack_ffn` weights) or None; None where it does not
+        apply (module docstring)."""
+        if library() is None or top_k != 1 or not isinstance(experts, PackedExperts) or None in experts.pointers:
+            return None
+        E, d = router.shape
+        d_out, f = experts.weights[0]["w_out"].shape
+        if len(experts.pointers) != E or d_out != d or not _plain_fp32(router, (E, d)):
+            return None
+        if residual is not None:
+            coef_w, coef_b, dense = residual
+            pointers = native_pointers(dense)
+            if (pointers is None or pointers.keys() != experts.pointers[0].keys()
+                    or tuple(dense["w_out"].shape) != (d, f) or not _plain_fp32(coef_w, (2, d))
+                    or not _plain_fp32(coef_b, (2,))):
+                return None
+            residual = (coef_w, coef_b, pointers, dense)
+        tokens = frozenset(T for T in range(1, MAX_TOKENS + 1)  # where no expert can be over its capacity
+                           if capacity_factor is None or expert_capacity(T, E, 1, capacity_factor, min_capacity) >= T)
+        return cls(router, experts, residual, fused_activation(act), tokens) if tokens else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer on x (T, d) fp32 without autograd -> (T, d); None for inputs it does not take (other T,
+        dtype, device, or x needing gradients)."""
+        T = x.shape[0]
+        if (T not in self.tokens or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2
+                or x.shape[1] != self.state.d or (x.requires_grad and torch.is_grad_enabled())):
+            return None
+        lib, threads = library(), torch.get_num_threads()
+        s, x, out = self.state, x.contiguous(), x.new_empty(T, x.shape[1])
+        s.tokens, s.x, s.out = T, x.data_ptr(), out.data_ptr()
+        lib.mc_moe_decode_first(self._at, threads)
+        rows = T * self.rows_per_token
+        h = self.act(self._h[:rows])
+        if self.gated:
+            h.mul_(self._up[:rows])
+        s.act_h = h.data_ptr()
+        lib.mc_moe_decode_second(self._at, threads)
+        return out
