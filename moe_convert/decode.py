@@ -9,8 +9,9 @@ summed in another order than torch's (~1e-7 relative); ties go to the first expe
 `kernels.route`'s.
 
 It applies to top-1 layers whose experts and residual FFN are packed fp32 weights the native kernel
-reads (`kernels.PackedExperts` with every pointer), for at most `MAX_TOKENS` tokens and only where
-the capacity cannot drop one; `Decoder.build` returns None otherwise, and a call it cannot take
+reads (`kernels.PackedExperts` with every pointer), with a width d that is a multiple of 16 (the
+router's dot products take 16 floats at a time; here oneDNN packs other widths in a layout the kernel
+does not read anyway), for at most `MAX_TOKENS` tokens, and only where the capacity cannot drop one; `Decoder.build` returns None otherwise, and a call it cannot take
 returns None: the caller runs `kernels.moe_forward`.
 """
 
@@ -89,7 +90,7 @@ class Decoder:
             return None
         E, d = router.shape
         d_out, f = experts.weights[0]["w_out"].shape
-        if len(experts.pointers) != E or d_out != d or not _plain_fp32(router, (E, d)):
+        if len(experts.pointers) != E or d_out != d or d % 16 or not _plain_fp32(router, (E, d)):
             return None
         if residual is not None:
             coef_w, coef_b, dense = residual

@@ -63,10 +63,10 @@ def test_the_layer_equals_moe_forward_and_float64(kind, residual, T):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_a_width_off_the_vector_length():
-    """d = 200: the dot products' tails past the last 16 floats, and a last output block of 8 of 64."""
-    w, decoder = layer(E=6, d=200)
-    x = torch.randn(7, 200)
+def test_a_width_off_the_output_blocks():
+    """d = 144: every second matmul's last block of 64 outputs holds 16."""
+    w, decoder = layer(E=6, d=144)
+    x = torch.randn(7, 144)
     with torch.inference_mode():
         got = decoder(x)
     ref, experts = reference(w, x, ACT["gpt2"], residual=True)

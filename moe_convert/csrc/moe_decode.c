@@ -28,7 +28,7 @@ typedef struct {
 
 typedef struct {
     /* the layer, set once */
-    int64_t d, f, experts;
+    int64_t d, f, experts;          /* d a multiple of 16 */
     const float *router;          /* (E, d) */
     const float *coef_w, *coef_b; /* (2, d), (2,): the residual mix; coef_w NULL: no residual FFN */
     const ffn_t *ffns;            /* E experts, then the residual FFN */
@@ -47,21 +47,19 @@ typedef struct {
     float keep[MAX_TOKENS];       /* its residual output's factor: coefficient 1 */
 } decode_t;
 
-/* dot[t * rows + r] = bias[r] + x[t, :] . w[r, :] for T rows of x, w (rows, d) row-major. */
+/* dot[t * rows + r] = bias[r] + x[t, :] . w[r, :] for T rows of x, w (rows, d) row-major, d a multiple of 16. */
 static void dots(const float *x, int64_t T, const float *w, const float *bias, int64_t rows, int64_t d, float *dot) {
-    int64_t vec = d / 16 * 16;
     for (int64_t r = 0; r < rows; r++) {
         const float *wr = w + r * d;
         v16 acc[MAX_TOKENS];
         for (int64_t t = 0; t < T; t++) acc[t] = (v16){0};
-        for (int64_t i = 0; i < vec; i += 16) {
+        for (int64_t i = 0; i < d; i += 16) {
             v16 wv = *(const v16 *)(wr + i);
             for (int64_t t = 0; t < T; t++) acc[t] += *(const v16 *)(x + t * d + i) * wv;
         }
         for (int64_t t = 0; t < T; t++) {
             float s = bias ? bias[r] : 0.0f;
             for (int c = 0; c < 16; c++) s += acc[t][c];
-            for (int64_t i = vec; i < d; i++) s += x[t * d + i] * wr[i];
             dot[t * rows + r] = s;
         }
     }
