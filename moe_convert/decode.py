@@ -11,8 +11,9 @@ summed in another order than torch's (~1e-7 relative); ties go to the first expe
 It applies to top-1 layers whose experts and residual FFN are packed fp32 weights the native kernel
 reads (`kernels.PackedExperts` with every pointer), with a width d that is a multiple of 16 (the
 router's dot products take 16 floats at a time; here oneDNN packs other widths in a layout the kernel
-does not read anyway), for at most `MAX_TOKENS` tokens, and only where the capacity cannot drop one; `Decoder.build` returns None otherwise, and a call it cannot take
-returns None: the caller runs `kernels.moe_forward`.
+does not read anyway), for at most `MAX_TOKENS` tokens, and only where the capacity cannot drop
+one. `Decoder.build` returns None otherwise, and a call it cannot take returns None: the caller
+runs `kernels.moe_forward`.
 """
 
 from __future__ import annotations
