@@ -8,8 +8,9 @@ Builds the model (every other layer a PR-MoE layer with the residual FFN), saves
 three times; prints the load time, the median prefill time and decode tokens/s, the peak RSS of the
 process after the model was built and saved (built in a child process, so it does not count), and
 what is resident at the end. Run it from two checkouts (with PYTHONPATH pointing at each) to compare
-versions back to back. `--native-ab` instead alternates generations with the native few-row kernel
-(`moe_convert/native.py`) on and off in this one process, and prints the medians of both.
+versions back to back. `--native-ab` instead alternates generations with the native kernels
+(`moe_convert/native.py`: few-row matmuls, the decode layer, the LM head) on and off in this one
+process, and prints the medians of both.
 """
 
 import argparse
@@ -68,20 +69,22 @@ def main() -> None:
 
 
 def native_ab(rt, prompt: list[int], args) -> None:
-    """Generations alternating with the native kernel on (its row limits as they are) and off (both 0: oneDNN)."""
+    """Generations alternating with the native kernels on (their row limits as they are) and off (all 0: oneDNN)."""
     from moe_convert import kernels, native
 
     if native.library() is None:
         sys.exit(f"the native kernel is off here: {native.why_unavailable()}")
-    limits = {name: getattr(kernels, name) for name in ("NATIVE_BATCH_ROWS", "NATIVE_MAX_ROWS")}
+    limits = {(module, name): getattr(module, name)  # the row limits of the native kernels (the decoder's too)
+              for module, name in ((kernels, "NATIVE_BATCH_ROWS"), (kernels, "NATIVE_MAX_ROWS"),
+                                   (native, "ROWMAJOR_MAX_ROWS"))}
     runs = {"native": [], "oneDNN": []}
     for i in range(2 * (args.repeats + 1)):
         name = "native" if i % 2 == 0 else "oneDNN"
-        for limit, rows in limits.items():
-            setattr(kernels, limit, rows if name == "native" else 0)
+        for (module, limit), rows in limits.items():
+            setattr(module, limit, rows if name == "native" else 0)
         runs[name].append(rt.generate(prompt, args.new))
-    for limit, rows in limits.items():
-        setattr(kernels, limit, rows)
+    for (module, limit), rows in limits.items():
+        setattr(module, limit, rows)
     decode = {k: statistics.median(r.decode_tokens_per_s for r in v[1:]) for k, v in runs.items()}  # first: warm-up
     tokens = {k: [round(r.decode_tokens_per_s, 1) for r in v[1:]] for k, v in runs.items()}
     print(f"decode tokens/s, median of {args.repeats} alternating runs: native kernel {decode['native']:.1f} "

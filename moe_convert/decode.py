@@ -23,6 +23,7 @@ import ctypes
 import torch
 
 from .config import expert_capacity
+from . import kernels
 from .kernels import PackedExperts, fused_activation, native_pointers
 from .native import library
 
@@ -107,9 +108,10 @@ class Decoder:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layer on x (T, d) fp32 without autograd -> (T, d); None for inputs it does not take (other T,
-        dtype, device, or x needing gradients)."""
+        dtype, device, or x needing gradients). T is also held to `kernels.NATIVE_BATCH_ROWS`, the rows up to
+        which the native kernel runs experts together (0 there turns this off too)."""
         T = x.shape[0]
-        if (T not in self.tokens or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2
+        if (T not in self.tokens or T > kernels.NATIVE_BATCH_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2
                 or x.shape[1] != self.state.d or (x.requires_grad and torch.is_grad_enabled())):
             return None
         lib, threads = library(), torch.get_num_threads()

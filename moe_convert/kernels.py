@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .config import expert_capacity
 from .io import collapse_into_huge_pages
+from . import native
 from .native import Job, address, packed_matmul, register
 
 # Activations by config name, as fused torch functions (one pass over memory instead of several).
@@ -93,6 +94,10 @@ NATIVE_MAX_ROWS = 96
 # (a 512 KiB panel: 0.84-0.94x oneDNN's time from 16 to 96 rows), not with in = 4096 (1 MiB, this
 # CPU's whole L2: 1.02-1.05x).
 NATIVE_MAX_REREAD_IN = 2048
+# The row-major kernel re-reads the rows of x for every weight row: they must stay in L1 (48 KiB here).
+# Beyond, from L2, it lost: (4096, 4096) with 8 rows 1.26x oneDNN's time, against 0.70x with 1 row
+# and 0.47-0.75x for 8 rows of 1024 (LM head 50257 x 1024: 1 row 0.80x, 8 rows 0.75x; cold, ABBA).
+ROWMAJOR_MAX_INPUTS = 8192  # elements of x (32 KiB)
 # Matrices smaller than this stay plain: for them oneDNN's per-call cost outweighs the faster kernel
 # (one-row FFN, hot weights: d=128 34 us packed vs 10 us MKL addmm; even at d=384, 2.25 MiB per matrix).
 PACK_MIN_BYTES = 2 * 2**20
@@ -232,7 +237,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     Through oneDNN for packed weights, and for CPU inference from `LINEAR_ONEDNN_MIN_ROWS` rows (the
     fp32 router at T=4096: 2.3x faster than MKL here, README) or, for fewer rows, when w is a contiguous
     [out, in] matrix of `PACK_MIN_BYTES` or more (an LM head of 50257 x 1024, one row: 3.8 ms against
-    MKL's 10.0 ms). Packed fp32 weights on few rows (`_native_rows`) go through the native kernel.
+    MKL's 10.0 ms). Packed fp32 weights on few rows (`_native_rows`) go through the native kernel, and
+    so do large plain fp32 ones on up to 8 rows (`_rowmajor_ok`: the LM head, 0.72-0.80x oneDNN's time).
     """
     w_address = address(w) if w.is_mkldnn else None
     if (w_address is not None and _native_ok(x, w.shape[1], None, w.shape[0])
@@ -241,10 +247,24 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         packed_matmul([Job(x.shape[0], x.data_ptr(), w_address, 0 if b is None else b.data_ptr(), y.data_ptr())],
                       *w.shape)
         return y
+    if _rowmajor_ok(x, w, b):
+        return native.rowmajor_matmul(x.contiguous(), w, b)
     rows_ok = x.shape[0] >= LINEAR_ONEDNN_MIN_ROWS or (w.is_contiguous() and _large(w))
     if w.is_mkldnn or (rows_ok and onednn_ok(x, w, b)):
         return _LINEAR_POINTWISE(x, w, b, "none", [], "")
     return F.linear(x, w, b)
+
+
+def _rowmajor_ok(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """The native row-major kernel takes x @ w.T + b: a plain contiguous fp32 w (out, in) of at least
+    `PACK_MIN_BYTES` (in practice a tied LM head, which is not packed), `in` a multiple of 16, at most
+    `native.ROWMAJOR_MAX_ROWS` rows of fp32 x, a bias it reads or none, and no autograd."""
+    return (not w.is_mkldnn and w.dim() == 2 and w.dtype == torch.float32 and w.is_contiguous() and _large(w)
+            and w.shape[1] % 16 == 0 and _native_input(x) and x.shape[1] == w.shape[1]
+            and 1 <= x.shape[0] <= native.ROWMAJOR_MAX_ROWS and x.numel() <= ROWMAJOR_MAX_INPUTS
+            and (b is None or _native_bias(b, w.shape[0]))
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and native.library() is not None)
 
 
 def _onednn_ffn(x: torch.Tensor, w_t: dict[str, torch.Tensor], act, out: torch.Tensor | None) -> torch.Tensor:

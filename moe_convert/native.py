@@ -7,7 +7,8 @@ order they lie in memory, at ~60 GB/s, the rate of torch's own `sum` over them (
 few-row kernel"). `csrc/packed_matmul.c` is that loop. With more rows it reads each panel again
 per 6 rows and meanwhile fetches the next panel, which oneDNN's kernel reads cold. It reads the
 packed weights in place (no second copy). The same library holds `csrc/moe_decode.c`, a PR-MoE layer's
-decode step around those matmuls (`decode.py`).
+decode step around those matmuls (`decode.py`), and `csrc/rowmajor_matmul.c`, a few rows through a
+large plain row-major matrix (decode's tied LM head, which is not packed).
 
 The library is compiled once per machine and source with the system C compiler (`-O3 -march=native
 -fopenmp`) into the user cache, then loaded with ctypes. It runs on torch's OpenMP threads: it links
@@ -37,7 +38,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "packed_matmul.c", CSRC / "moe_decode.c"]  # one library; both include packed_matmul.h
+SOURCES = [CSRC / name for name in ("packed_matmul.c", "moe_decode.c", "rowmajor_matmul.c")]  # one library
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 BLOCK = 64  # outputs per block of oneDNN's packed fp32 layout: [ceil(out / 64)][in][64]
 _reason = ""  # why `library()` is None
@@ -139,6 +140,9 @@ def _load() -> ctypes.CDLL | None:
         lib.mc_packed_matmul.restype = None
         for phase in (lib.mc_moe_decode_first, lib.mc_moe_decode_second):  # (address of a decode.State, threads)
             phase.argtypes, phase.restype = [ctypes.c_void_p, ctypes.c_int], None
+        lib.mc_rowmajor_matmul.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64,
+                                           ctypes.c_int]
+        lib.mc_rowmajor_matmul.restype = None
         return lib
     return None
 
@@ -194,3 +198,15 @@ def packed_matmul(jobs: list[Job], out: int, inp: int) -> None:
     """Run every job (same `out`, `inp`, weights with an `address`) in one call on torch's threads (as many as
     `torch.get_num_threads()`)."""
     library().mc_packed_matmul(len(jobs), (Job * len(jobs))(*jobs), out, inp, torch.get_num_threads())
+
+
+ROWMAJOR_MAX_ROWS = 8  # rows x of `rowmajor_matmul` may have (csrc/rowmajor_matmul.c)
+
+
+def rowmajor_matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x (T, in) @ w.T + b for a plain row-major fp32 w (out, in), 1 <= T <= `ROWMAJOR_MAX_ROWS`, `in` a
+    multiple of 16, all contiguous fp32 on CPU (the caller checks; `kernels.linear`), on torch's threads."""
+    y = x.new_empty(x.shape[0], w.shape[0])
+    library().mc_rowmajor_matmul(x.shape[0], x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(),
+                                 y.data_ptr(), *w.shape, torch.get_num_threads())
+    return y

@@ -101,6 +101,49 @@ def test_wide_inputs_take_the_kernel_for_few_rows_only(calls):
     assert calls == [1]
 
 
+@pytest.fixture
+def rowmajor_calls(monkeypatch):
+    """Row counts the row-major kernel was called with (it still runs)."""
+    seen = []
+    real = native.rowmajor_matmul
+
+    def counted(x, w, b):
+        seen.append(x.shape[0])
+        return real(x, w, b)
+    monkeypatch.setattr(native, "rowmajor_matmul", counted)
+    return seen
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [True, False])
+def test_plain_matrices_on_few_rows_equal_float64(bias, rowmajor_calls):
+    """A plain row-major [out, in] matrix (a tied LM head): 1-8 rows through the row-major kernel (in = 80:
+    the tail after the last full step of 64 or 32 inputs), on 1 thread as on 2; more rows, a wider x
+    than L1 holds, a transposed view or an input that needs gradients go to oneDNN / torch."""
+    w = torch.randn(301, 80) / 80 ** 0.5
+    b = torch.randn(301) if bias else None
+    bias64 = 0 if b is None else b.double()
+    for rows in range(1, native.ROWMAJOR_MAX_ROWS + 2):
+        x = torch.randn(rows, 80)
+        torch.testing.assert_close(linear(x, w, b), (x.double() @ w.double().t() + bias64).float(), rtol=1e-5, atol=1e-5)
+    assert rowmajor_calls == list(range(1, native.ROWMAJOR_MAX_ROWS + 1))
+    x = torch.randn(5, 80)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = linear(x, w, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(linear(x, w, b), one)
+    wide = torch.randn(16, kernels.ROWMAJOR_MAX_INPUTS // 8 + 16)  # 8 rows of it: 128 elements too many
+    linear(torch.randn(8, wide.shape[1]), wide)
+    linear(torch.randn(4, 301), w.t())
+    xg = torch.randn(2, 80, requires_grad=True)
+    linear(xg, w, b).sum().backward()
+    torch.testing.assert_close(xg.grad, w.sum(0).expand(2, -1), rtol=1e-5, atol=1e-5)
+    assert rowmajor_calls == list(range(1, native.ROWMAJOR_MAX_ROWS + 1)) + [5, 5]
+
+
 @needs_kernel
 @pytest.mark.parametrize("kind, act", [("gpt2", GELU), ("gated", ACTIVATIONS["silu"])])
 def test_ffn_on_few_rows_equals_float64_and_onednn(kind, act, calls):
