@@ -111,8 +111,8 @@ class Decoder:
         dtype, device, or x needing gradients). T is also held to `kernels.NATIVE_BATCH_ROWS`, the rows up to
         which the native kernel runs experts together (0 there turns this off too)."""
         T = x.shape[0]
-        if (T not in self.tokens or T > kernels.NATIVE_BATCH_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2
-                or x.shape[1] != self.state.d or (x.requires_grad and torch.is_grad_enabled())):
+        if (T not in self.tokens or T > kernels.NATIVE_BATCH_ROWS or x.dtype != torch.float32 or x.dim() != 2
+                or x.device.type != "cpu" or x.shape[1] != self.state.d or (x.requires_grad and torch.is_grad_enabled())):
             return None
         lib, threads = library(), torch.get_num_threads()
         s, x, out = self.state, x.contiguous(), x.new_empty(T, x.shape[1])

@@ -41,6 +41,7 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name for name in ("packed_matmul.c", "moe_decode.c", "rowmajor_matmul.c")]  # one library
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 BLOCK = 64  # outputs per block of oneDNN's packed fp32 layout: [ceil(out / 64)][in][64]
+ROWMAJOR_MAX_ROWS = 8  # rows x of `rowmajor_matmul` may have (csrc/rowmajor_matmul.c)
 _reason = ""  # why `library()` is None
 _lock = threading.Lock()  # one build and load per process
 _layout: dict[tuple[int, int], bool] = {}  # (out, in) -> a probe of that shape was packed as BLOCK expects
@@ -102,7 +103,8 @@ def _build(cc: str) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
+            done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
+                                  timeout=300)
             if done.returncode != 0:
                 raise OSError(f"{Path(cc).name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
             os.replace(tmp, path)
@@ -198,9 +200,6 @@ def packed_matmul(jobs: list[Job], out: int, inp: int) -> None:
     """Run every job (same `out`, `inp`, weights with an `address`) in one call on torch's threads (as many as
     `torch.get_num_threads()`)."""
     library().mc_packed_matmul(len(jobs), (Job * len(jobs))(*jobs), out, inp, torch.get_num_threads())
-
-
-ROWMAJOR_MAX_ROWS = 8  # rows x of `rowmajor_matmul` may have (csrc/rowmajor_matmul.c)
 
 
 def rowmajor_matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

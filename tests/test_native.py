@@ -125,7 +125,8 @@ def test_plain_matrices_on_few_rows_equal_float64(bias, rowmajor_calls):
     bias64 = 0 if b is None else b.double()
     for rows in range(1, native.ROWMAJOR_MAX_ROWS + 2):
         x = torch.randn(rows, 80)
-        torch.testing.assert_close(linear(x, w, b), (x.double() @ w.double().t() + bias64).float(), rtol=1e-5, atol=1e-5)
+        ref = x.double() @ w.double().t() + bias64
+        torch.testing.assert_close(linear(x, w, b), ref.float(), rtol=1e-5, atol=1e-5)
     assert rowmajor_calls == list(range(1, native.ROWMAJOR_MAX_ROWS + 1))
     x = torch.randn(5, 80)
     threads = torch.get_num_threads()
