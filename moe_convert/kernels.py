@@ -256,13 +256,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
 
 
 def _rowmajor_ok(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
-    """The native row-major kernel takes x @ w.T + b: a plain contiguous fp32 w (out, in) of at least
-    `PACK_MIN_BYTES` (in practice a tied LM head, which is not packed), `in` a multiple of 16, at most
-    `native.ROWMAJOR_MAX_ROWS` rows of fp32 x, a bias it reads or none, and no autograd."""
-    return (not w.is_mkldnn and w.dim() == 2 and w.dtype == torch.float32 and w.is_contiguous() and _large(w)
-            and w.shape[1] % 16 == 0 and _native_input(x) and x.shape[1] == w.shape[1]
-            and 1 <= x.shape[0] <= native.ROWMAJOR_MAX_ROWS and x.numel() <= ROWMAJOR_MAX_INPUTS
-            and (b is None or _native_bias(b, w.shape[0]))
+    """The native row-major kernel takes x @ w.T + b: a plain contiguous fp32 or bf16 w (out, in) of at
+    least `PACK_MIN_BYTES` (in practice a tied LM head, which is not packed), `in` a multiple of 16, at
+    most `native.ROWMAJOR_MAX_ROWS` rows of x on the CPU, x and a contiguous (out,) bias (or none) in w's
+    dtype, and no autograd."""
+    return (not w.is_mkldnn and w.dim() == 2 and w.dtype in (torch.float32, torch.bfloat16) and w.is_contiguous()
+            and _large(w) and w.shape[1] % 16 == 0 and x.dim() == 2 and x.device.type == "cpu"
+            and x.dtype == w.dtype and x.shape[1] == w.shape[1] and 1 <= x.shape[0] <= native.ROWMAJOR_MAX_ROWS
+            and x.numel() <= ROWMAJOR_MAX_INPUTS
+            and (b is None or (b.dtype == w.dtype and b.is_contiguous() and tuple(b.shape) == (w.shape[0],)))
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
             and native.library() is not None)
 

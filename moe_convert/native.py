@@ -143,7 +143,7 @@ def _load() -> ctypes.CDLL | None:
         for phase in (lib.mc_moe_decode_first, lib.mc_moe_decode_second):  # (address of a decode.State, threads)
             phase.argtypes, phase.restype = [ctypes.c_void_p, ctypes.c_int], None
         lib.mc_rowmajor_matmul.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64,
-                                           ctypes.c_int]
+                                           ctypes.c_int, ctypes.c_int]
         lib.mc_rowmajor_matmul.restype = None
         return lib
     return None
@@ -203,9 +203,11 @@ def packed_matmul(jobs: list[Job], out: int, inp: int) -> None:
 
 
 def rowmajor_matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x (T, in) @ w.T + b for a plain row-major fp32 w (out, in), 1 <= T <= `ROWMAJOR_MAX_ROWS`, `in` a
-    multiple of 16, all contiguous fp32 on CPU (the caller checks; `kernels.linear`), on torch's threads."""
-    y = x.new_empty(x.shape[0], w.shape[0])
-    library().mc_rowmajor_matmul(x.shape[0], x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(),
-                                 y.data_ptr(), *w.shape, torch.get_num_threads())
+    """x (T, in) @ w.T + b for a plain row-major w (out, in) in fp32 or bf16, with x and b in w's dtype,
+    1 <= T <= `ROWMAJOR_MAX_ROWS`, `in` a multiple of 16, w and b contiguous on CPU (the caller checks;
+    `kernels.linear`); on torch's threads. The sums are fp32; a bf16 result is rounded once, as oneDNN's."""
+    y = w.new_empty(x.shape[0], w.shape[0])
+    x32 = x.float().contiguous()  # (T, in): bf16 rows widened (exact)
+    library().mc_rowmajor_matmul(x.shape[0], x32.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(),
+                                 y.data_ptr(), *w.shape, w.dtype == torch.bfloat16, torch.get_num_threads())
     return y

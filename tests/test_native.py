@@ -116,19 +116,26 @@ def rowmajor_calls(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("bias", [True, False])
-def test_plain_matrices_on_few_rows_equal_float64(bias, rowmajor_calls):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_plain_matrices_on_few_rows_equal_float64_and_onednn(dtype, bias, rowmajor_calls):
     """A plain row-major [out, in] matrix (a tied LM head): 1-8 rows through the row-major kernel (in = 80:
     the tail after the last full step of 64 or 32 inputs), on 1 thread as on 2; more rows, a wider x
-    than L1 holds, a transposed view or an input that needs gradients go to oneDNN / torch."""
-    w = torch.randn(301, 80) / 80 ** 0.5
-    b = torch.randn(301) if bias else None
+    than L1 holds, a transposed view or an input that needs gradients go to oneDNN / torch. bf16: fp32
+    sums rounded once, as oneDNN's bf16 linear: equal to its result but for a last-bit rounding here and there."""
+    w = (torch.randn(301, 80) / 80 ** 0.5).to(dtype)
+    b = torch.randn(301, dtype=dtype) if bias else None
     bias64 = 0 if b is None else b.double()
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 8e-3}
     for rows in range(1, native.ROWMAJOR_MAX_ROWS + 2):
-        x = torch.randn(rows, 80)
-        ref = x.double() @ w.double().t() + bias64
-        torch.testing.assert_close(linear(x, w, b), ref.float(), rtol=1e-5, atol=1e-5)
+        x = torch.randn(rows, 80, dtype=dtype)
+        got = linear(x, w, b)
+        torch.testing.assert_close(got, (x.double() @ w.double().t() + bias64).to(dtype), **tolerance)
+        onednn = kernels._LINEAR_POINTWISE(x, w, b, "none", [], "")
+        torch.testing.assert_close(got, onednn, **tolerance)
+        if dtype == torch.bfloat16:  # fp32 sums that differ in their last bits round alike, but for a few
+            assert (got == onednn).float().mean() > 0.99
     assert rowmajor_calls == list(range(1, native.ROWMAJOR_MAX_ROWS + 1))
-    x = torch.randn(5, 80)
+    x = torch.randn(5, 80, dtype=dtype)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -136,12 +143,12 @@ def test_plain_matrices_on_few_rows_equal_float64(bias, rowmajor_calls):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(linear(x, w, b), one)
-    wide = torch.randn(16, kernels.ROWMAJOR_MAX_INPUTS // 8 + 16)  # 8 rows of it: 128 elements too many
-    linear(torch.randn(8, wide.shape[1]), wide)
-    linear(torch.randn(4, 301), w.t())
-    xg = torch.randn(2, 80, requires_grad=True)
+    wide = torch.randn(16, kernels.ROWMAJOR_MAX_INPUTS // 8 + 16, dtype=dtype)  # 8 rows of it: 128 elements too many
+    linear(torch.randn(8, wide.shape[1], dtype=dtype), wide)
+    linear(torch.randn(4, 301, dtype=dtype), w.t())
+    xg = torch.randn(2, 80, dtype=dtype, requires_grad=True)
     linear(xg, w, b).sum().backward()
-    torch.testing.assert_close(xg.grad, w.sum(0).expand(2, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xg.grad, w.sum(0).expand(2, -1), **tolerance)
     assert rowmajor_calls == list(range(1, native.ROWMAJOR_MAX_ROWS + 1)) + [5, 5]
 
 
