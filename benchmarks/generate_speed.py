@@ -1,7 +1,7 @@
 """`generate` speed on a GPT-2-medium-width PR-MoE export (random weights, built in code).
 
     python benchmarks/generate_speed.py [--layers 8] [--hidden 1024] [--experts 8] [--prompt 256] [--new 32] [--dtype fp32]
-                                        [--native-ab]
+                                        [--native-ab [all|rowmajor]]
 
 Builds the model (every other layer a PR-MoE layer with the residual FFN), saves it, exports it with
 `moe-convert export --format safetensors`, loads it with the runtime and runs greedy generation
@@ -10,7 +10,8 @@ process after the model was built and saved (built in a child process, so it doe
 what is resident at the end. Run it from two checkouts (with PYTHONPATH pointing at each) to compare
 versions back to back. `--native-ab` instead alternates generations with the native kernels
 (`moe_convert/native.py`: few-row matmuls, the decode layer, the LM head) on and off in this one
-process, and prints the medians of both.
+process, and prints the medians of both; `--native-ab rowmajor` switches only the row-major kernel
+(the LM head).
 """
 
 import argparse
@@ -42,7 +43,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="fp32", help="export dtype: fp32, bf16, fp16")
-    ap.add_argument("--native-ab", action="store_true", help="alternate runs with the native kernel on and off")
+    ap.add_argument("--native-ab", nargs="?", const="all", choices=["all", "rowmajor"],
+                    help="alternate runs with the native kernels (all, or the row-major one) on and off")
     ap.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # the child process that builds the export
     args = ap.parse_args()
     if args.build:
@@ -69,14 +71,16 @@ def main() -> None:
 
 
 def native_ab(rt, prompt: list[int], args) -> None:
-    """Generations alternating with the native kernels on (their row limits as they are) and off (all 0: oneDNN)."""
+    """Generations alternating with the native kernels on (their row limits as they are) and off (0: oneDNN);
+    `args.native_ab`: all of them, or only the row-major one."""
     from moe_convert import kernels, native
 
     if native.library() is None:
         sys.exit(f"the native kernel is off here: {native.why_unavailable()}")
-    limits = {(module, name): getattr(module, name)  # the row limits of the native kernels (the decoder's too)
-              for module, name in ((kernels, "NATIVE_BATCH_ROWS"), (kernels, "NATIVE_MAX_ROWS"),
-                                   (native, "ROWMAJOR_MAX_ROWS"))}
+    switched = [(native, "ROWMAJOR_MAX_ROWS")]  # the row limits of the native kernels (the decoder's too)
+    if args.native_ab == "all":
+        switched += [(kernels, "NATIVE_BATCH_ROWS"), (kernels, "NATIVE_MAX_ROWS")]
+    limits = {(module, name): getattr(module, name) for module, name in switched}
     runs = {"native": [], "oneDNN": []}
     for i in range(2 * (args.repeats + 1)):
         name = "native" if i % 2 == 0 else "oneDNN"
@@ -87,8 +91,8 @@ def native_ab(rt, prompt: list[int], args) -> None:
         setattr(module, limit, rows)
     decode = {k: statistics.median(r.decode_tokens_per_s for r in v[1:]) for k, v in runs.items()}  # first: warm-up
     tokens = {k: [round(r.decode_tokens_per_s, 1) for r in v[1:]] for k, v in runs.items()}
-    print(f"decode tokens/s, median of {args.repeats} alternating runs: native kernel {decode['native']:.1f} "
-          f"{tokens['native']}, oneDNN {decode['oneDNN']:.1f} {tokens['oneDNN']}: "
+    print(f"decode tokens/s, median of {args.repeats} alternating runs: native ({args.native_ab}) "
+          f"{decode['native']:.1f} {tokens['native']}, oneDNN {decode['oneDNN']:.1f} {tokens['oneDNN']}: "
           f"{decode['native'] / decode['oneDNN']:.2f}x")
 
 
