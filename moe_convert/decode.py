@@ -1,14 +1,14 @@
 """A PR-MoE layer's decode step in two native calls (`csrc/moe_decode.c`), for the runtime's few-token forwards.
 
 With the other layers' weights streamed through the caches in between, every torch op of a decode
-step starts cold: the router, softmax, top-1, coefficient, sort, gather and combine cost ~0.4 ms of
+step starts cold: the router, softmax, top-k, coefficient, sort, gather and combine cost ~0.4 ms of
 a ~2 ms T=8, E=128 layer whose weights stream in ~1.3 ms. `Decoder` runs them in C around the same
 packed-weight jobs `kernels._native_ffns` runs (expert and residual outputs bit for bit the same),
 with torch's own activation between the two calls. The router, gate softmax and coefficient are
-summed in another order than torch's (~1e-7 relative); ties go to the first expert, as
-`kernels.route`'s.
+summed in another order than torch's (~1e-7 relative); of equal logits the first expert is chosen
+first, as `kernels.route`'s top-1 does (its `topk` for k > 1 leaves that order open).
 
-It applies to top-1 layers whose experts and residual FFN are packed fp32 weights the native kernel
+It applies to layers of top-k up to `MAX_TOP_K` whose experts and residual FFN are packed fp32 weights the native kernel
 reads (`kernels.PackedExperts` with every pointer), with a width d that is a multiple of 16 (the
 router's dot products take 16 floats at a time; here oneDNN packs other widths in a layout the kernel
 does not read anyway), for at most `MAX_TOKENS` tokens, and only where the capacity cannot drop
@@ -28,6 +28,8 @@ from .kernels import PackedExperts, fused_activation, native_pointers
 from .native import library
 
 MAX_TOKENS = 8  # = MAX_TOKENS in csrc/moe_decode.c: tokens per call (decode: the batch)
+MAX_TOP_K = 4  # = MAX_K there: experts per token
+MAX_ASSIGNMENTS = MAX_TOKENS * MAX_TOP_K  # (token, choice) pairs: assignment c * T + t is token t's c-th choice
 _FIRST = {"w_in": "w1", "b_in": "b1", "w_gate": "w1", "w_up": "w_up"}  # native_pointers key -> FFN field
 _SECOND = {"w_out": "w2", "b_out": "b2"}
 
@@ -41,12 +43,12 @@ class FFN(ctypes.Structure):
 class State(ctypes.Structure):
     """`decode_t` of csrc/moe_decode.c: the layer, the call, and phase 1's routing for phase 2."""
 
-    _fields_ = [("d", ctypes.c_int64), ("f", ctypes.c_int64), ("experts", ctypes.c_int64),
+    _fields_ = [("d", ctypes.c_int64), ("f", ctypes.c_int64), ("experts", ctypes.c_int64), ("top_k", ctypes.c_int64),
                 ("router", ctypes.c_void_p), ("coef_w", ctypes.c_void_p), ("coef_b", ctypes.c_void_p),
                 ("ffns", ctypes.c_void_p), ("xs", ctypes.c_void_p), ("h", ctypes.c_void_p), ("up", ctypes.c_void_p),
                 ("y", ctypes.c_void_p), ("tokens", ctypes.c_int64), ("x", ctypes.c_void_p),
-                ("act_h", ctypes.c_void_p), ("out", ctypes.c_void_p), ("expert", ctypes.c_int64 * MAX_TOKENS),
-                ("slot", ctypes.c_int64 * MAX_TOKENS), ("scale", ctypes.c_float * MAX_TOKENS),
+                ("act_h", ctypes.c_void_p), ("out", ctypes.c_void_p), ("expert", ctypes.c_int64 * MAX_ASSIGNMENTS),
+                ("slot", ctypes.c_int64 * MAX_ASSIGNMENTS), ("scale", ctypes.c_float * MAX_ASSIGNMENTS),
                 ("keep", ctypes.c_float * MAX_TOKENS)]
 
 
@@ -64,20 +66,21 @@ class Decoder:
     Keeps its scratch buffers between calls: one layer's decoder is not for concurrent calls.
     """
 
-    def __init__(self, router: torch.Tensor, experts: PackedExperts, residual, act, tokens: frozenset[int]):
+    def __init__(self, router: torch.Tensor, experts: PackedExperts, residual, act, top_k: int,
+                 tokens: frozenset[int]):
         E, d = router.shape
         f = experts.weights[0]["w_out"].shape[1]
         ffns = [_ffn(p) for p in experts.pointers] + ([] if residual is None else [_ffn(residual[2])])
         self.gated = "w_gate" in experts.weights[0]
-        self.act, self.tokens, self.rows_per_token = act, tokens, 1 + (residual is not None)
-        rows = MAX_TOKENS * self.rows_per_token
+        self.act, self.tokens, self.rows_per_token = act, tokens, top_k + (residual is not None)
+        rows = MAX_TOKENS * self.rows_per_token  # h, up, y: every assignment's row, then the residual's rows
         self._keep = (router, experts, residual)  # alive as long as the state points at them
         self._ffns = (FFN * len(ffns))(*ffns)
-        self._xs, self._y = torch.empty(MAX_TOKENS, d), torch.empty(rows, d)
+        self._xs, self._y = torch.empty(MAX_TOKENS * top_k, d), torch.empty(rows, d)
         self._h, self._up = torch.empty(rows, f), torch.empty(rows, f) if self.gated else None
-        self.state = State(d=d, f=f, experts=E, router=router.data_ptr(), ffns=ctypes.addressof(self._ffns),
-                           xs=self._xs.data_ptr(), h=self._h.data_ptr(), y=self._y.data_ptr(),
-                           up=self._up.data_ptr() if self.gated else None)
+        self.state = State(d=d, f=f, experts=E, top_k=top_k, router=router.data_ptr(),
+                           ffns=ctypes.addressof(self._ffns), xs=self._xs.data_ptr(), h=self._h.data_ptr(),
+                           y=self._y.data_ptr(), up=self._up.data_ptr() if self.gated else None)
         if residual is not None:
             self.state.coef_w, self.state.coef_b = residual[0].data_ptr(), residual[1].data_ptr()
         self._at = ctypes.addressof(self.state)
@@ -88,9 +91,11 @@ class Decoder:
         """The decoder of a layer: router (E, d), experts (`kernels.pack_experts`), residual = (coefficient
         weight (2, d), its bias (2,), the residual FFN's `pack_ffn` weights) or None; None where it does not
         apply (module docstring)."""
-        if library() is None or top_k != 1 or not isinstance(experts, PackedExperts) or None in experts.pointers:
+        if library() is None or not isinstance(experts, PackedExperts) or None in experts.pointers:
             return None
         E, d = router.shape
+        if not 1 <= top_k <= min(MAX_TOP_K, E):
+            return None
         d_out, f = experts.weights[0]["w_out"].shape
         if len(experts.pointers) != E or d_out != d or d % 16 or not _plain_fp32(router, (E, d)):
             return None
@@ -102,9 +107,9 @@ class Decoder:
                     or not _plain_fp32(coef_b, (2,))):
                 return None
             residual = (coef_w, coef_b, pointers, dense)
-        tokens = frozenset(T for T in range(1, MAX_TOKENS + 1)  # where no expert can be over its capacity
-                           if capacity_factor is None or expert_capacity(T, E, 1, capacity_factor, min_capacity) >= T)
-        return cls(router, experts, residual, fused_activation(act), tokens) if tokens else None
+        tokens = frozenset(T for T in range(1, MAX_TOKENS + 1)  # where no expert can be over its capacity (T)
+                           if capacity_factor is None or expert_capacity(T, E, top_k, capacity_factor, min_capacity) >= T)
+        return cls(router, experts, residual, fused_activation(act), top_k, tokens) if tokens else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layer on x (T, d) fp32 without autograd -> (T, d); None for inputs it does not take (other T,

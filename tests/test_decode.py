@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_convert import kernels, native
-from moe_convert.decode import MAX_TOKENS, Decoder
+from moe_convert.decode import MAX_TOKENS, MAX_TOP_K, Decoder
 from moe_convert.kernels import ACTIVATIONS, moe_forward, pack_experts, pack_ffn
 from test_native import ffn_weights, reference_ffn
 
@@ -21,44 +21,48 @@ def pack_small(monkeypatch):
     torch.manual_seed(0)
 
 
-def layer(kind="gpt2", residual=True, E=16, d=256):
+def layer(kind="gpt2", residual=True, E=16, d=256, top_k=1):
     """(plain weights, the Decoder over their packed copies): router, experts, coefficient, residual FFN."""
     w = {"router": torch.randn(E, d), "experts": ffn_weights(kind, d, 4 * d, experts=E),
          "coef": (torch.randn(2, d) / d ** 0.5, torch.randn(2)), "dense": ffn_weights(kind, d, 4 * d)}
     w["packed"], w["packed_dense"] = pack_experts(w["experts"]), pack_ffn(w["dense"])
     decoder = Decoder.build(w["router"], w["packed"], (*w["coef"], w["packed_dense"]) if residual else None,
-                            ACT[kind], top_k=1, capacity_factor=None, min_capacity=4)
+                            ACT[kind], top_k=top_k, capacity_factor=None, min_capacity=4)
     return w, decoder
 
 
-def reference(w, x, act, residual):
-    """The layer in float64 from the plain weights, and each token's expert."""
+def reference(w, x, act, residual, top_k=1):
+    """The layer in float64 from the plain weights, and the experts chosen, choice-major ((k * T,): every
+    token's first choice, then every second)."""
     x64 = x.double()
     probs = (x64 @ w["router"].double().t()).softmax(-1)
-    top_p, top_e = probs.max(-1)
+    top_p, top_e = probs.topk(top_k, dim=-1)  # (T, k)
+    if top_k > 1:
+        top_p = top_p / top_p.sum(-1, keepdim=True)
     experts = {k: v.double() for k, v in w["experts"].items()}
-    y = torch.stack([reference_ffn(x64[t:t + 1], {k: v[e] for k, v in experts.items()}, act)[0]
-                     for t, e in enumerate(top_e.tolist())]) * top_p[:, None]
+    y = sum(torch.stack([reference_ffn(x64[t:t + 1], {k: v[e] for k, v in experts.items()}, act)[0]
+                         for t, e in enumerate(top_e[:, c].tolist())]) * top_p[:, c:c + 1] for c in range(top_k))
     if residual:
         coef = F.linear(x64, w["coef"][0].double(), w["coef"][1].double()).softmax(-1)
         y = coef[:, :1] * y + coef[:, 1:] * reference_ffn(x64, w["dense"], act)
-    return y, top_e
+    return y, top_e.t().reshape(-1)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "gated"])
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "plain-moe"])
 @pytest.mark.parametrize("T", [1, 5, MAX_TOKENS])
-def test_the_layer_equals_moe_forward_and_float64(kind, residual, T):
-    w, decoder = layer(kind, residual)
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_the_layer_equals_moe_forward_and_float64(kind, residual, T, top_k):
+    w, decoder = layer(kind, residual, top_k=top_k)
     x = torch.randn(T, 256)
     with torch.inference_mode():
         got = decoder(x)
         coef = F.linear(x, *w["coef"]).softmax(-1)
-        ours, routing = moe_forward(x, w["router"], w["packed"], ACT[kind],
+        ours, routing = moe_forward(x, w["router"], w["packed"], ACT[kind], top_k,
                                     residual=(coef, w["packed_dense"]) if residual else None)
-    ref, experts = reference(w, x, ACT[kind], residual)
-    assert list(decoder.state.expert[:T]) == experts.tolist()
-    assert sorted(decoder.state.slot[:T]) == list(range(T))
+    ref, experts = reference(w, x, ACT[kind], residual, top_k)
+    assert list(decoder.state.expert[:top_k * T]) == experts.tolist()
+    assert sorted(decoder.state.slot[:top_k * T]) == list(range(top_k * T))
     torch.testing.assert_close(got, ours, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
@@ -103,13 +107,13 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 def test_what_it_does_not_take_is_left_to_moe_forward():
-    """Build: not top-1, experts the kernel cannot read, a residual FFN of another shape -> None. A call: more
+    """Build: more than MAX_TOP_K experts per token, experts the kernel cannot read, a residual FFN of another shape -> None. A call: more
     than MAX_TOKENS tokens, another dtype, a token count whose capacity could drop a token, or an input
     that needs gradients -> None (the caller runs moe_forward)."""
     w, decoder = layer()
     args = dict(capacity_factor=None, min_capacity=4)
     residual = (*w["coef"], w["packed_dense"])
-    assert Decoder.build(w["router"], w["packed"], residual, ACT["gpt2"], top_k=2, **args) is None
+    assert Decoder.build(w["router"], w["packed"], residual, ACT["gpt2"], top_k=MAX_TOP_K + 1, **args) is None
     assert Decoder.build(w["router"], w["experts"], residual, ACT["gpt2"], top_k=1, **args) is None
     other = (*w["coef"], pack_ffn(ffn_weights("gpt2", 256, 512)))
     assert Decoder.build(w["router"], w["packed"], other, ACT["gpt2"], top_k=1, **args) is None

@@ -259,8 +259,8 @@ def test_shapes_that_do_not_fit_are_refused_not_computed(calls):
 
 
 @needs_kernel
-@pytest.mark.parametrize("host", ["gpt2", "llama"])
-def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, tmp_path, calls, monkeypatch):
+@pytest.mark.parametrize("host, top_k", [("gpt2", 1), ("llama", 1), ("llama", 2)])
+def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, top_k, tmp_path, calls, monkeypatch):
     """KV-cache decoding one token at a time (every FFN, expert and projection on few rows; the MoE layers
     through `decode.Decoder`) against the source PRMoEForCausalLM's logits."""
     from moe_convert.decode import Decoder
@@ -269,7 +269,8 @@ def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, tmp_p
 
     text = tiny_gpt2_config(n_inner=128) if host == "gpt2" else tiny_llama_config(intermediate_size=128)
     torch.manual_seed(3)
-    model = PRMoEForCausalLM(PRMoEConfig(text_config=text.to_dict(), moe_layers=[1, 3], num_experts=[4, 6])).eval()
+    model = PRMoEForCausalLM(PRMoEConfig(text_config=text.to_dict(), moe_layers=[1, 3], num_experts=[4, 6],
+                                         num_experts_per_tok=top_k)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):

@@ -1,22 +1,25 @@
-/* A PR-MoE layer's decode step (a few tokens, top-1) around the packed-weight kernel (moe_convert/decode.py).
+/* A PR-MoE layer's decode step (a few tokens, top-k) around the packed-weight kernel (moe_convert/decode.py).
  *
  * In decode the layer's cost is streaming the hit experts' and the residual FFN's weights. Done with
  * torch ops, the rest (router, softmax, top-1, the residual coefficient, sort, gather, combine) is a
  * dozen tiny ops that find code and data cold after the other layers' weights went through the
  * caches: ~0.4 ms of a ~2 ms step. Here it is plain C in two calls:
- *   phase 1: route every token, group the tokens by expert, run every first matmul (each hit expert's
- *            and the residual FFN's) in one pass over the weights;
+ *   phase 1: route every token, group its assignments by expert, run every first matmul (each hit
+ *            expert's and the residual FFN's) in one pass over the weights;
  *   the caller applies the activation (torch's own, so its values are torch's);
  *   phase 2: run every second matmul, then the combine.
  * The expert and residual matmuls are the same jobs as `_native_ffns` runs (bit for bit); the router,
  * softmax and coefficient are computed here, in another order of summation than torch's (~1e-7).
  */
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
 #include "packed_matmul.h"
 
-#define MAX_TOKENS 8 /* = decode.MAX_TOKENS */
+#define MAX_TOKENS 8                    /* = decode.MAX_TOKENS */
+#define MAX_K 4                         /* = decode.MAX_TOP_K: experts per token */
+#define MAX_ASSIGN (MAX_TOKENS * MAX_K) /* (token, choice) assignments */
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
@@ -28,23 +31,23 @@ typedef struct {
 
 typedef struct {
     /* the layer, set once */
-    int64_t d, f, experts;          /* d a multiple of 16 */
+    int64_t d, f, experts, top_k; /* d a multiple of 16; k <= MAX_K, k <= E */
     const float *router;          /* (E, d) */
     const float *coef_w, *coef_b; /* (2, d), (2,): the residual mix; coef_w NULL: no residual FFN */
     const ffn_t *ffns;            /* E experts, then the residual FFN */
-    float *xs;                    /* (T, d) the tokens' rows grouped by expert */
-    float *h, *up;                /* (2T, f) first matmuls' outputs: the experts' rows, then the residual's */
-    float *y;                     /* (2T, d) second matmuls' outputs, rows as h */
+    float *xs;                    /* (kT, d) the assignments' rows grouped by expert */
+    float *h, *up;                /* (kT + T, f) first matmuls' outputs: the experts' rows, then the residual's */
+    float *y;                     /* (kT + T, d) second matmuls' outputs, rows as h */
     /* the call */
     int64_t tokens;               /* T <= MAX_TOKENS */
     const float *x;               /* (T, d) */
-    const float *act_h;           /* (2T, f) act(h) (gated: act(h) * up), set by the caller between the phases */
+    const float *act_h;           /* (kT + T, f) act(h) (gated: act(h) * up), set by the caller between the phases */
     float *out;                   /* (T, d) */
-    /* phase 1's routing, for phase 2 and the caller */
-    int64_t expert[MAX_TOKENS];   /* each token's expert */
-    int64_t slot[MAX_TOKENS];     /* each token's row in the expert-grouped order */
-    float scale[MAX_TOKENS];      /* its expert output's factor: gate probability (times coefficient 0) */
-    float keep[MAX_TOKENS];       /* its residual output's factor: coefficient 1 */
+    /* phase 1's routing, for phase 2 and the caller; assignment a = c T + t is token t's c-th choice */
+    int64_t expert[MAX_ASSIGN];   /* each assignment's expert */
+    int64_t slot[MAX_ASSIGN];     /* its row in the expert-grouped order */
+    float scale[MAX_ASSIGN];      /* its expert output's factor: gate weight (times coefficient 0) */
+    float keep[MAX_TOKENS];       /* each token's residual output's factor: coefficient 1 */
 } decode_t;
 
 /* dot[t * rows + r] = bias[r] + x[t, :] . w[r, :] for T rows of x, w (rows, d) row-major, d a multiple of 16. */
@@ -76,27 +79,46 @@ static float softmax_scale(const float *v, int64_t n, int64_t *best) {
     return 1.0f / sum;
 }
 
-/* Route each token (top-1, as `kernels.route`: the first most probable expert) and group the tokens by
- * expert, stable: slot[t] counts the tokens of smaller experts, and the earlier tokens of its own. */
+/* Route each token as `kernels.route` does (dropless): its k most probable experts, the first of equal
+ * ones first; top-1 combines with the probability, top-k > 1 with the probabilities renormalised over
+ * the k. Then group the assignments by expert, stable in the choice-major order a = c T + t: slot[a]
+ * counts the assignments of smaller experts, and the earlier ones of its own. */
 static void route(decode_t *s, float *logits) {
-    int64_t T = s->tokens, E = s->experts;
+    int64_t T = s->tokens, E = s->experts, k = s->top_k;
     float coef[2 * MAX_TOKENS];
     dots(s->x, T, s->router, NULL, E, s->d, logits);
     if (s->coef_w) dots(s->x, T, s->coef_w, s->coef_b, 2, s->d, coef);
     for (int64_t t = 0; t < T; t++) {
-        float p = softmax_scale(logits + t * E, E, &s->expert[t]); /* the top probability: exp(0) times the scale */
-        s->scale[t] = p, s->keep[t] = 0.0f;
+        const float *l = logits + t * E;
+        int64_t *chosen = s->expert + t; /* chosen[c * T]: choice c */
+        float p[MAX_K], sum = 0.0f, c0 = 1.0f, scale = softmax_scale(l, E, &chosen[0]);
+        for (int64_t c = 1; c < k; c++) { /* the next largest logit not chosen yet, the first of equal ones */
+            int64_t next = -1;
+            for (int64_t e = 0; e < E; e++) {
+                int taken = 0;
+                for (int64_t b = 0; b < c; b++) taken |= chosen[b * T] == e;
+                if (!taken && (next < 0 || l[e] > l[next])) next = e;
+            }
+            chosen[c * T] = next;
+        }
+        for (int64_t c = 0; c < k; c++) {
+            p[c] = expf(l[chosen[c * T]] - l[chosen[0]]) * scale; /* softmax's probability */
+            sum += p[c];
+        }
+        s->keep[t] = 0.0f;
         if (s->coef_w) { /* softmax over the two coefficients */
             int64_t top;
-            float *z = coef + 2 * t, c = softmax_scale(z, 2, &top);
-            s->scale[t] = p * (expf(z[0] - z[top]) * c), s->keep[t] = expf(z[1] - z[top]) * c;
+            float *z = coef + 2 * t, cs = softmax_scale(z, 2, &top);
+            c0 = expf(z[0] - z[top]) * cs, s->keep[t] = expf(z[1] - z[top]) * cs;
         }
+        sum = sum > FLT_EPSILON ? sum : FLT_EPSILON;
+        for (int64_t c = 0; c < k; c++) s->scale[c * T + t] = (k > 1 ? p[c] / sum : p[c]) * c0;
     }
-    for (int64_t t = 0; t < T; t++) {
-        s->slot[t] = 0;
-        for (int64_t u = 0; u < T; u++)
-            s->slot[t] += s->expert[u] < s->expert[t] || (s->expert[u] == s->expert[t] && u < t);
-        memcpy(s->xs + s->slot[t] * s->d, s->x + t * s->d, (size_t)s->d * sizeof(float));
+    for (int64_t a = 0; a < k * T; a++) {
+        s->slot[a] = 0;
+        for (int64_t b = 0; b < k * T; b++)
+            s->slot[a] += s->expert[b] < s->expert[a] || (s->expert[b] == s->expert[a] && b < a);
+        memcpy(s->xs + s->slot[a] * s->d, s->x + a % T * s->d, (size_t)s->d * sizeof(float));
     }
 }
 
@@ -114,32 +136,40 @@ static int64_t ffn_jobs(const decode_t *s, int phase, const ffn_t *w, int64_t ro
     return 2;
 }
 
-/* A phase's jobs: each hit expert's on its run of grouped tokens, then the residual FFN's on all T. */
+/* A phase's jobs: each hit expert's on its run of grouped assignments, then the residual FFN's on all T. */
 static int64_t phase_jobs(const decode_t *s, int phase, job_t *jobs) {
-    int64_t T = s->tokens, n = 0, by_slot[MAX_TOKENS], rows;
-    for (int64_t t = 0; t < T; t++) by_slot[s->slot[t]] = s->expert[t];
-    for (int64_t r = 0; r < T; r += rows) {
-        for (rows = 1; r + rows < T && by_slot[r + rows] == by_slot[r]; rows++) continue;
+    int64_t T = s->tokens, kT = s->top_k * T, n = 0, by_slot[MAX_ASSIGN], rows;
+    for (int64_t a = 0; a < kT; a++) by_slot[s->slot[a]] = s->expert[a];
+    for (int64_t r = 0; r < kT; r += rows) {
+        for (rows = 1; r + rows < kT && by_slot[r + rows] == by_slot[r]; rows++) continue;
         n += ffn_jobs(s, phase, s->ffns + by_slot[r], rows, s->xs + r * s->d, r, jobs + n);
     }
-    if (s->coef_w) n += ffn_jobs(s, phase, s->ffns + s->experts, T, s->x, T, jobs + n);
+    if (s->coef_w) n += ffn_jobs(s, phase, s->ffns + s->experts, T, s->x, kT, jobs + n);
     return n;
 }
 
-/* out[t] = keep[t] * residual's y + scale[t] * expert's y, each product rounded as torch's two
- * multiplications in `kernels.combine` are (no fused multiply-add). */
+/* out[t] = keep[t] * residual's y (0 without one), then + scale[a] * y of each of its assignments a in slot
+ * order: the order and rounding of `kernels.combine` (its scale, then index_add_ over the sorted
+ * assignments; no fused multiply-add). */
 __attribute__((optimize("fp-contract=off"))) static void combine_row(const decode_t *s, int64_t t) {
-    const float *expert = s->y + s->slot[t] * s->d, *dense = s->y + (s->tokens + t) * s->d;
-    float *out = s->out + t * s->d, keep = s->keep[t], scale = s->scale[t];
-    if (!s->coef_w) {
-        for (int64_t i = 0; i < s->d; i++) out[i] = scale * expert[i];
-    } else {
-        for (int64_t i = 0; i < s->d; i++) out[i] = keep * dense[i] + scale * expert[i];
+    int64_t T = s->tokens, k = s->top_k, d = s->d, mine[MAX_K];
+    float *out = s->out + t * d;
+    for (int64_t c = 0; c < k; c++) { /* token t's assignments by slot (insertion sort of k) */
+        int64_t a = c * T + t, at = c;
+        for (; at > 0 && s->slot[mine[at - 1]] > s->slot[a]; at--) mine[at] = mine[at - 1];
+        mine[at] = a;
+    }
+    const float *dense = s->y + (k * T + t) * d;
+    for (int64_t i = 0; i < d; i++) out[i] = s->coef_w ? s->keep[t] * dense[i] : 0.0f;
+    for (int64_t c = 0; c < k; c++) {
+        const float *expert = s->y + s->slot[mine[c]] * d;
+        float scale = s->scale[mine[c]];
+        for (int64_t i = 0; i < d; i++) out[i] += scale * expert[i];
     }
 }
 
 void mc_moe_decode_first(decode_t *s, int threads) {
-    job_t jobs[2 * (MAX_TOKENS + 1)]; /* two matrices per FFN at most */
+    job_t jobs[2 * (MAX_ASSIGN + 1)]; /* two matrices per FFN at most */
     int64_t njobs = 0;
     float logits[MAX_TOKENS * s->experts];
 #pragma omp parallel num_threads(threads)
@@ -154,7 +184,7 @@ void mc_moe_decode_first(decode_t *s, int threads) {
 }
 
 void mc_moe_decode_second(decode_t *s, int threads) {
-    job_t jobs[MAX_TOKENS + 1];
+    job_t jobs[MAX_ASSIGN + 1];
     int64_t njobs = phase_jobs(s, 2, jobs);
 #pragma omp parallel num_threads(threads)
     {
