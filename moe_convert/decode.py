@@ -97,7 +97,8 @@ class Decoder:
         if not 1 <= top_k <= min(MAX_TOP_K, E):
             return None
         d_out, f = experts.weights[0]["w_out"].shape
-        if len(experts.pointers) != E or d_out != d or d % 16 or not _plain_fp32(router, (E, d)):
+        if (len(experts.pointers) != E or d_out != d or d % 16 or not _plain_fp32(router, (E, d))
+                or experts.weights[0]["w_out"].dtype != torch.float32):
             return None
         if residual is not None:
             coef_w, coef_b, dense = residual

@@ -134,8 +134,7 @@ def pack_matrix(w: torch.Tensor) -> torch.Tensor | None:
     if _REORDER_WEIGHT is None or not onednn_ok(w) or not _large(w):
         return None
     packed = _pack(w.t().contiguous())
-    if w.dtype == torch.float32:
-        register(packed, _pack)  # the native kernel may read it (few rows)
+    register(packed, _pack)  # the native kernel may read it (few rows), if its dtype and layout are ones it reads
     return packed
 
 
@@ -146,58 +145,66 @@ def _pack(w_t: torch.Tensor) -> torch.Tensor:
 
 def native_pointers(w: dict[str, torch.Tensor]) -> dict[str, int] | None:
     """Addresses of a packed FFN's matrices and biases for the native kernel; None where it does not apply
-    (no kernel on this machine, matrices it may not read (`native.address`: fp32, packed by `pack_matrix`,
-    a layout it reads), or shapes that do not fit together: [f, d] in, [d, f] out, biases (f,) and (d,))."""
+    (no kernel on this machine, matrices it may not read (`native.address`: fp32 or bf16, packed by
+    `pack_matrix`, a layout it reads), or shapes and dtypes that do not fit together: [f, d] in, [d, f]
+    out, biases (f,) and (d,), all of one dtype)."""
     mats = {k: v for k, v in w.items() if k.startswith("w_")}
     biases = {k: v for k, v in w.items() if k.startswith("b_") and v is not None}
     addresses = {k: address(m) if m.is_mkldnn else None for k, m in mats.items()}
     if "w_out" not in mats or None in addresses.values():
         return None
-    d, f = mats["w_out"].shape
-    if any(tuple(m.shape) != (f, d) for k, m in mats.items() if k != "w_out") or not all(
-            _native_bias(b, d if k == "b_out" else f) for k, b in biases.items()):
+    (d, f), dtype = mats["w_out"].shape, mats["w_out"].dtype
+    if any(tuple(m.shape) != (f, d) or m.dtype != dtype for k, m in mats.items() if k != "w_out") or not all(
+            _native_bias(b, d if k == "b_out" else f, dtype) for k, b in biases.items()):
         return None
     return {**addresses, **{k: b.data_ptr() for k, b in biases.items()}}
 
 
-def _native_bias(b: torch.Tensor, n: int) -> bool:
-    """b is a bias the native kernel reads for n outputs: contiguous fp32 (n,)."""
-    return b.dtype == torch.float32 and b.is_contiguous() and tuple(b.shape) == (n,)
+def _native_bias(b: torch.Tensor, n: int, dtype: torch.dtype) -> bool:
+    """b is a bias the native kernel reads for n outputs of a `dtype` matrix: contiguous (n,) in that dtype."""
+    return b.dtype == dtype and b.is_contiguous() and tuple(b.shape) == (n,)
 
 
-def _native_input(x: torch.Tensor) -> bool:
-    """x is rows the native kernel reads: fp32, CPU, 2-D."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
+def _native_input(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """x is rows the native kernel reads for a `dtype` matrix: 2-D on the CPU in that dtype."""
+    return x.dtype == dtype and x.device.type == "cpu" and x.dim() == 2
 
 
-def _native_rows(rows: int, *inner: int) -> bool:
-    """The native kernel is the faster one for `rows` rows through matrices of these input widths."""
-    return rows <= NATIVE_BATCH_ROWS or (rows <= NATIVE_MAX_ROWS and max(inner) <= NATIVE_MAX_REREAD_IN)
+def _native_rows(rows: int, dtype: torch.dtype, *inner: int) -> bool:
+    """The native kernel is the faster one for `rows` rows through `dtype` matrices of these input widths
+    (bf16: measured for decode's few rows only)."""
+    return rows <= NATIVE_BATCH_ROWS or (dtype == torch.float32 and rows <= NATIVE_MAX_ROWS
+                                         and max(inner) <= NATIVE_MAX_REREAD_IN)
 
 
-def _native_ok(x: torch.Tensor, width: int, out: torch.Tensor | None, out_width: int, *inner: int) -> bool:
-    """x (n, width) can feed the native kernel, writing into `out` (n, out_width) when given: fp32 CPU,
-    few enough rows for matrices of input widths `width` and `inner` (`_native_rows`), a contiguous fp32 output."""
-    return (_native_input(x) and x.shape[1] == width and _native_rows(x.shape[0], width, *inner)
-            and (out is None or (out.is_contiguous() and out.dtype == torch.float32
+def _native_ok(x: torch.Tensor, dtype: torch.dtype, width: int, out: torch.Tensor | None, out_width: int,
+               *inner: int) -> bool:
+    """x (n, width) can feed the native kernel on `dtype` matrices, writing into `out` (n, out_width) when
+    given: x on the CPU in that dtype, few enough rows for matrices of input widths `width` and `inner`
+    (`_native_rows`), a contiguous output of the same dtype."""
+    return (_native_input(x, dtype) and x.shape[1] == width and _native_rows(x.shape[0], dtype, width, *inner)
+            and (out is None or (out.is_contiguous() and out.dtype == dtype
                                  and tuple(out.shape) == (x.shape[0], out_width))))
 
 
-def _native_ffns(parts: list[tuple[int, int, int, dict[str, int]]], d: int, f: int, act) -> None:
-    """FFNs (d -> f -> d) of a few rows each on packed fp32 weights, in two native calls: every first
-    matmul, the activation over all their rows, every second matmul (decode: one stream over all the weights).
+def _native_ffns(parts: list[tuple[int, int, int, dict[str, int]]], d: int, f: int, act,
+                 dtype: torch.dtype = torch.float32) -> None:
+    """FFNs (d -> f -> d) of a few rows each on packed weights (fp32 or bf16: `dtype`), in two native calls:
+    every first matmul, the activation over all their rows, every second matmul (decode: one stream over
+    all the weights).
 
     parts: (rows n, address of x (n, d), address of out (n, d), `native_pointers` of the FFN) per FFN,
-    x and out contiguous fp32 rows that the caller keeps alive (rows of larger tensors are fine:
+    x and out contiguous rows of `dtype` that the caller keeps alive (rows of larger tensors are fine:
     addresses, not views, because a decode step's dozen views cost more than the arithmetic).
     Results are written into each out.
     """
     starts = list(itertools.accumulate((n for n, *_ in parts), initial=0))  # each part's first intermediate row
+    row = f * dtype.itemsize  # bytes of an intermediate row
 
     def first(*names, bias=None):  # every part's x @ each matrix in `names` (+ bias) -> (sum of rows, f) each
-        hs = [torch.empty(starts[-1], f, dtype=torch.float32) for _ in names]
-        packed_matmul([Job(n, xa, p[name], p.get(bias, 0), h.data_ptr() + 4 * f * a) for name, h in zip(names, hs)
-                       for a, (n, xa, _, p) in zip(starts, parts)], f, d)  # one call for all
+        hs = [torch.empty(starts[-1], f, dtype=dtype) for _ in names]
+        packed_matmul([Job(n, xa, p[name], p.get(bias, 0), h.data_ptr() + row * a) for name, h in zip(names, hs)
+                       for a, (n, xa, _, p) in zip(starts, parts)], f, d, dtype)  # one call for all
         return hs
     if "w_gate" in parts[0][3]:
         gate, up = first("w_gate", "w_up")
@@ -205,8 +212,8 @@ def _native_ffns(parts: list[tuple[int, int, int, dict[str, int]]], d: int, f: i
     else:
         h = act(first("w_in", bias="b_in")[0])
     ha = h.data_ptr()
-    packed_matmul([Job(n, ha + 4 * f * a, p["w_out"], p.get("b_out", 0), oa) for a, (n, _, oa, p) in zip(starts, parts)],
-                  d, f)
+    packed_matmul([Job(n, ha + row * a, p["w_out"], p.get("b_out", 0), oa) for a, (n, _, oa, p) in zip(starts, parts)],
+                  d, f, dtype)
 
 
 def pack_ffn(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -241,11 +248,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     so do large plain fp32 ones on up to 8 rows (`_rowmajor_ok`: the LM head, 0.72-0.80x oneDNN's time).
     """
     w_address = address(w) if w.is_mkldnn else None
-    if (w_address is not None and _native_ok(x, w.shape[1], None, w.shape[0])
-            and (b is None or _native_bias(b, w.shape[0]))):
+    if (w_address is not None and _native_ok(x, w.dtype, w.shape[1], None, w.shape[0])
+            and (b is None or _native_bias(b, w.shape[0], w.dtype))):
         x, y = x.contiguous(), x.new_empty(x.shape[0], w.shape[0])
         packed_matmul([Job(x.shape[0], x.data_ptr(), w_address, 0 if b is None else b.data_ptr(), y.data_ptr())],
-                      *w.shape)
+                      *w.shape, w.dtype)
         return y
     if _rowmajor_ok(x, w, b):
         return native.rowmajor_matmul(x.contiguous(), w, b)
@@ -375,11 +382,11 @@ def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], act, out: torch.Tensor | No
     """
     if is_packed(w):
         d, f = w["w_out"].shape
-        pointers = native_pointers(w) if _native_ok(x, d, out, d, f) else None
+        pointers = native_pointers(w) if _native_ok(x, w["w_out"].dtype, d, out, d, f) else None
         if pointers is None:
             return _onednn_ffn(x, w, fused_activation(act), out)
         x, out = x.contiguous(), x.new_empty(x.shape[0], d) if out is None else out
-        _native_ffns([(x.shape[0], x.data_ptr(), out.data_ptr(), pointers)], d, f, fused_activation(act))
+        _native_ffns([(x.shape[0], x.data_ptr(), out.data_ptr(), pointers)], d, f, fused_activation(act), x.dtype)
         return out
     if x.shape[0] >= ONEDNN_MIN_ROWS and onednn_ok(x, *w.values()):
         w_t = {k: v.t() if k.startswith("w_") else v for k, v in w.items()}  # [out, in] views
@@ -479,13 +486,14 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
     """
     x = x.contiguous()
     out = torch.empty_like(x)  # (N, d)
-    native = pointers is not None and _native_input(x)
+    native = pointers is not None and _native_input(x, x.dtype)
     x_at, out_at, row = x.data_ptr(), out.data_ptr(), x.shape[1] * x.element_size()
     few, shape = [], None  # (rows, x address, output address, pointers) for the native kernel; experts' w_out shape
     for e, s, t in slices:
         w = weights_of(e)
         d, f = w["w_out"].shape
-        if not (native and pointers[e] is not None and d == x.shape[1] and _native_rows(t - s, d, f)):
+        if not (native and pointers[e] is not None and w["w_out"].dtype == x.dtype and d == x.shape[1]
+                and _native_rows(t - s, x.dtype, d, f)):
             ffn(x[s:t], w, act, out[s:t])
             continue
         part = (t - s, x_at + s * row, out_at + s * row, pointers[e])
@@ -493,19 +501,19 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
             few.append(part)
             shape = (d, f)
         else:  # what `ffn` would run, with the pointers packed at load
-            _native_ffns([part], d, f, act)
+            _native_ffns([part], d, f, act, x.dtype)
     if also is not None:
         rows, weights, dense = also
         rows = rows.contiguous()  # alive until the native calls below
         same = few and weights.keys() == weights_of(slices[0][0]).keys() and tuple(weights["w_out"].shape) == shape
-        fits = same and _native_ok(rows, shape[0], dense, shape[0], shape[1])
-        also_pointers = native_pointers(weights) if fits else None
+        fits = same and _native_ok(rows, weights["w_out"].dtype, shape[0], dense, shape[0], shape[1])
+        also_pointers = native_pointers(weights) if fits and rows.dtype == x.dtype else None
         if also_pointers is None:
             ffn(rows, weights, act, dense)
         else:
             few.append((rows.shape[0], rows.data_ptr(), dense.data_ptr(), also_pointers))
     if few:
-        _native_ffns(few, *shape, act)
+        _native_ffns(few, *shape, act, x.dtype)
     return out
 
 

@@ -40,16 +40,19 @@ from torch.utils.weak import WeakIdKeyDictionary
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name for name in ("packed_matmul.c", "moe_decode.c", "rowmajor_matmul.c")]  # one library
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
-BLOCK = 64  # outputs per block of oneDNN's packed fp32 layout: [ceil(out / 64)][in][64]
+BLOCK = 64  # outputs per block of oneDNN's packed layouts
+# The packed layouts the kernel reads, by dtype: [ceil(out / 64)][in / n][64][n], n inputs side by side per
+# output (fp32: [..][in][64]; bf16: pairs, as oneDNN's bf16 dot-product instructions take them).
+LAYOUTS = {torch.float32: 1, torch.bfloat16: 2}
 ROWMAJOR_MAX_ROWS = 8  # rows x of `rowmajor_matmul` may have (csrc/rowmajor_matmul.c)
 _reason = ""  # why `library()` is None
 _lock = threading.Lock()  # one build and load per process
-_layout: dict[tuple[int, int], bool] = {}  # (out, in) -> a probe of that shape was packed as BLOCK expects
+_layout: dict[tuple[int, int, torch.dtype], bool] = {}  # (out, in, dtype) -> a probe was packed as LAYOUTS says
 _address = WeakIdKeyDictionary()  # packed tensor `register` accepted -> the address of its bytes
 
 
 class Job(ctypes.Structure):
-    """One matmul: y (rows, out) = x (rows, in) @ w^T + bias; x, y contiguous fp32, bias 0 or (out,)."""
+    """One matmul: y (rows, out) = x (rows, in) @ w^T + bias; x, y contiguous, bias 0 or (out,); all of w's dtype."""
 
     _fields_ = [("rows", ctypes.c_int64), ("x", ctypes.c_void_p), ("w", ctypes.c_void_p),
                 ("bias", ctypes.c_void_p), ("y", ctypes.c_void_p)]
@@ -138,7 +141,7 @@ def _load() -> ctypes.CDLL | None:
             _reason = f"could not build the native kernel: {e}"
             return None
         lib.mc_packed_matmul.argtypes = [ctypes.c_int64, ctypes.POINTER(Job), ctypes.c_int64, ctypes.c_int64,
-                                         ctypes.c_int]
+                                         ctypes.c_int, ctypes.c_int]
         lib.mc_packed_matmul.restype = None
         for phase in (lib.mc_moe_decode_first, lib.mc_moe_decode_second):  # (address of a decode.State, threads)
             phase.argtypes, phase.restype = [ctypes.c_void_p, ctypes.c_int], None
@@ -155,21 +158,24 @@ def _data_ptr(packed: torch.Tensor) -> int:
 
 
 def register(packed: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor]) -> bool:
-    """Let the kernel read `packed`, an fp32 [out, in] matrix that `pack` made, if that is safe; True if so.
+    """Let the kernel read `packed`, an fp32 or bf16 [out, in] matrix that `pack` made, if that is safe; True
+    if so.
 
-    oneDNN picks the packed layout by shape, CPU and packing hint, so the first time a shape comes, a
-    probe matrix of distinct values is packed by the same `pack` and every entry compared with where
-    the kernel would read it. Only tensors registered here go through the kernel (`address`).
+    oneDNN picks the packed layout by shape, dtype, CPU and packing hint, so the first time a shape and
+    dtype come, a probe matrix of distinct values is packed by the same `pack` and every entry compared
+    with where the kernel would read it. Only tensors registered here go through the kernel (`address`).
     """
     out, inp = packed.shape
-    if library() is None or packed.dtype != torch.float32 or torch.ops.mkldnn._nbytes(packed) != _padded(out, inp) * 4:
+    if (library() is None or packed.dtype not in LAYOUTS
+            or torch.ops.mkldnn._nbytes(packed) != _padded(out, inp) * packed.element_size()):
         return False
-    if (out, inp) not in _layout:
-        probe = torch.randn(out, inp, generator=torch.Generator().manual_seed(0))
-        _layout[out, inp] = _same_layout(pack(probe), probe)
-    if _layout[out, inp]:
+    key = (out, inp, packed.dtype)
+    if key not in _layout:
+        probe = torch.randn(out, inp, generator=torch.Generator().manual_seed(0)).to(packed.dtype)
+        _layout[key] = _same_layout(pack(probe), probe)
+    if _layout[key]:
         _address[packed] = _data_ptr(packed)
-    return _layout[out, inp]
+    return _layout[key]
 
 
 def address(packed: torch.Tensor) -> int | None:
@@ -182,24 +188,27 @@ def _padded(out: int, inp: int) -> int:
 
 
 def _same_layout(packed: torch.Tensor, w: torch.Tensor) -> bool:
-    """Every entry of w [out, in] lies in `packed` at [out // 64][in][out % 64] (the last block's padding aside)."""
+    """Every entry of w [out, in] lies in `packed` where `LAYOUTS` says for its dtype (the last block's
+    padding aside)."""
     out, inp = w.shape
-    if torch.ops.mkldnn._nbytes(packed) != _padded(out, inp) * 4:
+    pairs = LAYOUTS[w.dtype]  # inputs side by side per output
+    if torch.ops.mkldnn._nbytes(packed) != _padded(out, inp) * w.element_size() or inp % pairs:
         return False
     blocks = -(-out // BLOCK)
-    raw = torch.frombuffer((ctypes.c_float * _padded(out, inp)).from_address(_data_ptr(packed)),
-                           dtype=torch.float32).view(blocks, inp, BLOCK)
-    expected = torch.zeros(blocks * BLOCK, inp)
+    raw = torch.frombuffer((ctypes.c_char * (_padded(out, inp) * w.element_size())).from_address(_data_ptr(packed)),
+                           dtype=w.dtype).view(blocks, inp // pairs, BLOCK, pairs)
+    expected = torch.zeros(blocks * BLOCK, inp, dtype=w.dtype)
     expected[:out] = w
-    expected = expected.view(blocks, BLOCK, inp).transpose(1, 2)  # (blocks, in, 64)
-    real = (torch.arange(blocks * BLOCK) < out).view(blocks, 1, BLOCK).expand_as(raw)
+    expected = expected.view(blocks, BLOCK, inp // pairs, pairs).transpose(1, 2)  # (blocks, in / pairs, 64, pairs)
+    real = (torch.arange(blocks * BLOCK) < out).view(blocks, 1, BLOCK, 1).expand_as(raw)
     return torch.equal(raw[real], expected[real])
 
 
-def packed_matmul(jobs: list[Job], out: int, inp: int) -> None:
-    """Run every job (same `out`, `inp`, weights with an `address`) in one call on torch's threads (as many as
-    `torch.get_num_threads()`)."""
-    library().mc_packed_matmul(len(jobs), (Job * len(jobs))(*jobs), out, inp, torch.get_num_threads())
+def packed_matmul(jobs: list[Job], out: int, inp: int, dtype: torch.dtype = torch.float32) -> None:
+    """Run every job (same `out`, `inp` and dtype, fp32 or bf16, weights with an `address`) in one call on
+    torch's threads (as many as `torch.get_num_threads()`)."""
+    library().mc_packed_matmul(len(jobs), (Job * len(jobs))(*jobs), out, inp, dtype == torch.bfloat16,
+                               torch.get_num_threads())
 
 
 def rowmajor_matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

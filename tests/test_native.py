@@ -35,27 +35,30 @@ def calls(monkeypatch):
     seen = []
     real = kernels.packed_matmul
 
-    def counted(jobs, out, inp):
+    def counted(jobs, out, inp, dtype=torch.float32):
         seen.append(len(jobs))
-        real(jobs, out, inp)
+        real(jobs, out, inp, dtype)
     monkeypatch.setattr(kernels, "packed_matmul", counted)
     return seen
 
 
 @needs_kernel
 @pytest.mark.parametrize("out_features, in_features", [(2048, 512), (512, 2048), (100, 512), (96, 32)])
-def test_onednn_packs_fp32_weights_as_the_kernel_reads_them(out_features, in_features):
-    """Every entry of the packed buffer of real weights (`register` checks a probe of each shape): [ceil(out/64)][in][64]."""
-    w = torch.randn(out_features, in_features)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_onednn_packs_weights_as_the_kernel_reads_them(dtype, out_features, in_features):
+    """Every entry of the packed buffer of real weights (`register` checks a probe of each shape and dtype):
+    fp32 [ceil(out/64)][in][64], bf16 [ceil(out/64)][in/2][64][2]."""
+    w = torch.randn(out_features, in_features).to(dtype)
     packed = pack_matrix(w.t())  # [in, out] given, [out, in] packed
     assert native.address(packed) is not None
-    blocks = -(-out_features // native.BLOCK)
-    raw = torch.frombuffer((ctypes.c_float * (blocks * native.BLOCK * in_features)).from_address(native.address(packed)),
-                           dtype=torch.float32).view(blocks, in_features, native.BLOCK).clone()
-    padded = torch.zeros(blocks * native.BLOCK, in_features)
+    blocks, pairs = -(-out_features // native.BLOCK), native.LAYOUTS[dtype]
+    size = blocks * native.BLOCK * in_features * w.element_size()
+    raw = torch.frombuffer((ctypes.c_char * size).from_address(native.address(packed)), dtype=dtype)
+    raw = raw.view(blocks, in_features // pairs, native.BLOCK, pairs).clone()
+    padded = torch.zeros(blocks * native.BLOCK, in_features, dtype=dtype)
     padded[:out_features] = w
-    expected = padded.view(blocks, native.BLOCK, in_features).transpose(1, 2)  # [block][in][64]
-    real = (torch.arange(blocks * native.BLOCK) < out_features).view(blocks, 1, native.BLOCK).expand_as(raw)
+    expected = padded.view(blocks, native.BLOCK, in_features // pairs, pairs).transpose(1, 2)
+    real = (torch.arange(blocks * native.BLOCK) < out_features).view(blocks, 1, native.BLOCK, 1).expand_as(raw)
     assert torch.equal(raw[real], expected[real])  # the padding of the last block is never read
 
 
@@ -87,6 +90,26 @@ def test_linear_on_few_rows_equals_float64(out_features, bias, calls):
         ref = x.double() @ w.double() + (0 if b is None else b.double())
         torch.testing.assert_close(linear(x, packed, b), ref.float(), rtol=1e-5, atol=1e-5)
     assert len(calls) == len(row_counts) - 1  # one call per row count up to the limit, oneDNN above it
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_linear_on_few_rows_equals_onednn(bias, calls):
+    """bf16 packed weights: up to `NATIVE_BATCH_ROWS` rows through the kernel (fp32 sums, each output rounded
+    to bf16 once, as oneDNN's): equal to oneDNN's results but for a last-bit rounding here and there, and
+    within bf16 rounding of float64; more rows go to oneDNN."""
+    w = (torch.randn(384, 100) / 384 ** 0.5).bfloat16()  # [in, out]: a last block of 36 outputs
+    b = torch.randn(100).bfloat16() if bias else None
+    packed = pack_matrix(w)
+    row_counts = [*range(1, kernels.NATIVE_BATCH_ROWS + 2)]
+    for rows in row_counts:
+        x = torch.randn(rows, 384).bfloat16()
+        got = linear(x, packed, b)
+        onednn = kernels._LINEAR_POINTWISE(x, packed, b, "none", [], "")
+        ref = x.double() @ w.double() + (0 if b is None else b.double())
+        torch.testing.assert_close(got, ref.bfloat16(), rtol=8e-3, atol=8e-3)
+        assert got.dtype == torch.bfloat16 and (got == onednn).float().mean() > 0.98
+    assert len(calls) == len(row_counts) - 1
 
 
 @needs_kernel
@@ -165,6 +188,33 @@ def test_ffn_on_few_rows_equals_float64_and_onednn(kind, act, calls):
         torch.testing.assert_close(got, reference_ffn(x, w, act).float(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got, kernels._onednn_ffn(x, packed, act, None), rtol=1e-5, atol=1e-5)
     assert len(calls) == len(row_counts) * 2  # gate and up together
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind, act", [("gpt2", GELU), ("gated", ACTIVATIONS["silu"])])
+def test_bf16_ffns_on_few_rows_equal_onednn(kind, act, calls):
+    """bf16: one FFN, and the decode batch of experts plus the residual FFN in two native calls, against
+    oneDNN on the same packed weights, within bf16 rounding (the intermediate is rounded to bf16 before
+    the activation here, after it in oneDNN's fused post-op)."""
+    w = {k: v.bfloat16() for k, v in ffn_weights(kind, 256, 1024).items()}
+    packed = pack_ffn(w)
+    assert kernels.native_pointers(packed) is not None
+    for rows in (1, 5, kernels.NATIVE_BATCH_ROWS):
+        x = torch.randn(rows, 256).bfloat16()
+        got = ffn(x, packed, act)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, kernels._onednn_ffn(x, packed, act, None), rtol=2e-2, atol=2e-2)
+    assert len(calls) == 3 * 2
+    E = 6
+    stacked = {k: v.bfloat16() for k, v in ffn_weights(kind, 256, 1024, experts=E).items()}
+    router, x = torch.randn(E, 256), torch.randn(5, 256).bfloat16()
+    coef = torch.randn(5, 2).softmax(-1)
+    with torch.inference_mode():
+        got, routing = moe_forward(x, router, pack_experts(stacked), act, residual=(coef, packed))
+        ref, _ = moe_forward(x, router, stacked, act, residual=(coef, ffn(x, w, act)))
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+    ffns = int((routing.counts > 0).sum()) + 1  # the hit experts and the residual, together
+    assert calls[6:] == [ffns * (2 if kind == "gated" else 1), ffns]  # jobs of the two native calls
 
 
 @needs_kernel

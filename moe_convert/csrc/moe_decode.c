@@ -179,7 +179,7 @@ void mc_moe_decode_first(decode_t *s, int threads) {
             route(s, logits);
             njobs = phase_jobs(s, 1, jobs);
         }
-        run_jobs(njobs, jobs, s->f, s->d);
+        run_jobs(njobs, jobs, s->f, s->d, 0);
     }
 }
 
@@ -188,7 +188,7 @@ void mc_moe_decode_second(decode_t *s, int threads) {
     int64_t njobs = phase_jobs(s, 2, jobs);
 #pragma omp parallel num_threads(threads)
     {
-        run_jobs(njobs, jobs, s->d, s->f);
+        run_jobs(njobs, jobs, s->d, s->f, 0);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < s->tokens; t++) combine_row(s, t);
     }

@@ -1,8 +1,10 @@
-/* Matmuls of a few rows on weights that oneDNN packed for fp32 inference (moe_convert/native.py).
+/* Matmuls of a few rows on weights that oneDNN packed for fp32 or bf16 inference (moe_convert/native.py).
  *
  * oneDNN's packed fp32 [out, in] matrix (`kernels.pack_matrix`) is stored in blocks of 64 outputs:
- * block b holds w[64 b + o, i] at offset (b * in + i) * 64 + o, the last block padded to 64
- * (`native.register` checks this on the running machine before any call). The product is a pass
+ * block b holds w[64 b + o, i] at offset (b * in + i) * 64 + o, the last block padded to 64; a bf16
+ * one holds pairs of inputs side by side per output, at ((b * in / 2 + i / 2) * 64 + o) * 2 + i % 2
+ * (`native.register` checks the layout on the running machine before any call). bf16 values are
+ * widened to fp32 exactly, summed in fp32, and each output rounded to bf16 once, as oneDNN does. The product is a pass
  * over each block's [in][64] panel per group of up to 6 rows, front to back, with the group's 64
  * outputs in registers. A single group (decode: one row per expert) streams each panel once. With
  * more groups (an expert's 32 rows in prefill) the panel is read again from cache, and while the
@@ -17,81 +19,141 @@
 
 #include "packed_matmul.h"
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));  /* 16 floats, unaligned loads allowed */
+typedef float v16 __attribute__((vector_size(64), aligned(4)));     /* 16 floats, unaligned loads allowed */
+typedef uint16_t h16 __attribute__((vector_size(32), aligned(2)));  /* 16 bf16 values */
+typedef uint32_t u32x16 __attribute__((vector_size(64), aligned(4)));
 #define BLOCK 64
 #define LINE 64      /* bytes per cache line: the unit of the prefetch */
 #define MAX_GROUP 6  /* rows computed per pass over a panel: 24 accumulators of the 32 vector registers */
 
-/* y[r, 0:64] = bias[0:64] + sum_i x[r, i] * panel[i, 0:64] for R rows; `valid` outputs are written.
- * Meanwhile the first `ahead` cache lines at `next` are prefetched, one per step. */
-#define PANEL_KERNEL(R)                                                                                  \
-    static void panel_##R(const float *x, int64_t in, const float *panel, const float *bias, float *y,  \
-                          int64_t ldy, int64_t valid, const char *next, int64_t ahead) {                 \
-        v16 acc[R][4];                                                                                   \
-        for (int r = 0; r < R; r++)                                                                      \
-            for (int c = 0; c < 4; c++) acc[r][c] = bias ? *(const v16 *)(bias + 16 * c) : (v16){0};     \
-        for (int64_t i = 0; i < in; i++) {                                                               \
-            if (i < ahead) __builtin_prefetch(next + LINE * i, 0, 3);                                    \
-            const v16 *w = (const v16 *)(panel + i * BLOCK);                                             \
-            v16 w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];                                              \
-            for (int r = 0; r < R; r++) {                                                                \
-                float xv = x[r * in + i];                                                                \
-                acc[r][0] += xv * w0, acc[r][1] += xv * w1, acc[r][2] += xv * w2, acc[r][3] += xv * w3;  \
-            }                                                                                            \
-        }                                                                                                \
-        for (int r = 0; r < R; r++) {                                                                    \
-            if (valid == BLOCK) {                                                                        \
-                for (int c = 0; c < 4; c++) *(v16 *)(y + r * ldy + 16 * c) = acc[r][c];                  \
-            } else {                                                                                     \
-                memcpy(y + r * ldy, acc[r], (size_t)valid * sizeof(float));                              \
-            }                                                                                            \
-        }                                                                                                \
-    }
-PANEL_KERNEL(1)
-PANEL_KERNEL(2)
-PANEL_KERNEL(3)
-PANEL_KERNEL(4)
-PANEL_KERNEL(5)
-PANEL_KERNEL(6)
+/* Widening and rounding of bf16 values (stored as uint16: the top half of an fp32). */
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline v16 bf16x16_to_f32(const uint16_t *p) { return (v16)(__builtin_convertvector(*(const h16 *)p, u32x16) << 16); }
+static inline void f32_to_bf16x16(v16 v, uint16_t *p) { /* nearest, ties to even; NaN stays NaN */
+    u32x16 u = (u32x16)v, nan = (u32x16)(v != v);
+    u32x16 rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16, quiet = (u >> 16) | 0x40;
+    *(h16 *)p = __builtin_convertvector((rounded & ~nan) | (quiet & nan), h16);
+}
 
-void run_jobs(int64_t njobs, const job_t *jobs, int64_t out, int64_t in) {
-    int64_t blocks = (out + BLOCK - 1) / BLOCK, units = njobs * blocks;
-    int64_t panel_lines = in * BLOCK * (int64_t)sizeof(float) / LINE; /* cache lines of one [in][64] panel */
+/* The 64 outputs' accumulators of a group start at the bias (or 0), and are stored, `valid` of them, as
+ * the type's values. */
+static inline void bias_f32(const void *bias, v16 *acc) {
+    for (int c = 0; c < 4; c++) acc[c] = bias ? *(const v16 *)((const float *)bias + 16 * c) : (v16){0};
+}
+static inline void bias_bf16(const void *bias, v16 *acc) {
+    for (int c = 0; c < 4; c++) acc[c] = bias ? bf16x16_to_f32((const uint16_t *)bias + 16 * c) : (v16){0};
+}
+static inline void store_f32(const v16 *acc, void *y, int64_t valid) {
+    if (valid == BLOCK) {
+        for (int c = 0; c < 4; c++) *(v16 *)((float *)y + 16 * c) = acc[c];
+    } else {
+        memcpy(y, acc, (size_t)valid * sizeof(float));
+    }
+}
+static inline void store_bf16(const v16 *acc, void *y, int64_t valid) {
+    uint16_t out[BLOCK];
+    for (int c = 0; c < 4; c++) f32_to_bf16x16(acc[c], out + 16 * c);
+    memcpy(y, out, (size_t)valid * sizeof(uint16_t));
+}
+
+/* One step of the pass over a panel, for R rows of x. fp32 panels [in][64]: input i, 64 outputs. bf16
+ * panels [in / 2][64][2] (oneDNN's pairs of inputs per output): inputs i and i + 1, each 32-bit lane
+ * holding one output's two weights, widened exactly. */
+#define STEP_f32(R)                                                                                      \
+    const v16 *w = (const v16 *)((const float *)panel + i * BLOCK);                                      \
+    v16 w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];                                                      \
+    for (int r = 0; r < R; r++) {                                                                        \
+        float xv = ((const float *)x)[r * in + i];                                                       \
+        acc[r][0] += xv * w0, acc[r][1] += xv * w1, acc[r][2] += xv * w2, acc[r][3] += xv * w3;          \
+    }
+#define STEP_bf16(R)                                                                                     \
+    const u32x16 *w = (const u32x16 *)((const uint16_t *)panel + i * BLOCK);                             \
+    v16 even[4], odd[4];                                                                                 \
+    for (int c = 0; c < 4; c++) even[c] = (v16)(w[c] << 16), odd[c] = (v16)(w[c] & 0xFFFF0000u);         \
+    for (int r = 0; r < R; r++) {                                                                        \
+        const uint16_t *xr = (const uint16_t *)x + r * in + i;                                           \
+        float xe = bf16_to_f32(xr[0]), xo = bf16_to_f32(xr[1]);                                          \
+        for (int c = 0; c < 4; c++) acc[r][c] += xe * even[c] + xo * odd[c];                             \
+    }
+#define INPUTS_PER_STEP_f32 1
+#define INPUTS_PER_STEP_bf16 2
+
+/* y[r, 0:64] = bias[0:64] + sum_i x[r, i] * panel[i, 0:64] for R rows of x (the panel's type); `valid`
+ * outputs are written. Meanwhile the first `ahead` cache lines at `next` are prefetched, one per step. */
+#define PANEL_KERNEL(TYPE, R)                                                                            \
+    static void panel_##TYPE##_##R(const void *x, int64_t in, const void *panel, const void *bias,       \
+                                   void *y, int64_t ldy, int64_t valid, const char *next, int64_t ahead) { \
+        v16 acc[R][4];                                                                                   \
+        for (int r = 0; r < R; r++) bias_##TYPE(bias, acc[r]);                                           \
+        for (int64_t i = 0, step = 0; i < in; i += INPUTS_PER_STEP_##TYPE, step++) {                     \
+            if (step < ahead) __builtin_prefetch(next + LINE * step, 0, 3);                              \
+            STEP_##TYPE(R)                                                                               \
+        }                                                                                                \
+        for (int r = 0; r < R; r++) store_##TYPE(acc[r], (char *)y + r * ldy * sizeof(TYPE##_t), valid); \
+    }
+typedef float f32_t;
+typedef uint16_t bf16_t;
+#define PANEL_KERNELS(TYPE)                                                                              \
+    PANEL_KERNEL(TYPE, 1) PANEL_KERNEL(TYPE, 2) PANEL_KERNEL(TYPE, 3)                                    \
+    PANEL_KERNEL(TYPE, 4) PANEL_KERNEL(TYPE, 5) PANEL_KERNEL(TYPE, 6)
+PANEL_KERNELS(f32)
+PANEL_KERNELS(bf16)
+/* bf16 by a table of kernels per group size; fp32 by direct calls (run_jobs), which the compiler
+ * inlines: the table cost fp32 1.5-4% at 32-64 rows per job */
+typedef void panel_fn(const void *x, int64_t in, const void *panel, const void *bias, void *y, int64_t ldy,
+                      int64_t valid, const char *next, int64_t ahead);
+static panel_fn *const panels_bf16[MAX_GROUP] = {panel_bf16_1, panel_bf16_2, panel_bf16_3,
+                                                 panel_bf16_4, panel_bf16_5, panel_bf16_6};
+
+void run_jobs(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int bf16) {
+    int64_t blocks = (out + BLOCK - 1) / BLOCK, units = njobs * blocks, size = bf16 ? 2 : 4;
+    int64_t panel_lines = in * BLOCK * size / LINE; /* cache lines of one panel */
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < units; u++) {
         const job_t *j = jobs + u / blocks;
         int64_t b = u % blocks, valid = out - b * BLOCK < BLOCK ? out - b * BLOCK : BLOCK;
-        const float *panel = j->w + b * in * BLOCK, *bias = j->bias ? j->bias + b * BLOCK : NULL;
+        const char *panel = (const char *)j->w + b * in * BLOCK * size;
+        const char *bias = j->bias ? (const char *)j->bias + b * BLOCK * size : NULL;
         float tail[BLOCK]; /* the last block's bias, zero-padded: the kernels load 64 values */
         if (bias && valid < BLOCK) {
             memset(tail, 0, sizeof tail);
-            memcpy(tail, bias, (size_t)valid * sizeof(float));
-            bias = tail;
+            memcpy(tail, bias, (size_t)(valid * size));
+            bias = (const char *)tail;
         }
         /* the panel of the unit after this one (static schedule: most likely this thread's next),
          * fetched in equal shares over this unit's passes when there are two or more */
         int64_t passes = (j->rows + MAX_GROUP - 1) / MAX_GROUP;
         int64_t share = passes > 1 && u + 1 < units ? (panel_lines + passes - 1) / passes : 0;
         const job_t *nj = jobs + (u + 1) / blocks;
-        const char *next = share ? (const char *)(nj->w + (u + 1) % blocks * in * BLOCK) : NULL;
+        const char *next = share ? (const char *)nj->w + (u + 1) % blocks * in * BLOCK * size : NULL;
         for (int64_t r = 0, pass = 0; r < j->rows; r += MAX_GROUP, pass++) {
-            const float *x = j->x + r * in;
-            float *y = j->y + r * out + b * BLOCK;
             const char *ahead_at = next ? next + LINE * pass * share : NULL;
             int64_t ahead = next ? (panel_lines - pass * share < share ? panel_lines - pass * share : share) : 0;
-            switch (j->rows - r < MAX_GROUP ? j->rows - r : MAX_GROUP) {
-            case 1: panel_1(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
-            case 2: panel_2(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
-            case 3: panel_3(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
-            case 4: panel_4(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
-            case 5: panel_5(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
-            default: panel_6(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
+            int64_t group = j->rows - r < MAX_GROUP ? j->rows - r : MAX_GROUP;
+            const char *x = (const char *)j->x + r * in * size;
+            char *y = (char *)j->y + (r * out + b * BLOCK) * size;
+            if (bf16) {
+                panels_bf16[group - 1](x, in, panel, bias, y, out, valid, ahead_at, ahead);
+                continue;
+            }
+            switch (group) {
+            case 1: panel_f32_1(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
+            case 2: panel_f32_2(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
+            case 3: panel_f32_3(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
+            case 4: panel_f32_4(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
+            case 5: panel_f32_5(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
+            default: panel_f32_6(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
             }
         }
     }
 }
 
-void mc_packed_matmul(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int threads) {
+void mc_packed_matmul(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int bf16, int threads) {
 #pragma omp parallel num_threads(threads)
-    run_jobs(njobs, jobs, out, in);
+    run_jobs(njobs, jobs, out, in, bf16);
 }

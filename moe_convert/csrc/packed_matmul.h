@@ -1,15 +1,17 @@
 /* The packed-weight matmul kernel's jobs (packed_matmul.c), shared with the decode layer (moe_decode.c). */
 #include <stdint.h>
 
-/* A job: y (rows, out) = x (rows, in) @ w^T + bias, x and y contiguous, bias NULL or (out,). */
+/* A job: y (rows, out) = x (rows, in) @ w^T + bias, x and y contiguous, bias NULL or (out,); all fp32, or
+ * all bf16 (uint16 values). */
 typedef struct {
     int64_t rows;
-    const float *x;
-    const float *w; /* oneDNN-packed [out, in] */
-    const float *bias;
-    float *y;
+    const void *x;
+    const void *w; /* oneDNN-packed [out, in] */
+    const void *bias;
+    void *y;
 } job_t;
 
-/* Every job (same out, in), shared among the threads of the enclosing OpenMP parallel region: call it
- * from every thread of the region; it returns when all jobs are done. */
-void run_jobs(int64_t njobs, const job_t *jobs, int64_t out, int64_t in);
+/* Every job (same out, in, and type: bf16 = 1 for bf16, 0 for fp32), shared among the threads of the
+ * enclosing OpenMP parallel region: call it from every thread of the region; it returns when all jobs
+ * are done. */
+void run_jobs(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int bf16);
