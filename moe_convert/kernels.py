@@ -13,7 +13,7 @@ The expert matmuls have two backends, picked per call by `pick_backend` from mea
   first matmul, row blocks that keep the intermediate in cache), because the fp32 `torch.mm` of this
   torch build is MKL, which runs ~2x below oneDNN on AMD CPUs. The runtime packs every FFN's weights
   once at load into oneDNN's blocked layout (`pack_ffn`, `pack_experts`), and packed fp32 slices of up
-  to `NATIVE_MAX_ROWS` rows go through the native kernel (`native.py`: decode's experts together in
+  to `NATIVE_MAX_ROWS` rows (bf16: `NATIVE_BATCH_ROWS`) go through the native kernel (`native.py`: decode's experts together in
   two calls, prefill's small experts one by one); the layer's plain [in, out] parameters are read
   through transposed views, and slices under 8 rows use MKL's `addmm`;
 - "grouped_mm": `torch.nn.functional.grouped_mm` with per-expert offsets (one call per matrix).

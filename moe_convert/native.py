@@ -1,5 +1,5 @@
-"""A native kernel for matmuls of a few rows (up to ~100) on oneDNN-packed fp32 weights: decode's expert
-and residual FFNs, packed projections, and the experts of prefill with many experts.
+"""A native kernel for matmuls of a few rows (up to ~100) on oneDNN-packed fp32 weights (up to 8 on bf16
+ones): decode's expert and residual FFNs, packed projections, and the experts of prefill with many experts.
 
 With one token per expert, the layer's cost is reading each hit expert's weights from DRAM. oneDNN
 streams its own packed weights at ~40 GB/s for one row; a plain loop over the same bytes, in the
