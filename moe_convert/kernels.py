@@ -244,7 +244,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     Through oneDNN for packed weights, and for CPU inference from `LINEAR_ONEDNN_MIN_ROWS` rows (the
     fp32 router at T=4096: 2.3x faster than MKL here, README) or, for fewer rows, when w is a contiguous
     [out, in] matrix of `PACK_MIN_BYTES` or more (an LM head of 50257 x 1024, one row: 3.8 ms against
-    MKL's 10.0 ms). Packed fp32 weights on few rows (`_native_rows`) go through the native kernel, and
+    MKL's 10.0 ms). Packed fp32 or bf16 weights on few rows (`_native_rows`) go through the native kernel, and
     so do large plain fp32 ones on up to 8 rows (`_rowmajor_ok`: the LM head, 0.72-0.80x oneDNN's time).
     """
     w_address = address(w) if w.is_mkldnn else None

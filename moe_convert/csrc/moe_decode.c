@@ -189,6 +189,7 @@ void mc_moe_decode_second(decode_t *s, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         run_jobs(njobs, jobs, s->d, s->f, 0);
+#pragma omp barrier /* every y row written before the combine reads it */
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < s->tokens; t++) combine_row(s, t);
     }

@@ -113,7 +113,7 @@ static panel_fn *const panels_bf16[MAX_GROUP] = {panel_bf16_1, panel_bf16_2, pan
 void run_jobs(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int bf16) {
     int64_t blocks = (out + BLOCK - 1) / BLOCK, units = njobs * blocks, size = bf16 ? 2 : 4;
     int64_t panel_lines = in * BLOCK * size / LINE; /* cache lines of one panel */
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait /* the caller's region end or barrier waits for all */
     for (int64_t u = 0; u < units; u++) {
         const job_t *j = jobs + u / blocks;
         int64_t b = u % blocks, valid = out - b * BLOCK < BLOCK ? out - b * BLOCK : BLOCK;

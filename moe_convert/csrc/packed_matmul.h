@@ -12,6 +12,6 @@ typedef struct {
 } job_t;
 
 /* Every job (same out, in, and type: bf16 = 1 for bf16, 0 for fp32), shared among the threads of the
- * enclosing OpenMP parallel region: call it from every thread of the region; it returns when all jobs
- * are done. */
+ * enclosing OpenMP parallel region: call it from every thread of the region. A thread returns when its
+ * share is done, without waiting for the others: the region's end, or an `omp barrier`, waits for all. */
 void run_jobs(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int bf16);
