@@ -74,7 +74,7 @@ class Decoder:
         self.gated = "w_gate" in experts.weights[0]
         self.act, self.tokens, self.rows_per_token = act, tokens, top_k + (residual is not None)
         rows = MAX_TOKENS * self.rows_per_token  # h, up, y: every assignment's row, then the residual's rows
-        self._keep = (router, experts, residual)  # alive as long as the state points at them
+        self._alive = (router, experts, residual)  # kept as long as the state points at them
         self._ffns = (FFN * len(ffns))(*ffns)
         self._xs, self._y = torch.empty(MAX_TOKENS * top_k, d), torch.empty(rows, d)
         self._h, self._up = torch.empty(rows, f), torch.empty(rows, f) if self.gated else None
