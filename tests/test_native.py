@@ -62,6 +62,16 @@ def test_onednn_packs_weights_as_the_kernel_reads_them(dtype, out_features, in_f
     assert torch.equal(raw[real], expected[real])  # the padding of the last block is never read
 
 
+def on_one_thread(fn):
+    """fn() with torch, and so the native kernels, on one thread."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def reference_ffn(x, w, act):
     """The FFN in float64 from plain [in, out] weights."""
     w = {k: v.double() for k, v in w.items()}
@@ -159,13 +169,7 @@ def test_plain_matrices_on_few_rows_equal_float64_and_onednn(dtype, bias, rowmaj
             assert (got == onednn).float().mean() > 0.99
     assert rowmajor_calls == list(range(1, native.ROWMAJOR_MAX_ROWS + 1))
     x = torch.randn(5, 80, dtype=dtype)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = linear(x, w, b)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(linear(x, w, b), one)
+    assert torch.equal(linear(x, w, b), on_one_thread(lambda: linear(x, w, b)))
     wide = torch.randn(16, kernels.ROWMAJOR_MAX_INPUTS // 8 + 16, dtype=dtype)  # 8 rows of it: 128 elements too many
     linear(torch.randn(8, wide.shape[1], dtype=dtype), wide)
     linear(torch.randn(4, 301, dtype=dtype), w.t())
@@ -222,13 +226,7 @@ def test_results_do_not_depend_on_the_thread_count():
     """Each output is one thread's sum in a fixed order: bitwise the same on 1 thread as on 2."""
     w = ffn_weights("gpt2", 256, 1024)
     packed, x = pack_ffn(w), torch.randn(3, 256)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ffn(x, packed, GELU)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(ffn(x, packed, GELU), one)
+    assert torch.equal(ffn(x, packed, GELU), on_one_thread(lambda: ffn(x, packed, GELU)))
 
 
 @needs_kernel
