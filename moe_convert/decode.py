@@ -8,12 +8,14 @@ with torch's own activation between the two calls. The router, gate softmax and 
 summed in another order than torch's (~1e-7 relative); of equal logits the first expert is chosen
 first, as `kernels.route`'s top-1 does (its `topk` for k > 1 leaves that order open).
 
-It applies to layers of top-k up to `MAX_TOP_K` whose experts and residual FFN are packed fp32 weights the native kernel
-reads (`kernels.PackedExperts` with every pointer), with a width d that is a multiple of 16 (the
-router's dot products take 16 floats at a time; here oneDNN packs other widths in a layout the kernel
-does not read anyway), for at most `MAX_TOKENS` tokens, and only where the capacity cannot drop
-one. `Decoder.build` returns None otherwise, and a call it cannot take returns None: the caller
-runs `kernels.moe_forward`.
+It applies to layers of top-k up to `MAX_TOP_K` whose experts and residual FFN are packed weights the
+native kernel reads (`kernels.PackedExperts` with every pointer), fp32 or bf16 (router and coefficient
+in the same dtype), with a width d that is a multiple of 16 (the router's dot products take 16 values
+at a time; here oneDNN packs other widths in a layout the kernel does not read anyway), for at most
+`MAX_TOKENS` tokens, and only where the capacity cannot drop one. `Decoder.build` returns None
+otherwise, and a call it cannot take returns None: the caller runs `kernels.moe_forward`. In bf16
+the router, coefficient and combine compute in fp32 and each output is rounded once, where torch
+rounds after each bf16 op of the coefficient and the combine: the two agree to bf16 rounding.
 """
 
 from __future__ import annotations
@@ -43,21 +45,19 @@ class FFN(ctypes.Structure):
 class State(ctypes.Structure):
     """`decode_t` of csrc/moe_decode.c: the layer, the call, and phase 1's routing for phase 2."""
 
-    _fields_ = [("d", ctypes.c_int64), ("f", ctypes.c_int64), ("experts", ctypes.c_int64), ("top_k", ctypes.c_int64),
-                ("router", ctypes.c_void_p), ("coef_w", ctypes.c_void_p), ("coef_b", ctypes.c_void_p),
-                ("ffns", ctypes.c_void_p), ("xs", ctypes.c_void_p), ("h", ctypes.c_void_p), ("up", ctypes.c_void_p),
-                ("y", ctypes.c_void_p), ("tokens", ctypes.c_int64), ("x", ctypes.c_void_p),
-                ("act_h", ctypes.c_void_p), ("out", ctypes.c_void_p), ("expert", ctypes.c_int64 * MAX_ASSIGNMENTS),
-                ("slot", ctypes.c_int64 * MAX_ASSIGNMENTS), ("scale", ctypes.c_float * MAX_ASSIGNMENTS),
-                ("keep", ctypes.c_float * MAX_TOKENS)]
+    _fields_ = [*[(name, ctypes.c_int64) for name in ("d", "f", "experts", "top_k", "bf16")],
+                *[(name, ctypes.c_void_p) for name in ("router", "coef_w", "coef_b", "ffns", "xs", "h", "up", "y")],
+                ("tokens", ctypes.c_int64), *[(name, ctypes.c_void_p) for name in ("x", "act_h", "out")],
+                ("expert", ctypes.c_int64 * MAX_ASSIGNMENTS), ("slot", ctypes.c_int64 * MAX_ASSIGNMENTS),
+                ("scale", ctypes.c_float * MAX_ASSIGNMENTS), ("keep", ctypes.c_float * MAX_TOKENS)]
 
 
 def _ffn(pointers: dict[str, int]) -> FFN:
     return FFN(**{_FIRST.get(k) or _SECOND[k]: v for k, v in pointers.items()})
 
 
-def _plain_fp32(t: torch.Tensor, shape: tuple[int, ...]) -> bool:
-    return not t.is_mkldnn and t.dtype == torch.float32 and t.is_contiguous() and tuple(t.shape) == shape
+def _plain(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    return not t.is_mkldnn and t.dtype == dtype and t.is_contiguous() and tuple(t.shape) == shape
 
 
 class Decoder:
@@ -69,18 +69,19 @@ class Decoder:
     def __init__(self, router: torch.Tensor, experts: PackedExperts, residual, act, top_k: int,
                  tokens: frozenset[int]):
         E, d = router.shape
-        f = experts.weights[0]["w_out"].shape[1]
+        f, self.dtype = experts.weights[0]["w_out"].shape[1], router.dtype
         ffns = [_ffn(p) for p in experts.pointers] + ([] if residual is None else [_ffn(residual[2])])
         self.gated = "w_gate" in experts.weights[0]
         self.act, self.tokens, self.rows_per_token = act, tokens, top_k + (residual is not None)
         rows = MAX_TOKENS * self.rows_per_token  # h, up, y: every assignment's row, then the residual's rows
         self._alive = (router, experts, residual)  # kept as long as the state points at them
         self._ffns = (FFN * len(ffns))(*ffns)
-        self._xs, self._y = torch.empty(MAX_TOKENS * top_k, d), torch.empty(rows, d)
-        self._h, self._up = torch.empty(rows, f), torch.empty(rows, f) if self.gated else None
-        self.state = State(d=d, f=f, experts=E, top_k=top_k, router=router.data_ptr(),
-                           ffns=ctypes.addressof(self._ffns), xs=self._xs.data_ptr(), h=self._h.data_ptr(),
-                           y=self._y.data_ptr(), up=self._up.data_ptr() if self.gated else None)
+        self._xs, self._y = torch.empty(MAX_TOKENS * top_k, d, dtype=self.dtype), torch.empty(rows, d, dtype=self.dtype)
+        self._h = torch.empty(rows, f, dtype=self.dtype)
+        self._up = torch.empty(rows, f, dtype=self.dtype) if self.gated else None
+        self.state = State(d=d, f=f, experts=E, top_k=top_k, bf16=self.dtype == torch.bfloat16,
+                           router=router.data_ptr(), ffns=ctypes.addressof(self._ffns), xs=self._xs.data_ptr(),
+                           h=self._h.data_ptr(), y=self._y.data_ptr(), up=self._up.data_ptr() if self.gated else None)
         if residual is not None:
             self.state.coef_w, self.state.coef_b = residual[0].data_ptr(), residual[1].data_ptr()
         self._at = ctypes.addressof(self.state)
@@ -96,29 +97,30 @@ class Decoder:
         E, d = router.shape
         if not 1 <= top_k <= min(MAX_TOP_K, E):
             return None
-        d_out, f = experts.weights[0]["w_out"].shape
-        if (len(experts.pointers) != E or d_out != d or d % 16 or not _plain_fp32(router, (E, d))
-                or experts.weights[0]["w_out"].dtype != torch.float32):
+        (d_out, f), dtype = experts.weights[0]["w_out"].shape, experts.weights[0]["w_out"].dtype
+        if len(experts.pointers) != E or d_out != d or d % 16 or not _plain(router, (E, d), dtype):
             return None
         if residual is not None:
             coef_w, coef_b, dense = residual
             pointers = native_pointers(dense)
             if (pointers is None or pointers.keys() != experts.pointers[0].keys()
-                    or tuple(dense["w_out"].shape) != (d, f) or not _plain_fp32(coef_w, (2, d))
-                    or not _plain_fp32(coef_b, (2,))):
+                    or tuple(dense["w_out"].shape) != (d, f) or dense["w_out"].dtype != dtype
+                    or not _plain(coef_w, (2, d), dtype) or not _plain(coef_b, (2,), dtype)):
                 return None
             residual = (coef_w, coef_b, pointers, dense)
         tokens = frozenset(T for T in range(1, MAX_TOKENS + 1)  # where no expert can be over its capacity (T)
-                           if capacity_factor is None or expert_capacity(T, E, top_k, capacity_factor, min_capacity) >= T)
+                           if capacity_factor is None
+                           or expert_capacity(T, E, top_k, capacity_factor, min_capacity) >= T)
         return cls(router, experts, residual, fused_activation(act), top_k, tokens) if tokens else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The layer on x (T, d) fp32 without autograd -> (T, d); None for inputs it does not take (other T,
-        dtype, device, or x needing gradients). T is also held to `kernels.NATIVE_BATCH_ROWS`, the rows up to
-        which the native kernel runs experts together (0 there turns this off too)."""
+        """The layer on x (T, d) in the layer's dtype without autograd -> (T, d); None for inputs it does not
+        take (other T, dtype, device, or x needing gradients). T is also held to `kernels.NATIVE_BATCH_ROWS`,
+        the rows up to which the native kernel runs experts together (0 there turns this off too)."""
         T = x.shape[0]
-        if (T not in self.tokens or T > kernels.NATIVE_BATCH_ROWS or x.dtype != torch.float32 or x.dim() != 2
-                or x.device.type != "cpu" or x.shape[1] != self.state.d or (x.requires_grad and torch.is_grad_enabled())):
+        if (T not in self.tokens or T > kernels.NATIVE_BATCH_ROWS or x.dtype != self.dtype or x.dim() != 2
+                or x.device.type != "cpu" or x.shape[1] != self.state.d
+                or (x.requires_grad and torch.is_grad_enabled())):
             return None
         lib, threads = library(), torch.get_num_threads()
         s, x, out = self.state, x.contiguous(), x.new_empty(T, x.shape[1])

@@ -21,10 +21,12 @@ def pack_small(monkeypatch):
     torch.manual_seed(0)
 
 
-def layer(kind="gpt2", residual=True, E=16, d=256, top_k=1):
+def layer(kind="gpt2", residual=True, E=16, d=256, top_k=1, dtype=torch.float32):
     """(plain weights, the Decoder over their packed copies): router, experts, coefficient, residual FFN."""
     w = {"router": torch.randn(E, d), "experts": ffn_weights(kind, d, 4 * d, experts=E),
          "coef": (torch.randn(2, d) / d ** 0.5, torch.randn(2)), "dense": ffn_weights(kind, d, 4 * d)}
+    w = {k: tuple(t.to(dtype) for t in v) if k == "coef" else v.to(dtype) if k == "router"
+         else {name: t.to(dtype) for name, t in v.items()} for k, v in w.items()}
     w["packed"], w["packed_dense"] = pack_experts(w["experts"]), pack_ffn(w["dense"])
     decoder = Decoder.build(w["router"], w["packed"], (*w["coef"], w["packed_dense"]) if residual else None,
                             ACT[kind], top_k=top_k, capacity_factor=None, min_capacity=4)
@@ -67,6 +69,25 @@ def test_the_layer_equals_moe_forward_and_float64(kind, residual, T, top_k):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "gated"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_bf16_layer_equals_moe_forward_to_bf16_rounding(kind, top_k):
+    """bf16 weights and tokens: the same routing as float64 on the same bf16 values, and the output within
+    bf16 rounding of moe_forward's (which rounds after each of its bf16 ops) and of float64."""
+    w, decoder = layer(kind, top_k=top_k, dtype=torch.bfloat16)
+    x = torch.randn(MAX_TOKENS, 256).bfloat16()
+    with torch.inference_mode():
+        got = decoder(x)
+        ours, _ = moe_forward(x, w["router"], w["packed"], ACT[kind], top_k,
+                              residual=(F.linear(x, *w["coef"]).softmax(-1), w["packed_dense"]))
+    ref, experts = reference(w, x, ACT[kind], True, top_k)
+    assert got.dtype == torch.bfloat16
+    assert list(decoder.state.expert[:top_k * MAX_TOKENS]) == experts.tolist()
+    bf16 = {"rtol": 1.6e-2, "atol": 2e-2}  # a few bf16 steps of outputs up to ~3
+    torch.testing.assert_close(got, ours, **bf16)
+    torch.testing.assert_close(got.double(), ref, **bf16)
+
+
 def test_a_width_off_the_output_blocks():
     """d = 144: every second matmul's last block of 64 outputs holds 16."""
     w, decoder = layer(E=6, d=144)
@@ -101,9 +122,9 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 def test_what_it_does_not_take_is_left_to_moe_forward():
-    """Build: more than MAX_TOP_K experts per token, experts the kernel cannot read, a residual FFN of another shape -> None. A call: more
-    than MAX_TOKENS tokens, another dtype, a token count whose capacity could drop a token, or an input
-    that needs gradients -> None (the caller runs moe_forward)."""
+    """Build: more than MAX_TOP_K experts per token, experts the kernel cannot read, a residual FFN of another
+    shape -> None. A call: more than MAX_TOKENS tokens, another dtype, a token count whose capacity could
+    drop a token, or an input that needs gradients -> None (the caller runs moe_forward)."""
     w, decoder = layer()
     args = dict(capacity_factor=None, min_capacity=4)
     residual = (*w["coef"], w["packed_dense"])

@@ -10,39 +10,42 @@
  *   phase 2: run every second matmul, then the combine.
  * The expert and residual matmuls are the same jobs as `_native_ffns` runs (bit for bit); the router,
  * softmax and coefficient are computed here, in another order of summation than torch's (~1e-7).
+ * Tensors are fp32, or all bf16 (`bf16`): then the router, the coefficient and the combine still
+ * compute in fp32, and each output is rounded to bf16 once (torch rounds after each of the
+ * coefficient's and the combine's bf16 ops).
  */
 #include <float.h>
 #include <math.h>
 #include <string.h>
 
 #include "packed_matmul.h"
+#include "vectors.h"
 
 #define MAX_TOKENS 8                    /* = decode.MAX_TOKENS */
 #define MAX_K 4                         /* = decode.MAX_TOP_K: experts per token */
 #define MAX_ASSIGN (MAX_TOKENS * MAX_K) /* (token, choice) assignments */
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-
 /* One FFN's packed matrices: act(x w1 + b1) w2 + b2 (GPT-2 kind) or (act(x w1) * x w_up) w2 (gated
  * kind, w_up not NULL); biases may be NULL. */
 typedef struct {
-    const float *w1, *b1, *w_up, *w2, *b2;
+    const void *w1, *b1, *w_up, *w2, *b2;
 } ffn_t;
 
 typedef struct {
     /* the layer, set once */
     int64_t d, f, experts, top_k; /* d a multiple of 16; k <= MAX_K, k <= E */
-    const float *router;          /* (E, d) */
-    const float *coef_w, *coef_b; /* (2, d), (2,): the residual mix; coef_w NULL: no residual FFN */
+    int64_t bf16;                 /* every tensor below is bf16 (1) or fp32 (0) */
+    const void *router;           /* (E, d) */
+    const void *coef_w, *coef_b;  /* (2, d), (2,): the residual mix; coef_w NULL: no residual FFN */
     const ffn_t *ffns;            /* E experts, then the residual FFN */
-    float *xs;                    /* (kT, d) the assignments' rows grouped by expert */
-    float *h, *up;                /* (kT + T, f) first matmuls' outputs: the experts' rows, then the residual's */
-    float *y;                     /* (kT + T, d) second matmuls' outputs, rows as h */
+    void *xs;                     /* (kT, d) the assignments' rows grouped by expert */
+    void *h, *up;                 /* (kT + T, f) first matmuls' outputs: the experts' rows, then the residual's */
+    void *y;                      /* (kT + T, d) second matmuls' outputs, rows as h */
     /* the call */
     int64_t tokens;               /* T <= MAX_TOKENS */
-    const float *x;               /* (T, d) */
-    const float *act_h;           /* (kT + T, f) act(h) (gated: act(h) * up), set by the caller between the phases */
-    float *out;                   /* (T, d) */
+    const void *x;                /* (T, d) */
+    const void *act_h;            /* (kT + T, f) act(h) (gated: act(h) * up), set by the caller between the phases */
+    void *out;                    /* (T, d) */
     /* phase 1's routing, for phase 2 and the caller; assignment a = c T + t is token t's c-th choice */
     int64_t expert[MAX_ASSIGN];   /* each assignment's expert */
     int64_t slot[MAX_ASSIGN];     /* its row in the expert-grouped order */
@@ -50,18 +53,24 @@ typedef struct {
     float keep[MAX_TOKENS];       /* each token's residual output's factor: coefficient 1 */
 } decode_t;
 
-/* dot[t * rows + r] = bias[r] + x[t, :] . w[r, :] for T rows of x, w (rows, d) row-major, d a multiple of 16. */
-static void dots(const float *x, int64_t T, const float *w, const float *bias, int64_t rows, int64_t d, float *dot) {
+/* Element i of a row-major matrix of rows of `width` elements, fp32 or bf16. */
+static inline const char *at(const void *base, int64_t i, int64_t width, int bf16) {
+    return (const char *)base + i * width * (bf16 ? 2 : 4);
+}
+
+/* dot[t * rows + r] = bias[r] + x[t, :] . w[r, :] in fp32 for T rows of x, w (rows, d) row-major (all fp32,
+ * or all bf16), d a multiple of 16. */
+static void dots(const void *x, int64_t T, const void *w, const void *bias, int64_t rows, int64_t d, int bf16,
+                 float *dot) {
     for (int64_t r = 0; r < rows; r++) {
-        const float *wr = w + r * d;
         v16 acc[MAX_TOKENS];
         for (int64_t t = 0; t < T; t++) acc[t] = (v16){0};
         for (int64_t i = 0; i < d; i += 16) {
-            v16 wv = *(const v16 *)(wr + i);
-            for (int64_t t = 0; t < T; t++) acc[t] += *(const v16 *)(x + t * d + i) * wv;
+            v16 wv = load16(at(w, r * d + i, 1, bf16), bf16);
+            for (int64_t t = 0; t < T; t++) acc[t] += load16(at(x, t * d + i, 1, bf16), bf16) * wv;
         }
         for (int64_t t = 0; t < T; t++) {
-            float s = bias ? bias[r] : 0.0f;
+            float s = bias ? load1(bias, r, bf16) : 0.0f;
             for (int c = 0; c < 16; c++) s += acc[t][c];
             dot[t * rows + r] = s;
         }
@@ -86,8 +95,8 @@ static float softmax_scale(const float *v, int64_t n, int64_t *best) {
 static void route(decode_t *s, float *logits) {
     int64_t T = s->tokens, E = s->experts, k = s->top_k;
     float coef[2 * MAX_TOKENS];
-    dots(s->x, T, s->router, NULL, E, s->d, logits);
-    if (s->coef_w) dots(s->x, T, s->coef_w, s->coef_b, 2, s->d, coef);
+    dots(s->x, T, s->router, NULL, E, s->d, s->bf16, logits);
+    if (s->coef_w) dots(s->x, T, s->coef_w, s->coef_b, 2, s->d, s->bf16, coef);
     for (int64_t t = 0; t < T; t++) {
         const float *l = logits + t * E;
         int64_t *chosen = s->expert + t; /* chosen[c * T]: choice c */
@@ -118,21 +127,22 @@ static void route(decode_t *s, float *logits) {
         s->slot[a] = 0;
         for (int64_t b = 0; b < k * T; b++)
             s->slot[a] += s->expert[b] < s->expert[a] || (s->expert[b] == s->expert[a] && b < a);
-        memcpy(s->xs + s->slot[a] * s->d, s->x + a % T * s->d, (size_t)s->d * sizeof(float));
+        memcpy((char *)at(s->xs, s->slot[a], s->d, s->bf16), at(s->x, a % T, s->d, s->bf16),
+               (size_t)(s->d * (s->bf16 ? 2 : 4)));
     }
 }
 
 /* The jobs of one FFN over `rows` rows starting at row `row` of h/up/y: phase 1 x @ w1 (and x @ w_up)
  * into h (and up), phase 2 act_h @ w2 into y. Returns how many. */
-static int64_t ffn_jobs(const decode_t *s, int phase, const ffn_t *w, int64_t rows, const float *x, int64_t row,
+static int64_t ffn_jobs(const decode_t *s, int phase, const ffn_t *w, int64_t rows, const void *x, int64_t row,
                         job_t *jobs) {
     if (phase == 2) {
-        jobs[0] = (job_t){rows, s->act_h + row * s->f, w->w2, w->b2, s->y + row * s->d};
+        jobs[0] = (job_t){rows, at(s->act_h, row, s->f, s->bf16), w->w2, w->b2, (void *)at(s->y, row, s->d, s->bf16)};
         return 1;
     }
-    jobs[0] = (job_t){rows, x, w->w1, w->b1, s->h + row * s->f};
+    jobs[0] = (job_t){rows, x, w->w1, w->b1, (void *)at(s->h, row, s->f, s->bf16)};
     if (!w->w_up) return 1;
-    jobs[1] = (job_t){rows, x, w->w_up, NULL, s->up + row * s->f};
+    jobs[1] = (job_t){rows, x, w->w_up, NULL, (void *)at(s->up, row, s->f, s->bf16)};
     return 2;
 }
 
@@ -142,29 +152,28 @@ static int64_t phase_jobs(const decode_t *s, int phase, job_t *jobs) {
     for (int64_t a = 0; a < kT; a++) by_slot[s->slot[a]] = s->expert[a];
     for (int64_t r = 0; r < kT; r += rows) {
         for (rows = 1; r + rows < kT && by_slot[r + rows] == by_slot[r]; rows++) continue;
-        n += ffn_jobs(s, phase, s->ffns + by_slot[r], rows, s->xs + r * s->d, r, jobs + n);
+        n += ffn_jobs(s, phase, s->ffns + by_slot[r], rows, at(s->xs, r, s->d, s->bf16), r, jobs + n);
     }
     if (s->coef_w) n += ffn_jobs(s, phase, s->ffns + s->experts, T, s->x, kT, jobs + n);
     return n;
 }
 
 /* out[t] = keep[t] * residual's y (0 without one), then + scale[a] * y of each of its assignments a in slot
- * order: the order and rounding of `kernels.combine` (its scale, then index_add_ over the sorted
- * assignments; no fused multiply-add). */
+ * order: in fp32, the order and rounding of `kernels.combine` (its scale, then index_add_ over the
+ * sorted assignments; no fused multiply-add); in bf16, the same sums in fp32, rounded once. */
 __attribute__((optimize("fp-contract=off"))) static void combine_row(const decode_t *s, int64_t t) {
     int64_t T = s->tokens, k = s->top_k, d = s->d, mine[MAX_K];
-    float *out = s->out + t * d;
+    int bf16 = (int)s->bf16;
     for (int64_t c = 0; c < k; c++) { /* token t's assignments by slot (insertion sort of k) */
-        int64_t a = c * T + t, at = c;
-        for (; at > 0 && s->slot[mine[at - 1]] > s->slot[a]; at--) mine[at] = mine[at - 1];
-        mine[at] = a;
+        int64_t a = c * T + t, i = c;
+        for (; i > 0 && s->slot[mine[i - 1]] > s->slot[a]; i--) mine[i] = mine[i - 1];
+        mine[i] = a;
     }
-    const float *dense = s->y + (k * T + t) * d;
-    for (int64_t i = 0; i < d; i++) out[i] = s->coef_w ? s->keep[t] * dense[i] : 0.0f;
-    for (int64_t c = 0; c < k; c++) {
-        const float *expert = s->y + s->slot[mine[c]] * d;
-        float scale = s->scale[mine[c]];
-        for (int64_t i = 0; i < d; i++) out[i] += scale * expert[i];
+    for (int64_t i = 0; i < d; i += 16) {
+        v16 out = s->coef_w ? s->keep[t] * load16(at(s->y, (k * T + t) * d + i, 1, bf16), bf16) : (v16){0};
+        for (int64_t c = 0; c < k; c++)
+            out += s->scale[mine[c]] * load16(at(s->y, s->slot[mine[c]] * d + i, 1, bf16), bf16);
+        store16((char *)at(s->out, t * d + i, 1, bf16), out, bf16);
     }
 }
 
@@ -179,7 +188,7 @@ void mc_moe_decode_first(decode_t *s, int threads) {
             route(s, logits);
             njobs = phase_jobs(s, 1, jobs);
         }
-        run_jobs(njobs, jobs, s->f, s->d, 0);
+        run_jobs(njobs, jobs, s->f, s->d, (int)s->bf16);
     }
 }
 
@@ -188,7 +197,7 @@ void mc_moe_decode_second(decode_t *s, int threads) {
     int64_t njobs = phase_jobs(s, 2, jobs);
 #pragma omp parallel num_threads(threads)
     {
-        run_jobs(njobs, jobs, s->d, s->f, 0);
+        run_jobs(njobs, jobs, s->d, s->f, (int)s->bf16);
 #pragma omp barrier /* every y row written before the combine reads it */
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < s->tokens; t++) combine_row(s, t);

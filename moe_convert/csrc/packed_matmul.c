@@ -18,27 +18,11 @@
 #include <string.h>
 
 #include "packed_matmul.h"
+#include "vectors.h"
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));     /* 16 floats, unaligned loads allowed */
-typedef uint16_t h16 __attribute__((vector_size(32), aligned(2)));  /* 16 bf16 values */
-typedef uint32_t u32x16 __attribute__((vector_size(64), aligned(4)));
 #define BLOCK 64
 #define LINE 64      /* bytes per cache line: the unit of the prefetch */
 #define MAX_GROUP 6  /* rows computed per pass over a panel: 24 accumulators of the 32 vector registers */
-
-/* Widening and rounding of bf16 values (stored as uint16: the top half of an fp32). */
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-static inline v16 bf16x16_to_f32(const uint16_t *p) { return (v16)(__builtin_convertvector(*(const h16 *)p, u32x16) << 16); }
-static inline void f32_to_bf16x16(v16 v, uint16_t *p) { /* nearest, ties to even; NaN stays NaN */
-    u32x16 u = (u32x16)v, nan = (u32x16)(v != v);
-    u32x16 rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16, quiet = (u >> 16) | 0x40;
-    *(h16 *)p = __builtin_convertvector((rounded & ~nan) | (quiet & nan), h16);
-}
 
 /* The 64 outputs' accumulators of a group start at the bias (or 0), and are stored, `valid` of them, as
  * the type's values. */

@@ -12,29 +12,17 @@
  */
 #include <omp.h>
 #include <stdint.h>
-#include <string.h>
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));      /* 16 floats, unaligned loads allowed */
-typedef uint16_t h16 __attribute__((vector_size(32), aligned(2)));   /* 16 bf16 values */
-typedef uint32_t u32x16 __attribute__((vector_size(64)));            /* 16 32-bit lanes */
-typedef uint16_t bf16_t;
+#include "vectors.h"
+
 #define AHEAD 4096 /* bytes fetched ahead of the ones being read */
-
+typedef uint16_t bf16_t;
 static inline v16 load_f32(const float *p) { return *(const v16 *)p; }
-static inline v16 load_bf16(const bf16_t *p) { return (v16)(__builtin_convertvector(*(const h16 *)p, u32x16) << 16); }
+static inline v16 load_bf16(const bf16_t *p) { return bf16x16_to_f32(p); }
 static inline float scalar_f32(const float *p) { return *p; }
-static inline float scalar_bf16(const bf16_t *p) {
-    uint32_t u = (uint32_t)*p << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
+static inline float scalar_bf16(const bf16_t *p) { return bf16_to_f32(*p); }
 static inline void store_f32(float *y, float v) { *y = v; }
-static inline void store_bf16(bf16_t *y, float v) {
-    uint32_t u;
-    memcpy(&u, &v, sizeof u);
-    *y = v != v ? (bf16_t)((u >> 16) | 0x40) : (bf16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16); /* NaN stays NaN */
-}
+static inline void store_bf16(bf16_t *y, float v) { *y = f32_to_bf16(v); }
 
 /* y[t, r] = bias[r] + x[t, :] . w[r, :] for T tokens (x fp32) and rows r0 <= r < r1 of w (TYPE); `in` a
  * multiple of 16. */
