@@ -1,7 +1,7 @@
 /* A PR-MoE layer's decode step (a few tokens, top-k) around the packed-weight kernel (moe_convert/decode.py).
  *
  * In decode the layer's cost is streaming the hit experts' and the residual FFN's weights. Done with
- * torch ops, the rest (router, softmax, top-1, the residual coefficient, sort, gather, combine) is a
+ * torch ops, the rest (router, softmax, top-k, the residual coefficient, sort, gather, combine) is a
  * dozen tiny ops that find code and data cold after the other layers' weights went through the
  * caches: ~0.4 ms of a ~2 ms step. Here it is plain C in two calls:
  *   phase 1: route every token, group its assignments by expert, run every first matmul (each hit
@@ -53,7 +53,7 @@ typedef struct {
     float keep[MAX_TOKENS];       /* each token's residual output's factor: coefficient 1 */
 } decode_t;
 
-/* Element i of a row-major matrix of rows of `width` elements, fp32 or bf16. */
+/* Row i of a row-major matrix of rows of `width` elements, fp32 or bf16 (element i with width 1). */
 static inline const char *at(const void *base, int64_t i, int64_t width, int bf16) {
     return (const char *)base + i * width * (bf16 ? 2 : 4);
 }
