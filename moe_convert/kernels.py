@@ -13,9 +13,9 @@ The expert matmuls have two backends, picked per call by `pick_backend` from mea
   first matmul, row blocks that keep the intermediate in cache), because the fp32 `torch.mm` of this
   torch build is MKL, which runs ~2x below oneDNN on AMD CPUs. The runtime packs every FFN's weights
   once at load into oneDNN's blocked layout (`pack_ffn`, `pack_experts`), and packed fp32 slices of up
-  to `NATIVE_MAX_ROWS` rows (bf16: `NATIVE_BATCH_ROWS`) go through the native kernel (`native.py`: decode's experts together in
-  two calls, prefill's small experts one by one); the layer's plain [in, out] parameters are read
-  through transposed views, and slices under 8 rows use MKL's `addmm`;
+  to `NATIVE_MAX_ROWS` rows (bf16: `NATIVE_BATCH_ROWS`) go through the native kernel (`native.py`:
+  decode's experts together in two calls, prefill's small experts one by one); the layer's plain
+  [in, out] parameters are read through transposed views, and slices under 8 rows use MKL's `addmm`;
 - "grouped_mm": `torch.nn.functional.grouped_mm` with per-expert offsets (one call per matrix).
 """
 
@@ -244,8 +244,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     Through oneDNN for packed weights, and for CPU inference from `LINEAR_ONEDNN_MIN_ROWS` rows (the
     fp32 router at T=4096: 2.3x faster than MKL here, README) or, for fewer rows, when w is a contiguous
     [out, in] matrix of `PACK_MIN_BYTES` or more (an LM head of 50257 x 1024, one row: 3.8 ms against
-    MKL's 10.0 ms). Packed fp32 or bf16 weights on few rows (`_native_rows`) go through the native kernel, and
-    so do large plain fp32 ones on up to 8 rows (`_rowmajor_ok`: the LM head, 0.72-0.80x oneDNN's time).
+    MKL's 10.0 ms). Packed fp32 or bf16 weights on few rows (`_native_rows`) go through the native kernel,
+    and so do large plain ones on up to 8 rows (`_rowmajor_ok`: the LM head, fp32 0.72-0.80x oneDNN's time).
     """
     w_address = address(w) if w.is_mkldnn else None
     if (w_address is not None and _native_ok(x, w.dtype, w.shape[1], None, w.shape[0])
@@ -267,11 +267,10 @@ def _rowmajor_ok(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bo
     least `PACK_MIN_BYTES` (in practice a tied LM head, which is not packed), `in` a multiple of 16, at
     most `native.ROWMAJOR_MAX_ROWS` rows of x on the CPU, x and a contiguous (out,) bias (or none) in w's
     dtype, and no autograd."""
-    return (not w.is_mkldnn and w.dim() == 2 and w.dtype in (torch.float32, torch.bfloat16) and w.is_contiguous()
-            and _large(w) and w.shape[1] % 16 == 0 and x.dim() == 2 and x.device.type == "cpu"
-            and x.dtype == w.dtype and x.shape[1] == w.shape[1] and 1 <= x.shape[0] <= native.ROWMAJOR_MAX_ROWS
-            and x.numel() <= ROWMAJOR_MAX_INPUTS
-            and (b is None or (b.dtype == w.dtype and b.is_contiguous() and tuple(b.shape) == (w.shape[0],)))
+    return (not w.is_mkldnn and w.dim() == 2 and w.dtype in native.LAYOUTS and w.is_contiguous() and _large(w)
+            and w.shape[1] % 16 == 0 and _native_input(x, w.dtype) and x.shape[1] == w.shape[1]
+            and 1 <= x.shape[0] <= native.ROWMAJOR_MAX_ROWS and x.numel() <= ROWMAJOR_MAX_INPUTS
+            and (b is None or _native_bias(b, w.shape[0], w.dtype))
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
             and native.library() is not None)
 
@@ -505,9 +504,10 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
     if also is not None:
         rows, weights, dense = also
         rows = rows.contiguous()  # alive until the native calls below
-        same = few and weights.keys() == weights_of(slices[0][0]).keys() and tuple(weights["w_out"].shape) == shape
-        fits = same and _native_ok(rows, weights["w_out"].dtype, shape[0], dense, shape[0], shape[1])
-        also_pointers = native_pointers(weights) if fits and rows.dtype == x.dtype else None
+        same = (few and weights.keys() == weights_of(slices[0][0]).keys() and tuple(weights["w_out"].shape) == shape
+                and weights["w_out"].dtype == x.dtype)  # the experts' shapes and dtype: joins their calls
+        fits = same and _native_ok(rows, x.dtype, shape[0], dense, shape[0], shape[1])
+        also_pointers = native_pointers(weights) if fits else None
         if also_pointers is None:
             ffn(rows, weights, act, dense)
         else:
