@@ -2,7 +2,7 @@
 implementations on the same inputs and weights, against the hardware floor measured in the same run.
 
 Implementations (each computes `c0 * moe(x) + c1 * mlp(x)` with an fp32 top-1 gate):
-- `moe_convert`: our kernels (`kernels.moe_forward`) as the runtime runs them, the weights packed for
+- `moe_convert`: our kernels as the runtime runs them (`runtime.MoELayer`), the weights packed for
   oneDNN once at setup as `generate` does at load; `moe_convert[loop]` / `moe_convert[grouped_mm]`: the
   stacked [E, in, out] weights as `PRMoELayer` holds them, one expert-matmul backend forced (the
   dispatch table's evidence);
@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from .config import check_seed
-from .decode import Decoder
 from .errors import MoEConvertError
 from .io import DTYPES
+from .runtime import MoELayer
 from . import kernels
-from .kernels import ACTIVATIONS, back_with_huge_pages, ffn, moe_forward, pack_experts, pack_ffn, packed_matrices
+from .kernels import ACTIVATIONS, back_with_huge_pages, ffn, pack_experts, pack_ffn, packed_matrices
 
 ACT = "gelu_pytorch_tanh"  # GPT-2's tanh GELU, fused in every implementation
 BATCHED_MM_LIMIT = 2 * 2**30  # hf_batched_mm copies the chosen expert's weights per token: skip past 2 GiB
@@ -108,14 +108,9 @@ def make_weights(E: int, d: int, dtype: torch.dtype, seed: int = 0) -> LayerWeig
 
 
 # --- implementations: each builds a callable x (T, d) -> y (T, d) from the same weights -------------
-def _coef(w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-    """(T, 2) the residual mix's coefficients."""
-    return F.linear(x, w.coef_w, w.coef_b).softmax(-1)
-
-
 def _residual(w: LayerWeights, x: torch.Tensor):
     """(coef (T, 2), dense FFN output (T, d))."""
-    return _coef(w, x), ffn(x, w.dense, ACTIVATIONS[ACT])
+    return F.linear(x, w.coef_w, w.coef_b).softmax(-1), ffn(x, w.dense, ACTIVATIONS[ACT])
 
 
 def impl_moe_convert(w: LayerWeights, backend: str | None = None) -> Callable:
@@ -123,15 +118,7 @@ def impl_moe_convert(w: LayerWeights, backend: str | None = None) -> Callable:
     at load). A backend: the stacked [E, in, out] weights as `PRMoELayer` holds them, that backend forced."""
     stacked, dense = (w.stacked, w.dense) if backend else (pack_experts(w.stacked), pack_ffn(w.dense))
     back_with_huge_pages(packed_matrices(stacked) + packed_matrices(dense))  # as the runtime does after packing
-    decoder = None if backend else Decoder.build(w.router, stacked, (w.coef_w, w.coef_b, dense), ACTIVATIONS[ACT],
-                                                 top_k=1, capacity_factor=None, min_capacity=4)
-
-    def run(x):  # as the runtime runs a layer: few tokens through the decoder, else the residual FFN's weights go in
-        y = decoder(x) if decoder else None
-        if y is None:
-            y = moe_forward(x, w.router, stacked, ACTIVATIONS[ACT], residual=(_coef(w, x), dense), backend=backend)[0]
-        return y
-    return run
+    return MoELayer(w.router, stacked, dense, (w.coef_w, w.coef_b), ACTIVATIONS[ACT], backend=backend)
 
 
 def _top1(w: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,8 @@ from .expert_parallel import ExpertParallel, from_environment
 from .export import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file,
                      export_weight_files)
 from .io import open_safetensors, read_safetensors, return_freed_memory
-from .kernels import (ACTIVATIONS, back_with_huge_pages, ffn, linear, moe_forward, native_fp16_matmul, pack_experts,
-                      pack_ffn, pack_matrix, packed_matrices)
+from .kernels import (ACTIVATIONS, PackedExperts, back_with_huge_pages, ffn, linear, moe_forward, native_fp16_matmul,
+                      pack_experts, pack_ffn, pack_matrix, packed_matrices)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -128,6 +129,39 @@ class Generation:
         return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else None
 
 
+@dataclass
+class MoELayer:
+    """One PR-MoE layer's weights for inference and how it runs: few tokens through `decode.Decoder` where
+    it applies (decode), else `kernels.moe_forward` with the residual FFN's weights, run with the experts,
+    and its coefficient mixed into the combine. The runtime holds one per MoE layer; `bench layer` runs
+    its `moe_convert` rows through it."""
+
+    router: torch.Tensor  # (E, d)
+    stacked: PackedExperts | dict[str, torch.Tensor]  # `pack_experts`, or stacked [E, in, out] weights
+    dense: dict[str, torch.Tensor] | None  # the residual FFN (`pack_ffn`), None without one
+    coef: tuple[torch.Tensor, torch.Tensor] | None  # the residual coefficient's weight (2, d) and bias (2,)
+    act: Callable
+    top_k: int = 1
+    capacity_factor: float | None = None
+    min_capacity: int = 4
+    exchange: Callable | None = None  # expert parallelism (`ExpertParallel.exchange`): no decoder then
+    backend: str | None = None  # `kernels.pick_backend`'s choice, forced
+
+    def __post_init__(self):
+        residual = None if self.dense is None else (*self.coef, self.dense)
+        self.decoder = None if self.exchange else Decoder.build(self.router, self.stacked, residual, self.act,
+                                                                self.top_k, self.capacity_factor, self.min_capacity)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, d) -> (T, d)."""
+        y = self.decoder(x) if self.decoder else None  # few tokens: the whole layer in two native calls
+        if y is None:
+            residual = None if self.dense is None else (F.linear(x, *self.coef).softmax(-1), self.dense)  # (T, 2)
+            y = moe_forward(x, self.router, self.stacked, self.act, self.top_k, self.capacity_factor,
+                            self.min_capacity, residual=residual, backend=self.backend, exchange=self.exchange)[0]
+        return y
+
+
 class Runtime:
     """A decoder-only LM over exported tensors; subclasses give the host's embedding, norms and attention.
 
@@ -166,8 +200,10 @@ class Runtime:
             for name in self.PROJECTIONS:
                 self._add_projection(f"{self.spec.layers}.{i}.{self.ATTENTION}.{name}")
             return_freed_memory()  # this layer's exported copies are packed: peak stays near one model, not two
-        back_with_huge_pages([m for w in self.ffns for part in ("stacked", "dense") if part in w
-                              for m in packed_matrices(w[part])] + [w for w, _ in self.proj.values() if w.is_mkldnn])
+        ffns = [part for w in self.ffns for part in ((w["moe"].stacked, w["moe"].dense) if "moe" in w else (w["dense"],))
+                if part is not None]
+        back_with_huge_pages([m for part in ffns for m in packed_matrices(part)]
+                             + [w for w, _ in self.proj.values() if w.is_mkldnn])
 
     def configure(self, c: dict) -> None:
         """Read the host config (heads, norms, positions); raises before any tensor is read."""
@@ -191,37 +227,26 @@ class Runtime:
                          for ours, (key, transposed) in self.spec.expert_keys.items()})
 
     def _ffn_weights(self, i: int) -> dict:
-        """Layer i's FFN weights, packed once here at load (the exported tensors are released as they are packed)."""
+        """Layer i's FFN, packed once here at load (the exported tensors are released as they are packed):
+        {"dense": its `pack_ffn` weights} or {"moe": its `MoELayer`}."""
         prefix = f"{self.spec.layers}.{i}.{self.spec.ffn_attr}."
         if i not in self.moe:
             return {"dense": self._kernel_ffn(prefix)}
-        w = {"router": self.t[prefix + "router.weight"],
-             "stacked": pack_experts({name: self.t.pop(prefix + "experts." + name) for name in self.spec.expert_keys})}
-        if self.manifest["residual"]:
-            w["dense"] = self._kernel_ffn(prefix + "mlp.")
-            w["coef"] = (self.t[prefix + "coefficient.weight"], self.t[prefix + "coefficient.bias"])
-        if self.ep is None:  # with expert parallelism the rows travel to other ranks: moe_forward's exchange
-            m = self.manifest
-            w["decoder"] = Decoder.build(w["router"], w["stacked"], (*w["coef"], w["dense"]) if "dense" in w else None,
-                                         self.act, m["top_k"], m["capacity_factor"], m["min_capacity"])
-        return w
+        m = self.manifest
+        residual = m["residual"]
+        return {"moe": MoELayer(
+            self.t[prefix + "router.weight"],
+            pack_experts({name: self.t.pop(prefix + "experts." + name) for name in self.spec.expert_keys}),
+            self._kernel_ffn(prefix + "mlp.") if residual else None,
+            (self.t[prefix + "coefficient.weight"], self.t[prefix + "coefficient.bias"]) if residual else None,
+            self.act, m["top_k"], m["capacity_factor"], m["min_capacity"],
+            exchange=None if self.ep is None else self.ep.exchange)}
 
     def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Decoder layer i's FFN on x (B, L, d): dense, or PR-MoE through our kernels."""
         w, shape = self.ffns[i], x.shape
         x = x.reshape(-1, shape[-1])  # (T, d)
-        if "router" not in w:
-            return ffn(x, w["dense"], self.act).reshape(shape)
-        y = w["decoder"](x) if w.get("decoder") else None  # few tokens: the whole layer in two native calls
-        if y is not None:
-            return y.reshape(shape)
-        residual = None
-        if "dense" in w:
-            residual = (F.linear(x, *w["coef"]).softmax(-1), w["dense"])  # (T, 2), the FFN run with the experts
-        m = self.manifest
-        y, _ = moe_forward(x, w["router"], w["stacked"], self.act, m["top_k"], m["capacity_factor"],
-                           m["min_capacity"], residual=residual, exchange=None if self.ep is None else self.ep.exchange)
-        return y.reshape(shape)
+        return (w["moe"](x) if "moe" in w else ffn(x, w["dense"], self.act)).reshape(shape)
 
     # --- host-specific pieces ------------------------------------------------------------------
     num_kv_heads: int

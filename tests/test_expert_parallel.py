@@ -23,8 +23,8 @@ WORKER = textwrap.dedent("""
     for path in sys.argv[1:]:
         ep, full = load_runtime(path, expert_parallel=True), load_runtime(path)
         rank = ep.ep.rank
-        held = [len(w["stacked"].weights) if hasattr(w["stacked"], "weights") else w["stacked"]["w_out"].shape[0]
-                for w in ep.ffns if "router" in w]
+        held = [len(w["moe"].stacked.weights) if hasattr(w["moe"].stacked, "weights")
+                else w["moe"].stacked["w_out"].shape[0] for w in ep.ffns if "moe" in w]
         assert held == [e["experts"] // 2 for e in ep.manifest["layers"]], held
         # each rank its own tokens, of its own length: rows cross between ranks unevenly
         ids = torch.randint(0, 101, (2, 9 + 4 * rank), generator=torch.Generator().manual_seed(100 + rank))

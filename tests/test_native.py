@@ -328,7 +328,7 @@ def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, top_k
     model.save_pretrained(tmp_path / "src")
     export(tmp_path / "src", tmp_path / "out", dtype=dtype)
     rt = load_runtime(tmp_path / "out")
-    assert all(p is not None for p in rt.ffns[1]["stacked"].pointers)
+    assert all(p is not None for p in rt.ffns[1]["moe"].stacked.pointers)
     decoded, real = [], Decoder.__call__
 
     def counted(self, x):

@@ -58,7 +58,7 @@ def test_fp32_logits_equal_the_source_model(exported, host, ep, packed):
     """With the FFN weights packed for oneDNN at load (large models) and plain (small ones, as here by default)."""
     model, path = exported[host, "fp32", ep]
     rt = load_runtime(path)
-    assert isinstance(rt.ffns[1]["stacked"], PackedExperts) == packed
+    assert isinstance(rt.ffns[1]["moe"].stacked, PackedExperts) == packed
     ffn_tensors = [n for n in rt.t if ".mlp." in n and not n.split(".mlp.", 1)[1].startswith(("router.", "coef"))]
     assert ffn_tensors == []  # the exported FFN weights live in `ffns` only (released once packed)
     ids = torch.randint(0, VOCAB, (3, 13))
