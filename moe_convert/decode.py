@@ -84,7 +84,7 @@ class Decoder:
                            h=self._h.data_ptr(), y=self._y.data_ptr(), up=self._up.data_ptr() if self.gated else None)
         if residual is not None:
             self.state.coef_w, self.state.coef_b = residual[0].data_ptr(), residual[1].data_ptr()
-        self._at = ctypes.addressof(self.state)
+        self._at, self._lib = ctypes.addressof(self.state), library()
 
     @classmethod
     def build(cls, router: torch.Tensor, experts, residual: tuple[torch.Tensor, torch.Tensor, dict] | None, act,
@@ -122,14 +122,14 @@ class Decoder:
                 or x.device.type != "cpu" or x.shape[1] != self.state.d
                 or (x.requires_grad and torch.is_grad_enabled())):
             return None
-        lib, threads = library(), torch.get_num_threads()
+        threads = torch.get_num_threads()
         s, x, out = self.state, x.contiguous(), x.new_empty(T, x.shape[1])
         s.tokens, s.x, s.out = T, x.data_ptr(), out.data_ptr()
-        lib.mc_moe_decode_first(self._at, threads)
+        self._lib.mc_moe_decode_first(self._at, threads)
         rows = T * self.rows_per_token
         h = self.act(self._h[:rows])
         if self.gated:
             h.mul_(self._up[:rows])
         s.act_h = h.data_ptr()
-        lib.mc_moe_decode_second(self._at, threads)
+        self._lib.mc_moe_decode_second(self._at, threads)
         return out
