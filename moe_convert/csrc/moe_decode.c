@@ -53,11 +53,6 @@ typedef struct {
     float keep[MAX_TOKENS];       /* each token's residual output's factor: coefficient 1 */
 } decode_t;
 
-/* Row i of a row-major matrix of rows of `width` elements, fp32 or bf16 (element i with width 1). */
-static inline const char *at(const void *base, int64_t i, int64_t width, int bf16) {
-    return (const char *)base + i * width * (bf16 ? 2 : 4);
-}
-
 /* dot[t * rows + r] = bias[r] + x[t, :] . w[r, :] in fp32 for T rows of x, w (rows, d) row-major (all fp32,
  * or all bf16), d a multiple of 16. */
 static void dots(const void *x, int64_t T, const void *w, const void *bias, int64_t rows, int64_t d, int bf16,
@@ -66,8 +61,8 @@ static void dots(const void *x, int64_t T, const void *w, const void *bias, int6
         v16 acc[MAX_TOKENS];
         for (int64_t t = 0; t < T; t++) acc[t] = (v16){0};
         for (int64_t i = 0; i < d; i += 16) {
-            v16 wv = load16(at(w, r * d + i, 1, bf16), bf16);
-            for (int64_t t = 0; t < T; t++) acc[t] += load16(at(x, t * d + i, 1, bf16), bf16) * wv;
+            v16 wv = load16(elem(w, r * d + i, bf16), bf16);
+            for (int64_t t = 0; t < T; t++) acc[t] += load16(elem(x, t * d + i, bf16), bf16) * wv;
         }
         for (int64_t t = 0; t < T; t++) {
             float s = bias ? load1(bias, r, bf16) : 0.0f;
@@ -127,7 +122,7 @@ static void route(decode_t *s, float *logits) {
         s->slot[a] = 0;
         for (int64_t b = 0; b < k * T; b++)
             s->slot[a] += s->expert[b] < s->expert[a] || (s->expert[b] == s->expert[a] && b < a);
-        memcpy((char *)at(s->xs, s->slot[a], s->d, s->bf16), at(s->x, a % T, s->d, s->bf16),
+        memcpy(elem(s->xs, s->slot[a] * s->d, s->bf16), elem(s->x, a % T * s->d, s->bf16),
                (size_t)(s->d * (s->bf16 ? 2 : 4)));
     }
 }
@@ -137,12 +132,12 @@ static void route(decode_t *s, float *logits) {
 static int64_t ffn_jobs(const decode_t *s, int phase, const ffn_t *w, int64_t rows, const void *x, int64_t row,
                         job_t *jobs) {
     if (phase == 2) {
-        jobs[0] = (job_t){rows, at(s->act_h, row, s->f, s->bf16), w->w2, w->b2, (void *)at(s->y, row, s->d, s->bf16)};
+        jobs[0] = (job_t){rows, elem(s->act_h, row * s->f, s->bf16), w->w2, w->b2, elem(s->y, row * s->d, s->bf16)};
         return 1;
     }
-    jobs[0] = (job_t){rows, x, w->w1, w->b1, (void *)at(s->h, row, s->f, s->bf16)};
+    jobs[0] = (job_t){rows, x, w->w1, w->b1, elem(s->h, row * s->f, s->bf16)};
     if (!w->w_up) return 1;
-    jobs[1] = (job_t){rows, x, w->w_up, NULL, (void *)at(s->up, row, s->f, s->bf16)};
+    jobs[1] = (job_t){rows, x, w->w_up, NULL, elem(s->up, row * s->f, s->bf16)};
     return 2;
 }
 
@@ -152,7 +147,7 @@ static int64_t phase_jobs(const decode_t *s, int phase, job_t *jobs) {
     for (int64_t a = 0; a < kT; a++) by_slot[s->slot[a]] = s->expert[a];
     for (int64_t r = 0; r < kT; r += rows) {
         for (rows = 1; r + rows < kT && by_slot[r + rows] == by_slot[r]; rows++) continue;
-        n += ffn_jobs(s, phase, s->ffns + by_slot[r], rows, at(s->xs, r, s->d, s->bf16), r, jobs + n);
+        n += ffn_jobs(s, phase, s->ffns + by_slot[r], rows, elem(s->xs, r * s->d, s->bf16), r, jobs + n);
     }
     if (s->coef_w) n += ffn_jobs(s, phase, s->ffns + s->experts, T, s->x, kT, jobs + n);
     return n;
@@ -170,10 +165,10 @@ __attribute__((optimize("fp-contract=off"))) static void combine_row(const decod
         mine[i] = a;
     }
     for (int64_t i = 0; i < d; i += 16) {
-        v16 out = s->coef_w ? s->keep[t] * load16(at(s->y, (k * T + t) * d + i, 1, bf16), bf16) : (v16){0};
+        v16 out = s->coef_w ? s->keep[t] * load16(elem(s->y, (k * T + t) * d + i, bf16), bf16) : (v16){0};
         for (int64_t c = 0; c < k; c++)
-            out += s->scale[mine[c]] * load16(at(s->y, s->slot[mine[c]] * d + i, 1, bf16), bf16);
-        store16((char *)at(s->out, t * d + i, 1, bf16), out, bf16);
+            out += s->scale[mine[c]] * load16(elem(s->y, s->slot[mine[c]] * d + i, bf16), bf16);
+        store16(elem(s->out, t * d + i, bf16), out, bf16);
     }
 }
 

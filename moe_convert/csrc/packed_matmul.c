@@ -26,23 +26,17 @@
 
 /* The 64 outputs' accumulators of a group start at the bias (or 0), and are stored, `valid` of them, as
  * the type's values. */
-static inline void bias_f32(const void *bias, v16 *acc) {
-    for (int c = 0; c < 4; c++) acc[c] = bias ? *(const v16 *)((const float *)bias + 16 * c) : (v16){0};
+static inline void bias_acc(const void *bias, v16 *acc, int bf16) {
+    for (int c = 0; c < 4; c++) acc[c] = bias ? load16(elem(bias, 16 * c, bf16), bf16) : (v16){0};
 }
-static inline void bias_bf16(const void *bias, v16 *acc) {
-    for (int c = 0; c < 4; c++) acc[c] = bias ? bf16x16_to_f32((const uint16_t *)bias + 16 * c) : (v16){0};
-}
-static inline void store_f32(const v16 *acc, void *y, int64_t valid) {
+static inline void store_acc(const v16 *acc, void *y, int64_t valid, int bf16) {
     if (valid == BLOCK) {
-        for (int c = 0; c < 4; c++) *(v16 *)((float *)y + 16 * c) = acc[c];
-    } else {
-        memcpy(y, acc, (size_t)valid * sizeof(float));
+        for (int c = 0; c < 4; c++) store16(elem(y, 16 * c, bf16), acc[c], bf16);
+        return;
     }
-}
-static inline void store_bf16(const v16 *acc, void *y, int64_t valid) {
-    uint16_t out[BLOCK];
-    for (int c = 0; c < 4; c++) f32_to_bf16x16(acc[c], out + 16 * c);
-    memcpy(y, out, (size_t)valid * sizeof(uint16_t));
+    float tail[BLOCK]; /* room for 64 of either type */
+    for (int c = 0; c < 4; c++) store16(elem(tail, 16 * c, bf16), acc[c], bf16);
+    memcpy(y, tail, (size_t)valid * (bf16 ? 2 : 4));
 }
 
 /* One step of the pass over a panel, for R rows of x. fp32 panels [in][64]: input i, 64 outputs. bf16
@@ -73,15 +67,13 @@ static inline void store_bf16(const v16 *acc, void *y, int64_t valid) {
     static void panel_##TYPE##_##R(const void *x, int64_t in, const void *panel, const void *bias,       \
                                    void *y, int64_t ldy, int64_t valid, const char *next, int64_t ahead) { \
         v16 acc[R][4];                                                                                   \
-        for (int r = 0; r < R; r++) bias_##TYPE(bias, acc[r]);                                           \
+        for (int r = 0; r < R; r++) bias_acc(bias, acc[r], IS_BF16_##TYPE);                            \
         for (int64_t i = 0, step = 0; i < in; i += INPUTS_PER_STEP_##TYPE, step++) {                     \
             if (step < ahead) __builtin_prefetch(next + LINE * step, 0, 3);                              \
             STEP_##TYPE(R)                                                                               \
         }                                                                                                \
-        for (int r = 0; r < R; r++) store_##TYPE(acc[r], (char *)y + r * ldy * sizeof(TYPE##_t), valid); \
+        for (int r = 0; r < R; r++) store_acc(acc[r], elem(y, r * ldy, IS_BF16_##TYPE), valid, IS_BF16_##TYPE); \
     }
-typedef float f32_t;
-typedef uint16_t bf16_t;
 #define PANEL_KERNELS(TYPE)                                                                              \
     PANEL_KERNEL(TYPE, 1) PANEL_KERNEL(TYPE, 2) PANEL_KERNEL(TYPE, 3)                                    \
     PANEL_KERNEL(TYPE, 4) PANEL_KERNEL(TYPE, 5) PANEL_KERNEL(TYPE, 6)

@@ -16,13 +16,6 @@
 #include "vectors.h"
 
 #define AHEAD 4096 /* bytes fetched ahead of the ones being read */
-typedef uint16_t bf16_t;
-static inline v16 load_f32(const float *p) { return *(const v16 *)p; }
-static inline v16 load_bf16(const bf16_t *p) { return bf16x16_to_f32(p); }
-static inline float scalar_f32(const float *p) { return *p; }
-static inline float scalar_bf16(const bf16_t *p) { return bf16_to_f32(*p); }
-static inline void store_f32(float *y, float v) { *y = v; }
-static inline void store_bf16(bf16_t *y, float v) { *y = f32_to_bf16(v); }
 
 /* y[t, r] = bias[r] + x[t, :] . w[r, :] for T tokens (x fp32) and rows r0 <= r < r1 of w (TYPE); `in` a
  * multiple of 16. */
@@ -38,20 +31,20 @@ static inline void store_bf16(bf16_t *y, float v) { *y = f32_to_bf16(v); }
             for (; i + 16 * S <= in; i += 16 * S) {                                                      \
                 for (int s = 0; s < S; s++) {                                                            \
                     __builtin_prefetch((const char *)(wr + i + 16 * s) + AHEAD, 0, 0);                   \
-                    v16 wv = load_##TYPE(wr + i + 16 * s);                                               \
+                    v16 wv = load16(wr + i + 16 * s, IS_BF16_##TYPE);                                               \
                     for (int t = 0; t < T; t++) acc[s][t] += *(const v16 *)(x + t * in + i + 16 * s) * wv; \
                 }                                                                                        \
             }                                                                                            \
             for (; i < in; i += 16) {                                                                    \
-                v16 wv = load_##TYPE(wr + i);                                                            \
+                v16 wv = load16(wr + i, IS_BF16_##TYPE);                                                            \
                 for (int t = 0; t < T; t++) acc[0][t] += *(const v16 *)(x + t * in + i) * wv;            \
             }                                                                                            \
             for (int t = 0; t < T; t++) {                                                                \
                 v16 a = acc[0][t];                                                                       \
                 for (int s = 1; s < S; s++) a += acc[s][t];                                              \
-                float sum = bias ? scalar_##TYPE(bias + r) : 0.0f;                                       \
+                float sum = bias ? load1(bias, r, IS_BF16_##TYPE) : 0.0f;                                       \
                 for (int c = 0; c < 16; c++) sum += a[c];                                                \
-                store_##TYPE(y + t * out + r, sum);                                                      \
+                store1(y, t * out + r, sum, IS_BF16_##TYPE);                                                      \
             }                                                                                            \
         }                                                                                                \
     }
@@ -63,7 +56,6 @@ static inline void store_bf16(bf16_t *y, float v) { *y = f32_to_bf16(v); }
                                        int64_t, int64_t, int64_t, int64_t) = {                          \
         rows_##TYPE##_1, rows_##TYPE##_2, rows_##TYPE##_3, rows_##TYPE##_4,                              \
         rows_##TYPE##_5, rows_##TYPE##_6, rows_##TYPE##_7, rows_##TYPE##_8};
-typedef float f32_t;
 ROWS_KERNELS(f32)
 ROWS_KERNELS(bf16)
 

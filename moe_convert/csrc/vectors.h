@@ -27,7 +27,13 @@ static inline uint16_t f32_to_bf16(float v) {
     return v != v ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
-/* 16 values at p as fp32: p holds fp32, or bf16 when `bf16`. */
+/* Values of either type, fp32 or bf16 (`bf16` 1), read and written as fp32. The kernels' macros name the
+ * type (f32, bf16) and pass IS_BF16_<type>: a constant, so each kernel compiles for its one type. */
+typedef float f32_t;
+typedef uint16_t bf16_t;
+#define IS_BF16_f32 0
+#define IS_BF16_bf16 1
+static inline void *elem(const void *p, int64_t i, int bf16) { return (char *)p + i * (bf16 ? 2 : 4); } /* p + i */
 static inline v16 load16(const void *p, int bf16) { return bf16 ? bf16x16_to_f32(p) : *(const v16 *)p; }
 static inline void store16(void *p, v16 v, int bf16) {
     if (bf16)
@@ -37,4 +43,10 @@ static inline void store16(void *p, v16 v, int bf16) {
 }
 static inline float load1(const void *p, int64_t i, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline void store1(void *p, int64_t i, float v, int bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
 }
