@@ -77,8 +77,8 @@ def native_ab(rt, prompt: list[int], args) -> None:
 
     if native.library() is None:
         sys.exit(f"the native kernel is off here: {native.why_unavailable()}")
-    switched = [(native, "ROWMAJOR_MAX_ROWS")]  # the row limits of the native kernels (the decoder's too)
-    if args.native_ab == "all":
+    switched = [(native, "ROWMAJOR_MAX_ROWS")]  # the row limits of the native kernels
+    if args.native_ab == "all":  # the packed-weight kernel's, which the decoder also obeys
         switched += [(kernels, "NATIVE_BATCH_ROWS"), (kernels, "NATIVE_MAX_ROWS")]
     limits = {(module, name): getattr(module, name) for module, name in switched}
     runs = {"native": [], "oneDNN": []}

@@ -98,7 +98,7 @@ def _torch_uses_libgomp() -> bool:
 
 def _build(cc: str) -> Path:
     """The compiled library in the cache, built (atomically) when missing. Raises OSError on failure."""
-    texts = [p.read_text() for p in sorted(CSRC.glob("*.[ch]"))]
+    texts = [p.read_text() for p in [*SOURCES, *sorted(CSRC.glob("*.h"))]]  # what the build reads
     key = hashlib.sha256("\0".join([*texts, cc, *FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
     path = _cache_dir() / f"packed_matmul-{key}.so"
     if not path.exists():
