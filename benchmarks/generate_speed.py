@@ -79,7 +79,7 @@ def native_ab(rt, prompt: list[int], args) -> None:
         sys.exit(f"the native kernel is off here: {native.why_unavailable()}")
     switched = [(native, "ROWMAJOR_MAX_ROWS")]  # the row limits of the native kernels
     if args.native_ab == "all":  # the packed-weight kernel's, which the decoder also obeys
-        switched += [(kernels, "NATIVE_BATCH_ROWS"), (kernels, "NATIVE_MAX_ROWS")]
+        switched += [(kernels, "NATIVE_BATCH_ROWS"), (kernels, "NATIVE_MAX_ROWS"), (kernels, "NATIVE_FFN_ANY_ROWS")]
     limits = {(module, name): getattr(module, name) for module, name in switched}
     runs = {"native": [], "oneDNN": []}
     for i in range(2 * (args.repeats + 1)):

@@ -4,7 +4,7 @@ With the other layers' weights streamed through the caches in between, every tor
 step starts cold: the router, softmax, top-k, coefficient, sort, gather and combine cost ~0.4 ms of
 a ~2 ms T=8, E=128 layer whose weights stream in ~1.3 ms. `Decoder` runs them in C around the same
 packed-weight jobs `kernels._native_ffns` runs (expert and residual outputs bit for bit the same),
-with torch's own activation between the two calls. The router, gate softmax and coefficient are
+the activation applied by the kernel where it has it, else torch's between the two calls. The router, gate softmax and coefficient are
 summed in another order than torch's (~1e-7 relative); of equal logits the first expert is chosen
 first, as `kernels.route`'s top-1 does (its `topk` for k > 1 leaves that order open).
 
@@ -25,7 +25,7 @@ import ctypes
 import torch
 
 from .config import expert_capacity
-from . import kernels
+from . import kernels, native
 from .kernels import PackedExperts, fused_activation, native_pointers
 from .native import library
 
@@ -45,7 +45,7 @@ class FFN(ctypes.Structure):
 class State(ctypes.Structure):
     """`decode_t` of csrc/moe_decode.c: the layer, the call, and phase 1's routing for phase 2."""
 
-    _fields_ = [*[(name, ctypes.c_int64) for name in ("d", "f", "experts", "top_k", "bf16")],
+    _fields_ = [*[(name, ctypes.c_int64) for name in ("d", "f", "experts", "top_k", "bf16", "act")],
                 *[(name, ctypes.c_void_p) for name in ("router", "coef_w", "coef_b", "ffns", "xs", "h", "up", "y")],
                 ("tokens", ctypes.c_int64), *[(name, ctypes.c_void_p) for name in ("x", "act_h", "out")],
                 ("expert", ctypes.c_int64 * MAX_ASSIGNMENTS), ("slot", ctypes.c_int64 * MAX_ASSIGNMENTS),
@@ -80,6 +80,7 @@ class Decoder:
         self._h = torch.empty(rows, f, dtype=self.dtype)
         self._up = torch.empty(rows, f, dtype=self.dtype) if self.gated else None
         self.state = State(d=d, f=f, experts=E, top_k=top_k, bf16=self.dtype == torch.bfloat16,
+                           act=kernels.NATIVE_ACTIVATIONS.get(act, native.ACT_NONE),
                            router=router.data_ptr(), ffns=ctypes.addressof(self._ffns), xs=self._xs.data_ptr(),
                            h=self._h.data_ptr(), y=self._y.data_ptr(), up=self._up.data_ptr() if self.gated else None)
         if residual is not None:
@@ -127,7 +128,7 @@ class Decoder:
         s.tokens, s.x, s.out = T, x.data_ptr(), out.data_ptr()
         self._lib.mc_moe_decode_first(self._at, threads)
         rows = T * self.rows_per_token
-        h = self.act(self._h[:rows])
+        h = self._h[:rows] if self.state.act != native.ACT_NONE else self.act(self._h[:rows])
         if self.gated:
             h.mul_(self._up[:rows])
         s.act_h = h.data_ptr()

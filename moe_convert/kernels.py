@@ -12,9 +12,9 @@ The expert matmuls have two backends, picked per call by `pick_backend` from mea
   CPU the FFN goes through oneDNN (`torch.ops.mkldnn._linear_pointwise`, activation fused into the
   first matmul, row blocks that keep the intermediate in cache), because the fp32 `torch.mm` of this
   torch build is MKL, which runs ~2x below oneDNN on AMD CPUs. The runtime packs every FFN's weights
-  once at load into oneDNN's blocked layout (`pack_ffn`, `pack_experts`), and packed fp32 slices of up
-  to `NATIVE_MAX_ROWS` rows (bf16: `NATIVE_BATCH_ROWS`) go through the native kernel (`native.py`:
-  decode's experts together in two calls, prefill's small experts one by one); the layer's plain
+  once at load into oneDNN's blocked layout (`pack_ffn`, `pack_experts`), and FFNs on packed fp32
+  weights (bf16: up to `NATIVE_BATCH_ROWS` rows) go through the native kernel (`native.py`), the
+  activation fused, in batches of row blocks (decode's experts together in two calls); the layer's plain
   [in, out] parameters are read through transposed views, and slices under 8 rows use MKL's `addmm`;
 - "grouped_mm": `torch.nn.functional.grouped_mm` with per-expert offsets (one call per matrix).
 """
@@ -69,6 +69,12 @@ _REORDER_WEIGHT = getattr(_MKLDNN, "_reorder_linear_weight", None)
 _POST_OPS = {ACTIVATIONS["gelu_new"]: ("gelu", "tanh"), ACTIVATIONS["gelu_pytorch_tanh"]: ("gelu", "tanh"),
              ACTIVATIONS["gelu_fast"]: ("gelu", "tanh"), F.gelu: ("gelu", "none"), F.silu: ("swish", ""),
              F.relu: ("relu", "")}
+# Activations the native kernel applies itself as it stores the first matmul's outputs (`native.ACT_*`,
+# within a few ulp of the exact function, as torch's are; tests/test_native.py): 8x faster than torch's
+# tanh GELU as a separate op (0.61 ms per 2^20 values here), which cost the native experts of E=128 ~5 ms
+# of a ~45 ms prefill. Others run as torch ops between the two calls.
+NATIVE_ACTIVATIONS = {ACTIVATIONS["gelu_new"]: native.ACT_GELU_TANH, ACTIVATIONS["gelu_pytorch_tanh"]: native.ACT_GELU_TANH,
+                      ACTIVATIONS["gelu_fast"]: native.ACT_GELU_TANH, F.silu: native.ACT_SILU, F.relu: native.ACT_RELU}
 # Rows from which oneDNN beats MKL's addmm on transposed-view weights (fp32, this machine, README):
 # below it MKL's GEMV path reads the weights faster. Packed weights always go through oneDNN.
 ONEDNN_MIN_ROWS = 8
@@ -77,7 +83,8 @@ ONEDNN_MIN_ROWS = 8
 # E=128, d=512: 8 rows MKL 0.039 ms against 0.077, 96 rows 0.097 against 0.114, 128 rows 0.125 against 0.107).
 LINEAR_ONEDNN_MIN_ROWS = 128
 # An FFN runs over row blocks whose (rows, f) intermediate fits in this many bytes, so the second
-# matmul reads it from cache: 1.28x faster than one pass over 4096 rows at d=512 (README).
+# matmul reads it from cache: 1.28x faster than one pass over 4096 rows at d=512 (README). The native
+# kernel's batches of experts keep to it too.
 ROW_BLOCK_BYTES = 4 * 2**20
 # Batch size oneDNN is told to expect when packing: large hints gave the fastest kernels at every
 # row count measured (1 to 4096 rows, fp32 and bf16).
@@ -86,10 +93,15 @@ PACK_BATCH_HINT = 512
 # native few-row kernel"). Slices up to `NATIVE_BATCH_ROWS` rows run together, every expert's first
 # matmul in one call (decode: 8 hit experts, 1 row each 1.5x faster, 4 rows 1.4x, 8 rows 1.15x).
 NATIVE_BATCH_ROWS = 8
-# Up to this many rows one FFN or matrix at a time, when `_native_rows` allows (E=128 experts, both
-# matmuls, d=512, in ABBA order: 8 rows 0.90x oneDNN's time, 24 rows 0.77x, 32 rows 0.85x, 64 rows
-# 0.92x, 96 rows 0.97x, 128 rows 1.02x).
+# Up to this many rows one matrix (`linear`) at a time, when `_native_rows` allows (measured on E=128
+# experts' FFNs, both matmuls, d=512, in ABBA order: 8 rows 0.90x oneDNN's time, 24 rows 0.77x, 32 rows
+# 0.85x, 64 rows 0.92x, 96 rows 0.97x, 128 rows 1.02x; the activation was then a torch op between the calls).
 NATIVE_MAX_ROWS = 96
+# FFNs on packed fp32 weights take the native kernel at any row count, in batches of row blocks
+# (`_native_batches`), with the activation fused (`NATIVE_ACTIVATIONS`): cold, ABBA, against oneDNN's
+# fused FFN: one FFN of 128-512 rows 0.90-0.95x its time; T=4096 layers (d=512): the residual FFN in
+# 512-row blocks 0.93-0.96x the layer's time at E=8 and E=32 (README, "Bench results").
+NATIVE_FFN_ANY_ROWS = True
 # Over 6 rows the kernel reads each [in][64] panel again per 6 rows, from L2: it paid with in <= 2048
 # (a 512 KiB panel: 0.84-0.94x oneDNN's time from 16 to 96 rows), not with in = 4096 (1 MiB, this
 # CPU's whole L2: 1.02-1.05x).
@@ -170,19 +182,20 @@ def _native_input(x: torch.Tensor, dtype: torch.dtype) -> bool:
     return x.dtype == dtype and x.device.type == "cpu" and x.dim() == 2
 
 
-def _native_rows(rows: int, dtype: torch.dtype, *inner: int) -> bool:
-    """The native kernel is the faster one for `rows` rows through `dtype` matrices of these input widths
-    (bf16: measured for decode's few rows only)."""
-    return rows <= NATIVE_BATCH_ROWS or (dtype == torch.float32 and rows <= NATIVE_MAX_ROWS
-                                         and max(inner) <= NATIVE_MAX_REREAD_IN)
+def _native_rows(rows: int, dtype: torch.dtype, *inner: int, ffn: bool = False) -> bool:
+    """The native kernel is the faster one for `rows` rows through `dtype` matrices of these input widths,
+    one matrix or (`ffn`) an FFN's two in row blocks (bf16: measured for decode's few rows only)."""
+    return rows <= NATIVE_BATCH_ROWS or (dtype == torch.float32 and max(inner) <= NATIVE_MAX_REREAD_IN
+                                         and (rows <= NATIVE_MAX_ROWS or (ffn and NATIVE_FFN_ANY_ROWS)))
 
 
 def _native_ok(x: torch.Tensor, dtype: torch.dtype, width: int, out: torch.Tensor | None, out_width: int,
-               *inner: int) -> bool:
+               *inner: int, ffn: bool = False) -> bool:
     """x (n, width) can feed the native kernel on `dtype` matrices, writing into `out` (n, out_width) when
-    given: x on the CPU in that dtype, few enough rows for matrices of input widths `width` and `inner`
-    (`_native_rows`), a contiguous output of the same dtype."""
-    return (_native_input(x, dtype) and x.shape[1] == width and _native_rows(x.shape[0], dtype, width, *inner)
+    given: x on the CPU in that dtype, rows the kernel takes for matrices of input widths `width` and
+    `inner` (`_native_rows`, `ffn` as there), a contiguous output of the same dtype."""
+    return (_native_input(x, dtype) and x.shape[1] == width
+            and _native_rows(x.shape[0], dtype, width, *inner, ffn=ffn)
             and (out is None or (out.is_contiguous() and out.dtype == dtype
                                  and tuple(out.shape) == (x.shape[0], out_width))))
 
@@ -190,8 +203,8 @@ def _native_ok(x: torch.Tensor, dtype: torch.dtype, width: int, out: torch.Tenso
 def _native_ffns(parts: list[tuple[int, int, int, dict[str, int]]], d: int, f: int, act,
                  dtype: torch.dtype = torch.float32) -> None:
     """FFNs (d -> f -> d) of a few rows each on packed weights (fp32 or bf16: `dtype`), in two native calls:
-    every first matmul, the activation over all their rows, every second matmul (decode: one stream over
-    all the weights).
+    every first matmul with the activation (the kernel's, `NATIVE_ACTIVATIONS`, else torch's over all their
+    rows after the call), every second matmul (decode: one stream over all the weights).
 
     parts: (rows n, address of x (n, d), address of out (n, d), `native_pointers` of the FFN) per FFN,
     x and out contiguous rows of `dtype` that the caller keeps alive (rows of larger tensors are fine:
@@ -201,19 +214,39 @@ def _native_ffns(parts: list[tuple[int, int, int, dict[str, int]]], d: int, f: i
     starts = list(itertools.accumulate((n for n, *_ in parts), initial=0))  # each part's first intermediate row
     row = f * dtype.itemsize  # bytes of an intermediate row
 
-    def first(*names, bias=None):  # every part's x @ each matrix in `names` (+ bias) -> (sum of rows, f) each
-        hs = [torch.empty(starts[-1], f, dtype=dtype) for _ in names]
-        packed_matmul([Job(n, xa, p[name], p.get(bias, 0), h.data_ptr() + row * a) for name, h in zip(names, hs)
-                       for a, (n, xa, _, p) in zip(starts, parts)], f, d, dtype)  # one call for all
-        return hs
+    code = NATIVE_ACTIVATIONS.get(act, native.ACT_NONE)  # the kernel's activation, if it has this one
+
+    def first(*names, bias=None):  # every part's x @ each matrix in `names` (+ bias) -> (sum of rows, f) each,
+        hs = [torch.empty(starts[-1], f, dtype=dtype) for _ in names]  # the first activated by the kernel
+        packed_matmul([Job(n, xa, p[name], p.get(bias, 0), h.data_ptr() + row * a, code if h is hs[0] else 0)
+                       for name, h in zip(names, hs) for a, (n, xa, _, p) in zip(starts, parts)], f, d, dtype)
+        return hs[0] if code else act(hs[0]), *hs[1:]
     if "w_gate" in parts[0][3]:
         gate, up = first("w_gate", "w_up")
-        h = act(gate).mul_(up)
+        h = gate.mul_(up)
     else:
-        h = act(first("w_in", bias="b_in")[0])
+        h = first("w_in", bias="b_in")[0]
     ha = h.data_ptr()
     packed_matmul([Job(n, ha + row * a, p["w_out"], p.get("b_out", 0), oa) for a, (n, _, oa, p) in zip(starts, parts)],
                   d, f, dtype)
+
+
+def _native_batches(parts: list[tuple[int, int, int, dict[str, int]]], d: int, f: int,
+                    itemsize: int) -> list[list[tuple[int, int, int, dict[str, int]]]]:
+    """`_native_ffns` parts (rows, x address, out address, pointers), in order, cut into row blocks and
+    grouped into batches whose (rows, f) intermediate fits `ROW_BLOCK_BYTES`, so each batch's second
+    call reads it from cache (decode: all parts in one batch)."""
+    budget, row = max(1, ROW_BLOCK_BYTES // (f * itemsize)), d * itemsize
+    batches, rows = [], budget  # rows in the last batch
+    for n, x_at, out_at, pointers in parts:
+        for s in range(0, n, budget):
+            m = min(budget, n - s)
+            if rows + m > budget:
+                batches.append([])
+                rows = 0
+            batches[-1].append((m, x_at + s * row, out_at + s * row, pointers))
+            rows += m
+    return batches
 
 
 def pack_ffn(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -381,11 +414,12 @@ def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], act, out: torch.Tensor | No
     """
     if is_packed(w):
         d, f = w["w_out"].shape
-        pointers = native_pointers(w) if _native_ok(x, w["w_out"].dtype, d, out, d, f) else None
+        pointers = native_pointers(w) if _native_ok(x, w["w_out"].dtype, d, out, d, f, ffn=True) else None
         if pointers is None:
             return _onednn_ffn(x, w, fused_activation(act), out)
         x, out = x.contiguous(), x.new_empty(x.shape[0], d) if out is None else out
-        _native_ffns([(x.shape[0], x.data_ptr(), out.data_ptr(), pointers)], d, f, fused_activation(act), x.dtype)
+        for batch in _native_batches([(x.shape[0], x.data_ptr(), out.data_ptr(), pointers)], d, f, x.element_size()):
+            _native_ffns(batch, d, f, fused_activation(act), x.dtype)
         return out
     if x.shape[0] >= ONEDNN_MIN_ROWS and onednn_ok(x, *w.values()):
         w_t = {k: v.t() if k.startswith("w_") else v for k, v in w.items()}  # [out, in] views
@@ -478,42 +512,39 @@ def _expert_loop_nograd(x: torch.Tensor, slices: list[tuple[int, int, int]], wei
 
     `weights_of(e)` gives expert e's weights (packed, or [in, out] views of the stacked tensors).
     Running both matmuls of one expert back to back keeps its (n, f) intermediate in cache. With
-    `pointers` (packed experts), the slices of at most `NATIVE_BATCH_ROWS` rows go through the native
-    kernel together, in two calls (decode: one token per expert), and with them `also` = (rows, FFN
-    weights, output), another FFN of the same shapes (the residual branch), when it qualifies too;
-    larger slices up to `NATIVE_MAX_ROWS` (`_native_rows`) go through it one at a time.
+    `pointers` (packed experts), the slices the native kernel takes (`_native_rows`) go through it in
+    batches (`_native_batches`), each batch's first matmuls in one call and its second in another
+    (decode: every hit expert in one batch; prefill: E=128's 32-row experts 16 at a time, E=8's in row
+    blocks). `also` = (rows, FFN weights, output), another FFN of the same shapes (the residual branch),
+    joins them after the experts when it qualifies too (decode: one stream over all the weights).
     """
     x = x.contiguous()
     out = torch.empty_like(x)  # (N, d)
     native = pointers is not None and _native_input(x, x.dtype)
     x_at, out_at, row = x.data_ptr(), out.data_ptr(), x.shape[1] * x.element_size()
-    few, shape = [], None  # (rows, x address, output address, pointers) for the native kernel; experts' w_out shape
+    parts, shape = [], None  # (rows, x address, output address, pointers) for the native kernel; experts' w_out shape
     for e, s, t in slices:
         w = weights_of(e)
         d, f = w["w_out"].shape
         if not (native and pointers[e] is not None and w["w_out"].dtype == x.dtype and d == x.shape[1]
-                and _native_rows(t - s, x.dtype, d, f)):
+                and _native_rows(t - s, x.dtype, d, f, ffn=True)):
             ffn(x[s:t], w, act, out[s:t])
             continue
-        part = (t - s, x_at + s * row, out_at + s * row, pointers[e])
-        if t - s <= NATIVE_BATCH_ROWS:
-            few.append(part)
-            shape = (d, f)
-        else:  # what `ffn` would run, with the pointers packed at load
-            _native_ffns([part], d, f, act, x.dtype)
+        parts.append((t - s, x_at + s * row, out_at + s * row, pointers[e]))
+        shape = (d, f)
     if also is not None:
         rows, weights, dense = also
         rows = rows.contiguous()  # alive until the native calls below
-        same = (few and weights.keys() == weights_of(slices[0][0]).keys() and tuple(weights["w_out"].shape) == shape
+        same = (parts and weights.keys() == weights_of(slices[0][0]).keys() and tuple(weights["w_out"].shape) == shape
                 and weights["w_out"].dtype == x.dtype)  # the experts' shapes and dtype: joins their calls
-        fits = same and _native_ok(rows, x.dtype, shape[0], dense, shape[0], shape[1])
+        fits = same and _native_ok(rows, x.dtype, shape[0], dense, shape[0], shape[1], ffn=True)
         also_pointers = native_pointers(weights) if fits else None
         if also_pointers is None:
             ffn(rows, weights, act, dense)
         else:
-            few.append((rows.shape[0], rows.data_ptr(), dense.data_ptr(), also_pointers))
-    if few:
-        _native_ffns(few, *shape, act, x.dtype)
+            parts.append((rows.shape[0], rows.data_ptr(), dense.data_ptr(), also_pointers))
+    for batch in _native_batches(parts, *shape, x.element_size()) if parts else ():
+        _native_ffns(batch, *shape, act, x.dtype)
     return out
 
 

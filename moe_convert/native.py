@@ -1,12 +1,14 @@
-"""A native kernel for matmuls of a few rows (up to ~100) on oneDNN-packed fp32 weights (up to 8 on bf16
-ones): decode's expert and residual FFNs, packed projections, and the experts of prefill with many experts.
+"""A native kernel for matmuls on oneDNN-packed fp32 weights (bf16: up to 8 rows): decode's expert and
+residual FFNs, packed projections of up to ~100 rows, and prefill's FFNs (experts and residual) in
+batches of row blocks, the activation applied as the outputs are stored.
 
 With one token per expert, the layer's cost is reading each hit expert's weights from DRAM. oneDNN
 streams its own packed weights at ~40 GB/s for one row; a plain loop over the same bytes, in the
 order they lie in memory, at ~60 GB/s, the rate of torch's own `sum` over them (README, "The native
 few-row kernel"). `csrc/packed_matmul.c` is that loop. With more rows it reads each panel again
-per 6 rows and meanwhile fetches the next panel, which oneDNN's kernel reads cold. It reads the
-packed weights in place (no second copy). The same library holds `csrc/moe_decode.c`, a PR-MoE layer's
+per 6 rows and meanwhile fetches the next panel, which oneDNN's kernel reads cold. A call's jobs
+(e.g. the first matmuls of a batch of experts with 12 to 57 rows each) are cut into shares of equal
+estimated cost, one per thread. It reads the packed weights in place (no second copy). The same library holds `csrc/moe_decode.c`, a PR-MoE layer's
 decode step around those matmuls (`decode.py`), and `csrc/rowmajor_matmul.c`, a few rows through a
 large plain row-major matrix (decode's tied LM head, which is not packed).
 
@@ -51,11 +53,16 @@ _layout: dict[tuple[int, int, torch.dtype], bool] = {}  # (out, in, dtype) -> a 
 _address = WeakIdKeyDictionary()  # packed tensor `register` accepted -> the address of its bytes
 
 
+# Activations the kernel applies as it stores a job's outputs (csrc/vectors.h `activate16`), by code.
+ACT_NONE, ACT_GELU_TANH, ACT_SILU, ACT_RELU = range(4)
+
+
 class Job(ctypes.Structure):
-    """One matmul: y (rows, out) = x (rows, in) @ w^T + bias; x, y contiguous, bias 0 or (out,); all of w's dtype."""
+    """One matmul: y (rows, out) = act(x (rows, in) @ w^T + bias); x, y contiguous, bias 0 or (out,); all of w's
+    dtype; act an `ACT_*` code (default none)."""
 
     _fields_ = [("rows", ctypes.c_int64), ("x", ctypes.c_void_p), ("w", ctypes.c_void_p),
-                ("bias", ctypes.c_void_p), ("y", ctypes.c_void_p)]
+                ("bias", ctypes.c_void_p), ("y", ctypes.c_void_p), ("act", ctypes.c_int64)]
 
 
 def why_unavailable() -> str:

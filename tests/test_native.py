@@ -222,6 +222,39 @@ def test_bf16_ffns_on_few_rows_equal_onednn(kind, act, calls):
 
 
 @needs_kernel
+@pytest.mark.parametrize("name", ["gelu_new", "silu", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_kernels_activations_equal_float64_as_closely_as_torchs(name, dtype):
+    """A job with an activation stores act(x w + b): against the float64 function of the same job's
+    outputs without it, over inputs from about -20 to 20 (both tails of each function), within a few fp32
+    ulp and at most twice torch's own op's error (fp32); in bf16, within one rounding of the float64 job
+    (torch would round twice: the sums, then its activation's output)."""
+    act = ACTIVATIONS[name]
+    assert kernels.NATIVE_ACTIVATIONS[act] != native.ACT_NONE
+    d, f, rows = 64, 256, 7
+    w, b = (torch.randn(d, f) * 2.5).to(dtype), (torch.randn(f) * 2).to(dtype)
+    x = torch.randn(rows, d).to(dtype)
+    packed = pack_matrix(w)
+
+    def run(code):
+        y = torch.empty(rows, f, dtype=dtype)
+        native.packed_matmul([native.Job(rows, x.data_ptr(), native.address(packed), b.data_ptr(), y.data_ptr(),
+                                         code)], f, d, dtype)
+        return y
+    plain = run(native.ACT_NONE).double()
+    assert plain.min() < -12 and plain.max() > 12
+    got, ref = run(kernels.NATIVE_ACTIVATIONS[act]).double(), act(plain)
+    if dtype == torch.float32:
+        torch_err = (act(plain.float()).double() - ref).abs()
+        err = (got - ref).abs()
+        assert (err <= 8 * torch.finfo(torch.float32).eps * ref.abs() + 1e-7).all(), float(err.max())
+        assert float(err.max()) <= 2 * float(torch_err.max()) + 1e-7
+    else:  # the kernel activates its fp32 sums: against the float64 job, one bf16 rounding
+        exact = act(x.double() @ w.double() + b.double())
+        torch.testing.assert_close(got, exact, rtol=2 ** -8, atol=1e-4)
+
+
+@needs_kernel
 def test_results_do_not_depend_on_the_thread_count():
     """Each output is one thread's sum in a fixed order: bitwise the same on 1 thread as on 2."""
     w = ffn_weights("gpt2", 256, 1024)
@@ -230,11 +263,13 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 @needs_kernel
-def test_decode_batches_few_row_experts_and_runs_the_others_one_by_one(calls):
-    """A batch where some experts get more than NATIVE_BATCH_ROWS tokens (each its own two native calls)
-    and others fewer (all in two calls): the packed runtime path equals the layer's path on the plain
-    stacked weights."""
+def test_experts_run_in_batches_whose_intermediate_fits_the_row_block(calls, monkeypatch):
+    """Experts of very different row counts (40 tokens over 6 experts) run through the native kernel in
+    batches, a new one where the next expert's rows would take the batch's (rows, f) intermediate past
+    ROW_BLOCK_BYTES (here 8 rows), an expert of more rows in blocks of 8; two calls per batch. The packed
+    runtime path equals the layer's path on the plain stacked weights."""
     E, d = 6, 256
+    monkeypatch.setattr(kernels, "ROW_BLOCK_BYTES", 8 * 4 * d * 4)  # 8 rows of f = 4d fp32
     stacked = ffn_weights("gpt2", d, 4 * d, experts=E)
     router = torch.randn(E, d)
     router[0] *= 0  # expert 0's logit is 0: with the others' random, it wins for some tokens, not most
@@ -244,11 +279,18 @@ def test_decode_batches_few_row_experts_and_runs_the_others_one_by_one(calls):
     with torch.inference_mode():
         got, routing = moe_forward(x, router, packed, GELU)
         ref, _ = moe_forward(x, router, stacked, GELU)
-    hit = routing.counts[routing.counts > 0]
-    few = int((hit <= kernels.NATIVE_BATCH_ROWS).sum())
-    assert 0 < few < len(hit), routing.counts
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    assert calls == [1, 1] * (len(hit) - few) + [few] * 2  # larger experts one by one, then the few-row ones
+    counts = routing.counts[routing.counts > 0].tolist()
+    assert max(counts) > 8, counts
+    batches, rows = [], 8  # jobs per batch: the experts in order, an expert over 8 rows in 8-row blocks
+    for n in counts:
+        for m in [8] * (n // 8) + [n % 8] * (n % 8 > 0):
+            if rows + m > 8:
+                batches.append(0)
+                rows = 0
+            batches[-1], rows = batches[-1] + 1, rows + m
+    assert max(batches) > 1, routing.counts  # some batch with several experts
+    assert calls == [n for n in batches for _ in range(2)]
 
 
 @needs_kernel

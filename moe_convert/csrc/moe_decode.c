@@ -5,8 +5,9 @@
  * dozen tiny ops that find code and data cold after the other layers' weights went through the
  * caches: ~0.4 ms of a ~2 ms step. Here it is plain C in two calls:
  *   phase 1: route every token, group its assignments by expert, run every first matmul (each hit
- *            expert's and the residual FFN's) in one pass over the weights;
- *   the caller applies the activation (torch's own, so its values are torch's);
+ *            expert's and the residual FFN's) in one pass over the weights, with the activation where
+ *            the kernel has it (`act`);
+ *   the caller applies the activation otherwise (torch's), and the gated kind's product;
  *   phase 2: run every second matmul, then the combine.
  * The expert and residual matmuls are the same jobs as `_native_ffns` runs (bit for bit); the router,
  * softmax and coefficient are computed here, in another order of summation than torch's (~1e-7).
@@ -35,6 +36,7 @@ typedef struct {
     /* the layer, set once */
     int64_t d, f, experts, top_k; /* d a multiple of 16; k <= MAX_K, k <= E */
     int64_t bf16;                 /* every tensor below is bf16 (1) or fp32 (0) */
+    int64_t act;                  /* the activation phase 1 applies to x w1 (+ b1) (ACT_*; ACT_NONE: the caller's) */
     const void *router;           /* (E, d) */
     const void *coef_w, *coef_b;  /* (2, d), (2,): the residual mix; coef_w NULL: no residual FFN */
     const ffn_t *ffns;            /* E experts, then the residual FFN */
@@ -127,17 +129,18 @@ static void route(decode_t *s, float *logits) {
     }
 }
 
-/* The jobs of one FFN over `rows` rows starting at row `row` of h/up/y: phase 1 x @ w1 (and x @ w_up)
- * into h (and up), phase 2 act_h @ w2 into y. Returns how many. */
+/* The jobs of one FFN over `rows` rows starting at row `row` of h/up/y: phase 1 act(x @ w1 + b1) (and
+ * x @ w_up) into h (and up), phase 2 act_h @ w2 into y. Returns how many. */
 static int64_t ffn_jobs(const decode_t *s, int phase, const ffn_t *w, int64_t rows, const void *x, int64_t row,
                         job_t *jobs) {
     if (phase == 2) {
-        jobs[0] = (job_t){rows, elem(s->act_h, row * s->f, s->bf16), w->w2, w->b2, elem(s->y, row * s->d, s->bf16)};
+        jobs[0] = (job_t){rows, elem(s->act_h, row * s->f, s->bf16), w->w2, w->b2, elem(s->y, row * s->d, s->bf16),
+                          ACT_NONE};
         return 1;
     }
-    jobs[0] = (job_t){rows, x, w->w1, w->b1, elem(s->h, row * s->f, s->bf16)};
+    jobs[0] = (job_t){rows, x, w->w1, w->b1, elem(s->h, row * s->f, s->bf16), s->act};
     if (!w->w_up) return 1;
-    jobs[1] = (job_t){rows, x, w->w_up, NULL, elem(s->up, row * s->f, s->bf16)};
+    jobs[1] = (job_t){rows, x, w->w_up, NULL, elem(s->up, row * s->f, s->bf16), ACT_NONE};
     return 2;
 }
 

@@ -13,8 +13,11 @@
  *
  * One call runs many jobs with the same (out, in) shape, e.g. the first matmul of every expert that
  * got tokens, on torch's own OpenMP threads (the library links the libgomp torch loaded), as many
- * as torch uses.
+ * as torch uses, each thread a contiguous share of the (job, block) units of about equal cost. A job
+ * may apply an activation to its outputs as they are stored (vectors.h `activate16`): torch's tanh GELU
+ * as a separate op cost ~5 ms of the ~45 ms E=128 experts of a T=4096 prefill.
  */
+#include <omp.h>
 #include <string.h>
 
 #include "packed_matmul.h"
@@ -25,17 +28,15 @@
 #define MAX_GROUP 6  /* rows computed per pass over a panel: 24 accumulators of the 32 vector registers */
 
 /* The 64 outputs' accumulators of a group start at the bias (or 0), and are stored, `valid` of them, as
- * the type's values. */
+ * the type's values after the activation `act` (ACT_*). */
 static inline void bias_acc(const void *bias, v16 *acc, int bf16) {
     for (int c = 0; c < 4; c++) acc[c] = bias ? load16(elem(bias, 16 * c, bf16), bf16) : (v16){0};
 }
-static inline void store_acc(const v16 *acc, void *y, int64_t valid, int bf16) {
-    if (valid == BLOCK) {
-        for (int c = 0; c < 4; c++) store16(elem(y, 16 * c, bf16), acc[c], bf16);
-        return;
-    }
+static inline void store_acc(const v16 *acc, void *y, int64_t valid, int bf16, int64_t act) {
     float tail[BLOCK]; /* room for 64 of either type */
-    for (int c = 0; c < 4; c++) store16(elem(tail, 16 * c, bf16), acc[c], bf16);
+    void *to = valid == BLOCK ? y : tail;
+    for (int c = 0; c < 4; c++) store16(elem(to, 16 * c, bf16), activate16(acc[c], act), bf16);
+    if (to == y) return;
     memcpy(y, tail, (size_t)valid * (bf16 ? 2 : 4));
 }
 
@@ -61,18 +62,20 @@ static inline void store_acc(const v16 *acc, void *y, int64_t valid, int bf16) {
 #define INPUTS_PER_STEP_f32 1
 #define INPUTS_PER_STEP_bf16 2
 
-/* y[r, 0:64] = bias[0:64] + sum_i x[r, i] * panel[i, 0:64] for R rows of x (the panel's type); `valid`
+/* y[r, 0:64] = act(bias[0:64] + sum_i x[r, i] * panel[i, 0:64]) for R rows of x (the panel's type); `valid`
  * outputs are written. Meanwhile the first `ahead` cache lines at `next` are prefetched, one per step. */
 #define PANEL_KERNEL(TYPE, R)                                                                            \
     static void panel_##TYPE##_##R(const void *x, int64_t in, const void *panel, const void *bias,       \
-                                   void *y, int64_t ldy, int64_t valid, const char *next, int64_t ahead) { \
+                                   void *y, int64_t ldy, int64_t valid, const char *next, int64_t ahead,  \
+                                   int64_t act) {                                                      \
         v16 acc[R][4];                                                                                   \
         for (int r = 0; r < R; r++) bias_acc(bias, acc[r], IS_BF16_##TYPE);                            \
         for (int64_t i = 0, step = 0; i < in; i += INPUTS_PER_STEP_##TYPE, step++) {                     \
             if (step < ahead) __builtin_prefetch(next + LINE * step, 0, 3);                              \
             STEP_##TYPE(R)                                                                               \
         }                                                                                                \
-        for (int r = 0; r < R; r++) store_acc(acc[r], elem(y, r * ldy, IS_BF16_##TYPE), valid, IS_BF16_##TYPE); \
+        for (int r = 0; r < R; r++)                                                                      \
+            store_acc(acc[r], elem(y, r * ldy, IS_BF16_##TYPE), valid, IS_BF16_##TYPE, act);             \
     }
 #define PANEL_KERNELS(TYPE)                                                                              \
     PANEL_KERNEL(TYPE, 1) PANEL_KERNEL(TYPE, 2) PANEL_KERNEL(TYPE, 3)                                    \
@@ -82,15 +85,37 @@ PANEL_KERNELS(bf16)
 /* bf16 by a table of kernels per group size; fp32 by direct calls (run_jobs), which the compiler
  * inlines: the table cost fp32 1.5-4% at 32-64 rows per job */
 typedef void panel_fn(const void *x, int64_t in, const void *panel, const void *bias, void *y, int64_t ldy,
-                      int64_t valid, const char *next, int64_t ahead);
+                      int64_t valid, const char *next, int64_t ahead, int64_t act);
 static panel_fn *const panels_bf16[MAX_GROUP] = {panel_bf16_1, panel_bf16_2, panel_bf16_3,
                                                  panel_bf16_4, panel_bf16_5, panel_bf16_6};
 
+/* A unit (one job's rows over one panel) costs about its rows' multiply-adds plus the panel's read from
+ * memory, worth ~10 rows: 8 experts' FFNs of d=512 on cold weights took 1.6x as long with 8 rows each
+ * as with 1 (README, "The native few-row kernel"). */
+#define PANEL_READ_ROWS 10
+static int64_t unit_cost(const job_t *j) { return j->rows + PANEL_READ_ROWS; }
+
+/* The first unit of this thread's contiguous share, units in order of job then block, shares of equal
+ * cost (jobs' row counts differ: prefill's experts); `thread` = threads gives the end of the last. */
+static int64_t first_unit(int64_t njobs, const job_t *jobs, int64_t blocks, int64_t total, int thread, int threads) {
+    int64_t target = total * thread / threads, seen = 0; /* cost before the share starts */
+    for (int64_t k = 0; k < njobs; k++) {
+        int64_t c = unit_cost(jobs + k);
+        if (seen + c * blocks > target) return k * blocks + (target - seen + c - 1) / c;
+        seen += c * blocks;
+    }
+    return njobs * blocks;
+}
+
 void run_jobs(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int bf16) {
-    int64_t blocks = (out + BLOCK - 1) / BLOCK, units = njobs * blocks, size = bf16 ? 2 : 4;
+    int64_t blocks = (out + BLOCK - 1) / BLOCK, size = bf16 ? 2 : 4;
     int64_t panel_lines = in * BLOCK * size / LINE; /* cache lines of one panel */
-#pragma omp for schedule(static) nowait /* the caller's region end or barrier waits for all */
-    for (int64_t u = 0; u < units; u++) {
+    int64_t total = 0;
+    for (int64_t k = 0; k < njobs; k++) total += unit_cost(jobs + k) * blocks;
+    int thread = omp_get_thread_num(), threads = omp_get_num_threads();
+    int64_t end = first_unit(njobs, jobs, blocks, total, thread + 1, threads);
+    /* no barrier: the caller's region end or barrier waits for all */
+    for (int64_t u = first_unit(njobs, jobs, blocks, total, thread, threads); u < end; u++) {
         const job_t *j = jobs + u / blocks;
         int64_t b = u % blocks, valid = out - b * BLOCK < BLOCK ? out - b * BLOCK : BLOCK;
         const char *panel = (const char *)j->w + b * in * BLOCK * size;
@@ -101,10 +126,10 @@ void run_jobs(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int bf1
             memcpy(tail, bias, (size_t)(valid * size));
             bias = (const char *)tail;
         }
-        /* the panel of the unit after this one (static schedule: most likely this thread's next),
-         * fetched in equal shares over this unit's passes when there are two or more */
+        /* the panel of this thread's next unit, fetched in equal shares over this unit's passes when
+         * there are two or more */
         int64_t passes = (j->rows + MAX_GROUP - 1) / MAX_GROUP;
-        int64_t share = passes > 1 && u + 1 < units ? (panel_lines + passes - 1) / passes : 0;
+        int64_t share = passes > 1 && u + 1 < end ? (panel_lines + passes - 1) / passes : 0;
         const job_t *nj = jobs + (u + 1) / blocks;
         const char *next = share ? (const char *)nj->w + (u + 1) % blocks * in * BLOCK * size : NULL;
         for (int64_t r = 0, pass = 0; r < j->rows; r += MAX_GROUP, pass++) {
@@ -114,16 +139,16 @@ void run_jobs(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int bf1
             const char *x = (const char *)j->x + r * in * size;
             char *y = (char *)j->y + (r * out + b * BLOCK) * size;
             if (bf16) {
-                panels_bf16[group - 1](x, in, panel, bias, y, out, valid, ahead_at, ahead);
+                panels_bf16[group - 1](x, in, panel, bias, y, out, valid, ahead_at, ahead, j->act);
                 continue;
             }
             switch (group) {
-            case 1: panel_f32_1(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
-            case 2: panel_f32_2(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
-            case 3: panel_f32_3(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
-            case 4: panel_f32_4(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
-            case 5: panel_f32_5(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
-            default: panel_f32_6(x, in, panel, bias, y, out, valid, ahead_at, ahead); break;
+            case 1: panel_f32_1(x, in, panel, bias, y, out, valid, ahead_at, ahead, j->act); break;
+            case 2: panel_f32_2(x, in, panel, bias, y, out, valid, ahead_at, ahead, j->act); break;
+            case 3: panel_f32_3(x, in, panel, bias, y, out, valid, ahead_at, ahead, j->act); break;
+            case 4: panel_f32_4(x, in, panel, bias, y, out, valid, ahead_at, ahead, j->act); break;
+            case 5: panel_f32_5(x, in, panel, bias, y, out, valid, ahead_at, ahead, j->act); break;
+            default: panel_f32_6(x, in, panel, bias, y, out, valid, ahead_at, ahead, j->act); break;
             }
         }
     }

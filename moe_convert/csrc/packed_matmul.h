@@ -1,14 +1,15 @@
 /* The packed-weight matmul kernel's jobs (packed_matmul.c), shared with the decode layer (moe_decode.c). */
 #include <stdint.h>
 
-/* A job: y (rows, out) = x (rows, in) @ w^T + bias, x and y contiguous, bias NULL or (out,); all fp32, or
- * all bf16 (uint16 values). */
+/* A job: y (rows, out) = act(x (rows, in) @ w^T + bias), x and y contiguous, bias NULL or (out,); all fp32,
+ * or all bf16 (uint16 values); act one of vectors.h's ACT_* (ACT_NONE: none). */
 typedef struct {
     int64_t rows;
     const void *x;
     const void *w; /* oneDNN-packed [out, in] */
     const void *bias;
     void *y;
+    int64_t act;
 } job_t;
 
 /* Every job (same out, in, and type: bf16 = 1 for bf16, 0 for fp32), shared among the threads of the

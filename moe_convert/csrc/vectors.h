@@ -50,3 +50,47 @@ static inline void store1(void *p, int64_t i, float v, int bf16) {
     else
         ((float *)p)[i] = v;
 }
+
+/* Activations the kernels apply to outputs before storing them (= kernels.NATIVE_ACTIVATIONS). */
+enum { ACT_NONE = 0, ACT_GELU_TANH = 1, ACT_SILU = 2, ACT_RELU = 3 };
+
+static inline v16 select16(v16 mask_from, v16 a, v16 b) { /* lanes where mask_from's lane is all ones: a, else b */
+    u32x16 m = (u32x16)mask_from;
+    return (v16)(((u32x16)a & m) | ((u32x16)b & ~m));
+}
+
+/* e^a, within ~1 ulp for a in [-87.3, 88.3]; a is clamped to that range (the results stay finite and
+ * normal), NaN stays NaN. Cephes' expf: a = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7 polynomial,
+ * times 2^n built in the exponent bits. */
+static inline v16 exp16(v16 a) {
+    const v16 lo = (v16){0} - 87.3f, hi = (v16){0} + 88.3f, magic = (v16){0} + 12582912.0f; /* 1.5 * 2^23 */
+    a = select16((v16)(a < lo), lo, a);
+    a = select16((v16)(a > hi), hi, a);
+    v16 t = a * 1.44269504088896341f + magic; /* round(a / ln2) in the low mantissa bits */
+    v16 n = t - magic;
+    v16 r = a - n * 0.693359375f - n * -2.12194440e-4f;
+    v16 p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    u32x16 scale = ((u32x16)t - 0x4B400000u + 127u) << 23; /* 2^n */
+    return p * (v16)scale;
+}
+
+/* act(v) for one of the ACT_* codes. tanh GELU as x sigmoid(2u) (= 0.5 x (1 + tanh u), u = sqrt(2/pi)
+ * (x + 0.044715 x^3)) and SiLU as x sigmoid(x), both within a few ulp of the exact value (torch's differ
+ * from it by as much, tests/test_native.py). */
+static inline v16 activate16(v16 v, int64_t act) {
+    switch (act) {
+    case ACT_GELU_TANH:
+        return v / (1.0f + exp16(v * (-1.5957691216057308f + -0.0713548162726f * v * v)));
+    case ACT_SILU:
+        return v / (1.0f + exp16((v16){0} - v));
+    case ACT_RELU:
+        return select16((v16)(v < 0.0f), (v16){0}, v);
+    default:
+        return v;
+    }
+}
