@@ -181,17 +181,23 @@ def test_plain_matrices_on_few_rows_equal_float64_and_onednn(dtype, bias, rowmaj
 
 @needs_kernel
 @pytest.mark.parametrize("kind, act", [("gpt2", GELU), ("gated", ACTIVATIONS["silu"])])
-def test_ffn_on_few_rows_equals_float64_and_onednn(kind, act, calls):
+def test_ffn_at_any_row_count_equals_float64_and_onednn(kind, act, calls, monkeypatch):
+    """fp32 FFNs take the kernel at any row count, in row blocks whose intermediate fits ROW_BLOCK_BYTES
+    (1024 rows of f=1024), two calls per block; with NATIVE_FFN_ANY_ROWS off, only up to NATIVE_MAX_ROWS."""
     w = ffn_weights(kind, 256, 1024)
     packed = pack_ffn(w)
     assert kernels.native_pointers(packed) is not None
-    row_counts = (1, 3, 5, kernels.NATIVE_BATCH_ROWS, 31, kernels.NATIVE_MAX_ROWS)
+    row_counts = (1, 3, 5, kernels.NATIVE_BATCH_ROWS, 31, kernels.NATIVE_MAX_ROWS, 300, 1500)
     for rows in row_counts:
         x = torch.randn(rows, 256)
         got = ffn(x, packed, act)
         torch.testing.assert_close(got, reference_ffn(x, w, act).float(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got, kernels._onednn_ffn(x, packed, act, None), rtol=1e-5, atol=1e-5)
-    assert len(calls) == len(row_counts) * 2  # gate and up together
+    firsts = 2 if kind == "gated" else 1  # jobs of a block's first call (gate and up together); second: 1
+    assert calls == [firsts, 1] * (len(row_counts) + 1)  # 1500 rows: blocks of 1024 and 476
+    monkeypatch.setattr(kernels, "NATIVE_FFN_ANY_ROWS", False)
+    ffn(torch.randn(kernels.NATIVE_MAX_ROWS + 1, 256), packed, act)
+    assert len(calls) == 2 * len(row_counts) + 2
 
 
 @needs_kernel
