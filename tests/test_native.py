@@ -180,10 +180,12 @@ def test_plain_matrices_on_few_rows_equal_float64_and_onednn(dtype, bias, rowmaj
 
 
 @needs_kernel
-@pytest.mark.parametrize("kind, act", [("gpt2", GELU), ("gated", ACTIVATIONS["silu"])])
+@pytest.mark.parametrize("kind, act", [("gpt2", GELU), ("gated", ACTIVATIONS["silu"]), ("gpt2", ACTIVATIONS["gelu"])],
+                         ids=["gpt2-gelu_tanh", "gated-silu", "gpt2-gelu_erf(torch)"])
 def test_ffn_at_any_row_count_equals_float64_and_onednn(kind, act, calls, monkeypatch):
     """fp32 FFNs take the kernel at any row count, in row blocks whose intermediate fits ROW_BLOCK_BYTES
-    (1024 rows of f=1024), two calls per block; with NATIVE_FFN_ANY_ROWS off, only up to NATIVE_MAX_ROWS."""
+    (1024 rows of f=1024), two calls per block, the activation in the kernel or (erf GELU) torch's
+    between them; with NATIVE_FFN_ANY_ROWS off, only up to NATIVE_MAX_ROWS."""
     w = ffn_weights(kind, 256, 1024)
     packed = pack_ffn(w)
     assert kernels.native_pointers(packed) is not None
