@@ -202,9 +202,9 @@ def _native_ok(x: torch.Tensor, dtype: torch.dtype, width: int, out: torch.Tenso
 
 def _native_ffns(parts: list[tuple[int, int, int, dict[str, int]]], d: int, f: int, act,
                  dtype: torch.dtype = torch.float32) -> None:
-    """FFNs (d -> f -> d) of a few rows each on packed weights (fp32 or bf16: `dtype`), in two native calls:
-    every first matmul with the activation (the kernel's, `NATIVE_ACTIVATIONS`, else torch's over all their
-    rows after the call), every second matmul (decode: one stream over all the weights).
+    """FFNs (d -> f -> d) on packed weights (fp32 or bf16: `dtype`), in two native calls: every first matmul
+    with the activation (the kernel's, `NATIVE_ACTIVATIONS`, else torch's over all their rows after the
+    call), every second matmul (decode: one stream over all the weights; more rows: `_native_batches`).
 
     parts: (rows n, address of x (n, d), address of out (n, d), `native_pointers` of the FFN) per FFN,
     x and out contiguous rows of `dtype` that the caller keeps alive (rows of larger tensors are fine:
@@ -213,19 +213,19 @@ def _native_ffns(parts: list[tuple[int, int, int, dict[str, int]]], d: int, f: i
     """
     starts = list(itertools.accumulate((n for n, *_ in parts), initial=0))  # each part's first intermediate row
     row = f * dtype.itemsize  # bytes of an intermediate row
-
-    code = NATIVE_ACTIVATIONS.get(act, native.ACT_NONE)  # the kernel's activation, if it has this one
-
-    def first(*names, bias=None):  # every part's x @ each matrix in `names` (+ bias) -> (sum of rows, f) each,
-        hs = [torch.empty(starts[-1], f, dtype=dtype) for _ in names]  # the first activated by the kernel
-        packed_matmul([Job(n, xa, p[name], p.get(bias, 0), h.data_ptr() + row * a, code if h is hs[0] else 0)
-                       for name, h in zip(names, hs) for a, (n, xa, _, p) in zip(starts, parts)], f, d, dtype)
-        return hs[0] if code else act(hs[0]), *hs[1:]
-    if "w_gate" in parts[0][3]:
-        gate, up = first("w_gate", "w_up")
-        h = gate.mul_(up)
-    else:
-        h = first("w_in", bias="b_in")[0]
+    code = NATIVE_ACTIVATIONS.get(act, native.ACT_NONE)  # the kernel's own activation, where it has `act`
+    gated = "w_gate" in parts[0][3]
+    h = torch.empty(starts[-1], f, dtype=dtype)  # (sum of rows, f): act(x w_in + b_in), or act(x w_gate)
+    up = torch.empty_like(h) if gated else None  # x w_up
+    jobs = [Job(n, xa, p["w_gate" if gated else "w_in"], p.get("b_in", 0), h.data_ptr() + row * a, code)
+            for a, (n, xa, _, p) in zip(starts, parts)]
+    if gated:
+        jobs += [Job(n, xa, p["w_up"], 0, up.data_ptr() + row * a) for a, (n, xa, _, p) in zip(starts, parts)]
+    packed_matmul(jobs, f, d, dtype)  # every first matmul in one call
+    if code == native.ACT_NONE:
+        h = act(h)
+    if gated:
+        h.mul_(up)
     ha = h.data_ptr()
     packed_matmul([Job(n, ha + row * a, p["w_out"], p.get("b_out", 0), oa) for a, (n, _, oa, p) in zip(starts, parts)],
                   d, f, dtype)
