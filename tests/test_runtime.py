@@ -68,6 +68,8 @@ def test_fp32_logits_equal_the_source_model(exported, host, ep, packed):
 
 
 def test_bf16_logits_within_bf16_tolerance(exported, host, packed):
+    """bf16 logits, the whole sequence at once and then token by token through the KV cache, which holds
+    fp32 keys and values (attention runs in fp32: `runtime.attention_dtype`)."""
     model, path = exported[host, "bf16", 1]
     rt = load_runtime(path)
     ids = torch.randint(0, VOCAB, (2, 11))
@@ -77,6 +79,10 @@ def test_bf16_logits_within_bf16_tolerance(exported, host, packed):
     assert got.dtype == torch.bfloat16
     err = (got.float() - ref).norm() / ref.norm()
     assert err < 2e-2, err  # bf16 keeps ~3 significant digits
+    cache = rt.new_cache(2, 11)
+    assert cache.k[0].dtype == cache.v[0].dtype == torch.float32
+    steps = torch.cat([rt.forward(ids[:, :5], cache)] + [rt.forward(ids[:, t:t + 1], cache) for t in range(5, 11)], 1)
+    torch.testing.assert_close(steps, got, rtol=2e-2, atol=2e-2)  # the same bf16 ops, in other row groupings
 
 
 @pytest.mark.parametrize("native", [False, True], ids=["no-fp16-matmul", "fp16-matmul"])
