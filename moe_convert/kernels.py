@@ -70,11 +70,12 @@ _POST_OPS = {ACTIVATIONS["gelu_new"]: ("gelu", "tanh"), ACTIVATIONS["gelu_pytorc
              ACTIVATIONS["gelu_fast"]: ("gelu", "tanh"), F.gelu: ("gelu", "none"), F.silu: ("swish", ""),
              F.relu: ("relu", "")}
 # Activations the native kernel applies itself as it stores the first matmul's outputs (`native.ACT_*`,
-# within a few ulp of the exact function, as torch's are; tests/test_native.py): 8x faster than torch's
-# tanh GELU as a separate op (0.61 ms per 2^20 values here), which cost the native experts of E=128 ~5 ms
-# of a ~45 ms prefill. Others run as torch ops between the two calls.
-NATIVE_ACTIVATIONS = {ACTIVATIONS["gelu_new"]: native.ACT_GELU_TANH, ACTIVATIONS["gelu_pytorch_tanh"]: native.ACT_GELU_TANH,
-                      ACTIVATIONS["gelu_fast"]: native.ACT_GELU_TANH, F.silu: native.ACT_SILU, F.relu: native.ACT_RELU}
+# within a few ulp of the exact function; torch's ops are no closer, tests/test_native.py): torch's tanh
+# GELU as a separate op (0.61 ms per 2^20 values here) cost the native experts of E=128 ~5 ms of a ~45 ms
+# prefill. Others run as torch ops between the two calls.
+NATIVE_ACTIVATIONS = {
+    **dict.fromkeys((ACTIVATIONS[k] for k in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")), native.ACT_GELU_TANH),
+    F.silu: native.ACT_SILU, F.relu: native.ACT_RELU}
 # Rows from which oneDNN beats MKL's addmm on transposed-view weights (fp32, this machine, README):
 # below it MKL's GEMV path reads the weights faster. Packed weights always go through oneDNN.
 ONEDNN_MIN_ROWS = 8

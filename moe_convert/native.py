@@ -8,9 +8,10 @@ order they lie in memory, at ~60 GB/s, the rate of torch's own `sum` over them (
 few-row kernel"). `csrc/packed_matmul.c` is that loop. With more rows it reads each panel again
 per 6 rows and meanwhile fetches the next panel, which oneDNN's kernel reads cold. A call's jobs
 (e.g. the first matmuls of a batch of experts with 12 to 57 rows each) are cut into shares of equal
-estimated cost, one per thread. It reads the packed weights in place (no second copy). The same library holds `csrc/moe_decode.c`, a PR-MoE layer's
-decode step around those matmuls (`decode.py`), and `csrc/rowmajor_matmul.c`, a few rows through a
-large plain row-major matrix (decode's tied LM head, which is not packed).
+estimated cost, one per thread. It reads the packed weights in place (no second copy). The same
+library holds `csrc/moe_decode.c`, a PR-MoE layer's decode step around those matmuls (`decode.py`),
+and `csrc/rowmajor_matmul.c`, a few rows through a large plain row-major matrix (decode's tied LM
+head, which is not packed).
 
 The library is compiled once per machine and source with the system C compiler (`-O3 -march=native
 -fopenmp`) into the user cache, then loaded with ctypes. It runs on torch's OpenMP threads: it links

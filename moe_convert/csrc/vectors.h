@@ -80,8 +80,8 @@ static inline v16 exp16(v16 a) {
 }
 
 /* act(v) for one of the ACT_* codes. tanh GELU as x sigmoid(2u) (= 0.5 x (1 + tanh u), u = sqrt(2/pi)
- * (x + 0.044715 x^3)) and SiLU as x sigmoid(x), both within a few ulp of the exact value (torch's differ
- * from it by as much, tests/test_native.py). */
+ * (x + 0.044715 x^3)) and SiLU as x sigmoid(x), both within a few ulp of the exact value; torch's own
+ * ops are no closer (its 1 + tanh u cancels on GELU's negative tail; tests/test_native.py). */
 static inline v16 activate16(v16 v, int64_t act) {
     switch (act) {
     case ACT_GELU_TANH:
