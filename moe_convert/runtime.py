@@ -81,7 +81,8 @@ def compute_dtype(stored: torch.dtype) -> torch.dtype:
 def attention_dtype(compute: torch.dtype) -> torch.dtype:
     """The dtype attention and the KV cache use: fp32 for bf16 and fp16 models (one query over 288 cached
     positions: torch's CPU attention took 177 us in bf16 against 32 us in fp32, 698 against 97 over 1024;
-    a bf16 decode step spent ~15% of its time there), the compute dtype otherwise."""
+    a bf16 decode step spent ~15% of its time there; fp16 compute needs a CPU with fp16 matmul, not
+    measured: fp32 is the more precise there too), the compute dtype otherwise."""
     return torch.float32 if compute in (torch.bfloat16, torch.float16) else compute
 
 
