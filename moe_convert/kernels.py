@@ -111,9 +111,15 @@ NATIVE_MAX_REREAD_IN = 2048
 # Beyond, from L2, it lost: (4096, 4096) with 8 rows 1.26x oneDNN's time, against 0.70x with 1 row
 # and 0.47-0.75x for 8 rows of 1024 (LM head 50257 x 1024: 1 row 0.80x, 8 rows 0.75x; cold, ABBA).
 ROWMAJOR_MAX_INPUTS = 8192  # elements of x (32 KiB)
-# Matrices smaller than this stay plain: for them oneDNN's per-call cost outweighs the faster kernel
-# (one-row FFN, hot weights: d=128 34 us packed vs 10 us MKL addmm; even at d=384, 2.25 MiB per matrix).
+# Matrices smaller than this stay plain where only oneDNN would read them packed: its per-call cost
+# outweighs its faster kernel (one-row FFN, hot weights: d=128 34 us packed vs 10 us MKL addmm; even at
+# d=384, 2.25 MiB per matrix).
 PACK_MIN_BYTES = 2 * 2**20
+# Where the native kernel reads the packed matrix (`native.register`) they are packed from this size:
+# its per-call cost is a few us. PR-MoE layers (bench layer's, E=8-32, d=64-256), cold, ABBA, packed /
+# plain time: fp32 decode (T=1-8) 0.18-0.29, T=64-512 0.52-0.65, T=4096 0.81-0.86; bf16 T=1-8
+# 0.15-0.18, T=64 0.75, T=4096 0.95 (oneDNN on the packed weights there).
+PACK_MIN_BYTES_NATIVE = 0
 
 
 def native_fp16_matmul() -> bool:
@@ -143,12 +149,14 @@ def _large(w: torch.Tensor) -> bool:
 
 def pack_matrix(w: torch.Tensor) -> torch.Tensor | None:
     """An [in, out] matrix reordered once into oneDNN's blocked layout (opaque `[out, in]`, read only by
-    `linear` / `ffn`); None where that does not pay: no oneDNN for it, or under `PACK_MIN_BYTES`."""
-    if _REORDER_WEIGHT is None or not onednn_ok(w) or not _large(w):
+    `linear` / `ffn`); None where that does not pay: no oneDNN for it, or under `PACK_MIN_BYTES` where the
+    native kernel does not read it (under `PACK_MIN_BYTES_NATIVE` where it does)."""
+    size = w.numel() * w.element_size()
+    if _REORDER_WEIGHT is None or not onednn_ok(w) or size < min(PACK_MIN_BYTES, PACK_MIN_BYTES_NATIVE):
         return None
     packed = _pack(w.t().contiguous())
-    register(packed, _pack)  # the native kernel may read it (few rows), if its dtype and layout are ones it reads
-    return packed
+    native_reads = register(packed, _pack)  # if its dtype and layout are ones the native kernel reads
+    return packed if size >= (PACK_MIN_BYTES_NATIVE if native_reads else PACK_MIN_BYTES) else None
 
 
 def _pack(w_t: torch.Tensor) -> torch.Tensor:

@@ -46,10 +46,12 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(params=[True, False], ids=["packed", "plain"])
 def packed(request, monkeypatch):
-    """Run a test with the FFN/attention weights packed for oneDNN at load (as large models are) and plain
-    (as these tiny ones are by default)."""
+    """Run a test with the FFN/attention weights packed for oneDNN at load (as large models are, and small
+    ones where the native kernel reads them) and plain (as small ones are without the native kernel)."""
     if request.param:
         monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0)
+    else:
+        monkeypatch.setattr(kernels, "PACK_MIN_BYTES_NATIVE", kernels.PACK_MIN_BYTES)
     return request.param
 
 
