@@ -1,6 +1,6 @@
 """The bench layer of this checkout against an older commit's, in one process, in ABBA order.
 
-    python benchmarks/layer_ab.py REV [--tokens 8] [--experts 128] [--hidden 512] [--rounds 400]
+    python benchmarks/layer_ab.py REV [--tokens 8] [--experts 128] [--hidden 512] [--rounds 400] [--dtype fp32]
 
 `git archive REV moe_convert` is unpacked into a temporary directory under another package name, so
 both versions' `bench.impl_moe_convert` (the runtime's path: packed weights, one PR-MoE layer, top-1
@@ -45,12 +45,14 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=400)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         old = import_old(args.rev, Path(tmp))
-        new_fn = bench.impl_moe_convert(bench.make_weights(args.experts, args.hidden, torch.float32))
-        old_fn = old.impl_moe_convert(old.make_weights(args.experts, args.hidden, torch.float32))
-        x = torch.randn(args.tokens, args.hidden)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        new_fn = bench.impl_moe_convert(bench.make_weights(args.experts, args.hidden, dtype))
+        old_fn = old.impl_moe_convert(old.make_weights(args.experts, args.hidden, dtype))
+        x = torch.randn(args.tokens, args.hidden).to(dtype)
         evict = torch.ones(bench.EVICT_BYTES // 4)
         times = {"now": [], args.rev: []}
         with torch.inference_mode():
@@ -64,7 +66,7 @@ def main() -> None:
                     times[name].append((time.perf_counter() - t) * 1e3)
     ratios = [a / b for a, b in zip(times["now"], times[args.rev])]
     q1, _, q3 = statistics.quantiles(ratios, n=4)
-    print(f"T={args.tokens} E={args.experts} d={args.hidden}, {args.rounds} rounds: now "
+    print(f"T={args.tokens} E={args.experts} d={args.hidden} {args.dtype}, {args.rounds} rounds: now "
           f"{statistics.median(times['now']):.3f} ms, {args.rev} {statistics.median(times[args.rev]):.3f} ms; "
           f"now/{args.rev} median {statistics.median(ratios):.3f} (quartiles {q1:.3f}-{q3:.3f}); "
           f"outputs differ by {diff:.1e}")

@@ -193,9 +193,11 @@ def _native_input(x: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def _native_rows(rows: int, dtype: torch.dtype, *inner: int, ffn: bool = False) -> bool:
     """The native kernel is the faster one for `rows` rows through `dtype` matrices of these input widths,
-    one matrix or (`ffn`) an FFN's two in row blocks (bf16: measured for decode's few rows only)."""
-    return rows <= NATIVE_BATCH_ROWS or (dtype == torch.float32 and max(inner) <= NATIVE_MAX_REREAD_IN
-                                         and (rows <= NATIVE_MAX_ROWS or (ffn and NATIVE_FFN_ANY_ROWS)))
+    one matrix or (`ffn`) an FFN's two in row blocks (bf16 beyond decode's few rows: where the kernel has
+    the CPU's bf16 dot product, `native.bf16_dot`)."""
+    return rows <= NATIVE_BATCH_ROWS or (
+        (dtype == torch.float32 or (dtype == torch.bfloat16 and native.bf16_dot()))
+        and max(inner) <= NATIVE_MAX_REREAD_IN and (rows <= NATIVE_MAX_ROWS or (ffn and NATIVE_FFN_ANY_ROWS)))
 
 
 def _native_ok(x: torch.Tensor, dtype: torch.dtype, width: int, out: torch.Tensor | None, out_width: int,

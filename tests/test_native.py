@@ -105,13 +105,15 @@ def test_linear_on_few_rows_equals_float64(out_features, bias, calls):
 @needs_kernel
 @pytest.mark.parametrize("bias", [True, False])
 def test_bf16_linear_on_few_rows_equals_onednn(bias, calls):
-    """bf16 packed weights: up to `NATIVE_BATCH_ROWS` rows through the kernel (fp32 sums, each output rounded
-    to bf16 once, as oneDNN's): equal to oneDNN's results but for a last-bit rounding here and there, and
-    within bf16 rounding of float64; more rows go to oneDNN."""
+    """bf16 packed weights through the kernel (fp32 sums, each output rounded to bf16 once, as oneDNN's):
+    equal to oneDNN's results but for a last-bit rounding here and there, and within bf16 rounding of
+    float64; up to `NATIVE_MAX_ROWS` rows with the CPU's bf16 dot product, else `NATIVE_BATCH_ROWS`; more
+    rows go to oneDNN."""
     w = (torch.randn(384, 100) / 384 ** 0.5).bfloat16()  # [in, out]: a last block of 36 outputs
     b = torch.randn(100).bfloat16() if bias else None
     packed = pack_matrix(w)
-    row_counts = [*range(1, kernels.NATIVE_BATCH_ROWS + 2)]
+    limit = kernels.NATIVE_MAX_ROWS if native.bf16_dot() else kernels.NATIVE_BATCH_ROWS
+    row_counts = sorted({*range(1, kernels.NATIVE_BATCH_ROWS + 1), 13, limit, limit + 1})
     for rows in row_counts:
         x = torch.randn(rows, 384).bfloat16()
         got = linear(x, packed, b)
@@ -227,6 +229,23 @@ def test_bf16_ffns_on_few_rows_equal_onednn(kind, act, calls):
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
     ffns = int((routing.counts > 0).sum()) + 1  # the hit experts and the residual, together
     assert calls[6:] == [ffns * (2 if kind == "gated" else 1), ffns]  # jobs of the two native calls
+
+
+@needs_kernel
+@pytest.mark.skipif(not native.bf16_dot(), reason="no bf16 dot product here: bf16 takes the kernel for few rows only")
+@pytest.mark.parametrize("kind, act", [("gpt2", GELU), ("gated", ACTIVATIONS["silu"])])
+def test_bf16_ffns_at_any_row_count_equal_onednn_and_float64(kind, act, calls):
+    """With the CPU's bf16 dot product, bf16 FFNs take the kernel at any row count, in row blocks (2500 rows
+    of f=1024 in bf16: blocks of 2048 and 452), within bf16 rounding of oneDNN's and of float64."""
+    w = {k: v.bfloat16() for k, v in ffn_weights(kind, 256, 1024).items()}
+    packed = pack_ffn(w)
+    for rows in (40, 300, 2500):
+        x = torch.randn(rows, 256).bfloat16()
+        got = ffn(x, packed, act)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, kernels._onednn_ffn(x, packed, act, None), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got.double(), reference_ffn(x, w, act), rtol=2e-2, atol=2e-2)
+    assert len(calls) == 2 * 4
 
 
 @needs_kernel

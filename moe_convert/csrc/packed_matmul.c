@@ -3,9 +3,10 @@
  * oneDNN's packed fp32 [out, in] matrix (`kernels.pack_matrix`) is stored in blocks of 64 outputs:
  * block b holds w[64 b + o, i] at offset (b * in + i) * 64 + o, the last block padded to 64; a bf16
  * one holds pairs of inputs side by side per output, at ((b * in / 2 + i / 2) * 64 + o) * 2 + i % 2
- * (`native.register` checks the layout on the running machine before any call). bf16 values are
- * widened to fp32 exactly, summed in fp32, and each output rounded to bf16 once, as oneDNN does. The product is a pass
- * over each block's [in][64] panel per group of up to 6 rows, front to back, with the group's 64
+ * (`native.register` checks the layout on the running machine before any call). bf16 pairs go through
+ * the CPU's bf16 dot product where it has one (AVX512-BF16), as oneDNN's kernels do, else are widened
+ * to fp32 exactly; either way the sums are fp32 and each output is rounded to bf16 once. The product
+ * is a pass over each block's [in][64] panel per group of up to 6 rows, front to back, with the group's 64
  * outputs in registers. A single group (decode: one row per expert) streams each panel once. With
  * more groups (an expert's 32 rows in prefill) the panel is read again from cache, and while the
  * groups run, the panel of the next block this thread takes is fetched ahead in equal shares: oneDNN
@@ -17,6 +18,7 @@
  * may apply an activation to its outputs as they are stored (vectors.h `activate16`): torch's tanh GELU
  * as a separate op cost ~5 ms of the ~45 ms E=128 experts of a T=4096 prefill.
  */
+#include <immintrin.h>
 #include <omp.h>
 #include <string.h>
 
@@ -42,7 +44,8 @@ static inline void store_acc(const v16 *acc, void *y, int64_t valid, int bf16, i
 
 /* One step of the pass over a panel, for R rows of x. fp32 panels [in][64]: input i, 64 outputs. bf16
  * panels [in / 2][64][2] (oneDNN's pairs of inputs per output): inputs i and i + 1, each 32-bit lane
- * holding one output's two weights, widened exactly. */
+ * holding one output's two weights: both products summed into fp32 by the CPU's bf16 dot product where
+ * it has one, else widened exactly and multiply-added in fp32. */
 #define STEP_f32(R)                                                                                      \
     const v16 *w = (const v16 *)((const float *)panel + i * BLOCK);                                      \
     v16 w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];                                                      \
@@ -50,6 +53,18 @@ static inline void store_acc(const v16 *acc, void *y, int64_t valid, int bf16, i
         float xv = ((const float *)x)[r * in + i];                                                       \
         acc[r][0] += xv * w0, acc[r][1] += xv * w1, acc[r][2] += xv * w2, acc[r][3] += xv * w3;          \
     }
+#ifdef __AVX512BF16__ /* the CPU's bf16 pair dot product (two products per lane, summed into fp32), as oneDNN uses */
+#define STEP_bf16(R)                                                                                     \
+    const __m512i *w = (const __m512i *)((const uint16_t *)panel + i * BLOCK);                           \
+    __m512bh wb[4];                                                                                      \
+    for (int c = 0; c < 4; c++) wb[c] = (__m512bh)_mm512_loadu_si512(w + c);                            \
+    for (int r = 0; r < R; r++) {                                                                        \
+        int32_t pair; /* x[r, i] and x[r, i + 1] */                                                      \
+        memcpy(&pair, (const uint16_t *)x + r * in + i, sizeof pair);                                    \
+        __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);                                                 \
+        for (int c = 0; c < 4; c++) acc[r][c] = (v16)_mm512_dpbf16_ps((__m512)acc[r][c], xb, wb[c]);     \
+    }
+#else /* widened exactly, fp32 multiply-adds */
 #define STEP_bf16(R)                                                                                     \
     const u32x16 *w = (const u32x16 *)((const uint16_t *)panel + i * BLOCK);                             \
     v16 even[4], odd[4];                                                                                 \
@@ -59,6 +74,7 @@ static inline void store_acc(const v16 *acc, void *y, int64_t valid, int bf16, i
         float xe = bf16_to_f32(xr[0]), xo = bf16_to_f32(xr[1]);                                          \
         for (int c = 0; c < 4; c++) acc[r][c] += xe * even[c] + xo * odd[c];                             \
     }
+#endif
 #define INPUTS_PER_STEP_f32 1
 #define INPUTS_PER_STEP_bf16 2
 
@@ -152,6 +168,16 @@ void run_jobs(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int bf1
             }
         }
     }
+}
+
+/* 1 where bf16 jobs use the CPU's bf16 dot product (as fast as oneDNN's bf16 kernels at every row count
+ * measured), 0 where they widen to fp32 multiply-adds (half that rate: decode's few rows only). */
+int mc_bf16_dot(void) {
+#ifdef __AVX512BF16__
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 void mc_packed_matmul(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int bf16, int threads) {
