@@ -98,14 +98,15 @@ NATIVE_BATCH_ROWS = 8
 # experts' FFNs, both matmuls, d=512, in ABBA order: 8 rows 0.90x oneDNN's time, 24 rows 0.77x, 32 rows
 # 0.85x, 64 rows 0.92x, 96 rows 0.97x, 128 rows 1.02x; the activation was then a torch op between the calls).
 NATIVE_MAX_ROWS = 96
-# FFNs on packed fp32 weights take the native kernel at any row count, in batches of row blocks
+# FFNs on packed fp32 weights take the native kernel at any row count and width, in batches of row blocks
 # (`_native_batches`), with the activation fused (`NATIVE_ACTIVATIONS`): cold, ABBA, against oneDNN's
 # fused FFN: one FFN of 128-512 rows 0.90-0.95x its time; T=4096 layers (d=512): the residual FFN in
 # 512-row blocks 0.93-0.96x the layer's time at E=8 and E=32 (README, "Bench results").
 NATIVE_FFN_ANY_ROWS = True
-# Over 6 rows the kernel reads each [in][64] panel again per 6 rows, from L2: it paid with in <= 2048
-# (a 512 KiB panel: 0.84-0.94x oneDNN's time from 16 to 96 rows), not with in = 4096 (1 MiB, this
-# CPU's whole L2: 1.02-1.05x).
+# Over 6 rows the kernel reads each [in][64] panel again per 6 rows, from L2: on a single matrix it paid
+# with in <= 2048 (a 512 KiB panel: 0.84-0.94x oneDNN's time from 16 to 96 rows), not with in = 4096
+# (1 MiB, this CPU's whole L2: 1.02-1.05x). FFNs in batches (`NATIVE_FFN_ANY_ROWS`) take any width:
+# PR-MoE layers, ABBA, against this limit: d=1024 (f=4096) 0.87-1.00x, d=2048 (f=8192) 0.96-1.00x.
 NATIVE_MAX_REREAD_IN = 2048
 # The row-major kernel re-reads the rows of x for every weight row: they must stay in L1 (48 KiB here).
 # Beyond, from L2, it lost: (4096, 4096) with 8 rows 1.26x oneDNN's time, against 0.70x with 1 row
@@ -197,7 +198,7 @@ def _native_rows(rows: int, dtype: torch.dtype, *inner: int, ffn: bool = False) 
     the CPU's bf16 dot product, `native.bf16_dot`)."""
     return rows <= NATIVE_BATCH_ROWS or (
         (dtype == torch.float32 or (dtype == torch.bfloat16 and native.bf16_dot()))
-        and max(inner) <= NATIVE_MAX_REREAD_IN and (rows <= NATIVE_MAX_ROWS or (ffn and NATIVE_FFN_ANY_ROWS)))
+        and ((rows <= NATIVE_MAX_ROWS and max(inner) <= NATIVE_MAX_REREAD_IN) or (ffn and NATIVE_FFN_ANY_ROWS)))
 
 
 def _native_ok(x: torch.Tensor, dtype: torch.dtype, width: int, out: torch.Tensor | None, out_width: int,

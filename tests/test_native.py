@@ -125,15 +125,20 @@ def test_bf16_linear_on_few_rows_equals_onednn(bias, calls):
 
 
 @needs_kernel
-def test_wide_inputs_take_the_kernel_for_few_rows_only(calls):
-    """Past 6 rows each panel is read again per 6 rows: with 1 MiB panels (in = 4096) that loses to oneDNN,
-    so only up to `NATIVE_BATCH_ROWS` rows go native there; results are right either way."""
+def test_wide_inputs_take_the_kernel_for_few_rows_only_on_a_single_matrix(calls):
+    """Past 6 rows each panel is read again per 6 rows: on a single matrix with 1 MiB panels (in = 4096)
+    that loses to oneDNN, so only up to `NATIVE_BATCH_ROWS` rows go native there; an FFN of that width
+    (f = 4096) takes the kernel at any row count. Results are right either way."""
     w = torch.randn(4096, 64) / 64  # [in, out]
     packed = pack_matrix(w)
     for rows in (kernels.NATIVE_BATCH_ROWS, kernels.NATIVE_BATCH_ROWS + 1):
         x = torch.randn(rows, 4096)
         torch.testing.assert_close(linear(x, packed), (x.double() @ w.double()).float(), rtol=1e-5, atol=1e-5)
     assert calls == [1]
+    w = ffn_weights("gpt2", 64, 4096)
+    x = torch.randn(40, 64)
+    torch.testing.assert_close(ffn(x, pack_ffn(w), GELU), reference_ffn(x, w, GELU).float(), rtol=1e-5, atol=1e-5)
+    assert calls == [1, 1, 1]
 
 
 @pytest.fixture
