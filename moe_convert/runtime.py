@@ -86,6 +86,21 @@ def attention_dtype(compute: torch.dtype) -> torch.dtype:
     return torch.float32 if compute in (torch.bfloat16, torch.float16) else compute
 
 
+def _attention_mask(past: int, L: int, window: int | None) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for attention of L queries at positions past.. over past + L keys: causal,
+    and within `window` positions as transformers masks sliding windows. Where no key falls out of the
+    window, SDPA's own causal path for a prefill from position 0 (the same values, 1.55x faster over
+    1024 positions here) and no mask for a single query; otherwise the boolean (L, past + L) mask."""
+    if window is None or window >= past + L:
+        if past == 0:
+            return None, L > 1
+        if L == 1:
+            return None, False
+    pos, keys = torch.arange(past, past + L)[:, None], torch.arange(past + L)[None, :]
+    mask = keys <= pos
+    return (mask if window is None else mask & (keys > pos - window)), False
+
+
 # Config keys holding the positions a model was built for (GPT-2's learned table; RoPE models' range).
 CONTEXT_KEYS = ("n_positions", "max_position_embeddings")
 # Positions a generation's KV cache is first allocated for beyond the prompt; it doubles when full.
@@ -302,8 +317,7 @@ class Runtime:
         if past + L > self.context:
             raise MoEConvertError(f"{past + L} positions exceed the model's context of {self.context}")
         pos = torch.arange(past, past + L)  # (L,)
-        keys = torch.arange(past + L)[None, :]  # (1, past+L)
-        masks = {None: keys <= pos[:, None]}  # (L, past+L) per sliding window, built once per forward
+        masks = {}  # per sliding window: `_attention_mask`, built once per forward
         x = self.embed(ids, pos)  # (B, L, d)
         rotary = self.rotary(pos, x.dtype)  # the layers' shared position encoding, if any
         for i in range(self.num_layers):
@@ -311,9 +325,10 @@ class Runtime:
             k, v = cache.update(i, k, v)  # in the cache's dtype (`attention_dtype`)
             window = self.sliding_window(i)
             if window not in masks:
-                masks[window] = masks[None] & (keys > pos[:, None] - window)  # as transformers masks
-            mask = masks[window]
-            o = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, scale=self.attn_scale(i),
+                masks[window] = _attention_mask(past, L, window)
+            mask, causal = masks[window]
+            o = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal,
+                                               scale=self.attn_scale(i),
                                                enable_gqa=q.shape[1] != k.shape[1]).to(x.dtype)  # (B, H, L, hd)
             x = x + self.attn_out(i, o.transpose(1, 2).reshape(B, L, -1))
             x = x + self.ffn(i, self.ffn_norm(i, x))

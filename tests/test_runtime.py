@@ -114,12 +114,18 @@ def test_fp16_export_computes_in_fp32_where_the_cpu_has_no_fp16_matmul(exported,
 
 
 def test_kv_cache_decoding_equals_one_full_pass(exported, host, packed):
+    """Token by token after a prompt, and in chunks of several tokens after earlier ones (the explicit
+    causal mask; a prefill from position 0 takes SDPA's own causal path, a single token no mask)."""
     _, path = exported[host, "fp32", 1]
     rt = load_runtime(path)
     ids = torch.randint(0, VOCAB, (2, 12))
+    full = rt.logits(ids)
     cache = rt.new_cache(2, 12)
     steps = [rt.forward(ids[:, :5], cache)] + [rt.forward(ids[:, t:t + 1], cache) for t in range(5, 12)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), rt.logits(ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    cache = rt.new_cache(2, 12)
+    chunks = [rt.forward(ids[:, a:b], cache) for a, b in ((0, 5), (5, 8), (8, 12))]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_tokens_equal_transformers_generate(exported, host, packed):
@@ -270,6 +276,9 @@ def test_sliding_windows_and_scaled_rope_equal_the_source_model(case, tmp_path):
     with torch.no_grad():
         ref = model(ids).logits
     torch.testing.assert_close(rt.logits(ids), ref, rtol=1e-5, atol=1e-5)
+    cache = rt.new_cache(2, 24)  # chunks after earlier positions: keys leave the window within a chunk
+    chunks = [rt.forward(ids[:, a:b], cache) for a, b in ((0, 3), (3, 9), (9, 10), (10, 24))]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), ref, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         greedy = model.generate(ids[:1, :6], max_new_tokens=14, do_sample=False, eos_token_id=0, pad_token_id=0)
     assert rt.generate(ids[0, :6].tolist(), 14, eos_token_id=0).tokens == greedy[0].tolist()
