@@ -449,6 +449,39 @@ def test_without_the_kernel_results_come_from_onednn(env, reason, tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))  # a failed build leaves nothing behind
 
 
+WITHOUT_BF16_DOT = textwrap.dedent("""
+    import torch
+    from moe_convert import kernels, native
+    native.FLAGS.append("-mno-avx512bf16")  # a build for a CPU without the bf16 dot product
+    kernels.PACK_MIN_BYTES = 0
+    calls = []
+    real = kernels.packed_matmul
+    kernels.packed_matmul = lambda jobs, *a: calls.append(len(jobs)) or real(jobs, *a)
+    torch.manual_seed(0)
+    w = {"w_in": torch.randn(256, 1024) / 16, "b_in": torch.randn(1024), "w_out": torch.randn(1024, 256) / 32,
+         "b_out": torch.randn(256)}
+    w = {k: v.bfloat16() for k, v in w.items()}
+    packed, act = kernels.pack_ffn(w), kernels.ACTIVATIONS["gelu_new"]
+    for rows in (5, 40):  # the widened kernel for decode's rows, oneDNN over them
+        x = torch.randn(rows, 256).bfloat16()
+        got, ref = kernels.ffn(x, packed, act), kernels._onednn_ffn(x, packed, act, None)
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+    print(native.library() is not None, native.bf16_dot(), calls)
+""")
+
+
+@needs_kernel
+@pytest.mark.skipif(not native.bf16_dot(), reason="this CPU has no bf16 dot product: every test runs without it")
+def test_a_build_without_the_bf16_dot_product_widens_bf16_for_decodes_rows_only(tmp_path):
+    """The kernel built for a CPU without AVX512-BF16 (its widened fp32 multiply-adds): bf16 FFNs of decode's
+    rows through it, within bf16 rounding of oneDNN's; more rows go to oneDNN."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", WITHOUT_BF16_DOT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split(maxsplit=2) == ["True", "False", "[1, 1]\n"], done.stdout
+
+
 @needs_kernel
 def test_the_library_is_built_once_into_the_user_cache(tmp_path):
     script = "from moe_convert import native; print(native.library()._name)"
