@@ -1,4 +1,4 @@
-/* Matmuls of a few rows on weights that oneDNN packed for fp32 or bf16 inference (moe_convert/native.py).
+/* Matmuls on weights that oneDNN packed for fp32 or bf16 inference (moe_convert/native.py).
  *
  * oneDNN's packed fp32 [out, in] matrix (`kernels.pack_matrix`) is stored in blocks of 64 outputs:
  * block b holds w[64 b + o, i] at offset (b * in + i) * 64 + o, the last block padded to 64; a bf16
@@ -18,7 +18,9 @@
  * may apply an activation to its outputs as they are stored (vectors.h `activate16`): torch's tanh GELU
  * as a separate op cost ~5 ms of the ~45 ms E=128 experts of a T=4096 prefill.
  */
+#ifdef __AVX512BF16__
 #include <immintrin.h>
+#endif
 #include <omp.h>
 #include <string.h>
 
