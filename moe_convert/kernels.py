@@ -13,8 +13,9 @@ The expert matmuls have two backends, picked per call by `pick_backend` from mea
   first matmul, row blocks that keep the intermediate in cache), because the fp32 `torch.mm` of this
   torch build is MKL, which runs ~2x below oneDNN on AMD CPUs. The runtime packs every FFN's weights
   once at load into oneDNN's blocked layout (`pack_ffn`, `pack_experts`), and FFNs on packed fp32
-  weights (bf16: up to `NATIVE_BATCH_ROWS` rows) go through the native kernel (`native.py`), the
-  activation fused, in batches of row blocks (decode's experts together in two calls); the layer's plain
+  weights (bf16: with the CPU's bf16 dot product, else up to `NATIVE_BATCH_ROWS` rows) go through the
+  native kernel (`native.py`), the activation fused, in batches of row blocks (decode's experts
+  together in two calls); the layer's plain
   [in, out] parameters are read through transposed views, and slices under 8 rows use MKL's `addmm`;
 - "grouped_mm": `torch.nn.functional.grouped_mm` with per-expert offsets (one call per matrix).
 """
@@ -98,10 +99,11 @@ NATIVE_BATCH_ROWS = 8
 # experts' FFNs, both matmuls, d=512, in ABBA order: 8 rows 0.90x oneDNN's time, 24 rows 0.77x, 32 rows
 # 0.85x, 64 rows 0.92x, 96 rows 0.97x, 128 rows 1.02x; the activation was then a torch op between the calls).
 NATIVE_MAX_ROWS = 96
-# FFNs on packed fp32 weights take the native kernel at any row count and width, in batches of row blocks
-# (`_native_batches`), with the activation fused (`NATIVE_ACTIVATIONS`): cold, ABBA, against oneDNN's
-# fused FFN: one FFN of 128-512 rows 0.90-0.95x its time; T=4096 layers (d=512): the residual FFN in
-# 512-row blocks 0.93-0.96x the layer's time at E=8 and E=32 (README, "Bench results").
+# FFNs on packed fp32 weights (bf16: with `native.bf16_dot`) take the native kernel at any row count and
+# width, in batches of row blocks (`_native_batches`), with the activation fused (`NATIVE_ACTIVATIONS`):
+# cold, ABBA, against oneDNN's fused FFN: one FFN of 128-512 rows 0.90-0.95x its time; T=4096 layers
+# (d=512): the residual FFN in 512-row blocks 0.93-0.96x the layer's time at E=8 and E=32 (README,
+# "Bench results").
 NATIVE_FFN_ANY_ROWS = True
 # Over 6 rows the kernel reads each [in][64] panel again per 6 rows, from L2: on a single matrix it paid
 # with in <= 2048 (a 512 KiB panel: 0.84-0.94x oneDNN's time from 16 to 96 rows), not with in = 4096
@@ -429,9 +431,9 @@ def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], act, out: torch.Tensor | No
         pointers = native_pointers(w) if _native_ok(x, w["w_out"].dtype, d, out, d, f, ffn=True) else None
         if pointers is None:
             return _onednn_ffn(x, w, fused_activation(act), out)
-        x, out = x.contiguous(), x.new_empty(x.shape[0], d) if out is None else out
+        x, out, act = x.contiguous(), x.new_empty(x.shape[0], d) if out is None else out, fused_activation(act)
         for batch in _native_batches([(x.shape[0], x.data_ptr(), out.data_ptr(), pointers)], d, f, x.element_size()):
-            _native_ffns(batch, d, f, fused_activation(act), x.dtype)
+            _native_ffns(batch, d, f, act, x.dtype)
         return out
     if x.shape[0] >= ONEDNN_MIN_ROWS and onednn_ok(x, *w.values()):
         w_t = {k: v.t() if k.startswith("w_") else v for k, v in w.items()}  # [out, in] views

@@ -1,6 +1,7 @@
-"""A native kernel for matmuls on oneDNN-packed fp32 weights (bf16: up to 8 rows): decode's expert and
-residual FFNs, packed projections of up to ~100 rows, and prefill's FFNs (experts and residual) in
-batches of row blocks, the activation applied as the outputs are stored.
+"""A native kernel for matmuls on oneDNN-packed fp32 and bf16 weights: decode's expert and residual FFNs,
+packed projections of up to ~100 rows, and prefill's FFNs (experts and residual) in batches of row
+blocks, the activation applied as the outputs are stored (bf16 beyond decode's 8 rows only with the
+CPU's bf16 dot product: `bf16_dot`).
 
 With one token per expert, the layer's cost is reading each hit expert's weights from DRAM. oneDNN
 streams its own packed weights at ~40 GB/s for one row; a plain loop over the same bytes, in the
@@ -161,6 +162,7 @@ def _load() -> ctypes.CDLL | None:
     return None
 
 
+@functools.cache  # asked on the dispatch path: the build's answer, once
 def bf16_dot() -> bool:
     """The kernel multiplies bf16 with the CPU's bf16 dot product (built where the compiler targets
     AVX512-BF16): as fast as oneDNN's bf16 kernels at every row count measured. Without it bf16 is widened
