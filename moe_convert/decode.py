@@ -127,11 +127,11 @@ class Decoder:
         threads = torch.get_num_threads()
         s, x, out = self.state, x.contiguous(), x.new_empty(T, x.shape[1])
         s.tokens, s.x, s.out = T, x.data_ptr(), out.data_ptr()
-        self._lib.mc_moe_decode_first(self._at, threads)
+        native.check(self._lib.mc_moe_decode_first(self._at, threads), "mc_moe_decode_first")
         rows = T * self.rows_per_token
         h = self._h[:rows] if self.state.act != native.ACT_NONE else self.act(self._h[:rows])
         if self.gated:
             h.mul_(self._up[:rows])
         s.act_h = h.data_ptr()
-        self._lib.mc_moe_decode_second(self._at, threads)
+        native.check(self._lib.mc_moe_decode_second(self._at, threads), "mc_moe_decode_second")
         return out

@@ -35,6 +35,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +45,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name for name in ("packed_matmul.c", "moe_decode.c", "rowmajor_matmul.c")]  # one library
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+# Extra compiler flags after FLAGS, e.g. "-mno-avx512bf16" or "-march=x86-64-v3" (AVX2): a build for a
+# narrower CPU than this one, to test the paths such CPUs take. Part of the build's cache key.
+EXTRA_FLAGS_VAR = "MOE_CONVERT_NATIVE_FLAGS"
+MC_OK = 0  # the C entry points' status: 0 ran, else refused their arguments (csrc/packed_matmul.h)
 BLOCK = 64  # outputs per block of oneDNN's packed layouts
 # The packed layouts the kernel reads, by dtype: [ceil(out / 64)][in / n][64][n], n inputs side by side per
 # output (fp32: [..][in][64]; bf16: pairs, as oneDNN's bf16 dot-product instructions take them).
@@ -53,6 +58,7 @@ _reason = ""  # why `library()` is None
 _lock = threading.Lock()  # one build and load per process
 _layout: dict[tuple[int, int, torch.dtype], bool] = {}  # (out, in, dtype) -> a probe was packed as LAYOUTS says
 _address = WeakIdKeyDictionary()  # packed tensor `register` accepted -> the address of its bytes
+_registered: dict[int, tuple[int, int, torch.dtype]] = {}  # those addresses -> (out, in, dtype), while alive
 
 
 # Activations the kernel applies as it stores a job's outputs (csrc/vectors.h `activate16`), by code.
@@ -105,17 +111,22 @@ def _torch_uses_libgomp() -> bool:
     return len(files) == 1 and Path(next(iter(files))).name == "libgomp.so.1"
 
 
+def flags() -> list[str]:
+    """The compiler flags of this process's build: `FLAGS` and `$MOE_CONVERT_NATIVE_FLAGS`."""
+    return [*FLAGS, *os.environ.get(EXTRA_FLAGS_VAR, "").split()]
+
+
 def _build(cc: str) -> Path:
     """The compiled library in the cache, built (atomically) when missing. Raises OSError on failure."""
     texts = [p.read_text() for p in [*SOURCES, *sorted(CSRC.glob("*.h"))]]  # what the build reads
-    key = hashlib.sha256("\0".join([*texts, cc, *FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*texts, cc, *flags(), _cpu_identity()]).encode()).hexdigest()[:16]
     path = _cache_dir() / f"packed_matmul-{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
+            done = subprocess.run([cc, *flags(), *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
                                   timeout=300)
             if done.returncode != 0:
                 raise OSError(f"{Path(cc).name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -151,13 +162,13 @@ def _load() -> ctypes.CDLL | None:
             return None
         lib.mc_packed_matmul.argtypes = [ctypes.c_int64, ctypes.POINTER(Job), ctypes.c_int64, ctypes.c_int64,
                                          ctypes.c_int, ctypes.c_int]
-        lib.mc_packed_matmul.restype = None
+        lib.mc_packed_matmul.restype = ctypes.c_int
         lib.mc_bf16_dot.argtypes, lib.mc_bf16_dot.restype = [], ctypes.c_int
         for phase in (lib.mc_moe_decode_first, lib.mc_moe_decode_second):  # (address of a decode.State, threads)
-            phase.argtypes, phase.restype = [ctypes.c_void_p, ctypes.c_int], None
+            phase.argtypes, phase.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
         lib.mc_rowmajor_matmul.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64,
                                            ctypes.c_int, ctypes.c_int]
-        lib.mc_rowmajor_matmul.restype = None
+        lib.mc_rowmajor_matmul.restype = ctypes.c_int
         return lib
     return None
 
@@ -192,7 +203,9 @@ def register(packed: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor])
         probe = torch.randn(out, inp, generator=torch.Generator().manual_seed(0)).to(packed.dtype)
         _layout[key] = _same_layout(pack(probe), probe)
     if _layout[key]:
-        _address[packed] = _data_ptr(packed)
+        at = _address[packed] = _data_ptr(packed)
+        _registered[at] = key
+        weakref.finalize(packed, _registered.pop, at, None)  # freed bytes are no longer the kernel's to read
     return _layout[key]
 
 
@@ -222,19 +235,44 @@ def _same_layout(packed: torch.Tensor, w: torch.Tensor) -> bool:
     return torch.equal(raw[real], expected[real])
 
 
+def check(status: int, entry: str) -> None:
+    """Raise where a C entry point refused its arguments (it checks them too, and reads nothing then)."""
+    if status != MC_OK:
+        raise ValueError(f"native kernel: {entry} refused its arguments")
+
+
 def packed_matmul(jobs: list[Job], out: int, inp: int, dtype: torch.dtype = torch.float32) -> None:
     """Run every job (same `out`, `inp` and dtype, fp32 or bf16, weights with an `address`) in one call on
-    torch's threads (as many as `torch.get_num_threads()`)."""
-    library().mc_packed_matmul(len(jobs), (Job * len(jobs))(*jobs), out, inp, dtype == torch.bfloat16,
-                               torch.get_num_threads())
+    torch's threads (as many as `torch.get_num_threads()`).
+
+    Every job is checked before the call: at least one row, x and y given, and w a matrix `register`
+    accepted for this (out, in, dtype) and still alive. Anything else raises ValueError; the kernel
+    never sees an address it was not given.
+    """
+    key = (out, inp, dtype)
+    for job in jobs:
+        if job.rows < 1 or not job.x or not job.y or _registered.get(job.w) != key:
+            raise ValueError(f"native kernel: a job of {job.rows} rows with w at {job.w} is not a registered "
+                             f"{out} x {inp} {dtype} matrix (only `register`ed matrices reach the kernel)")
+    check(library().mc_packed_matmul(len(jobs), (Job * len(jobs))(*jobs), out, inp, dtype == torch.bfloat16,
+                                     torch.get_num_threads()), "mc_packed_matmul")
 
 
 def rowmajor_matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """x (T, in) @ w.T + b for a plain row-major w (out, in) in fp32 or bf16, with x and b in w's dtype,
-    1 <= T <= `ROWMAJOR_MAX_ROWS`, `in` a multiple of 16, w and b contiguous on CPU (the caller checks;
-    `kernels.linear`); on torch's threads. The sums are fp32; a bf16 result is rounded once, as oneDNN's."""
+    1 <= T <= `ROWMAJOR_MAX_ROWS`, `in` a multiple of 16, w and b contiguous on CPU (`kernels.linear`
+    routes only such calls here; others raise ValueError); on torch's threads. The sums are fp32; a bf16
+    result is rounded once, as oneDNN's."""
+    fits = (w.dim() == 2 and not w.is_mkldnn and w.device.type == "cpu" and w.dtype in LAYOUTS and w.is_contiguous()
+            and w.shape[1] % 16 == 0 and x.dim() == 2 and x.dtype == w.dtype and x.device.type == "cpu"
+            and x.shape[1] == w.shape[1] and 1 <= x.shape[0] <= ROWMAJOR_MAX_ROWS
+            and (b is None or (b.dtype == w.dtype and b.is_contiguous() and tuple(b.shape) == (w.shape[0],))))
+    if not fits:
+        raise ValueError(f"native kernel: rowmajor_matmul does not take x {tuple(x.shape)} {x.dtype} with w "
+                         f"{tuple(w.shape)} {w.dtype}")
     y = w.new_empty(x.shape[0], w.shape[0])
     x32 = x.float().contiguous()  # (T, in): bf16 rows widened (exact)
-    library().mc_rowmajor_matmul(x.shape[0], x32.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(),
-                                 y.data_ptr(), *w.shape, w.dtype == torch.bfloat16, torch.get_num_threads())
+    check(library().mc_rowmajor_matmul(x.shape[0], x32.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(),
+                                       y.data_ptr(), *w.shape, w.dtype == torch.bfloat16, torch.get_num_threads()),
+          "mc_rowmajor_matmul")
     return y

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from moe_convert import kernels, native
 from moe_convert.decode import MAX_TOKENS, MAX_TOP_K, Decoder
 from moe_convert.kernels import ACTIVATIONS, moe_forward, pack_experts, pack_ffn
-from test_native import ffn_weights, on_one_thread, reference_ffn
+from test_native import REFUSED, ffn_weights, on_one_thread, reference_ffn
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernel off: {native.why_unavailable()}")
 ACT = {"gpt2": ACTIVATIONS["gelu_new"], "gated": ACTIVATIONS["silu"]}
@@ -75,6 +75,9 @@ def test_bf16_layer_equals_moe_forward_to_bf16_rounding(kind, top_k):
     """bf16 weights and tokens: the same routing as float64 on the same bf16 values, and the output within
     bf16 rounding of moe_forward's (which rounds after each of its bf16 ops) and of float64."""
     w, decoder = layer(kind, top_k=top_k, dtype=torch.bfloat16)
+    if decoder is None:  # the packed bf16 experts are refused by the layout probe: moe_forward runs them
+        assert None in w["packed"].pointers or kernels.native_pointers(w["packed_dense"]) is None
+        pytest.skip(REFUSED.format("bf16"))
     x = torch.randn(MAX_TOKENS, 256).bfloat16()
     with torch.inference_mode():
         got = decoder(x)

@@ -175,7 +175,20 @@ __attribute__((optimize("fp-contract=off"))) static void combine_row(const decod
     }
 }
 
-void mc_moe_decode_first(decode_t *s, int threads) {
+/* 1 where the state can be run (`decode.Decoder` builds it from registered weights only): every buffer and
+ * matrix given, sizes in range; phase 2 also needs the caller's act_h. */
+static int state_valid(const decode_t *s, int phase) {
+    if (!s || s->tokens < 1 || s->tokens > MAX_TOKENS || s->top_k < 1 || s->top_k > MAX_K || s->top_k > s->experts
+        || s->d < 16 || s->d % 16 || s->f < 1 || !s->router || !s->ffns || !s->xs || !s->h || !s->y || !s->x
+        || !s->out || (phase == 2 && !s->act_h) || (s->coef_w && !s->coef_b))
+        return 0;
+    for (int64_t e = 0; e < s->experts + (s->coef_w != NULL); e++)
+        if (!s->ffns[e].w1 || !s->ffns[e].w2) return 0;
+    return 1;
+}
+
+int mc_moe_decode_first(decode_t *s, int threads) {
+    if (!state_valid(s, 1)) return MC_REFUSED;
     job_t jobs[2 * (MAX_ASSIGN + 1)]; /* two matrices per FFN at most */
     int64_t njobs = 0;
     float logits[MAX_TOKENS * s->experts];
@@ -188,9 +201,11 @@ void mc_moe_decode_first(decode_t *s, int threads) {
         }
         run_jobs(njobs, jobs, s->f, s->d, (int)s->bf16);
     }
+    return MC_OK;
 }
 
-void mc_moe_decode_second(decode_t *s, int threads) {
+int mc_moe_decode_second(decode_t *s, int threads) {
+    if (!state_valid(s, 2)) return MC_REFUSED;
     job_t jobs[MAX_ASSIGN + 1];
     int64_t njobs = phase_jobs(s, 2, jobs);
 #pragma omp parallel num_threads(threads)
@@ -200,4 +215,5 @@ void mc_moe_decode_second(decode_t *s, int threads) {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < s->tokens; t++) combine_row(s, t);
     }
+    return MC_OK;
 }

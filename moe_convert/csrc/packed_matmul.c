@@ -182,7 +182,17 @@ int mc_bf16_dot(void) {
 #endif
 }
 
-void mc_packed_matmul(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int bf16, int threads) {
+int jobs_valid(int64_t njobs, const job_t *jobs, int64_t out, int64_t in) {
+    if (njobs < 0 || (njobs && !jobs) || out < 1 || in < 1) return 0;
+    for (int64_t k = 0; k < njobs; k++)
+        if (jobs[k].rows < 1 || !jobs[k].x || !jobs[k].w || !jobs[k].y || jobs[k].act < ACT_NONE || jobs[k].act > ACT_RELU)
+            return 0;
+    return 1;
+}
+
+int mc_packed_matmul(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int bf16, int threads) {
+    if (!jobs_valid(njobs, jobs, out, in)) return MC_REFUSED;
 #pragma omp parallel num_threads(threads)
     run_jobs(njobs, jobs, out, in, bf16);
+    return MC_OK;
 }

@@ -16,3 +16,11 @@ typedef struct {
  * enclosing OpenMP parallel region: call it from every thread of the region. A thread returns when its
  * share is done, without waiting for the others: the region's end, or an `omp barrier`, waits for all. */
 void run_jobs(int64_t njobs, const job_t *jobs, int64_t out, int64_t in, int bf16);
+
+/* 1 where every job can be run: shapes of at least one, x, w and y given (never NULL), an ACT_* code.
+ * The entry points check it and return MC_REFUSED instead of reading through a bad address (Python
+ * checks first: `native.packed_matmul`). */
+int jobs_valid(int64_t njobs, const job_t *jobs, int64_t out, int64_t in);
+
+#define MC_OK 0
+#define MC_REFUSED 1

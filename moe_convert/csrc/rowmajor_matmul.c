@@ -13,6 +13,7 @@
 #include <omp.h>
 #include <stdint.h>
 
+#include "packed_matmul.h"
 #include "vectors.h"
 
 #define AHEAD 4096 /* bytes fetched ahead of the ones being read */
@@ -62,8 +63,10 @@ ROWS_KERNELS(bf16)
 /* y (T, out) = x (T, in) @ w^T + bias for 1 <= T <= 8: x fp32; w (out, in) row-major, bias (out,) or NULL
  * and y in fp32 (bf16 = 0) or bf16 (bf16 = 1); all contiguous; `in` a multiple of 16. Thread k of n
  * takes rows [out k / n, out (k + 1) / n). */
-void mc_rowmajor_matmul(int64_t T, const float *x, const void *w, const void *bias, void *y, int64_t out, int64_t in,
-                        int bf16, int threads) {
+int mc_rowmajor_matmul(int64_t T, const float *x, const void *w, const void *bias, void *y, int64_t out, int64_t in,
+                       int bf16, int threads) {
+    if (T < 1 || T > (int64_t)(sizeof rows_f32 / sizeof rows_f32[0]) || !x || !w || !y || out < 1 || in < 16 || in % 16)
+        return MC_REFUSED; /* native.rowmajor_matmul checks first */
 #pragma omp parallel num_threads(threads)
     {
         int64_t k = omp_get_thread_num(), n = omp_get_num_threads(), r0 = out * k / n, r1 = out * (k + 1) / n;
@@ -72,4 +75,5 @@ void mc_rowmajor_matmul(int64_t T, const float *x, const void *w, const void *bi
         else
             rows_f32[T - 1](x, w, bias, y, r0, r1, out, in);
     }
+    return MC_OK;
 }
