@@ -12,20 +12,26 @@ process owns (no mmap), for the inference runtime, which repacks every weight at
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import socket
 import struct
 import sys
+from glob import escape as glob_escape
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
 from .errors import MoEConvertError, one_line
+
+log = logging.getLogger("moe_convert")
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -441,32 +447,109 @@ def check_output_apart(out: str | Path, inputs) -> None:
             raise MoEConvertError(f"output {out} {'is' if o == p else 'contains'} the input {i}; choose another output")
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's bytes, or a directory's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Every file under `directory` to disk, then every directory's entries, deepest first: after it, a
+    rename that publishes `directory` cannot outlive a power loss while its contents do not."""
+    directories = []
+    for root, _, files in os.walk(directory):
+        for name in files:
+            fsync_path(Path(root) / name)
+        directories.append(Path(root))
+    for d in reversed(directories):
+        fsync_path(d)
+
+
+def durable_replace(src: Path, dst: Path) -> None:
+    """`os.replace(src, dst)` of a file or directory already on disk (`fsync_tree`), then the rename too."""
+    os.replace(src, dst)
+    fsync_path(Path(dst).parent)
+
+
+def _run_tag() -> str:
+    """This process on this machine, as temporary names carry it: `<pid>-<start time>@<host>` (the start
+    time tells a live process from a later one that reuses a dead one's pid)."""
+    return f"{os.getpid()}-{int(psutil.Process().create_time())}@{socket.gethostname()}"
+
+
+def _tag_is_gone(tag: str) -> bool | None:
+    """Whether the process of a `_run_tag` has ended; None if it ran on another machine (unknowable here)."""
+    who, _, host = tag.partition("@")
+    pid, _, start = who.partition("-")
+    if host != socket.gethostname() or not pid.isdigit() or not start.isdigit():
+        return None
+    try:
+        return int(psutil.Process(int(pid)).create_time()) != int(start)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def format_bytes(n: int) -> str:
+    """n bytes in decimal units: "5.2 GB"."""
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def clean_stale_temporaries(out: Path) -> None:
+    """Remove what killed runs into `out` left beside it (`.OUT.tmp-<tag>`, `.OUT.old-<tag>`: SIGKILL or a
+    power loss skip the cleanup), saying so with the bytes freed; another machine's are only reported."""
+    left = [p for kind in ("tmp", "old") for p in out.parent.glob(f".{glob_escape(out.name)}.{kind}-*")]
+    for path in sorted(left):
+        gone = _tag_is_gone(path.name.split("-", 1)[1])
+        size = _tree_bytes(path) if path.is_dir() else path.stat().st_size
+        if gone:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            log.warning("removed %s (%s), left by a run that is gone", path, format_bytes(size))
+        elif gone is None:
+            log.warning("%s (%s) was left by a run on another machine; remove it if that run is over",
+                        path, format_bytes(size))
+
+
 @contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs=()):
     """Yield a temporary sibling of `out` to fill; it becomes `out` only if the block completes.
 
     An existing `out` is refused unless `overwrite` (and then replaced only at the very end), and so
     is an `out` that is or holds one of `inputs`. On any failure or interrupt the temporary
-    directory is removed, so nothing that looks like a finished checkpoint is left behind.
+    directory is removed, so nothing that looks like a finished checkpoint is left behind; what a
+    killed run left is removed by the next one (`clean_stale_temporaries`). Durable: every file
+    and directory is on disk before the rename that publishes them, and the rename before this returns.
     """
     out = Path(out)
     check_output_apart(out, inputs)
     if out.exists() and not overwrite:
         raise MoEConvertError(f"output {out} already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    clean_stale_temporaries(out)
+    tag = _run_tag()
+    tmp = out.parent / f".{out.name}.tmp-{tag}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
         apply_umask(tmp)
+        fsync_tree(tmp)
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = out.parent / f".{out.name}.old-{tag}"
             out.rename(old)
-            tmp.rename(out)
+            durable_replace(tmp, out)
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         else:
-            tmp.rename(out)
+            durable_replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

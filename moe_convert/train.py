@@ -55,7 +55,8 @@ import torch
 from .data import PackedData
 from .config import WHERE_ONLY, TrainConfig, TrainJob, check_eval_args
 from .errors import MoEConvertError, one_line
-from .io import CHECKPOINTS, DTYPES, apply_umask, check_output_apart, checkpoints, unfinished_run_hint
+from .io import (CHECKPOINTS, DTYPES, apply_umask, check_output_apart, checkpoints, durable_replace, fsync_path,
+                 fsync_tree, unfinished_run_hint)
 
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
 # Settings a resumed run may change: they decide what is logged, evaluated and kept, not the training.
@@ -257,9 +258,13 @@ class Trainer:
         path = self.out_dir / CHECKPOINTS / f"step-{step:06d}"
         acc.save_state(str(path), safe_serialization=False)  # tied embeddings: plain torch files
         acc.wait_for_everyone()
-        if acc.is_main_process:
+        if acc.is_main_process:  # trainer_state.json marks the checkpoint complete: every file on disk first
             state = {"step": step, "config": asdict(self.cfg), "settings": self.settings, "recent": self.recent}
-            (path / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            fsync_tree(path)
+            tmp = path / ".trainer_state.json.tmp"
+            tmp.write_text(json.dumps(state, indent=1))
+            fsync_path(tmp)
+            durable_replace(tmp, path / "trainer_state.json")
             for old in checkpoints(self.out_dir)[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(old)
         acc.wait_for_everyone()
@@ -383,9 +388,13 @@ class Trainer:
             except BaseException:  # interrupted or failed: no half-written model left beside the checkpoints
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
+            fsync_tree(tmp)
             (self.out_dir / "config.json").unlink(missing_ok=True)
-            for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
-                os.replace(f, self.out_dir / f.name)
+            for f in tmp.iterdir():
+                if f.name != "config.json":
+                    os.replace(f, self.out_dir / f.name)
+            fsync_path(self.out_dir)  # those renames on disk before the one that marks the model complete
+            durable_replace(tmp / "config.json", self.out_dir / "config.json")
             tmp.rmdir()
         acc.wait_for_everyone()
 
