@@ -483,6 +483,45 @@ def inspect(
 
 
 @app.command()
+def doctor(
+    measure: bool = typer.Option(True, "--measure/--no-measure", help="Measure the GEMM rates (fp32, bf16) and the memory bandwidth (a few seconds). Default: on."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads. Default: torch's choice."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON. Default: off."),
+):
+    """Which inference kernels run on this machine, for each dtype, and why the others are off; the CPU, its features, and the measured GEMM rate and bandwidth. Paste it into bug reports."""
+    with reporting_errors(json_out):
+        from dataclasses import asdict
+
+        from .doctor import diagnose
+
+        set_threads(threads)
+        from rich.progress import Progress, SpinnerColumn
+
+        with Progress(SpinnerColumn(), "measuring the machine", console=err_console, transient=True,
+                      disable=json_out or not measure) as bar:
+            bar.add_task("", total=None)
+            report = diagnose(measure)
+        if json_out:
+            print_json(asdict(report))
+            return
+        from rich.table import Table
+
+        features = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report.features.items())
+        console.print(f"CPU {report.cpu} ({report.threads} threads), torch {report.torch}\n{features}\n"
+                      f"native kernel: {report.native}")
+        table = Table(title="kernel paths")
+        for col in ("dtype", "path", "on", "why not"):
+            table.add_column(col, no_wrap=col != "why not")
+        for k in report.paths:
+            table.add_row(k.dtype, k.path, "yes" if k.on else "no", k.why)
+        console.print(table)
+        if report.gemm_gflops:
+            rates = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in report.gemm_gflops.items())
+            console.print(f"GEMM (2048 x 1024 x 4096, best of 5): {rates}; memory read bandwidth "
+                          f"{report.bandwidth_gbs:.1f} GB/s")
+
+
+@app.command()
 def generate(
     export_dir: Path = typer.Argument(..., metavar="EXPORT", help="A `moe-convert export --format safetensors` directory."),
     prompt: str = typer.Option(..., help="Prompt text (tokenized with the tokenizer copied into the export)."),
@@ -581,13 +620,17 @@ def bench_layer(
             machine, rows = run_bench(tokens, hidden, counts, dtype, names, repeats, seed,
                                       on_step=lambda s: bar.update(task, description=s))
         if json_out:
+            from .native import cpu_model
+
             print_json([asdict(r) | {"gemm_gflops": machine.gemm_gflops, "bandwidth_gbs": machine.bandwidth_gbs,
-                                     "load_avg_at_start": load} for r in rows])
+                                     "load_avg_at_start": load, "cpu": cpu_model()} for r in rows])
             return
         from rich.markup import escape
         from rich.table import Table
 
-        table = Table(title=f"bench layer: T={tokens} d={hidden} top-1+residual {dtype}; "
+        from .native import cpu_model
+
+        table = Table(title=f"bench layer: T={tokens} d={hidden} top-1+residual {dtype} on {cpu_model()}; "
                             f"GEMM {machine.gemm_gflops:.0f} GFLOP/s, bandwidth {machine.bandwidth_gbs:.1f} GB/s")
         for col in ("E", "impl", "ms", "x floor", "vs DS", "max rel err", "note"):
             table.add_column(col, justify="left" if col in ("impl", "note") else "right", no_wrap=col != "note")

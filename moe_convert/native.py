@@ -97,6 +97,16 @@ def _cpu_identity() -> str:
     return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
 
 
+def cpu_model() -> str:
+    """The CPU's model name, as benchmark tables and `moe-convert doctor` print it."""
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else (platform.processor() or platform.machine())
+
+
 def _torch_uses_libgomp() -> bool:
     """torch runs on OpenMP from one mapped file named libgomp.so.1: the soname our library links, so the
     loader hands it that copy and its threads are torch's. (Some wheels ship a renamed copy,
@@ -111,9 +121,14 @@ def _torch_uses_libgomp() -> bool:
     return len(files) == 1 and Path(next(iter(files))).name == "libgomp.so.1"
 
 
+def extra_flags() -> list[str]:
+    """`$MOE_CONVERT_NATIVE_FLAGS`, split."""
+    return os.environ.get(EXTRA_FLAGS_VAR, "").split()
+
+
 def flags() -> list[str]:
-    """The compiler flags of this process's build: `FLAGS` and `$MOE_CONVERT_NATIVE_FLAGS`."""
-    return [*FLAGS, *os.environ.get(EXTRA_FLAGS_VAR, "").split()]
+    """The compiler flags of this process's build: `FLAGS`, then `extra_flags()`."""
+    return [*FLAGS, *extra_flags()]
 
 
 def _build(cc: str) -> Path:
