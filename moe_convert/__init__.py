@@ -18,8 +18,8 @@ __version__ = "0.1.0"
 
 # transformers module -> our module that registers itself with the Auto classes when imported
 _REGISTER_AFTER = {
-    "transformers.models.auto.configuration_auto": ".configuration_prmoe",
-    "transformers.models.auto.modeling_auto": ".modeling",
+    "transformers.models.auto.configuration_auto": ".model.configuration_prmoe",
+    "transformers.models.auto.modeling_auto": ".model.modeling",
 }
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_convert import kernels, native
-from moe_convert.decode import MAX_TOKENS, MAX_TOP_K, Decoder
-from moe_convert.kernels import ACTIVATIONS, moe_forward, pack_experts, pack_ffn
+from moe_convert.inference import kernels, native
+from moe_convert.inference.decode import MAX_TOKENS, MAX_TOP_K, Decoder
+from moe_convert.inference.kernels import ACTIVATIONS, moe_forward, pack_experts, pack_ffn
 from test_native import ffn_weights, on_one_thread, reference_ffn
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernel off: {native.why_unavailable()}")

@@ -10,10 +10,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BertConfig
 
 from conftest import HOST_CONFIGS, VOCAB, tiny_prmoe
-from moe_convert.configuration_prmoe import PRMoEConfig
+from moe_convert.model.configuration_prmoe import PRMoEConfig
 from moe_convert.errors import MoEConvertError
-from moe_convert.modeling import PRMoEForCausalLM
-from moe_convert.moe import PRMoELayer
+from moe_convert.model.modeling import PRMoEForCausalLM
+from moe_convert.model.moe import PRMoELayer
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from moe_convert.config import expert_capacity
-from moe_convert.kernels import moe_forward, route
-from moe_convert.moe import Experts, PRMoELayer
+from moe_convert.model.layout import expert_capacity
+from moe_convert.inference.kernels import moe_forward, route
+from moe_convert.model.moe import Experts, PRMoELayer
 
 
 def make_layer(kind="mlp", E=5, d=24, f=37, top_k=1, residual=True, capacity_factor=None, min_capacity=4, seed=0):

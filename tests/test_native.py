@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from conftest import VOCAB, tiny_gpt2_config, tiny_llama_config
-from moe_convert import kernels, native
-from moe_convert.export import export
-from moe_convert.kernels import ACTIVATIONS, PackedExperts, ffn, linear, moe_forward, pack_experts, pack_ffn, pack_matrix
-from moe_convert.runtime import load_runtime
+from moe_convert.inference import kernels, native
+from moe_convert.convert.export import export
+from moe_convert.inference.kernels import (ACTIVATIONS, PackedExperts, ffn, linear, moe_forward, pack_experts,
+                                           pack_ffn, pack_matrix)
+from moe_convert.inference.runtime import load_runtime
 
 needs_kernel = pytest.mark.skipif(native.library() is None, reason=f"native kernel off: {native.why_unavailable()}")
 GELU = ACTIVATIONS["gelu_new"]
@@ -387,9 +388,9 @@ def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, top_k
                                                                      monkeypatch):
     """KV-cache decoding one token at a time (every FFN, expert and projection on few rows; the MoE layers
     through `decode.Decoder`) against the source PRMoEForCausalLM's logits (a bf16 export: to bf16 tolerance)."""
-    from moe_convert.decode import Decoder
-    from moe_convert.configuration_prmoe import PRMoEConfig
-    from moe_convert.modeling import PRMoEForCausalLM
+    from moe_convert.inference.decode import Decoder
+    from moe_convert.model.configuration_prmoe import PRMoEConfig
+    from moe_convert.model.modeling import PRMoEForCausalLM
 
     text = tiny_gpt2_config(n_inner=128) if host == "gpt2" else tiny_llama_config(intermediate_size=128)
     torch.manual_seed(3)
@@ -426,7 +427,7 @@ def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, top_k
 
 FALLBACK = textwrap.dedent("""
     import torch
-    from moe_convert import kernels, native
+    from moe_convert.inference import kernels, native
     kernels.PACK_MIN_BYTES = 0
     w, x = torch.randn(64, 128), torch.randn(2, 64)
     y = kernels.linear(x, kernels.pack_matrix(w))
@@ -451,7 +452,7 @@ def test_without_the_kernel_results_come_from_onednn(env, reason, tmp_path):
 
 WITHOUT_BF16_DOT = textwrap.dedent("""
     import torch
-    from moe_convert import kernels, native
+    from moe_convert.inference import kernels, native
     native.FLAGS.append("-mno-avx512bf16")  # a build for a CPU without the bf16 dot product
     kernels.PACK_MIN_BYTES = 0
     calls = []

@@ -29,9 +29,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .config import check_seed
-from .errors import MoEConvertError
-from .io import DTYPES
+from ..training.config import check_seed
+from ..errors import MoEConvertError
+from ..io import DTYPES
 from .runtime import MoELayer
 from . import kernels
 from .kernels import ACTIVATIONS, back_with_huge_pages, ffn, pack_experts, pack_ffn, packed_matrices

@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..io import cache_root
+
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name for name in ("packed_matmul.c", "moe_decode.c", "rowmajor_matmul.c")]  # one library
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
@@ -74,7 +76,7 @@ def why_unavailable() -> str:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-convert" / "native"
+    return cache_root() / "native"
 
 
 def _compiler() -> str | None:

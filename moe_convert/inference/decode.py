@@ -25,7 +25,7 @@ import ctypes
 
 import torch
 
-from .config import expert_capacity
+from ..model.layout import expert_capacity
 from . import kernels, native
 from .kernels import PackedExperts, fused_activation, native_pointers
 from .native import library

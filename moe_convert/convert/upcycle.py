@@ -38,14 +38,15 @@ import numpy as np
 import torch
 import transformers
 
-from . import __version__
-from .config import MoELayout, build_layout, check_seed
-from .configuration_prmoe import PRMoEConfig
-from .errors import MoEConvertError, one_line
-from .io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_dtype_choice,
-                 check_output_apart, parse_size, write_model_files)
-from .modeling import HostSpec, PRMoEForCausalLM, host_spec
-from .moe import EXPERT_PARAMS
+from .. import __version__
+from ..model.layout import MoELayout, build_layout
+from ..training.config import check_seed
+from ..model.configuration_prmoe import PRMoEConfig
+from ..errors import MoEConvertError, one_line
+from ..io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_dtype_choice,
+                  check_output_apart, parse_size, write_model_files)
+from ..model.modeling import HostSpec, PRMoEForCausalLM, host_spec
+from ..model.moe import EXPERT_PARAMS
 
 INIT_MODES = ("preserve", "copy", "noise:SIGMA", "drop:RATE")
 ROUTER_LOGIT_STD = 1e-5  # preserve: std of router logits over tokens; p_e = 1/E * (1 + O(this))
@@ -286,7 +287,7 @@ def _fidelity_sample(src: Path, host_config) -> tuple[torch.Tensor, str]:
     if any(src.glob("tokenizer*")):
         from transformers import AutoTokenizer
 
-        from .data import BUILTIN_CORPORA, is_eval_document
+        from ..training.data import BUILTIN_CORPORA, is_eval_document
 
         tokenizer = AutoTokenizer.from_pretrained(src)
         held_out = (t for t in BUILTIN_CORPORA["pydoc"]() if is_eval_document(t, 0.1))

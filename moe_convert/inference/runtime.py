@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import check_seed
+from ..training.config import check_seed
 from .decode import Decoder
-from .errors import MoEConvertError
+from ..errors import MoEConvertError
 from .expert_parallel import ExpertParallel, from_environment
-from .export import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file,
-                     export_weight_files)
-from .io import open_safetensors, read_safetensors, return_freed_memory
+from ..convert.export import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file,
+                              export_weight_files)
+from ..io import open_safetensors, read_safetensors, return_freed_memory
 from .kernels import (ACTIVATIONS, PackedExperts, back_with_huge_pages, ffn, linear, moe_forward, native_fp16_matmul,
                       pack_experts, pack_ffn, pack_matrix, packed_matrices)
 
@@ -198,7 +198,7 @@ class Runtime:
     PROJECTIONS_IN_OUT = False  # stored [in, out] (GPT-2's Conv1D) rather than nn.Linear's [out, in]
 
     def __init__(self, path: Path, manifest: dict, ep: ExpertParallel | None = None):
-        from .modeling import host_spec  # the host adapter (weight names), not a model class
+        from ..model.modeling import host_spec  # the host adapter (weight names), not a model class
 
         self.manifest, self.cfg, self.ep = manifest, manifest["host_config"], ep
         self.spec = host_spec(manifest["host"])

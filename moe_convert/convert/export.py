@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import MoEConvertError
+from ..errors import MoEConvertError
 from .summary import WEIGHT_SUFFIXES
-from .io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_dtype_choice,
-                 copy_tokenizer_files, parse_size)
+from ..io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_dtype_choice,
+                  copy_tokenizer_files, parse_size)
 
 HF_MAX_SHARD_SIZE = "5GB"  # `--format hf` shards, unless --max-shard-size says otherwise
 FORMAT_NAME = "moe-convert-inference"
@@ -87,7 +87,7 @@ class Source:
 
 def check_prmoe(path: str | Path, model_type: str | None) -> None:
     """Export takes our PR-MoE models only (`model_type` from the model's config.json)."""
-    from .configuration_prmoe import PRMoEConfig
+    from ..model.configuration_prmoe import PRMoEConfig
 
     if model_type != PRMoEConfig.model_type:
         raise MoEConvertError(f"{path} is not a moe-convert PR-MoE model (config.json model_type is {model_type!r}, "
@@ -104,8 +104,8 @@ def check_ep_size(config, ep_size: int) -> None:
 
 def open_source(path: str | Path) -> Source:
     """Open our model directory; anything else is a one-line error."""
-    from .configuration_prmoe import PRMoEConfig
-    from .modeling import host_spec
+    from ..model.configuration_prmoe import PRMoEConfig
+    from ..model.modeling import host_spec
 
     path = Path(path)
     if not path.is_dir():
@@ -206,7 +206,7 @@ def export_safetensors(src: Source, tmp: Path, dtype: str, ep_size: int, on_tens
 
 def export_hf(src: Source, tmp: Path, dtype: str, max_shard_size: str, on_tensor, **_) -> list[str]:
     """Our model directory (`save_pretrained`, sharded with an index past `max_shard_size`) in `dtype`."""
-    from .modeling import PRMoEForCausalLM
+    from ..model.modeling import PRMoEForCausalLM
 
     model = PRMoEForCausalLM.from_pretrained(src.path, dtype=DTYPES[dtype])
     model.save_pretrained(tmp, max_shard_size=parse_size(max_shard_size or HF_MAX_SHARD_SIZE))

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .errors import MoEConvertError
+from .. import __version__
+from ..errors import MoEConvertError
 from .export import DEEPSPEED_FORMAT, DEEPSPEED_NON_MOE, DEEPSPEED_ROUTER, deepspeed_expert_key
-from .io import (DTYPES, ShardWriter, atomic_output_dir, check_dtype_choice, open_safetensors, parse_size,
-                 write_model_files)
+from ..io import (DTYPES, ShardWriter, atomic_output_dir, check_dtype_choice, open_safetensors, parse_size,
+                  write_model_files)
 
 
 @dataclass
@@ -111,7 +111,7 @@ def import_deepspeed(path: str | Path, output: str | Path, overwrite: bool = Fal
     """
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    from .modeling import PRMoEForCausalLM, host_spec
+    from ..model.modeling import PRMoEForCausalLM, host_spec
     from .summary import config_from_manifest
 
     path = Path(path)
