@@ -398,7 +398,8 @@ def from_deepspeed(
         import time
         from dataclasses import asdict
 
-        from .convert.from_deepspeed import import_deepspeed, read_deepspeed_manifest
+        from .convert.from_deepspeed import import_deepspeed
+        from .formats import read_deepspeed_manifest
 
         start = time.perf_counter()
         read_deepspeed_manifest(source)  # before the progress bar: a one-line error
@@ -504,7 +505,8 @@ def generate(
     with reporting_errors(json_out):
         from .errors import MoEConvertError
         from .io import load_tokenizer
-        from .inference.runtime import check_sampling, eos_token_ids, load_runtime, read_manifest
+        from .formats import read_manifest
+        from .inference.runtime import check_sampling, eos_token_ids, load_runtime
 
         if max_new_tokens < 1:
             raise MoEConvertError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")

@@ -101,7 +101,7 @@ def test_a_width_off_the_output_blocks():
 
 def test_ties_go_to_the_first_expert():
     """Two experts with the same router row get the same logit for every token: the first wins, as in
-    `kernels.route` (torch's max) and DeepSpeed's argmax."""
+    `routing.route` (torch's max) and DeepSpeed's argmax."""
     w, decoder = layer(E=8)
     w["router"][5] = w["router"][2] = w["router"][2] * 50  # tied with each other
     x = torch.randn(MAX_TOKENS, 256)

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, save_tiny_prmoes, tiny_gpt2_config
 from moe_convert.cli import app
-from moe_convert.convert.export import MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file, export
+from moe_convert.convert.export import export
+from moe_convert.formats import MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file
 
 runner = CliRunner()
 

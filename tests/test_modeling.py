@@ -61,7 +61,7 @@ def test_import_is_light_and_registers_lazily():
         "import sys, moe_convert; assert 'torch' not in sys.modules, 'import pulled torch';"
         "from transformers import AutoConfig, AutoModelForCausalLM;"
         "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING;"
-        "from moe_convert.configuration_prmoe import PRMoEConfig;"
+        "from moe_convert.model.configuration_prmoe import PRMoEConfig;"
         "assert MODEL_FOR_CAUSAL_LM_MAPPING[PRMoEConfig].__name__ == 'PRMoEForCausalLM'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

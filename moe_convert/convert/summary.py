@@ -15,8 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import MoEConvertError, one_line
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+from ..formats import SHARED_FILE, SINGLE_FILE, config_from_manifest, export_manifest, export_weight_files
 
 
 @dataclass
@@ -58,7 +57,6 @@ def load_config(path: str | Path):
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
-        from .export import SHARED_FILE, SINGLE_FILE
         from ..io import unfinished_run_hint
 
         export = path.is_dir() and any((path / f).is_file() for f in (SINGLE_FILE, SHARED_FILE))
@@ -124,41 +122,12 @@ def _safetensors_dtypes(file: Path) -> set[str]:
     return {handle.get_slice(k).get_dtype() for k in handle.keys()}
 
 
-def export_manifest(path: Path) -> dict | None:
-    """The manifest of a `moe-convert export` directory (safetensors or deepspeed format, read and checked
-    as `generate` and `from-deepspeed` read them), else None."""
-    from .export import SHARED_FILE, SINGLE_FILE
-
-    if not path.is_dir() or (path / "config.json").is_file():
-        return None
-    if (path / "manifest.json").is_file():
-        from .from_deepspeed import read_deepspeed_manifest
-
-        return read_deepspeed_manifest(path)
-    if any((path / f).is_file() for f in (SINGLE_FILE, SHARED_FILE)):
-        from ..inference.runtime import read_manifest
-
-        return read_manifest(path)
-    return None
-
-
-def config_from_manifest(m: dict):
-    """The PR-MoE config an export was made from, rebuilt from its manifest (host config + layer table)."""
-    from ..model.configuration_prmoe import PRMoEConfig
-
-    return PRMoEConfig(text_config=m["host_config"], moe_layers=[e["layer"] for e in m["layers"]],
-                       num_experts=[e["experts"] for e in m["layers"]], num_experts_per_tok=m["top_k"],
-                       residual=m["residual"], capacity_factor=m["capacity_factor"], min_capacity=m["min_capacity"],
-                       aux_loss_coef=m.get("aux_loss_coef", 0.01))  # older manifests lack it: the default
-
-
 def summarize(path: str | Path) -> ModelSummary:
     """`inspect MODEL`: config-only counts plus what the weight files on disk say (size, dtype); an export
     directory is summarized from its manifest."""
     path = Path(path)
     manifest = export_manifest(path)
     summary = summarize_config(config_from_manifest(manifest) if manifest else load_config(path))
-    from .export import export_weight_files
     from ..io import model_weight_files
 
     export_files = export_weight_files(manifest) if manifest else None

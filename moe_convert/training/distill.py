@@ -1,6 +1,6 @@
 """Mixture-of-Students: build a shallower student from a (PR-MoE or dense) teacher, and the KD loss.
 
-Student construction (DESIGN.md section 5, PAPER.md "MoS and staged KD"): the student keeps a
+Student construction (Mixture-of-Students with staged KD, arXiv 2201.05596): the student keeps a
 subset of the teacher's decoder layers in order. The default drops the `k` layers right after
 layer 0 — for the paper's 24-layer PR-MoE-32/64 and k=3 that removes two early, small MoE layers
 and one dense layer and keeps every deep, large MoE layer (21 layers, 8x32 + 2x64), exactly the

@@ -85,7 +85,7 @@ static float softmax_scale(const float *v, int64_t n, int64_t *best) {
     return 1.0f / sum;
 }
 
-/* Route each token as `kernels.route` does (dropless): its k most probable experts, the first of equal
+/* Route each token as `routing.route` does (dropless): its k most probable experts, the first of equal
  * ones first; top-1 combines with the probability, top-k > 1 with the probabilities renormalised over
  * the k. Then group the assignments by expert, stable in the choice-major order a = c T + t: slot[a]
  * counts the assignments of smaller experts, and the earlier ones of its own. */
@@ -157,7 +157,7 @@ static int64_t phase_jobs(const decode_t *s, int phase, job_t *jobs) {
 }
 
 /* out[t] = keep[t] * residual's y (0 without one), then + scale[a] * y of each of its assignments a in slot
- * order: in fp32, the order and rounding of `kernels.combine` (its scale, then index_add_ over the
+ * order: in fp32, the order and rounding of `routing.combine` (its scale, then index_add_ over the
  * sorted assignments; no fused multiply-add); in bf16, the same sums in fp32, rounded once. */
 __attribute__((optimize("fp-contract=off"))) static void combine_row(const decode_t *s, int64_t t) {
     int64_t T = s->tokens, k = s->top_k, d = s->d, mine[MAX_K];
