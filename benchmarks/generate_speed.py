@@ -9,7 +9,7 @@ three times; prints the load time, the median prefill time and decode tokens/s, 
 process after the model was built and saved (built in a child process, so it does not count), and
 what is resident at the end. Run it from two checkouts (with PYTHONPATH pointing at each) to compare
 versions back to back. `--native-ab` instead alternates generations with the native kernels
-(`moe_convert/native.py`: few-row matmuls, the decode layer, the LM head) on and off in this one
+(`moe_convert/inference/native.py`: few-row matmuls, the decode layer, the LM head) on and off in this one
 process, and prints the medians of both; `--native-ab rowmajor` switches only the row-major kernel
 (the LM head).
 """

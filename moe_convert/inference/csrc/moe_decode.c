@@ -1,4 +1,4 @@
-/* A PR-MoE layer's decode step (a few tokens, top-k) around the packed-weight kernel (moe_convert/decode.py).
+/* A PR-MoE layer's decode step (a few tokens, top-k) around the packed-weight kernel (moe_convert/inference/decode.py).
  *
  * In decode the layer's cost is streaming the hit experts' and the residual FFN's weights. Done with
  * torch ops, the rest (router, softmax, top-k, the residual coefficient, sort, gather, combine) is a
