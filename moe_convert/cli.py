@@ -18,8 +18,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .training.config import DistillJob, TrainJob
 from .convert.summary import fmt
+from .training.config import DistillJob, TrainJob
 
 app = typer.Typer(
     name="moe-convert",
@@ -504,9 +504,9 @@ def generate(
     tune_memory_for_inference()
     with reporting_errors(json_out):
         from .errors import MoEConvertError
-        from .io import load_tokenizer
         from .formats import read_manifest
         from .inference.runtime import check_sampling, eos_token_ids, load_runtime
+        from .io import load_tokenizer
 
         if max_new_tokens < 1:
             raise MoEConvertError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")

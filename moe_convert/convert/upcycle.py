@@ -39,14 +39,14 @@ import torch
 import transformers
 
 from .. import __version__
-from ..model.layout import MoELayout, build_layout
-from ..training.config import check_seed
-from ..model.configuration_prmoe import PRMoEConfig
 from ..errors import MoEConvertError, one_line
 from ..io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_dtype_choice,
                   check_output_apart, parse_size, write_model_files)
+from ..model.configuration_prmoe import PRMoEConfig
+from ..model.layout import MoELayout, build_layout
 from ..model.modeling import HostSpec, PRMoEForCausalLM, host_spec
 from ..model.moe import EXPERT_PARAMS
+from ..training.config import check_seed
 
 INIT_MODES = ("preserve", "copy", "noise:SIGMA", "drop:RATE")
 ROUTER_LOGIT_STD = 1e-5  # preserve: std of router logits over tokens; p_e = 1/E * (1 + O(this))

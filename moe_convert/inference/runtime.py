@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..training.config import check_seed
-from .decode import Decoder
 from ..errors import MoEConvertError
-from .expert_parallel import ExpertParallel, from_environment
 from ..formats import SHARED_FILE, experts_file, export_weight_files, read_manifest
 from ..io import open_safetensors, read_safetensors, return_freed_memory
+from ..training.config import check_seed
+from .decode import Decoder
+from .expert_parallel import ExpertParallel, from_environment
 from .kernels import (ACTIVATIONS, PackedExperts, back_with_huge_pages, ffn, linear, moe_forward, native_fp16_matmul,
                       pack_experts, pack_ffn, pack_matrix, packed_matrices)
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..errors import MoEConvertError, one_line
 from ..model.layout import check_layout_options, parse_int_list
 from ..training.config import DistillJob, TrainJob, check_eval_args, check_seed, check_types
-from ..errors import MoEConvertError, one_line
 
 # kind -> name of the field that takes the previous model (None: the kind takes no model)
 INPUT_FIELD = {"upcycle": "source", "train": "model", "distill": "teacher", "export": "model", "eval": None,

@@ -26,9 +26,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..errors import MoEConvertError
 from ..model.layout import parse_int_list
 from ..training.config import WHERE_ONLY
-from ..errors import MoEConvertError
 from .recipe import MAKES_MODEL, Recipe, Step
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
@@ -86,11 +86,11 @@ def _model_row(config, dtype_bytes: int) -> dict:
 
 def plan_recipe(recipe: Recipe) -> list[StepPlan]:
     """Every step with the model it produces and an estimate of its peak memory, from configs only."""
-    from ..model.layout import build_layout
+    from ..convert.export import check_ep_size, check_prmoe
     from ..model.configuration_prmoe import PRMoEConfig
+    from ..model.layout import build_layout
     from ..training.data import check_data_source
     from ..training.distill import plan_student, student_config
-    from ..convert.export import check_ep_size, check_prmoe
     from ..training.train import check_job_for_model
 
     configs: dict[str, tuple] = {}  # model dir -> (config, its row)

@@ -19,12 +19,12 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from ..model.layout import parse_int_list
-from .config import DistillJob
 from ..errors import MoEConvertError
-from ..model.modeling import host_spec
-from .teacher_cache import TeacherCache
 from ..io import DTYPES
+from ..model.layout import parse_int_list
+from ..model.modeling import host_spec
+from .config import DistillJob
+from .teacher_cache import TeacherCache
 from .train import METRICS, Trainer, TrainResult, causal_lm_loss, clear_output, load_model, prepare_job
 
 

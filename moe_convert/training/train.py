@@ -52,10 +52,10 @@ from pathlib import Path
 
 import torch
 
-from .data import PackedData
-from .config import WHERE_ONLY, TrainConfig, TrainJob, check_eval_args
 from ..errors import MoEConvertError, one_line
 from ..io import CHECKPOINTS, DTYPES, apply_umask, check_output_apart, checkpoints, unfinished_run_hint
+from .config import WHERE_ONLY, TrainConfig, TrainJob, check_eval_args
+from .data import PackedData
 
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
 # Settings a resumed run may change: they decide what is logged, evaluated and kept, not the training.
@@ -181,9 +181,9 @@ def eval_model(model: str | Path, data: str, *, text_field: str = "text", seq_le
                progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
     """The `eval` command: a model directory's loss, perplexity and tokens/s on a data split, with the
     unigram-baseline perplexity of the same tokenizer. `progress(done, total)` counts windows."""
+    from ..convert.summary import load_config
     from ..io import load_tokenizer
     from .data import load_packed, unigram_perplexity
-    from ..convert.summary import load_config
 
     check_eval_args(split, batch_size, max_windows)
     tokenizer = load_tokenizer(model)
