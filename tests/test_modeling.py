@@ -69,6 +69,17 @@ def test_import_is_light_and_registers_lazily():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_model_runs_on_the_cpu_kernels_once_imported_from_the_package():
+    """Importing the model from the package registers the CPU kernels' no-grad versions of its ops (what
+    eval and a distill teacher run); the checkpoint's own copy of the code runs the plain ones."""
+    code = (
+        "from moe_convert.model.modeling import PRMoEForCausalLM\n"
+        "from moe_convert.model.routing import BACKENDS\n"
+        "assert all(BACKENDS[op].no_grad.__module__ == 'moe_convert.inference.kernels' for op in ('loop', 'linear'))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # What `save_pretrained` copies beside the weights: `model/`'s files, which import only each other.
 REMOTE_CODE = {"modeling.py", "configuration_prmoe.py", "moe.py", "routing.py", "layout.py", "errors.py"}
 

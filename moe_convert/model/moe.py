@@ -76,7 +76,7 @@ class PRMoELayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (T, d)
-        # residual: coef (T, 2) and the dense FFN's output (T, d), mixed inside the kernel's combine
+        # residual: coef (T, 2) and the dense FFN's output (T, d), mixed inside routing's combine
         residual = (self.coefficient(x).softmax(dim=-1), self.mlp(x)) if self.residual else None
         y, routing = moe_forward(x, self.router.weight, self.experts, self.top_k, self.capacity_factor,
                                  self.min_capacity, self.experts.dropout, self.training, residual)  # (T, d)

@@ -7,12 +7,13 @@ index-add scatters the weighted results back (DeepSpeed-MoE, arXiv 2201.05596, s
 into the residual branch's output. Experts that got no tokens are never read.
 
 Everything here is plain torch: a saved checkpoint's copy of this file runs it as is. The matmuls go
-through a small registry of backends (`BACKENDS`), chosen in one place (`backend`):
+through a small registry of backends (`BACKENDS`), each call's chosen in one place (`implementation`):
 - "linear": the gate's matmul;
 - "loop": per expert that received tokens, its FFN over its contiguous slice;
 - "grouped_mm": `torch.nn.functional.grouped_mm` with per-expert offsets (one call per matrix).
-Importing `moe_convert.inference.kernels` registers faster versions of "linear" and "loop" for calls
-without autograd or autocast on the CPU (oneDNN, the native kernel); results are the same.
+In the installed package, `moe_convert.inference.kernels` registers its faster CPU versions of "linear"
+and "loop" (oneDNN, the native kernel; the same results to fp32 rounding) for calls without autograd
+or autocast as soon as this module loads (the package's `__init__` hooks the import).
 """
 
 from __future__ import annotations
