@@ -10,7 +10,6 @@ the modeling code and tokenizer as `upcycle` writes a model: `export`, `train`, 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

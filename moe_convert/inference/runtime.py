@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import MoEConvertError
 from ..formats import SHARED_FILE, experts_file, export_weight_files, read_manifest
-from ..io import open_safetensors, read_safetensors, return_freed_memory
+from ..io import read_safetensors, return_freed_memory
 from ..training.config import check_seed
 from .decode import Decoder
 from .expert_parallel import ExpertParallel, from_environment
