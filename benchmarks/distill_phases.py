@@ -37,9 +37,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     args = ap.parse_args()
 
-    from moe_convert.distill import DistillJob, run_distill
-    from moe_convert.train import TrainConfig
-    from moe_convert.upcycle import upcycle
+    from moe_convert.training.distill import DistillJob, run_distill
+    from moe_convert.training.train import TrainConfig
+    from moe_convert.convert.upcycle import upcycle
 
     teacher = args.output / "teacher"
     summary = upcycle("checkpoints/tiny-gpt2", teacher, pyramid=args.pyramid, init="noise:0.01", fidelity=False,

@@ -28,9 +28,9 @@ def main() -> None:
     ap.add_argument("--kd-stops", default="0.5,1,0", help="the KD stops to compare (the slow test runs 0.5,0)")
     args = ap.parse_args()
 
-    from moe_convert.distill import DistillJob, run_distill
-    from moe_convert.train import TrainConfig, TrainJob, run_training
-    from moe_convert.upcycle import upcycle
+    from moe_convert.training.distill import DistillJob, run_distill
+    from moe_convert.training.train import TrainConfig, TrainJob, run_training
+    from moe_convert.convert.upcycle import upcycle
 
     out = args.output
     upcycled, teacher = out / "upcycled", out / "teacher"

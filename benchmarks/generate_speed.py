@@ -9,7 +9,7 @@ three times; prints the load time, the median prefill time and decode tokens/s, 
 process after the model was built and saved (built in a child process, so it does not count), and
 what is resident at the end. Run it from two checkouts (with PYTHONPATH pointing at each) to compare
 versions back to back. `--native-ab` instead alternates generations with the native kernels
-(`moe_convert/native.py`: few-row matmuls, the decode layer, the LM head) on and off in this one
+(`moe_convert/inference/native.py`: few-row matmuls, the decode layer, the LM head) on and off in this one
 process, and prints the medians of both; `--native-ab rowmajor` switches only the row-major kernel
 (the LM head).
 """
@@ -28,10 +28,10 @@ from moe_convert.cli import tune_memory_for_inference
 tune_memory_for_inference()  # as `generate` runs (huge pages, glibc reuse); before torch is imported
 import torch  # noqa: E402
 
-from moe_convert.configuration_prmoe import PRMoEConfig  # noqa: E402
-from moe_convert.export import export  # noqa: E402
-from moe_convert.modeling import PRMoEForCausalLM  # noqa: E402
-from moe_convert.runtime import load_runtime  # noqa: E402
+from moe_convert.model.configuration_prmoe import PRMoEConfig  # noqa: E402
+from moe_convert.convert.export import export  # noqa: E402
+from moe_convert.model.modeling import PRMoEForCausalLM  # noqa: E402
+from moe_convert.inference.runtime import load_runtime  # noqa: E402
 
 
 def main() -> None:
@@ -73,7 +73,7 @@ def main() -> None:
 def native_ab(rt, prompt: list[int], args) -> None:
     """Generations alternating with the native kernels on (their row limits as they are) and off (0: oneDNN);
     `args.native_ab`: all of them, or only the row-major one."""
-    from moe_convert import kernels, native
+    from moe_convert.inference import kernels, native
 
     if native.library() is None:
         sys.exit(f"the native kernel is off here: {native.why_unavailable()}")

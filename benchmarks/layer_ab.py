@@ -23,7 +23,7 @@ from moe_convert.cli import tune_memory_for_inference
 tune_memory_for_inference()  # as `bench layer` runs (huge pages, glibc reuse); before torch is imported
 import torch  # noqa: E402
 
-from moe_convert import bench  # noqa: E402
+from moe_convert.inference import bench
 
 OLD_NAME = "moe_convert_rev"
 

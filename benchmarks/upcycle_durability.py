@@ -26,7 +26,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 CHILD = """
 import json, sys, time
 from moe_convert import io
-from moe_convert.upcycle import upcycle
+from moe_convert.convert.upcycle import upcycle
 if sys.argv[3] == "no-fsync":
     io.fsync_path = lambda path: None
 t = time.perf_counter()
@@ -61,7 +61,7 @@ def main() -> None:
         for mode in ("fsync", "no-fsync", "no-fsync", "fsync"):
             runs[mode].append(run(dense, out, mode))
     shutil.rmtree(out, ignore_errors=True)
-    from moe_convert.native import cpu_model
+    from moe_convert.inference.native import cpu_model
 
     med = {m: statistics.median(r["seconds"] for r in rs) for m, rs in runs.items()}
     print(json.dumps({"cpu": cpu_model(), "bytes": runs["fsync"][0]["bytes"], "median_seconds": med,

@@ -21,7 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 CHILD = """
 import json, resource, sys, time
-from moe_convert.upcycle import upcycle
+from moe_convert.convert.upcycle import upcycle
 t = time.perf_counter()
 s = upcycle(sys.argv[1], sys.argv[2], pyramid="32,64", dtype="bf16", init="preserve", fidelity=False, overwrite=True)
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -1,9 +1,14 @@
 """moe-convert: dense LM -> DeepSpeed-style PR-MoE, Mixture-of-Students distillation, fast MoE export.
 
 Importing the package registers `PRMoEConfig` / `PRMoEForCausalLM` with transformers' `AutoConfig`
-and `AutoModelForCausalLM`. Registration needs torch and transformers (seconds to import), so it
-happens the moment transformers' auto modules load (at once if they already have): `import
-moe_convert` itself, and so the CLI's `--help`, stays instant.
+and `AutoModelForCausalLM`, and the CPU inference kernels (`inference/kernels.py`) into the model's
+backend registry (`model/routing.py`). Both need torch (seconds to import), so each happens the
+moment the module it extends loads (at once if it already has): `import moe_convert` itself, and so
+the CLI's `--help`, stays instant.
+
+The tree follows the pipeline: `model/` (what a saved checkpoint's remote code needs), `convert/`
+(upcycle, export, from-deepspeed, inspect), `training/` (train, distill), `inference/` (runtime,
+kernels, bench), `pipeline/` (recipes), over `io.py` and `formats.py`.
 """
 
 from __future__ import annotations
@@ -16,17 +21,18 @@ import sys
 __version__ = "0.1.0"
 
 
-# transformers module -> our module that registers itself with the Auto classes when imported
+# module -> our module that registers itself with it when imported
 _REGISTER_AFTER = {
-    "transformers.models.auto.configuration_auto": ".configuration_prmoe",
-    "transformers.models.auto.modeling_auto": ".modeling",
+    "transformers.models.auto.configuration_auto": ".model.configuration_prmoe",
+    "transformers.models.auto.modeling_auto": ".model.modeling",
+    "moe_convert.model.routing": ".inference.kernels",  # its faster no-grad CPU ops
 }
 
 
-def _register(transformers_module: str) -> None:
-    # A plain import: if our module is itself mid-import (it triggered transformers), this returns
+def _register(module: str) -> None:
+    # A plain import: if our module is itself mid-import (it triggered `module`), this returns
     # the partial module and its own last lines do the registration.
-    importlib.import_module(_REGISTER_AFTER[transformers_module], __name__)
+    importlib.import_module(_REGISTER_AFTER[module], __name__)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):

@@ -18,8 +18,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .config import DistillJob, TrainJob
-from .summary import fmt
+from .convert.summary import fmt
+from .training.config import DistillJob, TrainJob
 
 app = typer.Typer(
     name="moe-convert",
@@ -143,7 +143,7 @@ def upcycle(
     with reporting_errors(json_out):
         from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
-        from .upcycle import upcycle as run_upcycle
+        from .convert.upcycle import upcycle as run_upcycle
 
         bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                        TimeRemainingColumn(), console=err_console, transient=True, disable=json_out)
@@ -208,7 +208,7 @@ def with_job_options(job_cls):
     import inspect as pyinspect
     import typing
 
-    from .config import TrainConfig
+    from .training.config import TrainConfig
 
     shared = [(job_cls, f) for f in dataclasses.fields(job_cls) if "help" in f.metadata]
     shared += [(TrainConfig, f) for f in dataclasses.fields(TrainConfig)]
@@ -264,7 +264,7 @@ def train(
 ):
     """Continue training a dense or PR-MoE model with CE (+ aux loss); 1 process or torchrun (DDP)."""
     with reporting_errors(json_out):
-        from .train import run_training
+        from .training.train import run_training
 
         job = TrainJob.from_dict({"model": str(model), "data": data, "output": str(output), **options})
         result = run_training(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
@@ -311,7 +311,7 @@ def distill(
 ):
     """MoE teacher -> shallower Mixture-of-Students with staged knowledge distillation."""
     with reporting_errors(json_out):
-        from .distill import run_distill
+        from .training.distill import run_distill
 
         job = DistillJob.from_dict({"teacher": str(teacher), "data": data, "output": str(output), **options})
         result = run_distill(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
@@ -354,7 +354,7 @@ def export(
         import time
         from dataclasses import asdict
 
-        from .export import check_export_args, count_tensors, export as run_export, open_source
+        from .convert.export import check_export_args, count_tensors, export as run_export, open_source
 
         start = time.perf_counter()
         check_export_args(fmt, dtype, ep_size, max_shard_size)  # before the progress bar: a one-line error
@@ -398,7 +398,8 @@ def from_deepspeed(
         import time
         from dataclasses import asdict
 
-        from .from_deepspeed import import_deepspeed, read_deepspeed_manifest
+        from .convert.from_deepspeed import import_deepspeed
+        from .formats import read_deepspeed_manifest
 
         start = time.perf_counter()
         read_deepspeed_manifest(source)  # before the progress bar: a one-line error
@@ -434,7 +435,7 @@ def eval_(
 ):
     """Held-out loss, perplexity and tokens/s (and the unigram-baseline perplexity of the same tokenizer)."""
     with reporting_errors(json_out):
-        from .train import eval_model
+        from .training.train import eval_model
 
         with _count_bar(json_out) as bar:
             task = bar.add_task("eval (windows)", total=None)
@@ -462,7 +463,7 @@ def inspect(
 ):
     """Layer table: experts per layer, total vs active params, dtype, size on disk (meta device: instant)."""
     with reporting_errors(json_out):
-        from .summary import summarize
+        from .convert.summary import summarize
 
         s = summarize(model)
         if json_out:
@@ -492,7 +493,7 @@ def doctor(
     with reporting_errors(json_out):
         from dataclasses import asdict
 
-        from .doctor import diagnose
+        from .inference.doctor import diagnose
 
         set_threads(threads)
         from rich.progress import Progress, SpinnerColumn
@@ -542,8 +543,9 @@ def generate(
     tune_memory_for_inference()
     with reporting_errors(json_out):
         from .errors import MoEConvertError
-        from .data import load_tokenizer
-        from .runtime import check_sampling, eos_token_ids, load_runtime, read_manifest
+        from .formats import read_manifest
+        from .inference.runtime import check_sampling, eos_token_ids, load_runtime
+        from .io import load_tokenizer
 
         if max_new_tokens < 1:
             raise MoEConvertError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -599,8 +601,8 @@ def bench_layer(
 
         from rich.progress import Progress, SpinnerColumn
 
-        from .bench import bench_layer as run_bench, check_bench_args
-        from .config import parse_int_list
+        from .inference.bench import bench_layer as run_bench, check_bench_args
+        from .model.layout import parse_int_list
 
         counts = parse_int_list(experts, "experts")
         names = None if impls is None else list(dict.fromkeys(s.strip() for s in impls.split(",") if s.strip()))
@@ -609,7 +611,7 @@ def bench_layer(
         load = os.getloadavg()[0]
         if load > 1.0:
             err_console.print(f"warning: 1-minute load average {load:.1f} — other work is running, timings will be noisy")
-        from .kernels import native_fp16_matmul
+        from .inference.kernels import native_fp16_matmul
 
         if dtype == "fp16" and not native_fp16_matmul():
             err_console.print("warning: this CPU has no native fp16 matmul: every implementation (and the floor's "
@@ -620,7 +622,7 @@ def bench_layer(
             machine, rows = run_bench(tokens, hidden, counts, dtype, names, repeats, seed,
                                       on_step=lambda s: bar.update(task, description=s))
         if json_out:
-            from .native import cpu_model
+            from .inference.native import cpu_model
 
             print_json([asdict(r) | {"gemm_gflops": machine.gemm_gflops, "bandwidth_gbs": machine.bandwidth_gbs,
                                      "load_avg_at_start": load, "cpu": cpu_model()} for r in rows])
@@ -628,7 +630,7 @@ def bench_layer(
         from rich.markup import escape
         from rich.table import Table
 
-        from .native import cpu_model
+        from .inference.native import cpu_model
 
         table = Table(title=f"bench layer: T={tokens} d={hidden} top-1+residual {dtype} on {cpu_model()}; "
                             f"GEMM {machine.gemm_gflops:.0f} GFLOP/s, bandwidth {machine.bandwidth_gbs:.1f} GB/s")
@@ -669,8 +671,8 @@ def run(
     with reporting_errors(json_out):
         from dataclasses import asdict
 
-        from .recipe import load_recipe
-        from .run import execute, plan_recipe, statuses  # execute validates the whole plan before any work
+        from .pipeline.recipe import load_recipe
+        from .pipeline.run import execute, plan_recipe, statuses  # execute validates the whole plan before any work
 
         r = load_recipe(recipe, overrides or [])
         if dry_run:
@@ -702,7 +704,7 @@ def run(
                 verb = {"skip": "[dim]skip (complete)[/]", "start": "[bold]run[/]", "done": "[green]done[/]"}[status]
                 console.print(f"step {step.index} {step.kind}: {verb}  -> {step.output}")
 
-        from .report import write_report
+        from .pipeline.report import write_report
 
         state = execute(r, on_step=report_step)
         report, rows = write_report(r, state)

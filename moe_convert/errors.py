@@ -1,8 +1,8 @@
 """The one exception type library code raises; the CLI turns it into a one-line message."""
 
+from .model.errors import MoEConvertError
 
-class MoEConvertError(Exception):
-    """A problem with the user's input or configuration, stated in one line."""
+__all__ = ["MoEConvertError", "one_line"]
 
 
 def one_line(e: BaseException) -> str:

@@ -84,6 +84,12 @@ def cast_float(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 CHECKPOINTS = "checkpoints"  # a train/distill output's checkpoint folder
 
 
+def cache_root() -> Path:
+    """Where moe-convert keeps what it can rebuild (native builds in `native/`, packed data in `data/`):
+    `$MOE_CONVERT_CACHE`, default `~/.cache/moe-convert`."""
+    return Path(os.environ.get("MOE_CONVERT_CACHE") or Path.home() / ".cache" / "moe-convert")
+
+
 def checkpoints(out_dir: Path) -> list[Path]:
     """A train/distill output's complete checkpoints (trainer_state.json written last), oldest first: by step
     number (`step-1000000` comes after `step-999999`, which a sort by name would not give)."""
@@ -587,6 +593,22 @@ def _names_no_tokenizer_class(dst: Path, names: list[str]) -> bool:
         return True
 
 
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in a model directory; a one-line error when there is none."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MoEConvertError(f"model: {path} is not a model directory")
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise MoEConvertError(f"tokenizer: {path} has no tokenizer files (tokenizer.json / tokenizer_config.json)"
+                              + unfinished_run_hint(path))
+    from transformers import AutoTokenizer  # here: `io` loads without transformers
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as e:  # files it cannot build a tokenizer from
+        raise MoEConvertError(f"tokenizer: could not load the tokenizer in {path}: {one_line(e)}") from None
+
+
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     """Copy the tokenizer files and generation_config.json found in `src` to `dst`; returns their names.
 
@@ -600,8 +622,6 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     for name in names:
         shutil.copyfile(src / name, dst / name)
     if any(n.startswith(("vocab", "merges")) for n in names) and _names_no_tokenizer_class(dst, names):
-        from .data import load_tokenizer
-
         try:
             load_tokenizer(src).save_pretrained(str(dst))
         except MoEConvertError:  # not loadable in `src` either: left as found

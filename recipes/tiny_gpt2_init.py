@@ -27,7 +27,7 @@ def main() -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from moe_convert.data import load_documents, split_documents, train_bpe_tokenizer
+    from moe_convert.training.data import load_documents, split_documents, train_bpe_tokenizer
 
     texts = split_documents(load_documents(args.data).texts, args.eval_fraction)["train"]
     tokenizer = train_bpe_tokenizer(texts, args.vocab_size)

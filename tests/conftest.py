@@ -14,7 +14,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from moe_convert.bench import free_port  # noqa: E402,F401  (tests import it from here)
+from moe_convert.inference.bench import free_port  # noqa: E402,F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 CHECKPOINT = ROOT / "checkpoints" / "tiny-gpt2"  # the shipped checkpoint
@@ -50,8 +50,8 @@ HOST_CONFIGS = {"gpt2": tiny_gpt2_config, "llama": tiny_llama_config}
 
 def tiny_prmoe(host="gpt2", moe_layers=(1, 3), num_experts=(3, 5), seed=0, **layout):
     """A PRMoEForCausalLM on a tiny host, random weights from `seed`."""
-    from moe_convert.configuration_prmoe import PRMoEConfig
-    from moe_convert.modeling import PRMoEForCausalLM
+    from moe_convert.model.configuration_prmoe import PRMoEConfig
+    from moe_convert.model.modeling import PRMoEForCausalLM
 
     torch.manual_seed(seed)
     cfg = PRMoEConfig(text_config=HOST_CONFIGS[host]().to_dict(), moe_layers=list(moe_layers),
@@ -73,7 +73,7 @@ def save_tiny_prmoes(tmp_path_factory, seed: int) -> dict:
 @pytest.fixture(scope="session")
 def deepspeed_moe():
     """`deepspeed.moe.layer.MoE`, with the gloo process group of one it needs (the tests' oracle)."""
-    from moe_convert.bench import deepspeed_moe_class
+    from moe_convert.inference.bench import deepspeed_moe_class
 
     return deepspeed_moe_class()
 

@@ -8,11 +8,11 @@ import torch
 from transformers.activations import ACT2FN
 from typer.testing import CliRunner
 
-from moe_convert.bench import IMPLS, Machine, floor_ms, layer_work, make_weights
+from moe_convert.inference.bench import IMPLS, Machine, floor_ms, layer_work, make_weights
 from moe_convert.cli import app
-from moe_convert import kernels
-from moe_convert.kernels import (ACTIVATIONS, PackedExperts, ffn, fused_activation, is_packed, moe_forward, pack_experts,
-                                 pack_ffn)
+from moe_convert.inference import kernels
+from moe_convert.inference.kernels import (ACTIVATIONS, PackedExperts, ffn, fused_activation, is_packed, moe_forward,
+                                           pack_experts, pack_ffn)
 
 
 def test_bench_layer_json_runs_every_implementation():
@@ -61,7 +61,7 @@ def test_bench_layer_bad_input():
 
 def test_bench_layer_without_deepspeed(monkeypatch):
     """Asked for by name, a missing DeepSpeed is an error; in the default set its row says why it is empty."""
-    from moe_convert import bench
+    from moe_convert.inference import bench
 
     def not_installed():
         raise ImportError("No module named 'deepspeed'")

@@ -14,16 +14,10 @@ from typer.testing import CliRunner
 
 from conftest import CHECKPOINT
 from moe_convert.cli import app
-from moe_convert.data import (
-    load_documents,
-    load_packed,
-    load_tokenizer,
-    pack,
-    split_documents,
-    train_bpe_tokenizer,
-    unigram_perplexity,
-)
 from moe_convert.errors import MoEConvertError
+from moe_convert.io import load_tokenizer
+from moe_convert.training.data import (load_documents, load_packed, pack, split_documents, train_bpe_tokenizer,
+                                       unigram_perplexity)
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
 

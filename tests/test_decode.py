@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_convert import kernels, native
-from moe_convert.decode import MAX_TOKENS, MAX_TOP_K, Decoder
-from moe_convert.kernels import ACTIVATIONS, moe_forward, pack_experts, pack_ffn
+from moe_convert.inference import kernels, native
+from moe_convert.inference.decode import MAX_TOKENS, MAX_TOP_K, Decoder
+from moe_convert.inference.kernels import ACTIVATIONS, moe_forward, pack_experts, pack_ffn
 from test_native import REFUSED, ffn_weights, on_one_thread, reference_ffn
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernel off: {native.why_unavailable()}")
@@ -104,7 +104,7 @@ def test_a_width_off_the_output_blocks():
 
 def test_ties_go_to_the_first_expert():
     """Two experts with the same router row get the same logit for every token: the first wins, as in
-    `kernels.route` (torch's max) and DeepSpeed's argmax."""
+    `routing.route` (torch's max) and DeepSpeed's argmax."""
     w, decoder = layer(E=8)
     w["router"][5] = w["router"][2] = w["router"][2] * 50  # tied with each other
     x = torch.randn(MAX_TOKENS, 256)

@@ -18,16 +18,16 @@ from typer.testing import CliRunner
 
 from conftest import CHECKPOINT, ROOT, VOCAB, free_port, metrics_of, tiny_prmoe
 from moe_convert.cli import app
-from moe_convert.distill import DistillJob, StagedKD, build_student, plan_student, run_distill
+from moe_convert.training.distill import DistillJob, StagedKD, build_student, plan_student, run_distill
 from moe_convert.errors import MoEConvertError
-from moe_convert.train import TrainConfig, TrainJob, load_model, run_training
+from moe_convert.training.train import TrainConfig, TrainJob, load_model, run_training
 
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     """A small slice of the built-in corpus (keeps tokenizing fast)."""
-    from moe_convert.data import load_documents
+    from moe_convert.training.data import load_documents
 
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text("\n\n".join(load_documents("builtin:pydoc").texts[:600]))
@@ -37,7 +37,7 @@ def data_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """The shipped checkpoint upcycled to a 4-layer PR-MoE (experts 2 and 4 at layers 1 and 3)."""
-    from moe_convert.upcycle import upcycle
+    from moe_convert.convert.upcycle import upcycle
 
     out = tmp_path_factory.mktemp("teacher") / "t"
     upcycle(str(CHECKPOINT), out, experts="2,4", init="noise:0.01", fidelity=False)
@@ -106,7 +106,7 @@ def test_teacher_cache_gives_what_the_teacher_gives(teacher, data_file, tmp_path
 def test_partly_kept_batches_and_damaged_entries(tmp_path):
     """A batch with some windows kept gives their kept values (not the teacher's of this batch), and an
     entry that cannot be read is computed again instead of stopping the run with a traceback."""
-    from moe_convert.teacher_cache import TeacherCache
+    from moe_convert.training.teacher_cache import TeacherCache
 
     torch.manual_seed(0)
     teacher = tiny_prmoe("gpt2", seed=1).eval()
@@ -155,7 +155,7 @@ def test_kd_stop_zero_is_plain_training(teacher, data_file, tmp_path):
     t = load_model(teacher)
     student = build_student(t, plan_student(t.config, -1))
     student.save_pretrained(tmp_path / "student0")
-    from moe_convert.data import load_tokenizer
+    from moe_convert.io import load_tokenizer
 
     load_tokenizer(teacher).save_pretrained(tmp_path / "student0")
     plain = job(teacher, data_file, tmp_path / "plain").config
@@ -206,7 +206,7 @@ def test_teacher_that_is_not_a_model(data_file, tmp_path):
 def test_tokenizer_larger_than_teacher_vocabulary(teacher, data_file, tmp_path):
     import shutil
 
-    from moe_convert.data import load_documents, train_bpe_tokenizer
+    from moe_convert.training.data import load_documents, train_bpe_tokenizer
 
     mismatched = tmp_path / "t"
     shutil.copytree(teacher, mismatched)

@@ -7,8 +7,8 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from conftest import VOCAB, tiny_gpt2_config, tiny_prmoe
-from moe_convert.configuration_prmoe import PRMoEConfig
-from moe_convert.distill import build_student, kd_loss, kd_loss_top_k, plan_student, student_config, top_k_of
+from moe_convert.model.configuration_prmoe import PRMoEConfig
+from moe_convert.training.distill import build_student, kd_loss, kd_loss_top_k, plan_student, student_config, top_k_of
 from moe_convert.errors import MoEConvertError
 
 

@@ -7,9 +7,9 @@ import sys
 
 from typer.testing import CliRunner
 
-from moe_convert import native
+from moe_convert.inference import native
 from moe_convert.cli import app
-from moe_convert.doctor import diagnose
+from moe_convert.inference.doctor import diagnose
 
 
 def paths_of(report) -> dict[tuple[str, str], dict]:

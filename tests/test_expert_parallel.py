@@ -11,14 +11,14 @@ import pytest
 
 from conftest import ROOT, free_port, tiny_prmoe
 from moe_convert.errors import MoEConvertError
-from moe_convert.expert_parallel import from_environment
-from moe_convert.export import export
+from moe_convert.inference.expert_parallel import from_environment
+from moe_convert.convert.export import export
 from test_runtime import save_tokenizer
 
 WORKER = textwrap.dedent("""
     import sys
     import torch
-    from moe_convert.runtime import load_runtime
+    from moe_convert.inference.runtime import load_runtime
 
     for path in sys.argv[1:]:
         ep, full = load_runtime(path, expert_parallel=True), load_runtime(path)

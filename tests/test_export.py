@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, save_tiny_prmoes, tiny_gpt2_config
 from moe_convert.cli import app
-from moe_convert.export import MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file, export
+from moe_convert.convert.export import export
+from moe_convert.formats import MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file
 
 runner = CliRunner()
 
@@ -88,7 +89,7 @@ def test_ep_size_that_does_not_divide_is_refused(saved, tmp_path):
 
 
 def test_hf_format_round_trips(saved, tmp_path):
-    from moe_convert.modeling import PRMoEForCausalLM
+    from moe_convert.model.modeling import PRMoEForCausalLM
 
     model, src = saved["gpt2"]
     res = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "hf"), "--format", "hf",
@@ -212,8 +213,8 @@ def test_tokenizer_of_vocab_and_merges_only_loads_from_the_export(tmp_path):
 
     from tokenizers import Tokenizer
 
-    from moe_convert.data import load_tokenizer
-    from moe_convert.upcycle import upcycle
+    from moe_convert.io import load_tokenizer
+    from moe_convert.convert.upcycle import upcycle
 
     dense = shutil.copytree(ROOT / "checkpoints" / "tiny-gpt2", tmp_path / "dense")
     Tokenizer.from_file(str(dense / "tokenizer.json")).model.save(str(dense))  # vocab.json + merges.txt
@@ -229,7 +230,7 @@ def test_tokenizer_of_vocab_and_merges_only_loads_from_the_export(tmp_path):
 
 
 def test_generate_checks_the_tokenizer_before_loading_weights(saved, tmp_path, monkeypatch):
-    from moe_convert import runtime
+    from moe_convert.inference import runtime
 
     export(saved["gpt2"][1], tmp_path / "out")  # no tokenizer: one that cannot be read is put there
     (tmp_path / "out" / "tokenizer.json").write_text("{not json")

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from conftest import save_tiny_prmoes
 from moe_convert.cli import app
-from moe_convert.export import export
-from moe_convert.modeling import PRMoEForCausalLM
+from moe_convert.convert.export import export
+from moe_convert.model.modeling import PRMoEForCausalLM
 
 runner = CliRunner()
 

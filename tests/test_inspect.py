@@ -8,9 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 from moe_convert.cli import app
-from moe_convert.config import build_layout
-from moe_convert.configuration_prmoe import PRMoEConfig
-from moe_convert.summary import summarize, summarize_config
+from moe_convert.model.layout import build_layout
+from moe_convert.model.configuration_prmoe import PRMoEConfig
+from moe_convert.convert.summary import summarize, summarize_config
 
 from conftest import tiny_prmoe
 
@@ -125,7 +125,7 @@ def test_size_on_disk_counts_the_weights_the_model_loads(tmp_path):
 @pytest.mark.parametrize("fmt, ep", [("safetensors", 2), ("deepspeed", 1)])
 def test_inspect_an_export_from_its_manifest(tmp_path, fmt, ep):
     """The same counts as the model it was made from, its own weight files' size and dtype."""
-    from moe_convert.export import export
+    from moe_convert.convert.export import export
 
     model = tiny_prmoe(num_experts=(4, 6))
     model.save_pretrained(tmp_path / "m")
@@ -140,7 +140,7 @@ def test_inspect_an_export_from_its_manifest(tmp_path, fmt, ep):
 
 def test_inspect_names_the_missing_files_of_an_incomplete_export(tmp_path):
     from moe_convert.errors import MoEConvertError
-    from moe_convert.export import export
+    from moe_convert.convert.export import export
 
     tiny_prmoe(num_experts=(4, 6)).save_pretrained(tmp_path / "m")
     export(tmp_path / "m", tmp_path / "e", ep_size=2)

@@ -4,16 +4,18 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, BertConfig
 
 from conftest import HOST_CONFIGS, VOCAB, tiny_prmoe
-from moe_convert.configuration_prmoe import PRMoEConfig
+from moe_convert.model.configuration_prmoe import PRMoEConfig
 from moe_convert.errors import MoEConvertError
-from moe_convert.modeling import PRMoEForCausalLM
-from moe_convert.moe import PRMoELayer
+from moe_convert.model.modeling import PRMoEForCausalLM
+from moe_convert.model.moe import PRMoELayer
 
 
 @pytest.fixture
@@ -61,27 +63,50 @@ def test_import_is_light_and_registers_lazily():
         "import sys, moe_convert; assert 'torch' not in sys.modules, 'import pulled torch';"
         "from transformers import AutoConfig, AutoModelForCausalLM;"
         "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING;"
-        "from moe_convert.configuration_prmoe import PRMoEConfig;"
+        "from moe_convert.model.configuration_prmoe import PRMoEConfig;"
         "assert MODEL_FOR_CAUSAL_LM_MAPPING[PRMoEConfig].__name__ == 'PRMoEForCausalLM'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_trust_remote_code_in_fresh_process(saved, tmp_path_factory):
+def test_the_model_runs_on_the_cpu_kernels_once_imported_from_the_package():
+    """Importing the model from the package registers the CPU kernels' no-grad versions of its ops (what
+    eval and a distill teacher run); the checkpoint's own copy of the code runs the plain ones."""
+    code = (
+        "from moe_convert.model.modeling import PRMoEForCausalLM\n"
+        "from moe_convert.model.routing import BACKENDS\n"
+        "assert all(BACKENDS[op].no_grad.__module__ == 'moe_convert.inference.kernels' for op in ('loop', 'linear'))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# What `save_pretrained` copies beside the weights: `model/`'s files, which import only each other.
+REMOTE_CODE = {"modeling.py", "configuration_prmoe.py", "moe.py", "routing.py", "layout.py", "errors.py"}
+
+
+def test_trust_remote_code_without_moe_convert(saved, tmp_path_factory):
+    """The checkpoint carries the model's code and nothing else of ours (at most 900 lines), and a fresh
+    process where moe_convert cannot be imported loads it from that code alone, with the same logits."""
     model, path = saved
+    lines = {f.name: len(f.read_text().splitlines()) for f in path.glob("*.py")}
+    assert set(lines) == REMOTE_CODE and sum(lines.values()) <= 900, lines
     ids = torch.randint(0, VOCAB, (2, 9))
     out = tmp_path_factory.mktemp("remote") / "logits.pt"
+    # -I -S: no PYTHONPATH, working directory, user site or .pth files (so no editable install of ours),
+    # only the directories torch and transformers were imported from
+    deps = sorted({str(Path(m.__file__).parents[1]) for m in (torch, transformers)})
     code = (
-        "import sys, torch\n"
-        "from transformers import AutoModelForCausalLM\n"
+        f"import sys\nsys.path[:0] = {deps!r}\n"
+        "try:\n    import moe_convert\nexcept ImportError:\n    pass\n"
+        "else:\n    raise AssertionError(f'moe_convert is importable here: {moe_convert.__file__}')\n"
+        "import torch\nfrom transformers import AutoModelForCausalLM\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True).eval()\n"
-        "assert 'moe_convert' not in sys.modules, 'loaded our package instead of the saved code'\n"
-        f"ids = torch.tensor({ids.tolist()})\n"
-        f"torch.save(m(ids).logits.detach(), {str(out)!r})\n"
+        "assert type(m).__module__.startswith('transformers_modules.'), type(m).__module__\n"
+        f"torch.save(m(torch.tensor({ids.tolist()})).logits.detach(), {str(out)!r})\n"
     )
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path_factory.mktemp("modules")))
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path_factory.mktemp("cwd"))
-    with torch.no_grad():  # another process may pick other CPU kernels: fp32 rounding, not exact bits
+    subprocess.run([sys.executable, "-I", "-S", "-c", code], check=True, env=env, cwd=tmp_path_factory.mktemp("cwd"))
+    with torch.no_grad():  # our CPU kernels here, plain torch there: fp32 rounding, not exact bits
         torch.testing.assert_close(torch.load(out), model(ids).logits, rtol=1e-5, atol=1e-6)
 
 

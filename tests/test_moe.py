@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from moe_convert.config import expert_capacity
-from moe_convert.kernels import moe_forward, route
-from moe_convert.moe import Experts, PRMoELayer
+from moe_convert.model.layout import expert_capacity
+from moe_convert.model.routing import moe_forward, route
+from moe_convert.model.moe import Experts, PRMoELayer
 
 
 def make_layer(kind="mlp", E=5, d=24, f=37, top_k=1, residual=True, capacity_factor=None, min_capacity=4, seed=0):
@@ -168,5 +168,5 @@ def test_gate_stays_fp32_under_autocast():
     x = torch.randn(256, 24) * 3
     ref = route(F.linear(x, layer.router.weight), 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, r = moe_forward(x, layer.router.weight, layer.experts.stacked(), layer.experts.act, top_k=1)
+        _, r = moe_forward(x, layer.router.weight, layer.experts, top_k=1)
     assert torch.equal(r.token, ref.token) and torch.equal(r.weight, ref.weight)

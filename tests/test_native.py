@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from conftest import VOCAB, tiny_gpt2_config, tiny_llama_config
-from moe_convert import kernels, native
-from moe_convert.export import export
-from moe_convert.kernels import ACTIVATIONS, PackedExperts, ffn, linear, moe_forward, pack_experts, pack_ffn, pack_matrix
-from moe_convert.runtime import load_runtime
+from moe_convert.inference import kernels, native
+from moe_convert.convert.export import export
+from moe_convert.inference.kernels import (ACTIVATIONS, PackedExperts, ffn, linear, moe_forward, pack_experts,
+                                           pack_ffn, pack_matrix)
+from moe_convert.inference.runtime import load_runtime
 
 needs_kernel = pytest.mark.skipif(native.library() is None, reason=f"native kernel off: {native.why_unavailable()}")
 GELU = ACTIVATIONS["gelu_new"]
@@ -202,10 +203,10 @@ def test_plain_matrices_on_few_rows_equal_float64_and_onednn(dtype, bias, rowmaj
 @needs_kernel
 @pytest.mark.parametrize("kind, act", [("gpt2", GELU), ("gated", ACTIVATIONS["silu"]), ("gpt2", ACTIVATIONS["gelu"])],
                          ids=["gpt2-gelu_tanh", "gated-silu", "gpt2-gelu_erf(torch)"])
-def test_ffn_at_any_row_count_equals_float64_and_onednn(kind, act, calls, monkeypatch):
+def test_ffn_at_any_row_count_equals_float64_and_onednn(kind, act, calls):
     """fp32 FFNs take the kernel at any row count, in row blocks whose intermediate fits ROW_BLOCK_BYTES
     (1024 rows of f=1024), two calls per block, the activation in the kernel or (erf GELU) torch's
-    between them; with NATIVE_FFN_ANY_ROWS off, only up to NATIVE_MAX_ROWS."""
+    between them."""
     w = ffn_weights(kind, 256, 1024)
     packed = pack_ffn(w)
     assert kernels.native_pointers(packed) is not None
@@ -217,9 +218,6 @@ def test_ffn_at_any_row_count_equals_float64_and_onednn(kind, act, calls, monkey
         torch.testing.assert_close(got, kernels._onednn_ffn(x, packed, act, None), rtol=1e-5, atol=1e-5)
     firsts = 2 if kind == "gated" else 1  # jobs of a block's first call (gate and up together); second: 1
     assert calls == [firsts, 1] * (len(row_counts) + 1)  # 1500 rows: blocks of 1024 and 476
-    monkeypatch.setattr(kernels, "NATIVE_FFN_ANY_ROWS", False)
-    ffn(torch.randn(kernels.NATIVE_MAX_ROWS + 1, 256), packed, act)
-    assert len(calls) == 2 * len(row_counts) + 2
 
 
 @needs_kernel
@@ -402,9 +400,9 @@ def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, top_k
                                                                      monkeypatch):
     """KV-cache decoding one token at a time (every FFN, expert and projection on few rows; the MoE layers
     through `decode.Decoder`) against the source PRMoEForCausalLM's logits (a bf16 export: to bf16 tolerance)."""
-    from moe_convert.decode import Decoder
-    from moe_convert.configuration_prmoe import PRMoEConfig
-    from moe_convert.modeling import PRMoEForCausalLM
+    from moe_convert.inference.decode import Decoder
+    from moe_convert.model.configuration_prmoe import PRMoEConfig
+    from moe_convert.model.modeling import PRMoEForCausalLM
 
     text = tiny_gpt2_config(n_inner=128) if host == "gpt2" else tiny_llama_config(intermediate_size=128)
     torch.manual_seed(3)
@@ -443,7 +441,7 @@ def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, top_k
 
 FALLBACK = textwrap.dedent("""
     import torch
-    from moe_convert import kernels, native
+    from moe_convert.inference import kernels, native
     kernels.PACK_MIN_BYTES = 0
     w, x = torch.randn(64, 128), torch.randn(2, 64)
     y = kernels.linear(x, kernels.pack_matrix(w))
@@ -459,7 +457,7 @@ FALLBACK = textwrap.dedent("""
 ])
 def test_without_the_kernel_results_come_from_onednn(env, reason, tmp_path):
     """Switched off, no compiler, or a compiler that fails: the same results, and the reason is told."""
-    run_env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env}
+    run_env = {**os.environ, "MOE_CONVERT_CACHE": str(tmp_path), **env}
     done = subprocess.run([sys.executable, "-c", FALLBACK], env=run_env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("True " + reason), done.stdout
@@ -468,7 +466,7 @@ def test_without_the_kernel_results_come_from_onednn(env, reason, tmp_path):
 
 WITHOUT_BF16_DOT = textwrap.dedent("""
     import torch
-    from moe_convert import kernels, native
+    from moe_convert.inference import kernels, native
     kernels.PACK_MIN_BYTES = 0
     calls = []
     real = kernels.packed_matmul
@@ -492,7 +490,7 @@ def test_a_build_without_the_bf16_dot_product_widens_bf16_for_decodes_rows_only(
     """The kernel built for a CPU without AVX512-BF16 (its widened fp32 multiply-adds): bf16 FFNs of decode's
     rows through it, within bf16 rounding of oneDNN's; more rows go to oneDNN."""
     require_native(pack_ffn({k: v.bfloat16() for k, v in ffn_weights("gpt2", 256, 1024).items()}))
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), native.EXTRA_FLAGS_VAR: "-mno-avx512bf16"}
+    env = {**os.environ, "MOE_CONVERT_CACHE": str(tmp_path), native.EXTRA_FLAGS_VAR: "-mno-avx512bf16"}
     done = subprocess.run([sys.executable, "-c", WITHOUT_BF16_DOT], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
@@ -501,12 +499,12 @@ def test_a_build_without_the_bf16_dot_product_widens_bf16_for_decodes_rows_only(
 
 @needs_kernel
 def test_the_library_is_built_once_into_the_user_cache(tmp_path):
-    script = "from moe_convert import native; print(native.library()._name)"
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    script = "from moe_convert.inference import native; print(native.library()._name)"
+    env = {**os.environ, "MOE_CONVERT_CACHE": str(tmp_path)}
     first, second = (subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                                     timeout=120).stdout.strip() for _ in range(2))
-    assert first == second and first.startswith(str(tmp_path / "moe-convert" / "native"))
-    assert [p.name for p in (tmp_path / "moe-convert" / "native").iterdir()] == [os.path.basename(first)]
+    assert first == second and first.startswith(str(tmp_path / "native"))
+    assert [p.name for p in (tmp_path / "native").iterdir()] == [os.path.basename(first)]
 
 
 @pytest.fixture

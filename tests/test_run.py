@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from conftest import ROOT, metrics_of
 from moe_convert.cli import app
 from moe_convert.errors import MoEConvertError
-from moe_convert.recipe import apply_overrides, load_recipe, parse_recipe
-from moe_convert.run import plan_recipe
+from moe_convert.pipeline.recipe import apply_overrides, load_recipe, parse_recipe
+from moe_convert.pipeline.run import plan_recipe
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
@@ -59,7 +59,7 @@ def test_chaining_and_overrides():
 
 
 def test_upcycle_step_defaults_to_8_experts_like_the_cli():
-    from moe_convert.config import build_layout
+    from moe_convert.model.layout import build_layout
 
     (step,) = parse_recipe({"output": "/tmp/x", "steps": [{"upcycle": {"source": "s"}}]}).steps
     assert step.spec.pyramid is None and step.spec.experts is None
@@ -253,7 +253,7 @@ def test_what_the_models_decide_is_refused_before_any_step_runs(tmp_path, steps,
 def test_a_run_interrupted_after_a_rerun_step_does_not_skip_the_later_ones(tmp_path):
     """Once a step runs again, every later output is stale until redone, also across an interruption
     (the next run used to skip them: an export and eval of the old model, reported as current)."""
-    from moe_convert.run import execute
+    from moe_convert.pipeline.run import execute
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"output: {tmp_path / 'run'}\nsteps:\n"
@@ -301,7 +301,7 @@ def test_a_moved_teacher_cache_is_no_changed_setting():
     """`--resume` and `run` share which settings only say where something is kept (config.WHERE_ONLY)."""
     from dataclasses import asdict
 
-    from moe_convert.run import changed_settings
+    from moe_convert.pipeline.run import changed_settings
 
     def step(cache):
         doc = {"steps": [{"distill": {"teacher": "t", "data": "d", "kd_top_k": 8, "teacher_cache": cache}}]}
@@ -340,7 +340,7 @@ def test_a_stale_step_is_planned_to_start_over_not_to_resume(tmp_path):
 def test_a_missing_input_is_refused_wherever_the_step_would_run():
     """A complete step whose input is gone is skipped while nothing before it runs; once an earlier step
     runs it would run too, without its input: refused before any work, not half-way through the run."""
-    from moe_convert.run import StepPlan, statuses
+    from moe_convert.pipeline.run import StepPlan, statuses
 
     upcycle = StepPlan(0, "upcycle", "0", complete=False, model=None, peak_bytes=None)
     train = StepPlan(1, "train", "1", complete=True, model=None, peak_bytes=None, missing="input x: not made")

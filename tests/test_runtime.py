@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 
 from conftest import VOCAB, save_tiny_prmoes, tiny_llama_config
 from moe_convert.cli import app
-from moe_convert.export import SINGLE_FILE, export
-from moe_convert import kernels, runtime
-from moe_convert.kernels import PackedExperts
-from moe_convert.runtime import load_runtime
+from moe_convert.convert.export import export
+from moe_convert.formats import SINGLE_FILE
+from moe_convert.inference import kernels, runtime
+from moe_convert.inference.kernels import PackedExperts
+from moe_convert.inference.runtime import load_runtime
 
 runner = CliRunner()
 
@@ -51,7 +52,7 @@ def packed(request, monkeypatch):
     if request.param:
         monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0)
     else:
-        monkeypatch.setattr(kernels, "PACK_MIN_BYTES_NATIVE", kernels.PACK_MIN_BYTES)
+        monkeypatch.setattr(kernels, "register", lambda *args: False)  # as without the native kernel
     return request.param
 
 
@@ -242,8 +243,8 @@ def export_tiny(tmp_path, host, **host_overrides):
     """(source model, export dir) of a tiny PR-MoE whose host config gets `host_overrides`."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    from moe_convert.configuration_prmoe import PRMoEConfig
-    from moe_convert.modeling import PRMoEForCausalLM
+    from moe_convert.model.configuration_prmoe import PRMoEConfig
+    from moe_convert.model.modeling import PRMoEForCausalLM
 
     host_cfg = tiny_llama_config({"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[host],
                                  **host_overrides)

@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from moe_convert.cli import app
-from moe_convert.data import load_documents, load_packed, load_tokenizer, split_documents, train_bpe_tokenizer
-from moe_convert.train import TrainConfig, Trainer, causal_lm_loss, load_model
+from moe_convert.io import load_tokenizer
+from moe_convert.training.data import load_documents, load_packed, split_documents, train_bpe_tokenizer
+from moe_convert.training.train import TrainConfig, Trainer, causal_lm_loss, load_model
 
 from conftest import free_port, metrics_of, tiny_gpt2_config
 
@@ -59,8 +60,8 @@ def dense_dir(tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def moe_dir(tokenizer, tmp_path_factory):
-    from moe_convert.configuration_prmoe import PRMoEConfig
-    from moe_convert.modeling import PRMoEForCausalLM
+    from moe_convert.model.configuration_prmoe import PRMoEConfig
+    from moe_convert.model.modeling import PRMoEForCausalLM
 
     torch.manual_seed(1)
     cfg = PRMoEConfig(text_config=tiny_gpt2_config(vocab_size=len(tokenizer)).to_dict(), moe_layers=[1, 3],
@@ -117,7 +118,7 @@ def test_resume_continues_exactly(dense_dir, moe_dir, tmp_path):
 
 
 def test_a_refused_resume_loads_no_model(dense_dir, tmp_path, monkeypatch):
-    from moe_convert import train
+    from moe_convert.training import train
 
     invoke(train_args(dense_dir, tmp_path / "o", "--stop-after", "2"))
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
@@ -343,8 +344,8 @@ def test_eval_refuses_a_checkpoint_with_missing_weights(dense_dir, tmp_path):
 
 
 def test_eval_of_one_split_needs_no_window_in_the_other(dense_dir, tmp_path):
-    from moe_convert.data import is_eval_document
-    from moe_convert.train import perplexity
+    from moe_convert.training.data import is_eval_document
+    from moe_convert.training.train import perplexity
 
     text = next(t for t in (f"alpha{i} beta gamma " * 300 for i in range(50)) if not is_eval_document(t.strip(), 0.1))
     (tmp_path / "one.txt").write_text(text)  # one document (no blank line), in the train split

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from conftest import CHECKPOINT, HOST_CONFIGS, tiny_prmoe
 from moe_convert.cli import app
-from moe_convert.config import build_layout
-from moe_convert.upcycle import upcycle
+from moe_convert.model.layout import build_layout
+from moe_convert.convert.upcycle import upcycle
 
 DENSE_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 
@@ -41,7 +41,7 @@ def dense_dirs(tmp_path_factory):
 def load_pair(src, out):
     from transformers import AutoModelForCausalLM
 
-    from moe_convert.modeling import PRMoEForCausalLM
+    from moe_convert.model.modeling import PRMoEForCausalLM
 
     dense = AutoModelForCausalLM.from_pretrained(src).eval()
     moe, info = PRMoEForCausalLM.from_pretrained(out, output_loading_info=True)
@@ -70,7 +70,7 @@ def test_preserve_default_reproduces_dense_and_spreads_tokens(dense_dirs, host, 
 
 def test_copy_is_deepspeed_init(dense_dirs, host, tmp_path):
     """Every expert and the residual FFN equal the dense FFN; an expert computes exactly the dense FFN."""
-    from moe_convert.kernels import ffn
+    from moe_convert.inference.kernels import ffn
 
     out = tmp_path / "moe"
     upcycle(str(dense_dirs[host]), out, experts="4,2", init="copy", fidelity=False)
@@ -289,7 +289,7 @@ def test_bad_input_one_line_nonzero_nothing_written(dense_dirs, tmp_path, case, 
 
 PEAK_RSS_SCRIPT = textwrap.dedent("""
     import resource, sys
-    from moe_convert.upcycle import upcycle
+    from moe_convert.convert.upcycle import upcycle
     upcycle(sys.argv[1], sys.argv[2], pyramid=sys.argv[3], init="copy", max_shard_size="20MB", fidelity=False)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # bytes (Linux reports KiB)
 """)
@@ -340,7 +340,8 @@ def test_gated_host_with_ffn_biases_is_refused_by_name(tmp_path):
 
 def test_fidelity_sample_is_held_out_corpus_text(tmp_path):
     """With a tokenizer the sample is the first tokens of held-out paragraphs: recomputed here, the shares agree."""
-    from moe_convert.data import load_documents, load_tokenizer, split_documents
+    from moe_convert.io import load_tokenizer
+    from moe_convert.training.data import load_documents, split_documents
 
     s = upcycle(str(CHECKPOINT), tmp_path / "moe", experts="2,4")
     assert "held-out builtin:pydoc" in s.fidelity

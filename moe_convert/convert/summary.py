@@ -14,9 +14,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import MoEConvertError, one_line
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+from ..errors import MoEConvertError, one_line
+from ..formats import SHARED_FILE, SINGLE_FILE, config_from_manifest, export_manifest, export_weight_files
 
 
 @dataclass
@@ -58,8 +57,7 @@ def load_config(path: str | Path):
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
-        from .export import SHARED_FILE, SINGLE_FILE
-        from .io import unfinished_run_hint
+        from ..io import unfinished_run_hint
 
         export = path.is_dir() and any((path / f).is_file() for f in (SINGLE_FILE, SHARED_FILE))
         raise MoEConvertError(f"{path} is not a model directory (no config.json) nor a config .json file"
@@ -87,8 +85,8 @@ def summarize_config(config) -> ModelSummary:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .modeling import PRMoEForCausalLM, host_spec
-    from .moe import PRMoELayer
+    from ..model.modeling import PRMoEForCausalLM, host_spec
+    from ..model.moe import PRMoELayer
 
     text = config.get_text_config()
     spec = host_spec(text.model_type)
@@ -118,38 +116,10 @@ def summarize_config(config) -> ModelSummary:
 
 def _safetensors_dtypes(file: Path) -> set[str]:
     """The dtype codes ("F32", "BF16", ...) in a safetensors file, from its header alone."""
-    from .io import open_safetensors
+    from ..io import open_safetensors
 
     handle = open_safetensors(file)
     return {handle.get_slice(k).get_dtype() for k in handle.keys()}
-
-
-def export_manifest(path: Path) -> dict | None:
-    """The manifest of a `moe-convert export` directory (safetensors or deepspeed format, read and checked
-    as `generate` and `from-deepspeed` read them), else None."""
-    from .export import SHARED_FILE, SINGLE_FILE
-
-    if not path.is_dir() or (path / "config.json").is_file():
-        return None
-    if (path / "manifest.json").is_file():
-        from .from_deepspeed import read_deepspeed_manifest
-
-        return read_deepspeed_manifest(path)
-    if any((path / f).is_file() for f in (SINGLE_FILE, SHARED_FILE)):
-        from .runtime import read_manifest
-
-        return read_manifest(path)
-    return None
-
-
-def config_from_manifest(m: dict):
-    """The PR-MoE config an export was made from, rebuilt from its manifest (host config + layer table)."""
-    from .configuration_prmoe import PRMoEConfig
-
-    return PRMoEConfig(text_config=m["host_config"], moe_layers=[e["layer"] for e in m["layers"]],
-                       num_experts=[e["experts"] for e in m["layers"]], num_experts_per_tok=m["top_k"],
-                       residual=m["residual"], capacity_factor=m["capacity_factor"], min_capacity=m["min_capacity"],
-                       aux_loss_coef=m.get("aux_loss_coef", 0.01))  # older manifests lack it: the default
 
 
 def summarize(path: str | Path) -> ModelSummary:
@@ -158,8 +128,7 @@ def summarize(path: str | Path) -> ModelSummary:
     path = Path(path)
     manifest = export_manifest(path)
     summary = summarize_config(config_from_manifest(manifest) if manifest else load_config(path))
-    from .export import export_weight_files
-    from .io import model_weight_files
+    from ..io import model_weight_files
 
     export_files = export_weight_files(manifest) if manifest else None
     if manifest:
@@ -173,7 +142,7 @@ def summarize(path: str | Path) -> ModelSummary:
             summary.size_on_disk = sum(f.stat().st_size for f in files)
             dtypes = set().union(*(_safetensors_dtypes(f) for f in files if f.suffix == ".safetensors"))
             if dtypes:
-                from .io import TORCH_DTYPES
+                from ..io import TORCH_DTYPES
 
                 summary.dtype = ",".join(sorted(str(TORCH_DTYPES[d]).removeprefix("torch.") if d in TORCH_DTYPES
                                                 else d.lower() for d in dtypes))

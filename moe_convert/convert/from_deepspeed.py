@@ -1,6 +1,6 @@
 """`moe-convert from-deepspeed`: an `export --format deepspeed` directory -> our PR-MoE model directory.
 
-The way back after training in DeepSpeed (DESIGN.md section 7): each `moe_layer_LLL.safetensors` is
+The way back after training in DeepSpeed: each `moe_layer_LLL.safetensors` is
 the state dict of a `deepspeed.moe.layer.MoE(..., use_residual=<the model's residual>)` (the layer file a DeepSpeed user
 saved again after training), `non_moe.safetensors` holds the other weights under the host's names,
 and `manifest.json` the host config and layer table. The experts are stacked back into our
@@ -10,17 +10,17 @@ the modeling code and tokenizer as `upcycle` writes a model: `export`, `train`, 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from .errors import MoEConvertError
-from .export import DEEPSPEED_FORMAT, DEEPSPEED_NON_MOE, DEEPSPEED_ROUTER, deepspeed_expert_key
-from .io import (DTYPES, ShardWriter, atomic_output_dir, check_dtype_choice, open_safetensors, parse_size,
-                 write_model_files)
+from .. import __version__
+from ..errors import MoEConvertError
+from ..formats import (DEEPSPEED_FORMAT, DEEPSPEED_NON_MOE, DEEPSPEED_ROUTER, deepspeed_expert_key,
+                       read_deepspeed_manifest, config_from_manifest)
+from ..io import (DTYPES, ShardWriter, atomic_output_dir, check_dtype_choice, open_safetensors, parse_size,
+                  write_model_files)
 
 
 @dataclass
@@ -32,28 +32,6 @@ class ImportResult:
     dtype: str
     files: list[str]
     bytes: int  # of the weight files
-
-
-def read_deepspeed_manifest(path: Path) -> dict:
-    """The manifest of an `export --format deepspeed` directory; anything else is a one-line error."""
-    file = path / "manifest.json"
-    if not file.is_file():
-        raise MoEConvertError(f"{path} is not a `moe-convert export --format deepspeed` directory (no manifest.json)")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise MoEConvertError(f"{file}: not JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != DEEPSPEED_FORMAT:
-        raise MoEConvertError(f"{file}: format {manifest.get('format') if isinstance(manifest, dict) else None!r} "
-                              f"is not {DEEPSPEED_FORMAT}")
-    layers = manifest.get("layers")
-    types = {"layer": int, "prefix": str, "experts": int, "file": str}
-    if (not isinstance(manifest.get("host_config"), dict) or manifest.get("dtype") not in DTYPES
-            or not isinstance(layers, list)
-            or not all(isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in types.items()) for e in layers)):
-        raise MoEConvertError(f"{file}: incomplete or damaged manifest (it needs host_config, a dtype of "
-                              f"{', '.join(DTYPES)}, and layers with layer, prefix, experts and file)")
-    return manifest
 
 
 class _DeepSpeedTensors:
@@ -111,8 +89,7 @@ def import_deepspeed(path: str | Path, output: str | Path, overwrite: bool = Fal
     """
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    from .modeling import PRMoEForCausalLM, host_spec
-    from .summary import config_from_manifest
+    from ..model.modeling import PRMoEForCausalLM, host_spec
 
     path = Path(path)
     manifest = read_deepspeed_manifest(path)

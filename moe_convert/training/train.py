@@ -52,11 +52,11 @@ from pathlib import Path
 
 import torch
 
-from .data import PackedData
+from ..errors import MoEConvertError, one_line
+from ..io import (CHECKPOINTS, DTYPES, apply_umask, check_output_apart, checkpoints, durable_replace, fsync_path,
+                  fsync_tree, unfinished_run_hint)
 from .config import WHERE_ONLY, TrainConfig, TrainJob, check_eval_args
-from .errors import MoEConvertError, one_line
-from .io import (CHECKPOINTS, DTYPES, apply_umask, check_output_apart, checkpoints, durable_replace, fsync_path,
-                 fsync_tree, unfinished_run_hint)
+from .data import PackedData
 
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
 # Settings a resumed run may change: they decide what is logged, evaluated and kept, not the training.
@@ -182,8 +182,9 @@ def eval_model(model: str | Path, data: str, *, text_field: str = "text", seq_le
                progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
     """The `eval` command: a model directory's loss, perplexity and tokens/s on a data split, with the
     unigram-baseline perplexity of the same tokenizer. `progress(done, total)` counts windows."""
-    from .data import load_packed, load_tokenizer, unigram_perplexity
-    from .summary import load_config
+    from ..convert.summary import load_config
+    from ..io import load_tokenizer
+    from .data import load_packed, unigram_perplexity
 
     check_eval_args(split, batch_size, max_windows)
     tokenizer = load_tokenizer(model)
@@ -449,7 +450,7 @@ def model_fingerprint(path: str | Path) -> str:
     what loading the model costs (another format or an optimizer state beside them is not read)."""
     import hashlib
 
-    from .io import model_weight_files
+    from ..io import model_weight_files
 
     path = Path(path)
     h = hashlib.sha256((path / "config.json").read_bytes() if (path / "config.json").is_file() else b"")
@@ -513,7 +514,7 @@ def prepare_job(job: TrainJob, config, *, resume: bool, stop_after: int | None, 
     """What train and distill check and read before any weights load, in this order: the output, what the
     model's `config` decides, the tokenizer and packed data, and a resume against its checkpoint.
     Returns (process state, tokenizer, data, settings)."""
-    from .data import load_tokenizer
+    from ..io import load_tokenizer
 
     state = claim_output(Path(job.output), resume, overwrite, inputs=[job.model, job.data])
     check_job_for_model(job, config)
@@ -530,7 +531,7 @@ def prepare_job(job: TrainJob, config, *, resume: bool, stop_after: int | None, 
 def run_training(job: TrainJob, *, resume: bool = False, stop_after: int | None = None, overwrite: bool = False,
                  progress: bool = True) -> TrainResult:
     """The `train` command (and a recipe's `train` step): load, train, save the final model."""
-    from .summary import load_config
+    from ..convert.summary import load_config
 
     out = Path(job.output)
     state, tokenizer, data, settings = prepare_job(job, load_config(job.model), resume=resume, stop_after=stop_after,

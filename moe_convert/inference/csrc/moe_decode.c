@@ -1,4 +1,4 @@
-/* A PR-MoE layer's decode step (a few tokens, top-k) around the packed-weight kernel (moe_convert/decode.py).
+/* A PR-MoE layer's decode step (a few tokens, top-k) around the packed-weight kernel (moe_convert/inference/decode.py).
  *
  * In decode the layer's cost is streaming the hit experts' and the residual FFN's weights. Done with
  * torch ops, the rest (router, softmax, top-k, the residual coefficient, sort, gather, combine) is a
@@ -85,7 +85,7 @@ static float softmax_scale(const float *v, int64_t n, int64_t *best) {
     return 1.0f / sum;
 }
 
-/* Route each token as `kernels.route` does (dropless): its k most probable experts, the first of equal
+/* Route each token as `routing.route` does (dropless): its k most probable experts, the first of equal
  * ones first; top-1 combines with the probability, top-k > 1 with the probabilities renormalised over
  * the k. Then group the assignments by expert, stable in the choice-major order a = c T + t: slot[a]
  * counts the assignments of smaller experts, and the earlier ones of its own. */
@@ -157,7 +157,7 @@ static int64_t phase_jobs(const decode_t *s, int phase, job_t *jobs) {
 }
 
 /* out[t] = keep[t] * residual's y (0 without one), then + scale[a] * y of each of its assignments a in slot
- * order: in fp32, the order and rounding of `kernels.combine` (its scale, then index_add_ over the
+ * order: in fp32, the order and rounding of `routing.combine` (its scale, then index_add_ over the
  * sorted assignments; no fused multiply-add); in bf16, the same sums in fp32, rounded once. */
 __attribute__((optimize("fp-contract=off"))) static void combine_row(const decode_t *s, int64_t t) {
     int64_t T = s->tokens, k = s->top_k, d = s->d, mine[MAX_K];

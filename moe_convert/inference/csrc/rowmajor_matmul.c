@@ -1,4 +1,4 @@
-/* Matmuls of a few rows on a plain row-major [out, in] matrix in fp32 or bf16 (moe_convert/native.py): a
+/* Matmuls of a few rows on a plain row-major [out, in] matrix in fp32 or bf16 (moe_convert/inference/native.py): a
  * large matrix that is not packed, such as a tied LM head in decode (50257 x 1024: 206 MB per token
  * in fp32).
  *

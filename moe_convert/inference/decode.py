@@ -6,7 +6,7 @@ a ~2 ms T=8, E=128 layer whose weights stream in ~1.3 ms. `Decoder` runs them in
 packed-weight jobs `kernels._native_ffns` runs (expert and residual outputs bit for bit the same),
 the activation applied by the kernel where it has it, else torch's between the two calls. The
 router, gate softmax and coefficient are summed in another order than torch's (~1e-7 relative); of
-equal logits the first expert is chosen first, as `kernels.route`'s top-1 does (its `topk` for
+equal logits the first expert is chosen first, as `routing.route`'s top-1 does (its `topk` for
 k > 1 leaves that order open).
 
 It applies to layers of top-k up to `MAX_TOP_K` whose experts and residual FFN are packed weights the
@@ -25,7 +25,7 @@ import ctypes
 
 import torch
 
-from .config import expert_capacity
+from ..model.layout import expert_capacity
 from . import kernels, native
 from .kernels import PackedExperts, fused_activation, native_pointers
 from .native import library

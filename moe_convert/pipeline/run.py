@@ -26,8 +26,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import WHERE_ONLY, parse_int_list
-from .errors import MoEConvertError
+from ..errors import MoEConvertError
+from ..model.layout import parse_int_list
+from ..training.config import WHERE_ONLY
 from .recipe import MAKES_MODEL, Recipe, Step
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
@@ -52,7 +53,7 @@ class StepPlan:
 
 def _load_source_config(step: Step):
     """The config of an upcycle source: a local dir, the hub cache, or the recipe's `source_config`."""
-    from .summary import load_config
+    from ..convert.summary import load_config
 
     source = Path(step.spec.source)  # `~` already expanded by the recipe
     if source.is_dir():
@@ -73,7 +74,7 @@ def _dtype_bytes(name: str | None, default: int = 4) -> int:
 
 
 def _model_row(config, dtype_bytes: int) -> dict:
-    from .summary import summarize_config
+    from ..convert.summary import summarize_config
 
     s = summarize_config(config)
     moe = [r for r in s.layers if r.experts]
@@ -85,12 +86,12 @@ def _model_row(config, dtype_bytes: int) -> dict:
 
 def plan_recipe(recipe: Recipe) -> list[StepPlan]:
     """Every step with the model it produces and an estimate of its peak memory, from configs only."""
-    from .config import build_layout
-    from .configuration_prmoe import PRMoEConfig
-    from .data import check_data_source
-    from .distill import plan_student, student_config
-    from .export import check_ep_size, check_prmoe
-    from .train import check_job_for_model
+    from ..convert.export import check_ep_size, check_prmoe
+    from ..model.configuration_prmoe import PRMoEConfig
+    from ..model.layout import build_layout
+    from ..training.data import check_data_source
+    from ..training.distill import plan_student, student_config
+    from ..training.train import check_job_for_model
 
     configs: dict[str, tuple] = {}  # model dir -> (config, its row)
     state = _read_state(recipe)
@@ -117,7 +118,7 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
                 missing = f"input {step.input} is {NOT_MADE}"
             elif step.kind in ("train", "distill", "export"):
                 if step.input not in configs:
-                    from .summary import load_config
+                    from ..convert.summary import load_config
 
                     configs[step.input] = (cfg := load_config(step.input), _model_row(cfg, 4))
                 config, row = configs[step.input]
@@ -174,7 +175,7 @@ def statuses(plans: list[StepPlan]) -> list[str]:
 
 def _starts_over(step: Step, state: dict) -> bool:
     """Marked stale (`_mark_stale`) and no checkpoint made since: what it has predates its input."""
-    from .io import checkpoints
+    from ..io import checkpoints
 
     since = stale_since(state.get(str(step.index), {}))
     if since is None:
@@ -188,7 +189,7 @@ def _resume_note(step: Step, no_resume: bool) -> str:
     `no_resume`: complete, or it starts over (`_starts_over`)."""
     if no_resume or step.kind not in ("train", "distill"):
         return ""
-    from .io import checkpoints
+    from ..io import checkpoints
 
     ckpts = checkpoints(Path(step.output))
     return f"resumes from its checkpoint {ckpts[-1].name} (unless an earlier step runs)" if ckpts else ""
@@ -269,33 +270,33 @@ def run_step(step: Step, fresh: bool = False):
     as plain data."""
     spec = step.spec
     if step.kind == "upcycle":
-        from .upcycle import upcycle
+        from ..convert.upcycle import upcycle
 
         return upcycle(spec.source, spec.output, **spec.upcycle_kwargs(), overwrite=True).to_dict()
     if step.kind in ("train", "distill"):
-        from .io import checkpoints
+        from ..io import checkpoints
 
         resume = not fresh and bool(checkpoints(Path(spec.output)))
         if step.kind == "train":
-            from .train import run_training
+            from ..training.train import run_training
 
             return asdict(run_training(spec, resume=resume, overwrite=not resume))
-        from .distill import run_distill
+        from ..training.distill import run_distill
 
         return run_distill(spec, resume=resume, overwrite=not resume).to_dict()
     if step.kind == "export":
-        from .export import export
+        from ..convert.export import export
 
         return asdict(export(spec.model, spec.output, spec.format, spec.dtype, spec.ep_size, overwrite=True,
                              max_shard_size=spec.max_shard_size))
     if step.kind == "eval":
-        from .train import eval_model
+        from ..training.train import eval_model
 
         return [eval_model(m, spec.data, text_field=spec.text_field, seq_len=spec.seq_len,
                            eval_fraction=spec.eval_fraction, batch_size=spec.batch_size,
                            max_windows=spec.max_windows) for m in spec.models]
-    from .bench import bench_layer
-    from .io import keep_freed_memory_for_reuse
+    from ..inference.bench import bench_layer
+    from ..io import keep_freed_memory_for_reuse
 
     # as `bench layer` runs; its other setting, huge pages, must be asked for before torch starts (README)
     keep_freed_memory_for_reuse()

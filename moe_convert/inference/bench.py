@@ -29,12 +29,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .config import check_seed
-from .errors import MoEConvertError
-from .io import DTYPES
-from .runtime import MoELayer
+from ..errors import MoEConvertError
+from ..io import DTYPES
+from ..training.config import check_seed
 from . import kernels
 from .kernels import ACTIVATIONS, back_with_huge_pages, ffn, pack_experts, pack_ffn, packed_matrices
+from .runtime import MoELayer
 
 ACT = "gelu_pytorch_tanh"  # GPT-2's tanh GELU, fused in every implementation
 BATCHED_MM_LIMIT = 2 * 2**30  # hf_batched_mm copies the chosen expert's weights per token: skip past 2 GiB

@@ -1,4 +1,4 @@
-"""Dense checkpoint in, PR-MoE checkpoint out, streaming (DESIGN.md section 4).
+"""Dense checkpoint in, PR-MoE checkpoint out, streaming.
 
 1. resolve SOURCE (local dir or hub id) and read its config; pick the host adapter;
 2. build the MoE layout from the options and instantiate the PR-MoE model on the meta device:
@@ -38,14 +38,15 @@ import numpy as np
 import torch
 import transformers
 
-from . import __version__
-from .config import MoELayout, build_layout, check_seed
-from .configuration_prmoe import PRMoEConfig
-from .errors import MoEConvertError, one_line
-from .io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_dtype_choice,
-                 check_output_apart, parse_size, write_model_files)
-from .modeling import HostSpec, PRMoEForCausalLM, host_spec
-from .moe import EXPERT_PARAMS
+from .. import __version__
+from ..errors import MoEConvertError, one_line
+from ..io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_dtype_choice,
+                  check_output_apart, parse_size, write_model_files)
+from ..model.configuration_prmoe import PRMoEConfig
+from ..model.layout import MoELayout, build_layout
+from ..model.modeling import HostSpec, PRMoEForCausalLM, host_spec
+from ..model.moe import EXPERT_PARAMS
+from ..training.config import check_seed
 
 INIT_MODES = ("preserve", "copy", "noise:SIGMA", "drop:RATE")
 ROUTER_LOGIT_STD = 1e-5  # preserve: std of router logits over tokens; p_e = 1/E * (1 + O(this))
@@ -286,7 +287,7 @@ def _fidelity_sample(src: Path, host_config) -> tuple[torch.Tensor, str]:
     if any(src.glob("tokenizer*")):
         from transformers import AutoTokenizer
 
-        from .data import BUILTIN_CORPORA, is_eval_document
+        from ..training.data import BUILTIN_CORPORA, is_eval_document
 
         tokenizer = AutoTokenizer.from_pretrained(src)
         held_out = (t for t in BUILTIN_CORPORA["pydoc"]() if is_eval_document(t, 0.1))
@@ -343,6 +344,110 @@ def _fits_in_memory(nbytes: int) -> bool:
     return nbytes < psutil.virtual_memory().available // 2
 
 
+@dataclass
+class _Plan:
+    """What upcycling writes: the PR-MoE config, its model on the meta device, every output tensor."""
+
+    config: PRMoEConfig
+    layout: MoELayout
+    meta: PRMoEForCausalLM  # shapes only: counts parameters, carries the modeling code to copy
+    upcycler: _Upcycler
+    tensors: list[tuple[str, tuple[int, ...], torch.dtype]]  # (name, shape, dtype), in writing order
+    dtype: torch.dtype  # of the floating-point output tensors
+
+    @property
+    def params(self) -> tuple[int, int]:
+        """(total, active per token) parameters: each MoE layer's unchosen experts are inactive."""
+        total = sum(p.numel() for p in self.meta.parameters())
+        moe = self.meta.moe_layers()
+        per_expert = sum(math.prod(p.shape[1:]) for p in moe[0].experts.parameters()) if moe else 0
+        return total, total - sum(e - self.layout.top_k for e in self.layout.num_experts) * per_expert
+
+
+def _open_dense(source: str, output: Path) -> tuple[Path, CheckpointReader, HostSpec, object]:
+    """Phase 1: the dense checkpoint, its config and its host adapter."""
+    src = resolve_source(source)
+    check_output_apart(output, [src])
+    reader = CheckpointReader(src)
+    if reader.config.get("model_type") == "prmoe":
+        raise MoEConvertError(f"{source} is already a PR-MoE model; upcycle takes a dense checkpoint")
+    spec = host_spec(reader.config.get("model_type"))
+    from transformers import AutoConfig
+
+    host_config = AutoConfig.from_pretrained(src)
+    if getattr(host_config, "mlp_bias", False):  # Llama-family option; our gated experts have no biases
+        raise MoEConvertError(f"{source}: FFN biases on a gated host (mlp_bias=True) are not supported")
+    return src, reader, spec, host_config
+
+
+def _plan(source: str, reader: CheckpointReader, spec: HostSpec, host_config, layout: MoELayout,
+          init_spec: InitSpec, seed: int, dtype: str) -> _Plan:
+    """Phase 2: the PR-MoE config and, from its model on the meta device, the output plan: exactly the
+    tensors `PRMoEForCausalLM.save_pretrained` would write (less tied weights, as it drops them)."""
+    floating = next((k for k in reader.keys() if reader.dtype(k).is_floating_point), None)
+    out_dtype = DTYPES[dtype] if dtype != "auto" else (reader.dtype(floating) if floating else torch.float32)
+    host_config.dtype = str(out_dtype).removeprefix("torch.")
+    config = PRMoEConfig.from_layout(host_config, layout, {"source": source, "init": str(init_spec), "seed": seed,
+                                                           "tool": f"moe-convert {__version__}"})
+    config.dtype = host_config.dtype
+    config.architectures = [PRMoEForCausalLM.__name__]
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    with torch.device("meta"):
+        meta = PRMoEForCausalLM(config)
+    saved = remove_tied_weights_from_state_dict(meta.state_dict(), meta)
+    upcycler = _Upcycler(reader, spec, host_config, layout, init_spec, seed, out_dtype,
+                         {name: t.shape for name, t in saved.items()})
+    for name in saved:
+        if not any(name.startswith(p) for p in upcycler.layers) and name.removeprefix("host.") not in upcycler.source_name:
+            upcycler.dense(name.removeprefix("host."))  # raises: the dense checkpoint lacks it
+    tensors = [(name, tuple(t.shape), out_dtype if t.is_floating_point() else t.dtype) for name, t in saved.items()]
+    return _Plan(config, layout, meta, upcycler, tensors, out_dtype)
+
+
+def _use_dense(src: Path, spec: HostSpec, host_config, plan: _Plan, init_spec: InitSpec, seed: int,
+               check: bool) -> tuple[torch.Tensor, str, torch.Tensor] | None:
+    """Phase 3: the dense model, loaded only when needed: `preserve` calibrates the routers on its hidden
+    states; with `check`, returns the fidelity reference: (the fixed sample, its description, the dense
+    logits on it)."""
+    if init_spec.mode != "preserve" and not check:
+        return None
+    dense = _load_dense(src)
+    if init_spec.mode == "preserve":
+        _calibrate(dense, spec, plan.upcycler.layers, seed)
+    if not check:
+        return None
+    sample, note = _fidelity_sample(src, host_config)
+    with torch.inference_mode():
+        return sample, note, dense(sample).logits.float()  # (B, L, V)
+
+
+def _stream(tmp: Path, plan: _Plan, max_shard_bytes: int, progress) -> list[str]:
+    """Phase 4: every output tensor, made from the dense checkpoint's and appended to a size-capped shard
+    whose header was written first; the shard names."""
+    writer = ShardWriter(tmp, max_shard_bytes, metadata={"producer": f"moe-convert {__version__} upcycle"})
+    writer.begin(plan.tensors)
+    done, total = 0, writer.total_bytes
+    try:
+        for name, shape, tensor_dtype in plan.tensors:
+            writer.write(name, plan.upcycler.tensor(name, torch.Size(shape)))
+            done += math.prod(shape) * tensor_dtype.itemsize
+            if progress:
+                progress(done, total)
+        return writer.finish()
+    finally:
+        writer.close()
+
+
+def _write(output: Path, overwrite: bool, src: Path, plan: _Plan, max_shard_bytes: int, progress) -> list[str]:
+    """Phases 4 and 5: the weights streamed, then config.json, the modeling code, tokenizer and generation
+    config, all in a temporary directory renamed into place when complete; the shard names."""
+    with atomic_output_dir(output, overwrite, inputs=[src]) as tmp:
+        shards = _stream(tmp, plan, max_shard_bytes, progress)
+        write_model_files(plan.meta, plan.config, tmp, src)
+    return shards
+
+
 def upcycle(
     source: str,
     output: str | Path,
@@ -363,7 +468,8 @@ def upcycle(
     fidelity: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> UpcycleSummary:
-    """Upcycle the dense checkpoint `source` into a PR-MoE checkpoint directory `output`.
+    """Upcycle the dense checkpoint `source` into a PR-MoE checkpoint directory `output`, phase by phase
+    (module docstring).
 
     `progress(bytes_written, total_bytes)` is called after every tensor.
     """
@@ -376,83 +482,28 @@ def upcycle(
     if output.exists() and not overwrite:  # fail before any work; atomic_output_dir checks again
         raise MoEConvertError(f"output {output} already exists (pass --overwrite to replace it)")
 
-    src = resolve_source(source)
-    check_output_apart(output, [src])
-    reader = CheckpointReader(src)
-    if reader.config.get("model_type") == "prmoe":
-        raise MoEConvertError(f"{source} is already a PR-MoE model; upcycle takes a dense checkpoint")
-    spec = host_spec(reader.config.get("model_type"))
-    from transformers import AutoConfig
-
-    host_config = AutoConfig.from_pretrained(src)
-    if getattr(host_config, "mlp_bias", False):  # Llama-family option; our gated experts have no biases
-        raise MoEConvertError(f"{source}: FFN biases on a gated host (mlp_bias=True) are not supported")
+    src, reader, spec, host_config = _open_dense(source, output)
     layout = build_layout(host_config.num_hidden_layers, moe_every=moe_every, pyramid=pyramid,
                           pyramid_split=pyramid_split, experts=experts, top_k=top_k, residual=residual,
                           capacity_factor=capacity_factor, aux_loss_coef=aux_loss_coef)
-    floating = next((k for k in reader.keys() if reader.dtype(k).is_floating_point), None)
-    out_dtype = DTYPES[dtype] if dtype != "auto" else (reader.dtype(floating) if floating else torch.float32)
-    host_config.dtype = str(out_dtype).removeprefix("torch.")
-    config = PRMoEConfig.from_layout(host_config, layout, {"source": source, "init": str(init_spec), "seed": seed,
-                                                           "tool": f"moe-convert {__version__}"})
-    config.dtype = host_config.dtype
-    config.architectures = [PRMoEForCausalLM.__name__]
-
-    # The output plan: exactly the tensors PRMoEForCausalLM.save_pretrained would write.
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-    with torch.device("meta"):
-        meta = PRMoEForCausalLM(config)
-    saved = remove_tied_weights_from_state_dict(meta.state_dict(), meta)
-    expected = {name: t.shape for name, t in saved.items()}
-    upcycler = _Upcycler(reader, spec, host_config, layout, init_spec, seed, out_dtype, expected)
-    plan = [(name, tuple(t.shape), out_dtype if t.is_floating_point() else t.dtype) for name, t in saved.items()]
-    for name in saved:
-        if not any(name.startswith(p) for p in upcycler.layers) and name.removeprefix("host.") not in upcycler.source_name:
-            upcycler.dense(name.removeprefix("host."))  # raises: the dense checkpoint lacks it
-
-    # The dense model is needed for router calibration (preserve) and as the fidelity reference.
-    total_params = sum(p.numel() for p in meta.parameters())
-    per_expert = sum(math.prod(p.shape[1:]) for p in meta.moe_layers()[0].experts.parameters()) if layout.moe_layers else 0
-    active_params = total_params - sum(e - layout.top_k for e in layout.num_experts) * per_expert
+    plan = _plan(source, reader, spec, host_config, layout, init_spec, seed, dtype)
+    total_params, active_params = plan.params
     check = fidelity and _fits_in_memory(total_params * 4)
-    dense_logits = None
-    if init_spec.mode == "preserve" or check:
-        dense = _load_dense(src)
-        if init_spec.mode == "preserve":
-            _calibrate(dense, spec, upcycler.layers, seed)
-        if check:
-            sample, sample_note = _fidelity_sample(src, host_config)
-            with torch.inference_mode():
-                dense_logits = dense(sample).logits.float()  # (B, L, V)
-        del dense
-
-    with atomic_output_dir(output, overwrite, inputs=[src]) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes, metadata={"producer": f"moe-convert {__version__} upcycle"})
-        writer.begin(plan)
-        done, total = 0, writer.total_bytes
-        try:
-            for name, shape, tensor_dtype in plan:
-                writer.write(name, upcycler.tensor(name, torch.Size(shape)))
-                done += math.prod(shape) * tensor_dtype.itemsize
-                if progress:
-                    progress(done, total)
-            shards = writer.finish()
-        finally:
-            writer.close()
-        write_model_files(meta, config, tmp, src)
+    reference = _use_dense(src, spec, host_config, plan, init_spec, seed, check)
+    shards = _write(output, overwrite, src, plan, max_shard_bytes, progress)
 
     summary = UpcycleSummary(
         output=str(output), source=source, host=spec.causal_lm, init=str(init_spec), seed=seed,
-        dtype=str(out_dtype).removeprefix("torch."), num_layers=layout.num_layers, moe_layers=layout.moe_layers,
+        dtype=str(plan.dtype).removeprefix("torch."), num_layers=layout.num_layers, moe_layers=layout.moe_layers,
         experts_per_layer=layout.num_experts, top_k=layout.top_k, residual=layout.residual,
         total_params=total_params, active_params=active_params,
         size_on_disk=sum((output / f).stat().st_size for f in shards), shards=len(shards),
         seconds=0.0,
     )
-    if dense_logits is not None:
-        _measure_fidelity(summary, output, sample, dense_logits)
-        summary.fidelity = f"on {sample_note}, fp32"
+    if reference is not None:
+        sample, note, dense_logits = reference
+        _measure_fidelity(summary, output, sample, dense_logits)  # phase 6
+        summary.fidelity = f"on {note}, fp32"
     else:
         summary.fidelity = ("skipped (--no-fidelity)" if not fidelity else
                             f"skipped: the upcycled model ({total_params * 4 / 1e9:.1f} GB in fp32) "

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import MoEConvertError
+from ..errors import MoEConvertError
 
 
 @dataclass(frozen=True)

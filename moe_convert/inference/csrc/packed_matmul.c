@@ -1,4 +1,4 @@
-/* Matmuls on weights that oneDNN packed for fp32 or bf16 inference (moe_convert/native.py).
+/* Matmuls on weights that oneDNN packed for fp32 or bf16 inference (moe_convert/inference/native.py).
  *
  * oneDNN's packed fp32 [out, in] matrix (`kernels.pack_matrix`) is stored in blocks of 64 outputs:
  * block b holds w[64 b + o, i] at offset (b * in + i) * 64 + o, the last block padded to 64; a bf16

@@ -1,6 +1,6 @@
 """Mixture-of-Students: build a shallower student from a (PR-MoE or dense) teacher, and the KD loss.
 
-Student construction (DESIGN.md section 5, PAPER.md "MoS and staged KD"): the student keeps a
+Student construction (Mixture-of-Students with staged KD, arXiv 2201.05596): the student keeps a
 subset of the teacher's decoder layers in order. The default drops the `k` layers right after
 layer 0 — for the paper's 24-layer PR-MoE-32/64 and k=3 that removes two early, small MoE layers
 and one dense layer and keeps every deep, large MoE layer (21 layers, 8x32 + 2x64), exactly the
@@ -19,11 +19,12 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from .config import DistillJob, parse_int_list
-from .errors import MoEConvertError
-from .modeling import host_spec
+from ..errors import MoEConvertError
+from ..io import DTYPES
+from ..model.layout import parse_int_list
+from ..model.modeling import host_spec
+from .config import DistillJob
 from .teacher_cache import TeacherCache
-from .io import DTYPES
 from .train import METRICS, Trainer, TrainResult, causal_lm_loss, clear_output, load_model, prepare_job
 
 
@@ -271,7 +272,7 @@ class DistillResult:
 
 
 def _params(config) -> dict:
-    from .summary import summarize_config
+    from ..convert.summary import summarize_config
 
     s = summarize_config(config)
     return {"total_params": s.total_params, "active_params": s.active_params}
@@ -296,7 +297,7 @@ def _teacher_cache(job: DistillJob, teacher_config, fingerprint: str) -> Teacher
 def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None = None, overwrite: bool = False,
                 progress: bool = True) -> DistillResult:
     """The `distill` command: plan and build the student, train it with staged KD, save it."""
-    from .summary import load_config
+    from ..convert.summary import load_config
 
     out = Path(job.output)
     config = load_config(job.model)  # the plan, the data and a resume are checked before the teacher loads

@@ -11,7 +11,7 @@ from __future__ import annotations
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .config import MoELayout
+from .layout import MoELayout
 
 
 class PRMoEConfig(PreTrainedConfig):

@@ -1,11 +1,10 @@
 """`moe-convert export`: a PR-MoE model directory -> an inference layout, as a small registry of formats.
 
-- `safetensors` (DESIGN.md section 6): the host's own weight names without the `host.` prefix; in
+- `safetensors`: the host's own weight names without the `host.` prefix; in
   each MoE layer `router.weight [E, d]`, stacked experts `experts.<w> [E, in, out]` (grouped-GEMM
-  ready), the residual FFN `mlp.*` and `coefficient.*`. A manifest (format name + version, layer
-  table, top-k, activation, dtype, host config) sits in every file's safetensors metadata. With
-  `ep_size=N` the experts of rank r (a contiguous range per layer) go to
-  `experts-0000r-of-0000N.safetensors` and everything else to `shared.safetensors`.
+  ready), the residual FFN `mlp.*` and `coefficient.*`, with the manifest in every file's metadata
+  (file names and manifest keys: `formats.py`). With `ep_size=N` each rank's experts (a contiguous
+  range per layer) get a file of their own.
 - `hf`: our model directory again (`save_pretrained`: sharded, index), in the chosen dtype.
 - `deepspeed`: per MoE layer a state dict that `deepspeed.moe.layer.MoE(d, expert, num_experts=E,
   k=top_k, use_residual=True)` (False for a --no-residual model) accepts with `load_state_dict`, plus
@@ -25,39 +24,15 @@ from pathlib import Path
 
 import torch
 
-from .errors import MoEConvertError
-from .summary import WEIGHT_SUFFIXES
-from .io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_dtype_choice,
-                 copy_tokenizer_files, parse_size)
+from ..errors import MoEConvertError
+from ..formats import (WEIGHT_SUFFIXES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SINGLE_FILE, SHARED_FILE,
+                       DEEPSPEED_FORMAT, DEEPSPEED_NON_MOE, DEEPSPEED_ROUTER, deepspeed_expert_key, experts_file)
+from ..io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_dtype_choice,
+                  copy_tokenizer_files, parse_size)
 
 HF_MAX_SHARD_SIZE = "5GB"  # `--format hf` shards, unless --max-shard-size says otherwise
-FORMAT_NAME = "moe-convert-inference"
-FORMAT_VERSION = 1
-MANIFEST_KEY = "moe_convert_manifest"  # safetensors __metadata__ key holding the manifest JSON
-SINGLE_FILE = "model.safetensors"
-SHARED_FILE = "shared.safetensors"
 # DeepSpeed's expert module for each of our FFN kinds (what a user passes as `expert` to `MoE`)
 DEEPSPEED_EXPERT_MODULE = {"mlp": "transformers GPT2MLP(inner, config)", "gated": "transformers LlamaMLP(config)"}
-DEEPSPEED_FORMAT = "moe-convert-deepspeed"
-DEEPSPEED_NON_MOE = "non_moe.safetensors"
-DEEPSPEED_ROUTER = "deepspeed_moe.gate.wg.weight"  # names inside `deepspeed.moe.layer.MoE`'s state dict
-
-
-def deepspeed_expert_key(j: int, key: str) -> str:
-    """Expert j's tensor `key` (its expert module's own name, e.g. `c_fc.weight`) in DeepSpeed's MoE."""
-    return f"deepspeed_moe.experts.deepspeed_experts.{j}.{key}"
-
-
-def experts_file(rank: int, ep_size: int) -> str:
-    return f"experts-{rank:05d}-of-{ep_size:05d}.safetensors"
-
-
-def export_weight_files(manifest: dict) -> list[str]:
-    """The weight files an export with this manifest consists of (safetensors or deepspeed format)."""
-    if manifest["format"] == FORMAT_NAME:
-        ep = manifest["ep_size"]
-        return [SINGLE_FILE] if ep == 1 else [SHARED_FILE] + [experts_file(r, ep) for r in range(ep)]
-    return [DEEPSPEED_NON_MOE] + [entry["file"] for entry in manifest["layers"]]
 
 
 @dataclass
@@ -87,7 +62,7 @@ class Source:
 
 def check_prmoe(path: str | Path, model_type: str | None) -> None:
     """Export takes our PR-MoE models only (`model_type` from the model's config.json)."""
-    from .configuration_prmoe import PRMoEConfig
+    from ..model.configuration_prmoe import PRMoEConfig
 
     if model_type != PRMoEConfig.model_type:
         raise MoEConvertError(f"{path} is not a moe-convert PR-MoE model (config.json model_type is {model_type!r}, "
@@ -104,8 +79,8 @@ def check_ep_size(config, ep_size: int) -> None:
 
 def open_source(path: str | Path) -> Source:
     """Open our model directory; anything else is a one-line error."""
-    from .configuration_prmoe import PRMoEConfig
-    from .modeling import host_spec
+    from ..model.configuration_prmoe import PRMoEConfig
+    from ..model.modeling import host_spec
 
     path = Path(path)
     if not path.is_dir():
@@ -206,7 +181,7 @@ def export_safetensors(src: Source, tmp: Path, dtype: str, ep_size: int, on_tens
 
 def export_hf(src: Source, tmp: Path, dtype: str, max_shard_size: str, on_tensor, **_) -> list[str]:
     """Our model directory (`save_pretrained`, sharded with an index past `max_shard_size`) in `dtype`."""
-    from .modeling import PRMoEForCausalLM
+    from ..model.modeling import PRMoEForCausalLM
 
     model = PRMoEForCausalLM.from_pretrained(src.path, dtype=DTYPES[dtype])
     model.save_pretrained(tmp, max_shard_size=parse_size(max_shard_size or HF_MAX_SHARD_SIZE))

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .config import DistillJob, TrainJob, check_eval_args, check_layout_options, check_seed, check_types, parse_int_list
-from .errors import MoEConvertError, one_line
+from ..errors import MoEConvertError, one_line
+from ..model.layout import check_layout_options, parse_int_list
+from ..training.config import DistillJob, TrainJob, check_eval_args, check_seed, check_types
 
 # kind -> name of the field that takes the previous model (None: the kind takes no model)
 INPUT_FIELD = {"upcycle": "source", "train": "model", "distill": "teacher", "export": "model", "eval": None,
@@ -80,7 +81,7 @@ class UpcycleStep:
 
     def __post_init__(self):
         check_types(self)
-        from .upcycle import InitSpec
+        from ..convert.upcycle import InitSpec
 
         InitSpec.parse(self.init)
         for name in ("pyramid", "pyramid_split", "experts"):
@@ -105,7 +106,7 @@ class ExportStep:
 
     def __post_init__(self):
         check_types(self)
-        from .export import check_export_args
+        from ..convert.export import check_export_args
 
         check_export_args(self.format, self.dtype, self.ep_size, self.max_shard_size)
 
@@ -142,7 +143,7 @@ class BenchStep:
 
     def __post_init__(self):
         check_types(self)
-        from .bench import check_bench_args
+        from ..inference.bench import check_bench_args
 
         counts = parse_int_list(self.experts, "experts")
         check_bench_args(self.tokens, self.hidden, counts, self.dtype, None, self.repeats)

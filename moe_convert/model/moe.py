@@ -1,6 +1,6 @@
 """The PR-MoE layer: router, stacked experts, residual dense branch with its coefficient, aux loss.
 
-Semantics are DeepSpeed's `deepspeed.moe.layer.MoE(..., use_residual=True)` (DESIGN.md section 2):
+Semantics are DeepSpeed's `deepspeed.moe.layer.MoE(..., use_residual=True)` (PR-MoE, arXiv 2201.05596):
 
     p = softmax(x W_g^T)                    router, no bias, fp32
     moe(x) = sum_{e in top-k} w_e E_e(x)    w_e = p_e for top-1 (raw), renormalised for k > 1
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels import moe_forward
+from .routing import expert_ffn, moe_forward
 
 # Stacked expert tensors of each FFN kind, [E, in, out]; letters name the dimensions.
 EXPERT_PARAMS = {
@@ -40,6 +40,10 @@ class Experts(nn.Module):
 
     def stacked(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in EXPERT_PARAMS[self.kind]}
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by expert (N, d), `counts[e]` of them for expert e -> each through its expert (N, d)."""
+        return expert_ffn(x_sorted, counts, self.stacked(), self.act)
 
     def extra_repr(self) -> str:
         E, d, f = self.w_out.shape[0], self.w_out.shape[2], self.w_out.shape[1]
@@ -72,12 +76,10 @@ class PRMoELayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (T, d)
-        # residual: coef (T, 2) and the dense FFN's output (T, d), mixed inside the kernel's combine
+        # residual: coef (T, 2) and the dense FFN's output (T, d), mixed inside routing's combine
         residual = (self.coefficient(x).softmax(dim=-1), self.mlp(x)) if self.residual else None
-        y, routing = moe_forward(
-            x, self.router.weight, self.experts.stacked(), self.experts.act, self.top_k, self.capacity_factor,
-            self.min_capacity, self.experts.dropout, self.training, residual,
-        )  # (T, d)
+        y, routing = moe_forward(x, self.router.weight, self.experts, self.top_k, self.capacity_factor,
+                                 self.min_capacity, self.experts.dropout, self.training, residual)  # (T, d)
         self.aux_loss = routing.aux_loss
         self.expert_counts = routing.first_choice_counts.detach()
         return y.reshape(shape)

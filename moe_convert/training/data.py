@@ -15,8 +15,8 @@ Split: a document is held out when `crc32(utf-8 text) % 10000 < eval_fraction * 
 depends on nothing but the text, so it is the same for every tokenizer, window length and file order,
 and a duplicated paragraph never sits on both sides. Each split is tokenized, every document
 followed by the tokenizer's EOS token, concatenated and cut into windows of `seq_len` tokens (the
-remainder dropped). The packed windows are cached under `$MOE_CONVERT_CACHE` (default
-`~/.cache/moe_convert`), keyed by the data's fingerprint, the tokenizer, `seq_len` and the split,
+remainder dropped). The packed windows are cached under `$MOE_CONVERT_CACHE/data` (default
+`~/.cache/moe-convert`), keyed by the data's fingerprint, the tokenizer, `seq_len` and the split,
 so a second run does not re-tokenize.
 """
 
@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import MoEConvertError, one_line
-from .io import unfinished_run_hint
+from ..errors import MoEConvertError, one_line
+from ..io import cache_root
 
 BUILTIN_PREFIX = "builtin:"
 CACHE_FORMAT = 1  # bump when the packing rule changes: old cache entries are then ignored
@@ -72,10 +72,6 @@ class Documents:
     @functools.cached_property
     def texts(self) -> list[str]:
         return self._read()
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MOE_CONVERT_CACHE") or Path.home() / ".cache" / "moe_convert")
 
 
 def _sha(obj) -> str:
@@ -189,22 +185,6 @@ def split_documents(texts: list[str], eval_fraction: float) -> dict[str, list[st
     }
 
 
-def load_tokenizer(path: str | Path):
-    """The tokenizer saved in a model directory; a one-line error when there is none."""
-    path = Path(path)
-    if not path.is_dir():
-        raise MoEConvertError(f"model: {path} is not a model directory")
-    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        raise MoEConvertError(f"tokenizer: {path} has no tokenizer files (tokenizer.json / tokenizer_config.json)"
-                              + unfinished_run_hint(path))
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError, TypeError) as e:  # files it cannot build a tokenizer from
-        raise MoEConvertError(f"tokenizer: could not load the tokenizer in {path}: {one_line(e)}") from None
-
-
 def train_bpe_tokenizer(texts: list[str], vocab_size: int, eos: str = "<|endoftext|>"):
     """A byte-level BPE tokenizer (GPT-2's scheme) trained with `tokenizers`, EOS its one special token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -286,7 +266,7 @@ def load_packed(
     check_seq_len(seq_len, max_positions)
     docs = load_documents(source, text_field)
     key = _sha([CACHE_FORMAT, docs.fingerprint, tokenizer_fingerprint(tokenizer), seq_len, eval_fraction])
-    cache_file = default_cache_dir() / "data" / f"{key[:32]}.safetensors"
+    cache_file = cache_root() / "data" / f"{key[:32]}.safetensors"
     if cache_file.exists():
         tensors = load_file(str(cache_file))
         data = PackedData(tensors["train"].long(), tensors["eval"].long(), True, cache_file)

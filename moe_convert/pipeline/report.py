@@ -99,7 +99,7 @@ def _results(state: dict, kind: str) -> list[tuple[str, object]]:
 
 def summary_rows(recipe, state: dict) -> list[dict]:
     """Per evaluated model: layers, experts per layer, total/active params, held-out ppl, tokens/s."""
-    from .summary import summarize
+    from ..convert.summary import summarize
 
     rows = []
     for _, result in _results(state, "eval"):
@@ -115,7 +115,7 @@ def summary_rows(recipe, state: dict) -> list[dict]:
 def bench_lines(state: dict) -> list[str]:
     """Markdown tables of the run's `bench` steps: each implementation's median ms, x floor and speed-up
     over DeepSpeed per expert count, with the machine constants of that run."""
-    from .summary import fmt
+    from ..convert.summary import fmt
 
     lines = []
     for index, result in _results(state, "bench"):
@@ -132,7 +132,8 @@ def bench_lines(state: dict) -> list[str]:
 
 def _eval_windows(recipe, model: str, count: int = 32):
     """A few held-out windows for expert-load plots, from the run's eval (or distill/train) data."""
-    from .data import load_packed, load_tokenizer
+    from ..io import load_tokenizer
+    from ..training.data import load_packed
 
     source = next((s.spec for s in reversed(recipe.steps) if s.kind in ("eval", "distill", "train")), None)
     if source is None:
@@ -144,8 +145,8 @@ def _eval_windows(recipe, model: str, count: int = 32):
 
 def write_report(recipe, state: dict) -> tuple[Path, list[dict]]:
     """`report.md` in the run directory: the summary table, loss curves, expert-load heatmaps."""
-    from .summary import load_config
-    from .train import load_model
+    from ..convert.summary import load_config
+    from ..training.train import load_model
 
     out = recipe.output
     out.mkdir(parents=True, exist_ok=True)

@@ -19,35 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import check_seed
+from ..errors import MoEConvertError
+from ..formats import SHARED_FILE, experts_file, export_weight_files, read_manifest
+from ..io import read_safetensors, return_freed_memory
+from ..training.config import check_seed
 from .decode import Decoder
-from .errors import MoEConvertError
 from .expert_parallel import ExpertParallel, from_environment
-from .export import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SHARED_FILE, SINGLE_FILE, experts_file,
-                     export_weight_files)
-from .io import open_safetensors, read_safetensors, return_freed_memory
 from .kernels import (ACTIVATIONS, PackedExperts, back_with_huge_pages, ffn, linear, moe_forward, native_fp16_matmul,
                       pack_experts, pack_ffn, pack_matrix, packed_matrices)
-
-
-def read_manifest(path: str | Path) -> dict:
-    """The manifest of an export directory, checked for our format name and a version we can read."""
-    path = Path(path)
-    if not path.is_dir():
-        raise MoEConvertError(f"{path} is not a directory")
-    first = path / SINGLE_FILE if (path / SINGLE_FILE).exists() else path / SHARED_FILE
-    if not first.exists():
-        raise MoEConvertError(f"{path} is not a moe-convert export (no {SINGLE_FILE} or {SHARED_FILE}); "
-                              f"make one with `moe-convert export MODEL --format safetensors`")
-    meta = open_safetensors(first).metadata() or {}
-    if MANIFEST_KEY not in meta:
-        raise MoEConvertError(f"{first} has no moe-convert manifest: not a `--format safetensors` export (make one "
-                              f"with `moe-convert export {path} -o OUT`)")
-    manifest = json.loads(meta[MANIFEST_KEY])
-    if manifest.get("format") != FORMAT_NAME or manifest.get("version", 0) > FORMAT_VERSION:
-        raise MoEConvertError(f"{first}: format {manifest.get('format')!r} v{manifest.get('version')} is not "
-                              f"{FORMAT_NAME} v<={FORMAT_VERSION}")
-    return manifest
 
 
 def load_export(path: str | Path, manifest: dict, rank: int | None = None) -> dict[str, torch.Tensor]:
@@ -168,7 +147,7 @@ class MoELayer:
     capacity_factor: float | None = None
     min_capacity: int = 4
     exchange: Callable | None = None  # expert parallelism (`ExpertParallel.exchange`): no decoder then
-    backend: str | None = None  # `kernels.pick_backend`'s choice, forced
+    backend: str | None = None  # `routing.pick_backend`'s choice, forced
 
     def __post_init__(self):
         residual = None if self.dense is None else (*self.coef, self.dense)
@@ -198,7 +177,7 @@ class Runtime:
     PROJECTIONS_IN_OUT = False  # stored [in, out] (GPT-2's Conv1D) rather than nn.Linear's [out, in]
 
     def __init__(self, path: Path, manifest: dict, ep: ExpertParallel | None = None):
-        from .modeling import host_spec  # the host adapter (weight names), not a model class
+        from ..model.modeling import host_spec  # the host adapter (weight names), not a model class
 
         self.manifest, self.cfg, self.ep = manifest, manifest["host_config"], ep
         self.spec = host_spec(manifest["host"])

@@ -15,7 +15,7 @@ and `csrc/rowmajor_matmul.c`, a few rows through a large plain row-major matrix 
 head, which is not packed).
 
 The library is compiled once per machine and source with the system C compiler (`-O3 -march=native
--fopenmp`) into the user cache, then loaded with ctypes. It runs on torch's OpenMP threads: it links
+-fopenmp`) into `$MOE_CONVERT_CACHE/native` (`io.cache_root`), then loaded with ctypes. It runs on torch's OpenMP threads: it links
 `libgomp.so.1`, the soname of the runtime this torch build loaded, so the loader hands it torch's
 copy. Nothing here is required: without a compiler, with another OpenMP runtime (or none), with
 `MOE_CONVERT_NATIVE=0`, or where oneDNN packs another layout, `library()` or `address` says no
@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
+
+from ..io import cache_root
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name for name in ("packed_matmul.c", "moe_decode.c", "rowmajor_matmul.c")]  # one library
@@ -80,7 +82,7 @@ def why_unavailable() -> str:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-convert" / "native"
+    return cache_root() / "native"
 
 
 def _compiler() -> str | None:

@@ -1,0 +1,1 @@
+"""Inference: the runtime (generate), CPU kernels (oneDNN, native), decode, expert parallelism, bench."""

@@ -1,0 +1,1 @@
+"""Recipes: the schema, running their steps (resumable), and the report."""
