@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import socket
 import struct
@@ -30,6 +29,7 @@ import psutil
 import torch
 
 from .errors import MoEConvertError, one_line
+from .options import format_bytes
 
 log = logging.getLogger("moe_convert")
 
@@ -38,7 +38,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
-# dtype names every command takes (--dtype, save_dtype, teacher_dtype) -> torch dtypes
+# `options.DTYPE_NAMES` (--dtype, save_dtype, teacher_dtype) -> torch dtypes
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # torch dtype <-> the safetensors header's dtype string
 SAFETENSORS_DTYPES = {
@@ -51,29 +51,6 @@ TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}  # an
 # Files a tokenizer (and generation) needs beside the weights; copied verbatim to an output dir.
 TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template*", "spiece.model", "generation_config.json")
-
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def check_dtype_choice(dtype: str) -> None:
-    """A `--dtype` that takes `auto` (keep the source's) or one of `DTYPES`."""
-    if dtype != "auto" and dtype not in DTYPES:
-        raise MoEConvertError(f"--dtype {dtype!r} is not known; choose one of auto, {', '.join(DTYPES)}")
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5_000_000_000, '2GiB' -> 2 * 2**30, '500MB', '1024' (bytes); as transformers' max_shard_size."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).upper() if m else None
-    if unit not in _SIZE_UNITS:
-        raise MoEConvertError(f"size: expected a number of bytes or e.g. 5GB, 500MB, 2GiB, got {text!r}")
-    size = int(float(m.group(1)) * _SIZE_UNITS[unit])
-    if size < 1:
-        raise MoEConvertError(f"size: must be at least 1 byte, got {text!r}")
-    return size
 
 
 def cast_float(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -496,14 +473,6 @@ def _tag_is_gone(tag: str) -> bool | None:
         return int(psutil.Process(int(pid)).create_time()) != int(start)
     except psutil.NoSuchProcess:
         return True
-
-
-def format_bytes(n: int) -> str:
-    """n bytes in decimal units: "5.2 GB"."""
-    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def _tree_bytes(path: Path) -> int:

@@ -1,4 +1,4 @@
-"""Typed, validated job configuration: `train` and `distill` runs, their optimisation settings, shared checks.
+"""Typed, validated job configuration: `train`, `distill` and `eval` runs and their optimisation settings.
 
 Pure Python (no torch) so the CLI and recipe validation can use it before anything heavy loads.
 Every check raises `MoEConvertError` naming the field and what is allowed.
@@ -7,9 +7,10 @@ Every check raises `MoEConvertError` naming the field and what is allowed.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 from ..errors import MoEConvertError
+from ..options import check_seed, check_types, option
 
 MAX_TEMPERATURE = 1e4  # KD softmax temperature: past it every distribution is flat (and T^2 overflows later)
 
@@ -17,44 +18,8 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 SAVE_DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
-def option(default, help: str):
-    """A dataclass field that is also a CLI option: its default and its --help text."""
-    return field(default=default, metadata={"help": help})
-
-
-FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}  # annotation -> accepted types
-
-
-def check_types(obj) -> None:
-    """Each scalar field must have its annotated type, `X | None` allowing None (recipes and overrides
-    are YAML: a quoted number or `yes` would otherwise slip through)."""
-    for f in fields(obj):
-        kind = f.type.removesuffix(" | None")
-        value, allowed = getattr(obj, f.name), FIELD_TYPES.get(kind)
-        if allowed is None or (value is None and kind != f.type):
-            continue
-        if isinstance(value, bool) != (kind == "bool") or not isinstance(value, allowed):
-            raise MoEConvertError(f"{f.name}: expected {f.type}, got {value!r}")
-
-
 # Settings that change where something is kept, not any result: neither `--resume` nor `run` refuses a change.
 WHERE_ONLY = ("teacher_cache",)  # the cache gives what the teacher would, wherever it lives
-MAX_SEED = 2**32 - 1  # numpy's seeds (Accelerate's set_seed seeds numpy too) stop here
-
-
-def check_eval_args(split: str, batch_size: int, max_windows: int) -> None:
-    """`eval`'s options, checked before any work (also by a recipe's eval step, at plan time)."""
-    if split not in ("eval", "train"):
-        raise MoEConvertError(f"split: must be eval or train, got {split!r}")
-    if batch_size < 1 or max_windows < 0:
-        raise MoEConvertError(f"eval: batch_size must be >= 1 and max_windows >= 0 (0 = all), got {batch_size} "
-                              f"and {max_windows}")
-
-
-def check_seed(seed: int | None, name: str = "seed") -> None:
-    """A seed every generator we seed accepts: 0..MAX_SEED (None: no seed)."""
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise MoEConvertError(f"{name}: must be in 0..{MAX_SEED}, got {seed}")
 
 
 @dataclass
@@ -221,3 +186,32 @@ class DistillJob(TrainJob):
         if "teacher" in d:
             d["model"] = d.pop("teacher")
         return super().from_dict(d)
+
+
+@dataclass
+class EvalJob:
+    """What `eval` scores a model on; its fields after `data` are the CLI options of `eval`.
+
+    A recipe's eval step adds the models to score and its output (`pipeline/recipe.py`)."""
+
+    KIND = "eval"
+
+    data: str
+    text_field: str = option("text", "Field holding the text in JSON/Parquet data.")
+    seq_len: int = option(128, "Tokens per packed window.")
+    eval_fraction: float = option(0.1, "Fraction of documents held out (same rule as train).")
+    split: str = option("eval", "Which split to score: eval (held out) | train.")
+    batch_size: int = option(8, "Windows per forward pass.")
+    max_windows: int = option(0, "Score at most this many windows; 0 = all.")
+
+    def __post_init__(self):
+        check_types(self)
+        if self.split not in ("eval", "train"):
+            raise MoEConvertError(f"split: must be eval or train, got {self.split!r}")
+        if self.batch_size < 1 or self.max_windows < 0:
+            raise MoEConvertError(f"eval: batch_size must be >= 1 and max_windows >= 0 (0 = all), got {self.batch_size} "
+                                  f"and {self.max_windows}")
+        if self.seq_len < 2:
+            raise MoEConvertError(f"seq_len: must be >= 2, got {self.seq_len}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise MoEConvertError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")

@@ -55,7 +55,7 @@ import torch
 from ..errors import MoEConvertError, one_line
 from ..io import (CHECKPOINTS, DTYPES, apply_umask, check_output_apart, checkpoints, durable_replace, fsync_path,
                   fsync_tree, unfinished_run_hint)
-from .config import WHERE_ONLY, TrainConfig, TrainJob, check_eval_args
+from .config import WHERE_ONLY, EvalJob, TrainConfig, TrainJob
 from .data import PackedData
 
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
@@ -177,26 +177,30 @@ def evaluate(model, windows: torch.Tensor, batch_size: int = 8, accelerator=None
             "scored_tokens": n * (windows.shape[1] - 1), "seconds": seconds, "tokens_per_s": rate}
 
 
-def eval_model(model: str | Path, data: str, *, text_field: str = "text", seq_len: int = 128,
-               eval_fraction: float = 0.1, split: str = "eval", batch_size: int = 8, max_windows: int = 0,
-               progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
+def run_eval(model: str | Path, job: EvalJob, progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
     """The `eval` command: a model directory's loss, perplexity and tokens/s on a data split, with the
     unigram-baseline perplexity of the same tokenizer. `progress(done, total)` counts windows."""
     from ..convert.summary import load_config
     from ..io import load_tokenizer
     from .data import load_packed, unigram_perplexity
 
-    check_eval_args(split, batch_size, max_windows)
     tokenizer = load_tokenizer(model)
-    packed = load_packed(data, tokenizer, seq_len, text_field=text_field, eval_fraction=eval_fraction,
-                         max_positions=max_positions(load_config(model)), needed=(split,))
+    packed = load_packed(job.data, tokenizer, job.seq_len, text_field=job.text_field, eval_fraction=job.eval_fraction,
+                         max_positions=max_positions(load_config(model)), needed=(job.split,))
     lm = load_model(model)
-    windows = getattr(packed, split)[: max_windows or None]
+    windows = getattr(packed, job.split)[: job.max_windows or None]
     if len(windows) == 0:
-        raise MoEConvertError(f"eval: the {split} split is empty (eval_fraction={eval_fraction})")
-    return {"model": str(model), "data": data, "split": split, **evaluate(lm, windows, batch_size, progress=progress),
+        raise MoEConvertError(f"eval: the {job.split} split is empty (eval_fraction={job.eval_fraction})")
+    return {"model": str(model), "data": job.data, "split": job.split,
+            **evaluate(lm, windows, job.batch_size, progress=progress),
             # the baseline's frequencies come from the train split: none without it
             "unigram_ppl": unigram_perplexity(packed.train, windows, len(tokenizer)) if len(packed.train) else None}
+
+
+def eval_model(model: str | Path, data: str, *, progress: Callable[[int, int], None] = lambda done, total: None,
+               **options) -> dict:
+    """`run_eval` with `EvalJob`'s fields as keywords: `eval_model("runs/student", "builtin:pydoc", seq_len=64)`."""
+    return run_eval(model, EvalJob(data, **options), progress)
 
 
 class Trainer:
