@@ -27,8 +27,9 @@ import torch
 from ..errors import MoEConvertError
 from ..formats import (WEIGHT_SUFFIXES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, SINGLE_FILE, SHARED_FILE,
                        DEEPSPEED_FORMAT, DEEPSPEED_NON_MOE, DEEPSPEED_ROUTER, deepspeed_expert_key, experts_file)
-from ..io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_dtype_choice,
-                  copy_tokenizer_files, parse_size)
+from ..io import DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, copy_tokenizer_files
+from ..options import parse_size
+from .config import ExportJob
 
 HF_MAX_SHARD_SIZE = "5GB"  # `--format hf` shards, unless --max-shard-size says otherwise
 # DeepSpeed's expert module for each of our FFN kinds (what a user passes as `expert` to `MoE`)
@@ -243,21 +244,6 @@ def count_tensors(src: Source, fmt: str, ep_size: int = 1) -> int:
     return len(src.names()) + (n_experts * (ep_size - 1) if ep_size > 1 else 0)
 
 
-def check_export_args(fmt: str, dtype: str, ep_size: int, max_shard_size: str | None = None) -> None:
-    """`export`'s format options, checked before any work (also by a recipe's export step)."""
-    if fmt not in FORMATS:
-        raise MoEConvertError(f"--format {fmt!r} is not known; choose one of {', '.join(FORMATS)}")
-    check_dtype_choice(dtype)
-    if ep_size < 1:
-        raise MoEConvertError(f"--ep-size must be >= 1, got {ep_size}")
-    if ep_size > 1 and fmt != "safetensors":
-        raise MoEConvertError(f"--ep-size applies to --format safetensors only, not {fmt}")
-    if max_shard_size is not None:
-        if fmt != "hf":
-            raise MoEConvertError(f"--max-shard-size applies to --format hf only, not {fmt}")
-        parse_size(max_shard_size)
-
-
 def stored_dtype(src: Source) -> str:
     """The name (`io.DTYPES`) of the dtype the model's floating-point weights are stored in; fp32 for others."""
     names = {v: k for k, v in DTYPES.items()}
@@ -265,18 +251,25 @@ def stored_dtype(src: Source) -> str:
     return names.get(stored, "fp32")
 
 
-def export(model: str | Path, out: str | Path, fmt: str = "safetensors", dtype: str = "auto", ep_size: int = 1,
-           overwrite: bool = False, max_shard_size: str | None = None, src: Source | None = None,
-           on_tensor: Callable[[str], None] = lambda name: None) -> ExportResult:
-    """Write `model` (our PR-MoE directory) to `out` in format `fmt` and `dtype` ("auto": the dtype its
-    weights are stored in); the output appears only when complete."""
-    check_export_args(fmt, dtype, ep_size, max_shard_size)
-    src = src or open_source(model)
-    dtype = stored_dtype(src) if dtype == "auto" else dtype
-    with atomic_output_dir(out, overwrite, inputs=[model]) as tmp:
-        files = FORMATS[fmt](src, tmp, dtype=dtype, ep_size=ep_size, max_shard_size=max_shard_size,
-                             on_tensor=on_tensor)
+def run_export(job: ExportJob, *, overwrite: bool = False, src: Source | None = None,
+               on_tensor: Callable[[str], None] = lambda name: None) -> ExportResult:
+    """Write `job.model` (our PR-MoE directory, or `src` already opened from it) to `job.output` in
+    `job.format` and `job.dtype` ("auto": the dtype its weights are stored in); the output appears only
+    when complete."""
+    src = src or open_source(job.model)
+    dtype = stored_dtype(src) if job.dtype == "auto" else job.dtype
+    with atomic_output_dir(job.output, overwrite, inputs=[job.model]) as tmp:
+        files = FORMATS[job.format](src, tmp, dtype=dtype, ep_size=job.ep_size, max_shard_size=job.max_shard_size,
+                                    on_tensor=on_tensor)
         tokenizer_files = copy_tokenizer_files(src.path, tmp)
         size = sum(p.stat().st_size for p in tmp.iterdir() if p.suffix in WEIGHT_SUFFIXES)  # weight files only
     files = [f for f in files if f not in tokenizer_files]  # hf's save_pretrained also writes generation_config.json
-    return ExportResult(fmt, str(out), dtype, ep_size, files, size, tokenizer_files)
+    return ExportResult(job.format, job.output, dtype, job.ep_size, files, size, tokenizer_files)
+
+
+def export(model: str | Path, out: str | Path, fmt: str = "safetensors", dtype: str = "auto", ep_size: int = 1,
+           overwrite: bool = False, max_shard_size: str | None = None, src: Source | None = None,
+           on_tensor: Callable[[str], None] = lambda name: None) -> ExportResult:
+    """`run_export` with `ExportJob`'s fields as arguments: `export("runs/student", "out", dtype="bf16")`."""
+    return run_export(ExportJob(str(model), str(out), fmt, dtype, ep_size, max_shard_size), overwrite=overwrite,
+                      src=src, on_tensor=on_tensor)

@@ -19,8 +19,9 @@ from .. import __version__
 from ..errors import MoEConvertError
 from ..formats import (DEEPSPEED_FORMAT, DEEPSPEED_NON_MOE, DEEPSPEED_ROUTER, deepspeed_expert_key,
                        read_deepspeed_manifest, config_from_manifest)
-from ..io import (DTYPES, ShardWriter, atomic_output_dir, check_dtype_choice, open_safetensors, parse_size,
-                  write_model_files)
+from ..io import DTYPES, ShardWriter, atomic_output_dir, open_safetensors, write_model_files
+from ..options import parse_size
+from .config import FromDeepSpeedJob
 
 
 @dataclass
@@ -80,21 +81,18 @@ class _DeepSpeedTensors:
         return self._read(entry["file"], rest)  # the residual FFN (mlp.*) and coefficient.*
 
 
-def import_deepspeed(path: str | Path, output: str | Path, overwrite: bool = False,
-                     max_shard_size: str = "5GB", dtype: str = "auto", on_tensor=lambda name: None) -> ImportResult:
+def run_from_deepspeed(job: FromDeepSpeedJob, *, overwrite: bool = False, on_tensor=lambda name: None) -> ImportResult:
     """Rebuild our model directory from an `export --format deepspeed` directory (possibly trained since).
 
-    `dtype` ("auto": the manifest's, as exported) is what the model is written in: tensors saved in another
-    precision since (a DeepSpeed run in bf16 saving its layers) are cast to it.
+    `job.dtype` ("auto": the manifest's, as exported) is what the model is written in: tensors saved in
+    another precision since (a DeepSpeed run in bf16 saving its layers) are cast to it.
     """
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     from ..model.modeling import PRMoEForCausalLM, host_spec
 
-    path = Path(path)
+    path = Path(job.source)
     manifest = read_deepspeed_manifest(path)
-    max_shard_bytes = parse_size(max_shard_size)
-    check_dtype_choice(dtype)
     try:
         config = config_from_manifest(manifest)
     except (KeyError, TypeError, ValueError) as e:  # a manifest edited by hand: wrong types or values
@@ -105,12 +103,13 @@ def import_deepspeed(path: str | Path, output: str | Path, overwrite: bool = Fal
         meta = PRMoEForCausalLM(config)
     saved = remove_tied_weights_from_state_dict(meta.state_dict(), meta)  # what save_pretrained writes
     source = _DeepSpeedTensors(path, manifest, host_spec(config.text_config.model_type))
-    dtype = DTYPES[manifest["dtype"] if dtype == "auto" else dtype]
+    dtype = DTYPES[manifest["dtype"] if job.dtype == "auto" else job.dtype]
     config.dtype = config.text_config.dtype = str(dtype).removeprefix("torch.")
     plan = [(name, tuple(t.shape), dtype if t.is_floating_point() else t.dtype) for name, t in saved.items()]
 
-    with atomic_output_dir(output, overwrite, inputs=[path]) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes, metadata={"producer": f"moe-convert {__version__} from-deepspeed"})
+    with atomic_output_dir(job.output, overwrite, inputs=[path]) as tmp:
+        writer = ShardWriter(tmp, parse_size(job.max_shard_size),
+                             metadata={"producer": f"moe-convert {__version__} from-deepspeed"})
         writer.begin(plan)
         try:
             for name, shape, want in plan:
@@ -126,5 +125,12 @@ def import_deepspeed(path: str | Path, output: str | Path, overwrite: bool = Fal
             writer.close()
         write_model_files(meta, config, tmp, path)
         size = sum((tmp / f).stat().st_size for f in files)
-    return ImportResult(str(output), str(path), list(config.moe_layers), list(config.num_experts),
+    return ImportResult(job.output, str(path), list(config.moe_layers), list(config.num_experts),
                         str(dtype).removeprefix("torch."), files, size)
+
+
+def import_deepspeed(path: str | Path, output: str | Path, overwrite: bool = False, max_shard_size: str = "5GB",
+                     dtype: str = "auto", on_tensor=lambda name: None) -> ImportResult:
+    """`run_from_deepspeed` with `FromDeepSpeedJob`'s fields as arguments: `import_deepspeed("ds", "back")`."""
+    return run_from_deepspeed(FromDeepSpeedJob(str(path), str(output), max_shard_size, dtype), overwrite=overwrite,
+                              on_tensor=on_tensor)

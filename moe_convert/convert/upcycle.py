@@ -40,47 +40,20 @@ import transformers
 
 from .. import __version__
 from ..errors import MoEConvertError, one_line
-from ..io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_dtype_choice,
-                  check_output_apart, parse_size, write_model_files)
+from ..io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_output_apart,
+                  write_model_files)
 from ..model.configuration_prmoe import PRMoEConfig
 from ..model.layout import MoELayout, build_layout
 from ..model.modeling import HostSpec, PRMoEForCausalLM, host_spec
 from ..model.moe import EXPERT_PARAMS
-from ..training.config import check_seed
+from ..options import parse_size
+from .config import InitSpec, UpcycleJob
 
-INIT_MODES = ("preserve", "copy", "noise:SIGMA", "drop:RATE")
 ROUTER_LOGIT_STD = 1e-5  # preserve: std of router logits over tokens; p_e = 1/E * (1 + O(this))
 WHITEN_KEEP = 0.05  # preserve: whiten only principal directions with singular value >= this * the largest
 SAMPLE_SEQS, SAMPLE_LEN = 8, 32  # calibration / fidelity sample: sequences x tokens
 FIDELITY_SEED = 1234  # the fixed fidelity sample (when the source has no tokenizer)
 _STREAM_ROUTER, _STREAM_COEF, _STREAM_DROP, _STREAM_PARAM = 0, 1, 2, 3  # seed streams per (layer, expert)
-
-
-@dataclass(frozen=True)
-class InitSpec:
-    """`--init`: preserve | copy | noise:SIGMA | drop:RATE."""
-
-    mode: str
-    value: float = 0.0
-
-    @classmethod
-    def parse(cls, text: str) -> "InitSpec":
-        mode, _, arg = text.partition(":")
-        if mode in ("preserve", "copy") and not arg:
-            return cls(mode)
-        if mode in ("noise", "drop") and arg:
-            try:
-                value = float(arg)
-            except ValueError:
-                value = float("nan")
-            if mode == "noise" and 0 < value < math.inf or mode == "drop" and 0 < value <= 1:
-                return cls(mode, value)
-            allowed = "a finite SIGMA > 0" if mode == "noise" else "0 < RATE <= 1"
-            raise MoEConvertError(f"init: {text!r} needs {allowed}")
-        raise MoEConvertError(f"init: expected one of {', '.join(INIT_MODES)}, got {text!r}")
-
-    def __str__(self) -> str:
-        return self.mode if self.mode in ("preserve", "copy") else f"{self.mode}:{self.value:g}"
 
 
 @dataclass
@@ -448,52 +421,31 @@ def _write(output: Path, overwrite: bool, src: Path, plan: _Plan, max_shard_byte
     return shards
 
 
-def upcycle(
-    source: str,
-    output: str | Path,
-    *,
-    pyramid: str | None = None,
-    pyramid_split: str | None = None,
-    experts: str | None = None,
-    moe_every: int = 2,
-    top_k: int = 1,
-    residual: bool = True,
-    capacity_factor: float | None = None,
-    aux_loss_coef: float = 0.01,
-    init: str = "preserve",
-    seed: int = 0,
-    max_shard_size: str | int = "5GB",
-    dtype: str = "auto",
-    overwrite: bool = False,
-    fidelity: bool = True,
-    progress: Callable[[int, int], None] | None = None,
-) -> UpcycleSummary:
-    """Upcycle the dense checkpoint `source` into a PR-MoE checkpoint directory `output`, phase by phase
-    (module docstring).
+def run_upcycle(job: UpcycleJob, *, overwrite: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> UpcycleSummary:
+    """Upcycle the dense checkpoint `job.source` into a PR-MoE checkpoint directory `job.output`, phase by
+    phase (module docstring); `overwrite` replaces an existing output once the new one is complete.
 
     `progress(bytes_written, total_bytes)` is called after every tensor.
     """
     start = time.perf_counter()
-    init_spec = InitSpec.parse(init)
-    max_shard_bytes = parse_size(max_shard_size)
-    check_seed(seed)
-    check_dtype_choice(dtype)
-    output = Path(output)
+    init_spec = InitSpec.parse(job.init)
+    output = Path(job.output)
     if output.exists() and not overwrite:  # fail before any work; atomic_output_dir checks again
         raise MoEConvertError(f"output {output} already exists (pass --overwrite to replace it)")
 
-    src, reader, spec, host_config = _open_dense(source, output)
-    layout = build_layout(host_config.num_hidden_layers, moe_every=moe_every, pyramid=pyramid,
-                          pyramid_split=pyramid_split, experts=experts, top_k=top_k, residual=residual,
-                          capacity_factor=capacity_factor, aux_loss_coef=aux_loss_coef)
-    plan = _plan(source, reader, spec, host_config, layout, init_spec, seed, dtype)
+    src, reader, spec, host_config = _open_dense(job.source, output)
+    layout = build_layout(host_config.num_hidden_layers, moe_every=job.moe_every, pyramid=job.pyramid,
+                          pyramid_split=job.pyramid_split, experts=job.experts, top_k=job.top_k, residual=job.residual,
+                          capacity_factor=job.capacity_factor, aux_loss_coef=job.aux_loss_coef)
+    plan = _plan(job.source, reader, spec, host_config, layout, init_spec, job.seed, job.dtype)
     total_params, active_params = plan.params
-    check = fidelity and _fits_in_memory(total_params * 4)
-    reference = _use_dense(src, spec, host_config, plan, init_spec, seed, check)
-    shards = _write(output, overwrite, src, plan, max_shard_bytes, progress)
+    check = job.fidelity and _fits_in_memory(total_params * 4)
+    reference = _use_dense(src, spec, host_config, plan, init_spec, job.seed, check)
+    shards = _write(output, overwrite, src, plan, parse_size(job.max_shard_size), progress)
 
     summary = UpcycleSummary(
-        output=str(output), source=source, host=spec.causal_lm, init=str(init_spec), seed=seed,
+        output=str(output), source=job.source, host=spec.causal_lm, init=str(init_spec), seed=job.seed,
         dtype=str(plan.dtype).removeprefix("torch."), num_layers=layout.num_layers, moe_layers=layout.moe_layers,
         experts_per_layer=layout.num_experts, top_k=layout.top_k, residual=layout.residual,
         total_params=total_params, active_params=active_params,
@@ -505,11 +457,17 @@ def upcycle(
         _measure_fidelity(summary, output, sample, dense_logits)  # phase 6
         summary.fidelity = f"on {note}, fp32"
     else:
-        summary.fidelity = ("skipped (--no-fidelity)" if not fidelity else
+        summary.fidelity = ("skipped (--no-fidelity)" if not job.fidelity else
                             f"skipped: the upcycled model ({total_params * 4 / 1e9:.1f} GB in fp32) "
                             "needs more than half the available memory")
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def upcycle(source: str, output: str | Path, *, overwrite: bool = False,
+            progress: Callable[[int, int], None] | None = None, **options) -> UpcycleSummary:
+    """`run_upcycle` with `UpcycleJob`'s fields as keywords: `upcycle("gpt2", "out", pyramid="4,8")`."""
+    return run_upcycle(UpcycleJob(source, str(output), **options), overwrite=overwrite, progress=progress)
 
 
 @torch.inference_mode()
