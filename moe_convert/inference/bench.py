@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import MoEConvertError
 from ..io import DTYPES
-from ..training.config import check_seed
+from ..options import check_seed
 from . import kernels
 from .kernels import ACTIVATIONS, back_with_huge_pages, ffn, pack_experts, pack_ffn, packed_matrices
 from .runtime import MoELayer

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from ..errors import MoEConvertError
 from ..formats import SHARED_FILE, experts_file, export_weight_files, read_manifest
-from ..io import read_safetensors, return_freed_memory
-from ..training.config import check_seed
+from ..io import load_tokenizer, read_safetensors, return_freed_memory
+from .config import GenerateJob, check_sampling
 from .decode import Decoder
 from .expert_parallel import ExpertParallel, from_environment
 from .kernels import (ACTIVATIONS, PackedExperts, back_with_huge_pages, ffn, linear, moe_forward, native_fp16_matmul,
@@ -367,17 +367,6 @@ def eos_token_ids(path: str | Path, host_config: dict) -> int | list[int] | None
     return host_config.get("eos_token_id")
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None, seed: int | None = None) -> None:
-    """Sampling settings a user can get wrong, refused with one line each."""
-    check_seed(seed, "--seed")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise MoEConvertError(f"--temperature must be 0 (greedy) or a positive number, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise MoEConvertError(f"--top-k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise MoEConvertError(f"--top-p must be in (0, 1], got {top_p}")
-
-
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
            gen: torch.Generator | None) -> int:
     """Next token from logits (V,): argmax at temperature 0, else top-k / top-p (nucleus) sampling."""
@@ -544,3 +533,35 @@ def load_runtime(path: str | Path, expert_parallel: bool = False, manifest: dict
     ep.check_all_loaded(error)
     return runtime
 
+
+@dataclass
+class TextGeneration:
+    """What `generate_text` made: the new text and tokens, and how the run went."""
+
+    text: str
+    prompt_tokens: int
+    generation: Generation  # prompt + new tokens, timings
+    context: int  # the model's
+    rank: int  # this process's in an expert-parallel group (0 alone): rank 0 reports for the group
+    widened_fp16: bool  # an fp16 export computed in fp32 (no native fp16 matmul on this CPU)
+
+    @property
+    def new_tokens(self) -> list[int]:
+        return self.generation.tokens[self.prompt_tokens:]
+
+
+def generate_text(job: GenerateJob) -> TextGeneration:
+    """The `generate` command: tokenize `job.prompt` with the export's tokenizer, decode, detokenize.
+
+    Under torchrun on an `--ep-size N` export, each process holds one rank's experts."""
+    manifest = read_manifest(job.export_dir)  # an export at all; then its tokenizer, before the weights load
+    tokenizer = load_tokenizer(job.export_dir)
+    runtime = load_runtime(job.export_dir, expert_parallel=True, manifest=manifest)
+    ids = tokenizer(job.prompt)["input_ids"]
+    out = runtime.generate(ids, job.max_new_tokens, job.temperature, job.top_k, job.top_p, job.seed,
+                           eos_token_ids(job.export_dir, runtime.cfg))
+    if runtime.ep is not None:
+        runtime.ep.close()
+    return TextGeneration(tokenizer.decode(out.tokens[len(ids):], skip_special_tokens=True), len(ids), out,
+                          runtime.context, runtime.ep.rank if runtime.ep is not None else 0,
+                          runtime.dtype != runtime.stored_dtype)
