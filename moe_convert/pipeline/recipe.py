@@ -25,9 +25,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..convert.config import ExportJob, UpcycleJob
 from ..errors import MoEConvertError, one_line
-from ..model.layout import check_layout_options, parse_int_list
-from ..training.config import DistillJob, TrainJob, check_eval_args, check_seed, check_types
+from ..model.layout import parse_int_list
+from ..options import check_types
+from ..training.config import DistillJob, EvalJob, TrainJob
 
 # kind -> name of the field that takes the previous model (None: the kind takes no model)
 INPUT_FIELD = {"upcycle": "source", "train": "model", "distill": "teacher", "export": "model", "eval": None,
@@ -58,78 +60,27 @@ def _as_written_on_the_cli(body: dict) -> dict:
 
 
 @dataclass
-class UpcycleStep:
-    """`upcycle` options (see `moe-convert upcycle --help`); `source_config` is a config.json that
-    describes `source` for `--dry-run` where the source itself is not available (e.g. offline)."""
+class UpcycleStep(UpcycleJob):
+    """`upcycle`'s options (`UpcycleJob`); `source_config` is a config.json that describes `source` for
+    `--dry-run` where the source itself is not available (e.g. offline)."""
 
-    source: str
-    output: str
-    pyramid: str | None = None
-    pyramid_split: str | None = None
-    experts: str | None = None
-    moe_every: int = 2
-    top_k: int = 1
-    residual: bool = True
-    capacity_factor: float | None = None
-    aux_loss_coef: float = 0.01
-    init: str = "preserve"
-    seed: int = 0
-    max_shard_size: str = "5GB"
-    dtype: str = "auto"
-    fidelity: bool = True
     source_config: str | None = None
 
-    def __post_init__(self):
-        check_types(self)
-        from ..convert.upcycle import InitSpec
-
-        InitSpec.parse(self.init)
-        for name in ("pyramid", "pyramid_split", "experts"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, ",".join(map(str, parse_int_list(value, name))))
-        check_layout_options(self.pyramid, self.pyramid_split, self.experts)
-        check_seed(self.seed)
-
-    def upcycle_kwargs(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("source", "output", "source_config")}
-
 
 @dataclass
-class ExportStep:
-    model: str
-    output: str
-    format: str = "safetensors"
-    dtype: str = "auto"  # as the model's weights are stored
-    ep_size: int = 1
-    max_shard_size: str | None = None
+class EvalStep(EvalJob):
+    """`eval`'s options (`EvalJob`) for every model in `models`; `output` keeps the results."""
+
+    output: str = field(kw_only=True)
+    models: list[str] = field(default_factory=list, kw_only=True)
 
     def __post_init__(self):
-        check_types(self)
-        from ..convert.export import check_export_args
-
-        check_export_args(self.format, self.dtype, self.ep_size, self.max_shard_size)
-
-
-@dataclass
-class EvalStep:
-    data: str
-    output: str
-    models: list[str] = field(default_factory=list)
-    text_field: str = "text"
-    seq_len: int = 128
-    eval_fraction: float = 0.1
-    batch_size: int = 8
-    max_windows: int = 0
-
-    def __post_init__(self):
-        check_types(self)
+        super().__post_init__()
         if not isinstance(self.models, list) or not all(isinstance(m, str) for m in self.models):
             raise MoEConvertError(f"models: expected a list of model directories, got {self.models!r}")
         if not self.models:
             raise MoEConvertError("models: nothing to score; name the models, or put the eval step after a step "
                                   "that makes one")
-        check_eval_args("eval", self.batch_size, self.max_windows)
 
 
 @dataclass
@@ -165,7 +116,7 @@ STEP_KINDS = {
     "upcycle": _dataclass_step(UpcycleStep),
     "train": TrainJob.from_dict,
     "distill": DistillJob.from_dict,
-    "export": _dataclass_step(ExportStep),
+    "export": _dataclass_step(ExportJob),
     "eval": _dataclass_step(EvalStep),
     "bench": _dataclass_step(BenchStep),
 }
@@ -175,7 +126,7 @@ STEP_KINDS = {
 class Step:
     index: int
     kind: str
-    spec: Any  # the kind's validated dataclass (UpcycleStep, TrainJob, DistillJob, ...)
+    spec: Any  # the kind's validated dataclass (UpcycleStep, TrainJob, DistillJob, ExportJob, ...)
     input: str | None = None  # the model this step reads (None for eval/bench)
 
     @property

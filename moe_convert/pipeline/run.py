@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
 from ..errors import MoEConvertError
@@ -250,13 +250,25 @@ def _leaves(settings: dict) -> dict:
     return out
 
 
+def _defaults(spec) -> dict:
+    """Each field's default, nested dataclasses' (a train step's `config`) flattened as `_leaves` does."""
+    out = {}
+    for f in fields(spec):
+        value = getattr(spec, f.name)
+        if is_dataclass(value):
+            out.update(_defaults(value))
+        elif f.default is not MISSING:
+            out[f.name] = f.default
+    return out
+
+
 def changed_settings(state: dict, step: Step) -> str | None:
     """Why a complete step cannot be skipped: the settings it ran with (`state`, the run's
     `run_state.json`) differ from the recipe's now."""
     ran = state.get(str(step.index), {}).get("settings")
     if ran is None:
         return None
-    ran, now = _leaves(ran), _leaves(_settings(step))
+    ran, now = {**_defaults(step.spec), **_leaves(ran)}, _leaves(_settings(step))  # a field added since: its default
     changed = ", ".join(f"{k}: {ran.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(ran) | set(now))
                         if ran.get(k) != now.get(k) and k not in WHERE_ONLY)
     if not changed:
@@ -270,9 +282,9 @@ def run_step(step: Step, fresh: bool = False):
     as plain data."""
     spec = step.spec
     if step.kind == "upcycle":
-        from ..convert.upcycle import upcycle
+        from ..convert.upcycle import run_upcycle
 
-        return upcycle(spec.source, spec.output, **spec.upcycle_kwargs(), overwrite=True).to_dict()
+        return run_upcycle(spec, overwrite=True).to_dict()
     if step.kind in ("train", "distill"):
         from ..io import checkpoints
 
@@ -285,16 +297,13 @@ def run_step(step: Step, fresh: bool = False):
 
         return run_distill(spec, resume=resume, overwrite=not resume).to_dict()
     if step.kind == "export":
-        from ..convert.export import export
+        from ..convert.export import run_export
 
-        return asdict(export(spec.model, spec.output, spec.format, spec.dtype, spec.ep_size, overwrite=True,
-                             max_shard_size=spec.max_shard_size))
+        return asdict(run_export(spec, overwrite=True))
     if step.kind == "eval":
-        from ..training.train import eval_model
+        from ..training.train import run_eval
 
-        return [eval_model(m, spec.data, text_field=spec.text_field, seq_len=spec.seq_len,
-                           eval_fraction=spec.eval_fraction, batch_size=spec.batch_size,
-                           max_windows=spec.max_windows) for m in spec.models]
+        return [run_eval(m, spec) for m in spec.models]
     from ..inference.bench import bench_layer
     from ..io import keep_freed_memory_for_reuse
 
