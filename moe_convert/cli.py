@@ -18,8 +18,11 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from .convert.config import ExportJob, FromDeepSpeedJob, UpcycleJob
 from .convert.summary import fmt
-from .training.config import DistillJob, TrainJob
+from .inference.config import GenerateJob
+from .options import format_bytes
+from .training.config import DistillJob, EvalJob, TrainConfig, TrainJob
 
 app = typer.Typer(
     name="moe-convert",
@@ -119,115 +122,111 @@ def print_json(obj) -> None:
     (_JSON_STDOUT[-1] if _JSON_STDOUT else sys.stdout).write(json.dumps(strict(obj), indent=2, allow_nan=False) + "\n")
 
 
-@app.command()
-def upcycle(
-    source: str = typer.Argument(..., help="Dense checkpoint: a local model directory or a hub id (from the cache when offline)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output directory (built under a temporary name, renamed when complete)."),
-    pyramid: Optional[str] = typer.Option(None, help="Experts per pyramid stage, e.g. 32,64: the last two MoE layers get the last count (paper rule; one layer when each stage needs its own). Default: 8 experts everywhere unless --experts is given."),
-    pyramid_split: Optional[str] = typer.Option(None, help="MoE layers per --pyramid stage, e.g. 8,4 (must add up to the MoE layer count). Default: the paper rule."),
-    experts: Optional[str] = typer.Option(None, help="One expert count per MoE layer, e.g. 32,32,64 (instead of --pyramid). Default: none."),
-    moe_every: int = typer.Option(2, help="MoE on every K-th layer: 0-based layers K-1, 2K-1, ... Default: 2 (layers 1, 3, 5, ...)."),
-    top_k: int = typer.Option(1, help="Experts per token (top-1 combines with the raw probability, top-k>1 renormalises)."),
-    residual: bool = typer.Option(True, "--residual/--no-residual", help="PR-MoE residual dense FFN beside the experts. Default: on."),
-    capacity_factor: Optional[float] = typer.Option(None, help="Expert capacity factor; overflow tokens skip the experts. Default: dropless."),
-    aux_loss_coef: float = typer.Option(0.01, help="Load-balancing loss weight for later training."),
-    init: str = typer.Option("preserve", help="Expert init: preserve (function-preserving: upcycled logits = dense), copy (DeepSpeed: experts = dense FFN), noise:SIGMA, drop:RATE (Drop-Upcycling)."),
-    seed: int = typer.Option(0, help="Seed for routers, noise and dropped units; same inputs + seed give byte-identical files."),
-    max_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB, 2GiB."),
-    dtype: str = typer.Option("auto", help="Output dtype: auto (the source's), fp32, bf16, fp16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (only once the new one is complete). Default: off."),
-    fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="Load both models and measure max |dlogits|, KL and expert spread on a fixed sample (skipped automatically when the upcycled model needs over half the free RAM). It holds the upcycled model in memory: --no-fidelity keeps upcycle within the dense model's memory. Default: on."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table. Default: off."),
-):
-    """Dense HF checkpoint (hub id or local dir) -> PR-MoE checkpoint dir, streaming."""
-    with reporting_errors(json_out):
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+def print_table(title: str, rows, columns: tuple[str, ...] = (), left: tuple[str, ...] = (),
+                no_wrap: tuple[str, ...] = (), out: Console | None = None) -> None:
+    """A summary table: `rows` of cells under `columns` (right-justified unless named in `left`), or, with
+    no `columns`, rows of (label, value) and no header."""
+    from rich.table import Table
 
-        from .convert.upcycle import upcycle as run_upcycle
-
-        bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                       TimeRemainingColumn(), console=err_console, transient=True, disable=json_out)
-        task = bar.add_task("writing shards", total=None)
-
-        def progress(done, total):  # the bar appears once writing starts, after all validation
-            if not bar.live.is_started:
-                bar.start()
-            bar.update(task, completed=done, total=total)
-
-        try:
-            summary = run_upcycle(
-                source, output, pyramid=pyramid, pyramid_split=pyramid_split, experts=experts, moe_every=moe_every,
-                top_k=top_k, residual=residual, capacity_factor=capacity_factor, aux_loss_coef=aux_loss_coef,
-                init=init, seed=seed, max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite,
-                fidelity=fidelity, progress=progress,
-            )
-        finally:
-            if bar.live.is_started:
-                bar.stop()
-        if json_out:
-            print_json(summary.to_dict())
-            return
-        from rich.table import Table
-
-        table = Table(title=f"upcycled {summary.source} -> {summary.output}", show_header=False)
-        counts = summary.experts_per_layer
-        shares = summary.max_expert_share or [None] * len(counts)
-        rows = [
-            ("host / layers", f"{summary.host}, {summary.num_layers} layers"),
-            ("MoE layers", ", ".join(map(str, summary.moe_layers))),
-            ("experts per layer", ", ".join(map(str, counts))),
-            ("top-k / residual", f"{summary.top_k} / {'on' if summary.residual else 'off'}"),
-            ("init / seed", f"{summary.init} / {summary.seed}"),
-            ("total params", f"{summary.total_params:,}"),
-            ("active params / token", f"{summary.active_params:,}"),
-            ("size on disk", f"{_bytes(summary.size_on_disk)} in {summary.shards} shard(s), {summary.dtype}"),
-            ("fidelity", summary.fidelity),
-            ("max |dlogits|", fmt(summary.max_abs_logit_diff, ".3g")),
-            ("mean KL(dense||upcycled)", fmt(summary.kl, ".3g")),
-            ("largest expert share (x fair)",
-             ", ".join("-" if s is None else f"{s:.2f} ({s * e:.1f}x)" for s, e in zip(shares, counts))),
-            ("time", f"{summary.seconds:.1f} s"),
-        ]
-        for k, v in rows:
-            table.add_row(k, v)
-        console.print(table)
+    table = Table(title=title, show_header=bool(columns))
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right", no_wrap=col in no_wrap)
+    for row in rows:
+        table.add_row(*row)
+    (out or console).print(table)
 
 
-DATA_HELP = ("builtin:pydoc (the Python reference shipped with CPython), a .txt/.json/.jsonl/.parquet file, "
-             "a directory of them, or a hub dataset name")
-
-
-def with_job_options(job_cls):
-    """Give a command one --option per field of `job_cls` (`TrainJob` or `DistillJob`) that carries
-    help, and per `TrainConfig` field (default, type and help from the dataclasses); it receives them
-    gathered as `options: dict`, ready for `job_cls.from_dict`. So `train` and `distill` share one
-    definition of the data and optimisation options, and `distill`'s own come from `DistillJob`.
+def with_job_options(*job_classes):
+    """Give a command one --option per field of `job_classes` that carries help (default, type and help
+    from the dataclass; other `typer.Option` arguments from the metadata too), in place of its `options`
+    parameter; it receives them gathered as `options: dict`, ready for the job's constructor. So each
+    option is defined once, where its value is validated, and a recipe step checks it as the CLI does.
     """
     import dataclasses
     import functools
     import inspect as pyinspect
     import typing
 
-    from .training.config import TrainConfig
-
-    shared = [(job_cls, f) for f in dataclasses.fields(job_cls) if "help" in f.metadata]
-    shared += [(TrainConfig, f) for f in dataclasses.fields(TrainConfig)]
+    shared = [(cls, f) for cls in job_classes for f in dataclasses.fields(cls) if "help" in f.metadata]
     names = [f.name for _, f in shared]
     extra = [pyinspect.Parameter(f.name, pyinspect.Parameter.KEYWORD_ONLY, annotation=typing.get_type_hints(cls)[f.name],
-                                 default=typer.Option(f.default, help=f.metadata["help"])) for cls, f in shared]
+                                 default=typer.Option(f.default, **f.metadata)) for cls, f in shared]
 
     def decorate(command):
         @functools.wraps(command)
         def wrapper(**kwargs):
             return command(**{k: v for k, v in kwargs.items() if k not in names}, options={k: kwargs[k] for k in names})
 
-        sig = pyinspect.signature(command)
-        own = [p for p in sig.parameters.values() if p.name != "options"]
-        wrapper.__signature__ = sig.replace(parameters=own + extra)
-        wrapper.__annotations__ = {k: v for k, v in command.__annotations__.items() if k != "options"}
-        wrapper.__annotations__.update({p.name: p.annotation for p in extra})
+        params = [p.replace(kind=pyinspect.Parameter.KEYWORD_ONLY) for p in pyinspect.signature(command).parameters.values()]
+        at = [p.name for p in params].index("options")
+        wrapper.__signature__ = pyinspect.Signature(params[:at] + extra + params[at + 1:])
+        wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
         return wrapper
     return decorate
+
+
+@contextmanager
+def _bytes_written_bar(json_out: bool):
+    """A transient "writing shards" bar on stderr (off under --json), shown from the first write: all
+    validation comes before it. Yields the `progress(done, total)` callback."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                   console=err_console, transient=True, disable=json_out)
+    task = bar.add_task("writing shards", total=None)
+
+    def progress(done, total):
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, completed=done, total=total)
+
+    try:
+        yield progress
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+
+
+@app.command()
+@with_job_options(UpcycleJob)
+def upcycle(
+    source: str = typer.Argument(..., help="Dense checkpoint: a local model directory or a hub id (from the cache when offline)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output directory (built under a temporary name, renamed when complete)."),
+    options: dict = None,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (only once the new one is complete). Default: off."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table. Default: off."),
+):
+    """Dense HF checkpoint (hub id or local dir) -> PR-MoE checkpoint dir, streaming."""
+    with reporting_errors(json_out):
+        from .convert.upcycle import run_upcycle
+
+        job = UpcycleJob(source, str(output), **options)
+        with _bytes_written_bar(json_out) as progress:
+            s = run_upcycle(job, overwrite=overwrite, progress=progress)
+        if json_out:
+            print_json(s.to_dict())
+            return
+        shares = s.max_expert_share or [None] * len(s.experts_per_layer)
+        print_table(f"upcycled {s.source} -> {s.output}", [
+            ("host / layers", f"{s.host}, {s.num_layers} layers"),
+            ("MoE layers", ", ".join(map(str, s.moe_layers))),
+            ("experts per layer", ", ".join(map(str, s.experts_per_layer))),
+            ("top-k / residual", f"{s.top_k} / {'on' if s.residual else 'off'}"),
+            ("init / seed", f"{s.init} / {s.seed}"),
+            ("total params", f"{s.total_params:,}"),
+            ("active params / token", f"{s.active_params:,}"),
+            ("size on disk", f"{format_bytes(s.size_on_disk)} in {s.shards} shard(s), {s.dtype}"),
+            ("fidelity", s.fidelity),
+            ("max |dlogits|", fmt(s.max_abs_logit_diff, ".3g")),
+            ("mean KL(dense||upcycled)", fmt(s.kl, ".3g")),
+            ("largest expert share (x fair)",
+             ", ".join("-" if x is None else f"{x:.2f} ({x * e:.1f}x)" for x, e in zip(shares, s.experts_per_layer))),
+            ("time", f"{s.seconds:.1f} s"),
+        ])
+
+
+DATA_HELP = ("builtin:pydoc (the Python reference shipped with CPython), a .txt/.json/.jsonl/.parquet file, "
+             "a directory of them, or a hub dataset name")
 
 
 def set_threads(threads: int | None) -> None:
@@ -251,7 +250,7 @@ def _is_main_process() -> bool:
 
 
 @app.command()
-@with_job_options(TrainJob)
+@with_job_options(TrainJob, TrainConfig)
 def train(
     model: Path = typer.Argument(..., help="Model directory (dense HF causal LM or PR-MoE) with its tokenizer."),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
@@ -274,14 +273,10 @@ def train(
         if json_out:
             print_json(vars(result))
             return
-        from rich.table import Table
-
-        table = Table(title=f"train -> {output}")
-        for col in ("steps", "train CE (last 10)", "eval loss", "eval ppl", "tokens/s", "seconds"):
-            table.add_column(col, justify="right")
-        table.add_row(str(result.steps), fmt(result.train_ce, ".4f"), fmt(result.eval_loss, ".4f"),
-                      fmt(result.eval_ppl, ".2f"), fmt(result.tokens_per_s, ",.0f"), fmt(result.seconds, ".1f"))
-        console.print(table)
+        print_table(f"train -> {output}", [(str(result.steps), fmt(result.train_ce, ".4f"), fmt(result.eval_loss, ".4f"),
+                                           fmt(result.eval_ppl, ".2f"), fmt(result.tokens_per_s, ",.0f"),
+                                           fmt(result.seconds, ".1f"))],
+                    ("steps", "train CE (last 10)", "eval loss", "eval ppl", "tokens/s", "seconds"))
 
 
 def _note_stop(result, job) -> None:
@@ -298,7 +293,7 @@ def _note_stop(result, job) -> None:
 
 
 @app.command()
-@with_job_options(DistillJob)
+@with_job_options(DistillJob, TrainConfig)
 def distill(
     teacher: Path = typer.Option(..., "--teacher", help="Teacher model directory (PR-MoE or dense) with its tokenizer."),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
@@ -321,31 +316,25 @@ def distill(
         if json_out:
             print_json(result.to_dict())
             return
-        from rich.table import Table
-
         plan = result.plan
         console.print(f"student: teacher layers {plan.kept} kept, {plan.dropped} dropped; "
                       f"MoE at {plan.moe_layers} with {plan.num_experts} experts; "
                       + (f"KD for steps 1..{result.kd_steps}" if result.kd_steps else "no KD (plain LM loss)"))
-        table = Table(title=f"distill -> {output}")
-        for col in ("model", "layers", "total params", "active params", "eval ppl", "step s (KD)", "step s (CE)"):
-            table.add_column(col, justify="right")
         t, s, times = result.teacher, result.student, result.step_seconds
-        table.add_row("teacher", str(t["layers"]), f"{t['total_params']:,}", f"{t['active_params']:,}",
-                      fmt(t["eval_ppl"], ".2f"), "", "")
-        table.add_row("student", str(s["layers"]), f"{s['total_params']:,}", f"{s['active_params']:,}",
-                      fmt(s["eval_ppl"], ".2f"), fmt(times["kd"], ".3f"), fmt(times["ce"], ".3f"))
-        console.print(table)
+        print_table(f"distill -> {output}", [
+            ("teacher", str(t["layers"]), f"{t['total_params']:,}", f"{t['active_params']:,}", fmt(t["eval_ppl"], ".2f"),
+             "", ""),
+            ("student", str(s["layers"]), f"{s['total_params']:,}", f"{s['active_params']:,}", fmt(s["eval_ppl"], ".2f"),
+             fmt(times["kd"], ".3f"), fmt(times["ce"], ".3f")),
+        ], ("model", "layers", "total params", "active params", "eval ppl", "step s (KD)", "step s (CE)"))
 
 
 @app.command()
+@with_job_options(ExportJob)
 def export(
     model: Path = typer.Argument(..., help="Our PR-MoE model directory (from upcycle / train / distill)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory (built under a temporary name, renamed when complete)."),
-    fmt: str = typer.Option("safetensors", "--format", help="safetensors (inference layout + manifest, read by `generate`), hf (our model directory), deepspeed (per-layer DeepSpeed MoE state dicts)."),
-    dtype: str = typer.Option("auto", help="Weight dtype: auto (as the model's weights are stored), fp32, bf16, fp16."),
-    ep_size: int = typer.Option(1, help="Expert-parallel ranks: one experts file per rank (contiguous expert ranges) plus shared.safetensors; must divide every layer's expert count (safetensors only)."),
-    max_shard_size: Optional[str] = typer.Option(None, help="Largest shard for --format hf, e.g. 5GB, 500MB. Default: 5GB."),
+    options: dict = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (only once the new one is complete). Default: off."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table. Default: off."),
 ):
@@ -354,42 +343,38 @@ def export(
         import time
         from dataclasses import asdict
 
-        from .convert.export import check_export_args, count_tensors, export as run_export, open_source
+        from .convert.export import count_tensors, open_source, run_export
 
         start = time.perf_counter()
-        check_export_args(fmt, dtype, ep_size, max_shard_size)  # before the progress bar: a one-line error
+        job = ExportJob(str(model), str(output), **options)  # before the progress bar: a one-line error
         src = open_source(model)
         with _count_bar(json_out) as bar:
-            task = bar.add_task(f"export {fmt}", total=count_tensors(src, fmt, max(ep_size, 1)))
-            result = run_export(model, output, fmt, dtype, ep_size, overwrite, max_shard_size, src=src,
-                                on_tensor=lambda name: bar.advance(task))
+            task = bar.add_task(f"export {job.format}", total=count_tensors(src, job.format, job.ep_size))
+            result = run_export(job, overwrite=overwrite, src=src, on_tensor=lambda name: bar.advance(task))
         if json_out:
             print_json(asdict(result))
             return
-        from rich.table import Table
-
         cfg = src.config
-        table = Table(title=f"exported {model} -> {output}", show_header=False)
-        for k, v in [("format / dtype", f"{result.format} / {result.dtype}"),
-                     ("host / layers", f"{cfg.text_config.model_type}, {cfg.text_config.num_hidden_layers} layers"),
-                     ("MoE layers (experts)", ", ".join(f"{l} ({e})" for l, e in zip(cfg.moe_layers, cfg.num_experts))),
-                     ("ep size", str(result.ep_size)),
-                     ("files", ", ".join(result.files)),
-                     ("tokenizer files", ", ".join(result.tokenizer_files) or "none"),
-                     ("size on disk", _bytes(result.bytes)),
-                     ("time", f"{time.perf_counter() - start:.1f} s")]:
-            table.add_row(k, v)
-        console.print(table)
-        if fmt == "safetensors" and not any(f.startswith("tokenizer") for f in result.tokenizer_files):
+        print_table(f"exported {model} -> {output}", [
+            ("format / dtype", f"{result.format} / {result.dtype}"),
+            ("host / layers", f"{cfg.text_config.model_type}, {cfg.text_config.num_hidden_layers} layers"),
+            ("MoE layers (experts)", ", ".join(f"{l} ({e})" for l, e in zip(cfg.moe_layers, cfg.num_experts))),
+            ("ep size", str(result.ep_size)),
+            ("files", ", ".join(result.files)),
+            ("tokenizer files", ", ".join(result.tokenizer_files) or "none"),
+            ("size on disk", format_bytes(result.bytes)),
+            ("time", f"{time.perf_counter() - start:.1f} s"),
+        ])
+        if job.format == "safetensors" and not any(f.startswith("tokenizer") for f in result.tokenizer_files):
             err_console.print(f"warning: {model} has no tokenizer files; `generate` needs them in {output}")
 
 
 @app.command(name="from-deepspeed")
+@with_job_options(FromDeepSpeedJob)
 def from_deepspeed(
     source: Path = typer.Argument(..., help="An `export --format deepspeed` directory, its layer files possibly trained in DeepSpeed since."),
     output: Path = typer.Option(..., "-o", "--output", help="Output model directory (built under a temporary name, renamed when complete)."),
-    max_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB."),
-    dtype: str = typer.Option("auto", help="Precision of the model written: auto (as exported, the manifest's) | fp32 | bf16 | fp16. Layers saved in another precision since (a bf16 DeepSpeed run) are cast to it."),
+    options: dict = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (only once the new one is complete). Default: off."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table. Default: off."),
 ):
@@ -398,62 +383,50 @@ def from_deepspeed(
         import time
         from dataclasses import asdict
 
-        from .convert.from_deepspeed import import_deepspeed
+        from .convert.from_deepspeed import run_from_deepspeed
         from .formats import read_deepspeed_manifest
 
         start = time.perf_counter()
+        job = FromDeepSpeedJob(str(source), str(output), **options)
         read_deepspeed_manifest(source)  # before the progress bar: a one-line error
         with _count_bar(json_out) as bar:
             task = bar.add_task("from-deepspeed", total=None)
-            result = import_deepspeed(source, output, overwrite, max_shard_size, dtype,
-                                      on_tensor=lambda name: bar.advance(task))
+            result = run_from_deepspeed(job, overwrite=overwrite, on_tensor=lambda name: bar.advance(task))
         if json_out:
             print_json(asdict(result))
             return
-        from rich.table import Table
-
-        table = Table(title=f"{source} -> {output}", show_header=False)
-        for k, v in [("MoE layers (experts)", ", ".join(f"{l} ({e})" for l, e in zip(result.moe_layers,
-                                                                                    result.experts_per_layer))),
-                     ("dtype", result.dtype), ("files", ", ".join(result.files)), ("size on disk", _bytes(result.bytes)),
-                     ("time", f"{time.perf_counter() - start:.1f} s")]:
-            table.add_row(k, v)
-        console.print(table)
+        print_table(f"{source} -> {output}", [
+            ("MoE layers (experts)", ", ".join(f"{l} ({e})" for l, e in zip(result.moe_layers, result.experts_per_layer))),
+            ("dtype", result.dtype),
+            ("files", ", ".join(result.files)),
+            ("size on disk", format_bytes(result.bytes)),
+            ("time", f"{time.perf_counter() - start:.1f} s"),
+        ])
 
 
 @app.command(name="eval")
+@with_job_options(EvalJob)
 def eval_(
     model: Path = typer.Argument(..., help="Model directory with its tokenizer."),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
-    text_field: str = typer.Option("text", help="Field holding the text in JSON/Parquet data."),
-    seq_len: int = typer.Option(128, help="Tokens per packed window."),
-    eval_fraction: float = typer.Option(0.1, help="Fraction of documents held out (same rule as train)."),
-    split: str = typer.Option("eval", help="Which split to score: eval (held out) | train."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
-    max_windows: int = typer.Option(0, help="Score at most this many windows; 0 = all."),
+    options: dict = None,
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Held-out loss, perplexity and tokens/s (and the unigram-baseline perplexity of the same tokenizer)."""
     with reporting_errors(json_out):
-        from .training.train import eval_model
+        from .training.train import run_eval
 
+        job = EvalJob(data, **options)
         with _count_bar(json_out) as bar:
             task = bar.add_task("eval (windows)", total=None)
-            result = eval_model(model, data, text_field=text_field, seq_len=seq_len, eval_fraction=eval_fraction,
-                                split=split, batch_size=batch_size, max_windows=max_windows,
-                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+            r = run_eval(model, job, progress=lambda done, total: bar.update(task, completed=done, total=total))
         if json_out:
-            print_json(result)
+            print_json(r)
             return
-        from rich.table import Table
-
-        table = Table(title=f"eval {model} on {data} ({split})")
-        for col in ("windows", "tokens (scored)", "loss", "perplexity", "unigram ppl", "tokens/s"):
-            table.add_column(col, justify="right")
-        table.add_row(str(result["windows"]), f"{result['tokens']:,} ({result['scored_tokens']:,})",
-                      f"{result['loss']:.4f}", f"{result['ppl']:.2f}", fmt(result["unigram_ppl"], ".2f"),
-                      f"{result['tokens_per_s']:,.0f}")
-        console.print(table)
+        print_table(f"eval {model} on {data} ({job.split})", [
+            (str(r["windows"]), f"{r['tokens']:,} ({r['scored_tokens']:,})", f"{r['loss']:.4f}", f"{r['ppl']:.2f}",
+             fmt(r["unigram_ppl"], ".2f"), f"{r['tokens_per_s']:,.0f}"),
+        ], ("windows", "tokens (scored)", "loss", "perplexity", "unigram ppl", "tokens/s"))
 
 
 @app.command()
@@ -469,18 +442,14 @@ def inspect(
         if json_out:
             print_json(s.to_dict())
             return
-        from rich.table import Table
-
         what = f"export {s.export}" if s.export else s.model_type
-        table = Table(title=f"{model}  ({what}, host {s.host}, top-{s.top_k})")
-        for col in ("layer", "FFN", "experts", "params", "active/token"):
-            table.add_column(col, justify="right")
-        for r in s.layers:
-            table.add_row(str(r.index), r.ffn, str(r.experts or "-"), f"{r.params:,}", f"{r.active_params:,}")
-        console.print(table)
-        size = _bytes(s.size_on_disk)
+        print_table(f"{model}  ({what}, host {s.host}, top-{s.top_k})",
+                    [(str(r.index), r.ffn, str(r.experts or "-"), f"{r.params:,}", f"{r.active_params:,}")
+                     for r in s.layers],
+                    ("layer", "FFN", "experts", "params", "active/token"))
         console.print(f"total params {s.total_params:,} ({_params(s.total_params)})   active per token "
-                      f"{s.active_params:,} ({_params(s.active_params)})   dtype {s.dtype}   size on disk {size}")
+                      f"{s.active_params:,} ({_params(s.active_params)})   dtype {s.dtype}   size on disk "
+                      f"{format_bytes(s.size_on_disk)}")
 
 
 @app.command()
@@ -505,17 +474,12 @@ def doctor(
         if json_out:
             print_json(asdict(report))
             return
-        from rich.table import Table
-
         features = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report.features.items())
         console.print(f"CPU {report.cpu} ({report.threads} threads), torch {report.torch}\n{features}\n"
                       f"native kernel: {report.native}")
-        table = Table(title="kernel paths")
-        for col in ("dtype", "path", "on", "why not"):
-            table.add_column(col, no_wrap=col != "why not")
-        for k in report.paths:
-            table.add_row(k.dtype, k.path, "yes" if k.on else "no", k.why)
-        console.print(table)
+        columns = ("dtype", "path", "on", "why not")
+        print_table("kernel paths", [(k.dtype, k.path, "yes" if k.on else "no", k.why) for k in report.paths], columns,
+                    left=columns, no_wrap=columns[:-1])
         if report.gemm_gflops:
             rates = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in report.gemm_gflops.items())
             console.print(f"GEMM (2048 x 1024 x 4096, best of 5): {rates}; memory read bandwidth "
@@ -523,14 +487,11 @@ def doctor(
 
 
 @app.command()
+@with_job_options(GenerateJob)
 def generate(
     export_dir: Path = typer.Argument(..., metavar="EXPORT", help="A `moe-convert export --format safetensors` directory."),
     prompt: str = typer.Option(..., help="Prompt text (tokenized with the tokenizer copied into the export)."),
-    max_new_tokens: int = typer.Option(32, help="Tokens to generate (fewer if EOS or the model's context comes first)."),
-    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples from softmax(logits / temperature)."),
-    top_k: Optional[int] = typer.Option(None, help="Sample only among the K most likely tokens (with --temperature > 0). Default: off."),
-    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling: the smallest set with probability >= P (with --temperature > 0). Default: off."),
-    seed: Optional[int] = typer.Option(None, help="Sampling seed (same seed, same text). Default: none."),
+    options: dict = None,
     threads: Optional[int] = typer.Option(None, help="torch CPU threads. Default: torch's choice."),
     json_out: bool = typer.Option(False, "--json", help="Print text, tokens and speed as JSON. Default: off."),
 ):
@@ -542,40 +503,28 @@ def generate(
     """
     tune_memory_for_inference()
     with reporting_errors(json_out):
-        from .errors import MoEConvertError
-        from .formats import read_manifest
-        from .inference.runtime import check_sampling, eos_token_ids, load_runtime
-        from .io import load_tokenizer
+        from .inference.runtime import generate_text
 
-        if max_new_tokens < 1:
-            raise MoEConvertError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-        check_sampling(temperature, top_k, top_p, seed)
+        job = GenerateJob(str(export_dir), prompt, **options)
         set_threads(threads)
-        manifest = read_manifest(export_dir)  # an export at all; then its tokenizer, before the weights load
-        tokenizer = load_tokenizer(export_dir)
-        runtime = load_runtime(export_dir, expert_parallel=True, manifest=manifest)  # one rank's experts under torchrun
-        if runtime.ep is not None and runtime.ep.rank != 0:  # rank 0 reports for the group
-            json_out, console.quiet, err_console.quiet = False, True, True
-        if temperature == 0 and (top_k, top_p, seed) != (None, None, None) and not json_out:
-            err_console.print("note: --top-k, --top-p and --seed apply only with --temperature > 0; decoding greedily")
-        if runtime.dtype != runtime.stored_dtype and not json_out:
-            err_console.print("fp16 export computed in fp32: this CPU has no native fp16 matmul")
-        ids = tokenizer(prompt)["input_ids"]
-        out = runtime.generate(ids, max_new_tokens, temperature, top_k, top_p, seed,
-                               eos_token_ids(export_dir, runtime.cfg))
-        if runtime.ep is not None:
-            runtime.ep.close()
-        text = tokenizer.decode(out.tokens[len(ids):], skip_special_tokens=True)
+        g = generate_text(job)
+        out = g.generation
+        if g.rank != 0:  # rank 0 reports for the group
+            return
         if json_out:
-            print_json({"prompt": prompt, "text": text, "tokens": out.tokens[len(ids):], "new_tokens": out.new_tokens,
+            print_json({"prompt": prompt, "text": g.text, "tokens": g.new_tokens, "new_tokens": out.new_tokens,
                         "prefill_s": out.prefill_s, "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s,
                         "decode_tokens_per_s": out.decode_tokens_per_s, "stopped_at_context": out.stopped_at_context})
             return
-        console.print(prompt + text, highlight=False, markup=False)
+        if job.greedy and (job.top_k, job.top_p, job.seed) != (None, None, None):
+            err_console.print("note: --top-k, --top-p and --seed apply only with --temperature > 0; decoding greedily")
+        if g.widened_fp16:
+            err_console.print("fp16 export computed in fp32: this CPU has no native fp16 matmul")
+        console.print(prompt + g.text, highlight=False, markup=False)
         if out.stopped_at_context:
-            err_console.print(f"stopped at the model's context of {runtime.context} tokens")
+            err_console.print(f"stopped at the model's context of {g.context} tokens")
         err_console.print(f"{out.new_tokens} tokens in {(out.prefill_s + out.decode_s) * 1e3:.1f} ms: prefill "
-                          f"{out.prefill_s * 1e3:.1f} ms for {len(ids)} prompt tokens, then decode "
+                          f"{out.prefill_s * 1e3:.1f} ms for {g.prompt_tokens} prompt tokens, then decode "
                           f"{fmt(out.decode_tokens_per_s, '.1f')} tokens/s")
 
 
@@ -628,30 +577,19 @@ def bench_layer(
                                      "load_avg_at_start": load, "cpu": cpu_model()} for r in rows])
             return
         from rich.markup import escape
-        from rich.table import Table
 
         from .inference.native import cpu_model
 
-        table = Table(title=f"bench layer: T={tokens} d={hidden} top-1+residual {dtype} on {cpu_model()}; "
-                            f"GEMM {machine.gemm_gflops:.0f} GFLOP/s, bandwidth {machine.bandwidth_gbs:.1f} GB/s")
-        for col in ("E", "impl", "ms", "x floor", "vs DS", "max rel err", "note"):
-            table.add_column(col, justify="left" if col in ("impl", "note") else "right", no_wrap=col != "note")
-        for r in rows:
-            table.add_row(str(r.experts), escape(r.impl), fmt(r.ms, ".2f"), fmt(r.vs_floor, ".2f"),
-                          fmt(r.speedup_vs_deepspeed, ".2f"), fmt(r.max_err, ".1e"), r.note)
-        Console(width=max(console.width, 130)).print(table)  # wide enough for the impl names, even in a pipe
+        columns = ("E", "impl", "ms", "x floor", "vs DS", "max rel err", "note")
+        print_table(f"bench layer: T={tokens} d={hidden} top-1+residual {dtype} on {cpu_model()}; "
+                    f"GEMM {machine.gemm_gflops:.0f} GFLOP/s, bandwidth {machine.bandwidth_gbs:.1f} GB/s",
+                    [(str(r.experts), escape(r.impl), fmt(r.ms, ".2f"), fmt(r.vs_floor, ".2f"),
+                      fmt(r.speedup_vs_deepspeed, ".2f"), fmt(r.max_err, ".1e"), r.note) for r in rows],
+                    columns, left=("impl", "note"), no_wrap=columns[:-1],
+                    out=Console(width=max(console.width, 130)))  # wide enough for the impl names, even in a pipe
         console.print("x floor = ms / floor (the floor takes the GEMM rate measured on (2048, d) x (d, 4d): a shape "
                       "that runs faster, e.g. tiny or fp16 ones, can go below 1); vs DS = DeepSpeed ms / ms "
                       "(> 1: faster than DeepSpeed)")
-
-
-def _bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
-        if n >= scale:
-            return f"{n / scale:,.1f} {unit}"
-    return f"{n / 1e3:,.1f} kB"
 
 
 def _params(n) -> str:
@@ -680,20 +618,17 @@ def run(
             if json_out:
                 print_json([asdict(p) for p in plans])
                 return
-            from rich.table import Table
-
-            table = Table(title=f"plan: {recipe} -> {r.output}")
-            for col in ("step", "kind", "status", "layers", "experts per MoE layer", "total", "active", "size",
-                        "peak mem (est.)", "output"):  # noqa: E501
-                table.add_column(col, justify="right" if col in ("total", "active", "size", "layers") else "left")
             todo = statuses(plans)
+            rows = []
             for p, status in zip(plans, todo):
                 m = p.model or {}
-                experts = _compact(m.get("experts")) if m else ""
-                table.add_row(str(p.index), p.kind, status, str(m.get("layers", "")),
-                              experts, _params(m["total_params"]) if m else "", _params(m["active_params"]) if m else "",
-                              _bytes(m.get("size_bytes")) if m else "", _bytes(p.peak_bytes), p.output)
-            console.print(table)
+                rows.append((str(p.index), p.kind, status, str(m.get("layers", "")), _compact(m.get("experts")) if m else "",
+                             _params(m["total_params"]) if m else "", _params(m["active_params"]) if m else "",
+                             format_bytes(m.get("size_bytes")) if m else "", format_bytes(p.peak_bytes), p.output))
+            print_table(f"plan: {recipe} -> {r.output}", rows,
+                        ("step", "kind", "status", "layers", "experts per MoE layer", "total", "active", "size",
+                         "peak mem (est.)", "output"),
+                        left=("step", "kind", "status", "experts per MoE layer", "peak mem (est.)", "output"))
             for p, status in zip(plans, todo):
                 for line in filter(None, (p.note, p.changed if status == "refused" else "")):
                     console.print(f"step {p.index}: {line}")
@@ -714,16 +649,12 @@ def run(
         if not rows:  # no eval step: nothing scored to tabulate
             console.print(f"{recipe}: done, no eval step scored a model; report: {report}")
             return
-        from rich.table import Table
-
-        table = Table(title=f"{recipe}: summary (report: {report})")
-        for col in ("model", "layers", "experts per MoE layer", "total", "active", "held-out ppl", "tokens/s"):
-            table.add_column(col, justify="left" if col in ("model", "experts per MoE layer") else "right")
-        for row in rows:
-            table.add_row(row["model"], str(row["layers"]), _compact(row["experts"]) or "dense",
-                          _params(row["total_params"]), _params(row["active_params"]), f"{row['eval_ppl']:.2f}",
-                          f"{row['tokens_per_s']:,.0f}")
-        console.print(table)
+        print_table(f"{recipe}: summary (report: {report})",
+                    [(row["model"], str(row["layers"]), _compact(row["experts"]) or "dense", _params(row["total_params"]),
+                      _params(row["active_params"]), f"{row['eval_ppl']:.2f}", f"{row['tokens_per_s']:,.0f}")
+                     for row in rows],
+                    ("model", "layers", "experts per MoE layer", "total", "active", "held-out ppl", "tokens/s"),
+                    left=("model", "experts per MoE layer"))
 
 
 def _compact(counts) -> str:
