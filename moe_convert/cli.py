@@ -138,9 +138,9 @@ def print_table(title: str, rows, columns: tuple[str, ...] = (), left: tuple[str
 
 def with_job_options(*job_classes):
     """Give a command one --option per field of `job_classes` that carries help (default, type and help
-    from the dataclass; other `typer.Option` arguments from the metadata too), in place of its `options`
-    parameter; it receives them gathered as `options: dict`, ready for the job's constructor. So each
-    option is defined once, where its value is validated, and a recipe step checks it as the CLI does.
+    from the dataclass), in place of its `options` parameter; it receives them gathered as `options: dict`,
+    ready for the job's constructor. So each option is defined once, where its value is validated, and a
+    recipe step checks it as the CLI does.
     """
     import dataclasses
     import functools
@@ -150,7 +150,7 @@ def with_job_options(*job_classes):
     shared = [(cls, f) for cls in job_classes for f in dataclasses.fields(cls) if "help" in f.metadata]
     names = [f.name for _, f in shared]
     extra = [pyinspect.Parameter(f.name, pyinspect.Parameter.KEYWORD_ONLY, annotation=typing.get_type_hints(cls)[f.name],
-                                 default=typer.Option(f.default, **f.metadata)) for cls, f in shared]
+                                 default=typer.Option(f.default, help=f.metadata["help"])) for cls, f in shared]
 
     def decorate(command):
         @functools.wraps(command)

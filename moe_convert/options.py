@@ -19,10 +19,9 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def option(default, help: str, **typer_args):
-    """A dataclass field that is also a CLI option: its default, its --help text, and any other
-    `typer.Option` argument (e.g. the flag names)."""
-    return field(default=default, metadata={"help": help, **typer_args})
+def option(default, help: str):
+    """A dataclass field that is also a CLI option: its default and its --help text."""
+    return field(default=default, metadata={"help": help})
 
 
 def check_types(obj) -> None:

@@ -63,3 +63,25 @@ def test_sigterm_removes_the_half_written_output(tmp_path):
                           timeout=120)
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []  # neither OUT nor its temporary sibling
+
+
+def test_command_options_are_the_job_fields():
+    """Each command's options come from its job dataclass, so a recipe step and the CLI take the same
+    names and validate them alike."""
+    import dataclasses
+
+    from moe_convert.convert.config import ExportJob, FromDeepSpeedJob, UpcycleJob
+    from moe_convert.inference.config import GenerateJob
+    from moe_convert.training.config import EvalJob
+
+    for cmd, job in [("upcycle", UpcycleJob), ("export", ExportJob), ("from-deepspeed", FromDeepSpeedJob),
+                     ("eval", EvalJob), ("generate", GenerateJob)]:
+        res = CliRunner().invoke(app, [cmd, "--help"], env={"COLUMNS": "300"})
+        for f in dataclasses.fields(job):
+            if "help" in f.metadata:
+                assert "--" + f.name.replace("_", "-") in res.output, (cmd, f.name)
+
+
+def test_bad_option_value_names_the_field():
+    res = CliRunner().invoke(app, ["upcycle", "x", "-o", "y", "--init", "noise:0"])
+    assert res.exit_code == 2 and "init: 'noise:0' needs a finite SIGMA > 0" in res.output, res.output

@@ -238,3 +238,11 @@ def test_generate_checks_the_tokenizer_before_loading_weights(saved, tmp_path, m
     res = runner.invoke(app, ["generate", str(tmp_path / "out"), "--prompt", "x", "--max-new-tokens", "2"])
     assert res.exit_code == 2 and "tokenizer: could not load the tokenizer" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_export_job_knows_every_registered_format():
+    """`ExportJob` validates --format without importing torch, against the registry's own names."""
+    from moe_convert.convert.config import EXPORT_FORMATS
+    from moe_convert.convert.export import FORMATS
+
+    assert tuple(FORMATS) == EXPORT_FORMATS

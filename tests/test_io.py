@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from moe_convert.errors import MoEConvertError
 from moe_convert.io import (CHECKPOINTS, HUGE_PAGE, SAFE_INDEX, CheckpointReader, checkpoints,
                             collapse_into_huge_pages, ShardWriter, atomic_output_dir, copy_tokenizer_files,
-                            keep_freed_memory_for_reuse, read_safetensors, return_freed_memory, parse_size)
+                            keep_freed_memory_for_reuse, read_safetensors, return_freed_memory)
+from moe_convert.options import parse_size
 
 
 def random_tensors(seed: int) -> dict[str, torch.Tensor]:
