@@ -346,3 +346,16 @@ def test_a_missing_input_is_refused_wherever_the_step_would_run():
     train = StepPlan(1, "train", "1", complete=True, model=None, peak_bytes=None, missing="input x: not made")
     assert statuses([upcycle, train]) == ["to do", "refused"]
     assert statuses([StepPlan(0, "upcycle", "0", True, None, None), train]) == ["done", "done"]
+
+
+def test_a_setting_added_since_a_step_ran_counts_at_its_default():
+    """A run made before a step kind gained a field (eval's `split`) is not refused for it."""
+    from dataclasses import asdict
+
+    from moe_convert.pipeline.recipe import parse_recipe
+    from moe_convert.pipeline.run import changed_settings
+
+    step = parse_recipe({"steps": [{"eval": {"data": "d", "models": ["m"]}}]}).steps[0]
+    ran = {k: v for k, v in asdict(step.spec).items() if k != "split"}
+    assert changed_settings({"0": {"settings": ran}}, step) is None
+    assert "max_windows: 3 -> 0" in changed_settings({"0": {"settings": {**ran, "max_windows": 3}}}, step)
