@@ -55,6 +55,7 @@ import torch
 from ..errors import MoEConvertError, one_line
 from ..io import (CHECKPOINTS, DTYPES, apply_umask, check_output_apart, checkpoints, durable_replace, fsync_path,
                   fsync_tree, unfinished_run_hint)
+from .balance import LoadBalance
 from .config import WHERE_ONLY, TrainConfig, TrainJob, check_eval_args
 from .data import PackedData
 
@@ -232,6 +233,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler, *extra_state)
+        # PR-MoE: the aux loss at cfg.aux_scope, and expert-load entropies in the log
+        self.balance = LoadBalance(model, cfg.aux_scope, cfg.grad_accum) if hasattr(model, "moe_layers") else None
         self._order: tuple[int, torch.Tensor] = (-1, torch.empty(0))
 
     # -- data: batch `step` is a pure function of (seed, step) -------------------------------------
@@ -326,14 +329,20 @@ class Trainer:
                 self.model.train()
                 t0 = time.perf_counter()
                 sums: dict[str, torch.Tensor] = {}
-                for micro in range(cfg.grad_accum):
-                    batch = self.micro_batch(step, micro).to(acc.device)
+                batches = [self.micro_batch(step, micro).to(acc.device) for micro in range(cfg.grad_accum)]
+                if self.balance:
+                    self.balance.begin(batches)
+                for micro, batch in enumerate(batches):
                     last = micro == cfg.grad_accum - 1
                     with nullcontext() if last else acc.no_sync(self.model):
                         out = self.loss_fn(self.model, batch, step)
+                        if self.balance:
+                            out = self.balance.micro_loss(out)
                         acc.backward(out["loss"] / cfg.grad_accum)
                     for k, v in out.items():  # logged values may live on the CPU (a loss_fn's counters)
                         sums[k] = sums.get(k, 0.0) + v.detach().float().to(acc.device) / cfg.grad_accum
+                if self.balance:
+                    sums |= self.balance.end()
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.clip or float("inf"))
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
