@@ -76,3 +76,30 @@ def test_micro_scope_leaves_the_loss_as_the_model_computes_it():
         [load_entropy(c).item() for c in counts]
     assert load_entropy(torch.tensor([3, 3, 3, 3])).item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
     assert load_entropy(torch.tensor([0, 7, 0])).item() == 0.0
+
+
+def test_the_pre_pass_routes_as_the_training_forward_with_dropout_on():
+    """The counts the loss uses (pre-pass) are the counts the training forwards then route, dropout drawn
+    alike (random state replayed), and the random state after the step is what the forwards alone leave."""
+    from moe_convert.model.configuration_prmoe import PRMoEConfig
+    from moe_convert.model.modeling import PRMoEForCausalLM
+
+    from conftest import tiny_gpt2_config
+
+    torch.manual_seed(11)
+    host = tiny_gpt2_config(resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)
+    model = PRMoEForCausalLM(PRMoEConfig(text_config=host.to_dict(), moe_layers=[1, 3], num_experts=[4, 6])).train()
+    micro = torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(11)).chunk(3)
+    balance = LoadBalance(model, "global", grad_accum=3)
+    torch.manual_seed(12)
+    balance.begin(list(micro))
+    for b in micro:
+        balance.micro_loss(causal_lm_loss(model, b, 0))["loss"].backward()
+    after = torch.get_rng_state()
+    assert torch.equal(balance.step_counts, balance.global_counts)
+    torch.manual_seed(12)
+    without = LoadBalance(model, "global", grad_accum=3)
+    for b in micro:
+        without.begin([b])  # one micro-batch: no pre-pass
+        causal_lm_loss(model, b, 0)
+    assert torch.equal(torch.get_rng_state(), after)
