@@ -29,9 +29,11 @@ contiguous slice per process — and `save_state` stores model, optimizer, sched
 So an interrupted run resumed from a checkpoint logs the same loss at every step as one that was
 never stopped, and with dropout off N processes (per-process micro-batch = batch_size /
 (grad_accum * N)) log the same curve as one process with the same global batch, to float
-tolerance. (Each process draws its own dropout masks, as in any DDP run. For PR-MoE models the aux
-loss is computed over each process's own tokens, as DeepSpeed does per rank, so there the curves
-match up to that term.) `loss_fn` must return the same keys on every process at a step.
+tolerance. (Each process draws its own dropout masks, as in any DDP run. For PR-MoE models that
+holds with `aux_scope="global"`; with "micro" the aux loss is computed over each process's own
+micro-batch, as DeepSpeed does per rank, so there the curves match up to that term; see
+`balance.py`.) `loss_fn` must return the same keys on every process at a step; for a PR-MoE model
+under "global" it must return as `aux` the model's aux loss it adds to `loss` (both built-in ones do).
 
 Output directory: the final model (`config.json` moved in last, so a directory with
 `config.json` is complete), `metrics.jsonl` (one record per logged step and per eval) and
