@@ -5,7 +5,8 @@
 Pipeline: checkpoints/tiny-gpt2 -> upcycle (pyramid 4,8) -> train on a mix of `builtin:pydoc` (prose)
 and Python source from this interpreter's standard library (code, written to OUTPUT/code.jsonl and the
 mix to OUTPUT/mix.jsonl, read through --data) with each scope: same steps, data order and init.
-Reports held-out perplexity per domain, the median step time, and per layer how differently the two
+Reports held-out perplexity per domain, the median step time (also from short runs of both scopes in
+ABBA order, `--ab-rounds`), and per layer how differently the two
 domains use the experts (Jensen-Shannon divergence of their first-choice shares, bits: 0 = the same
 experts, 1 = disjoint ones). Writes OUTPUT/results.json and a heatmap of the per-domain expert shares
 (`--plot`, default docs/aux_scope_shares.png).
@@ -104,6 +105,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", default="0", help="data-order and dropout seeds, comma-separated")
     ap.add_argument("--eval-windows", type=int, default=128)
+    ap.add_argument("--ab-rounds", type=int, default=2, help="ABBA rounds of 12-step runs timing each scope")
     ap.add_argument("--plot", type=Path, default=Path("docs/aux_scope_shares.png"))
     args = ap.parse_args()
 
@@ -151,7 +153,18 @@ def main() -> None:
                 "shares": shares,
             }
             print(name, json.dumps({k: v for k, v in results[name].items() if k != "shares"}), flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    step_s = {"micro": [], "global": []}  # ABBA: short runs alternating, so a shared machine's load hits both
+    for i, scope in enumerate(["micro", "global", "global", "micro"] * args.ab_rounds):
+        cfg = TrainConfig(steps=12, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                          warmup_steps=2, eval_every=0, eval_windows=1, aux_scope=scope)
+        run_training(TrainJob(model=str(upcycled), data=mix, output=str(out / "timing"), seq_len=args.seq_len,
+                              config=cfg), overwrite=True, progress=False)
+        records = [json.loads(line) for line in (out / "timing" / "metrics.jsonl").read_text().splitlines()]
+        step_s[scope] += [args.batch_size * args.seq_len / r["tokens_per_s"] for r in records[2:] if r["kind"] == "train"]
+    timing = {scope: statistics.median(v) for scope, v in step_s.items() if v}
+    if timing:
+        print("median step seconds (ABBA):", json.dumps(timing))
+    (out / "results.json").write_text(json.dumps({"runs": results, "step_s_abba": timing}, indent=1))
     plot(results, layers, args.plot)
     print(f"{'run':<16}{'prose ppl':>10}{'code ppl':>10}{'s/step':>8}  JS bits per layer  load entropy micro/global")
     for name, r in results.items():
