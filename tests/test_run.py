@@ -74,6 +74,7 @@ def test_upcycle_step_defaults_to_8_experts_like_the_cli():
     ({"steps": [{"upcycle": {"source": "s", "pyramid": "8,x"}}]}, [], "pyramid"),
     ({"steps": [{"upcycle": {"source": "s", "pyramid": "8", "init": "magic"}}]}, [], "init"),
     ({"steps": [{"distill": {"teacher": "t", "data": "d", "kd_stop": 1.5}}]}, [], "kd_stop"),
+    ({"steps": [{"distill": {"teacher": "t", "data": "d", "aux_scope": "rank"}}]}, [], "aux_scope: must be one of micro, global"),
     ({"steps": [{"export": {"model": "m", "format": "onnx"}}]}, [], "format"),
     ({"steps": [{"export": {"model": "m", "format": "hf", "ep_size": 2}}]}, [], "--ep-size applies to --format safetensors only"),
     ({"steps": [{"bench": {"dtype": "int8"}}]}, [], "--dtype 'int8' is not known"),

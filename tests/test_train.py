@@ -97,6 +97,7 @@ def test_resume_continues_exactly(dense_dir, moe_dir, tmp_path):
     assert (part / "checkpoints" / "step-000004" / "trainer_state.json").exists()
     assert sorted(losses(part)) == [1, 2, 3, 4]
     for extra, message in [(["--lr", "1"], "lr 1.0 (the checkpoint's: 0.003)"),
+                           (["--aux-scope", "global"], "aux_scope global (the checkpoint's: micro)"),
                            (["--seq-len", "16"], "seq_len 16 (the checkpoint's: 32)"),
                            (["--stop-after", "3"], "already at step 4")]:  # refused before anything changes
         refused = CliRunner().invoke(app, train_args(dense_dir, part, "--resume", *extra))
@@ -285,16 +286,16 @@ def test_cli_defaults_are_the_config_defaults():
         assert params[name] == param.default, name
 
 
-def torchrun_vs_one(model_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+def torchrun_vs_one(model_dir: Path, tmp_path: Path, *extra: str) -> tuple[Path, Path]:
     """Train 4 steps with batch 4 under torchrun --nproc_per_node 2 (gloo) and in this process."""
-    args = train_args(model_dir, tmp_path / "two", "--steps", "4")
+    args = train_args(model_dir, tmp_path / "two", "--steps", "4", *extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), "-m", "moe_convert", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["processes"] == 2  # printed once, by rank 0
-    invoke(train_args(model_dir, tmp_path / "one", "--steps", "4"))
+    invoke(train_args(model_dir, tmp_path / "one", "--steps", "4", *extra))
     return tmp_path / "one", tmp_path / "two"
 
 
@@ -325,6 +326,30 @@ def test_two_processes_train_a_prmoe(moe_dir, tmp_path):
     assert ce[0][1] == pytest.approx(ce[1][1], rel=1e-5)
     assert all(ce[0][s] == pytest.approx(ce[1][s], rel=1e-2) for s in ce[0])
     assert load_model(two).moe_layers()
+
+
+def logits_of(model_dir: Path) -> torch.Tensor:
+    windows = torch.randint(0, 300, (4, SEQ), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return load_model(model_dir).eval()(input_ids=windows).logits
+
+
+@pytest.mark.slow
+def test_global_aux_scope_trains_as_one_batch(moe_dir, tmp_path):
+    """--aux-scope global (dropout off): 2 processes with 2 accumulated micro-batches each, and 4
+    micro-batches in one process, train as one process with the whole batch at once: losses to 1e-5,
+    the saved models' logits to 1e-4. The micro scope's accumulation does not, by more than that."""
+    load_packed(DATA, load_tokenizer(moe_dir), SEQ)
+    one, two = torchrun_vs_one(moe_dir, tmp_path, "--aux-scope", "global", "--grad-accum", "2")
+    invoke(train_args(moe_dir, tmp_path / "four", "--steps", "4", "--aux-scope", "global", "--grad-accum", "4"))
+    invoke(train_args(moe_dir, tmp_path / "micro", "--steps", "4", "--grad-accum", "4"))
+    whole = losses(one)
+    for run in (two, tmp_path / "four"):
+        assert losses(run).keys() == whole.keys() == {1, 2, 3, 4}
+        assert all(math.isclose(losses(run)[s], whole[s], rel_tol=1e-5) for s in whole), (losses(run), whole)
+        torch.testing.assert_close(logits_of(run), logits_of(one), rtol=0, atol=1e-4)
+        assert metrics_of(run)[-1]["load_entropy_global_3"] == pytest.approx(metrics_of(one)[-1]["load_entropy_global_3"])
+    assert not all(math.isclose(losses(tmp_path / "micro")[s], whole[s], rel_tol=1e-5) for s in whole)
 
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .routing import expert_ffn, moe_forward
+from .routing import RouterLoad, expert_ffn, moe_forward
 
 # Stacked expert tensors of each FFN kind, [E, in, out]; letters name the dimensions.
 EXPERT_PARAMS = {
@@ -53,7 +53,8 @@ class Experts(nn.Module):
 class PRMoELayer(nn.Module):
     """Drop-in replacement for a host FFN: (..., d) -> (..., d).
 
-    After each forward, `aux_loss` holds this layer's load-balancing loss and `expert_counts` the
+    After each forward, `aux_loss` holds this layer's load-balancing loss, `load` its terms as sums
+    (`RouterLoad`, for an aux loss over more tokens than one forward's) and `expert_counts` the
     first-choice tokens per expert (for balance reports).
     """
 
@@ -67,6 +68,7 @@ class PRMoELayer(nn.Module):
             self.mlp = dense
             self.coefficient = nn.Linear(hidden, 2)
         self.aux_loss: torch.Tensor | None = None
+        self.load: RouterLoad | None = None
         self.expert_counts: torch.Tensor | None = None
 
     @property
@@ -81,5 +83,6 @@ class PRMoELayer(nn.Module):
         y, routing = moe_forward(x, self.router.weight, self.experts, self.top_k, self.capacity_factor,
                                  self.min_capacity, self.experts.dropout, self.training, residual)  # (T, d)
         self.aux_loss = routing.aux_loss
+        self.load = routing.load
         self.expert_counts = routing.first_choice_counts.detach()
         return y.reshape(shape)

@@ -66,11 +66,27 @@ class Routing:
     first_choice_counts: torch.Tensor  # (E,) int64: first-choice tokens per expert, before capacity
     probs: torch.Tensor  # (T, E) fp32: the gate's probabilities
     routed: torch.Tensor  # (E,) share of the counted choices routed to each expert (first choices; k > 2: all)
+    aux_counts: torch.Tensor  # (E,) int64: the counted choices per expert, before capacity (`routed`'s numerators)
+
+    @property
+    def load(self) -> "RouterLoad":
+        """This forward's terms of the aux loss as sums, which add up over forwards (a larger batch's aux loss)."""
+        return RouterLoad(self.probs.sum(0), self.aux_counts, self.probs.shape[0])
 
     @property
     def aux_loss(self) -> torch.Tensor:
         """() fp32: E * sum_e mean(p_e) * routed_e, computed when asked for (training; inference never does)."""
         return self.probs.shape[1] * torch.sum(self.probs.mean(0) * self.routed.to(self.probs.dtype))
+
+
+@dataclass
+class RouterLoad:
+    """A gate's load over some tokens as sums. Summed over several forwards (micro-batches, processes) they
+    give the aux loss of all their tokens together: E * sum_e (prob_sum_e / tokens) * (counts_e / sum(counts))."""
+
+    prob_sum: torch.Tensor  # (E,) fp32: sum over tokens of the gate's probabilities (keeps its gradient)
+    counts: torch.Tensor  # (E,) int64: the choices the aux loss counts (first choices; k > 2: all k)
+    tokens: int
 
 
 def route(
@@ -127,6 +143,7 @@ def route(
         first_choice_counts=first_counts,
         probs=probs,
         routed=first_counts / T if top_k <= 2 else assigned / (T * top_k),
+        aux_counts=first_counts if top_k <= 2 else assigned,
     )
 
 

@@ -16,6 +16,7 @@ MAX_TEMPERATURE = 1e4  # KD softmax temperature: past it every distribution is f
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 SAVE_DTYPE_NAMES = ("fp32", "bf16", "fp16")
+AUX_SCOPES = ("micro", "global")  # the tokens each MoE layer's load-balancing loss is computed over
 
 
 # Settings that change where something is kept, not any result: neither `--resume` nor `run` refuses a change.
@@ -43,6 +44,10 @@ class TrainConfig:
     log_every: int = option(1, "Steps between metrics.jsonl records.")
     mixed_precision: str = option("no", "no | bf16 | fp16 (fp16 needs a GPU).")
     seed: int = option(0, "Seed of the data order and of dropout.")
+    aux_scope: str = option("micro", "Tokens the PR-MoE load-balancing loss balances over: micro = each process's "
+                                     "micro-batch (DeepSpeed) | global = the optimizer step's whole batch (all "
+                                     "processes and micro-batches; one extra routing forward per step when "
+                                     "--grad-accum > 1).")
 
     def __post_init__(self):
         check_types(self)
@@ -66,6 +71,8 @@ class TrainConfig:
             raise MoEConvertError(
                 f"mixed_precision: must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
             )
+        if self.aux_scope not in AUX_SCOPES:
+            raise MoEConvertError(f"aux_scope: must be one of {', '.join(AUX_SCOPES)}, got {self.aux_scope!r}")
         if self.batch_size % self.grad_accum:
             raise MoEConvertError(f"batch_size: {self.batch_size} is not divisible by grad_accum={self.grad_accum}")
 

@@ -29,9 +29,11 @@ contiguous slice per process — and `save_state` stores model, optimizer, sched
 So an interrupted run resumed from a checkpoint logs the same loss at every step as one that was
 never stopped, and with dropout off N processes (per-process micro-batch = batch_size /
 (grad_accum * N)) log the same curve as one process with the same global batch, to float
-tolerance. (Each process draws its own dropout masks, as in any DDP run. For PR-MoE models the aux
-loss is computed over each process's own tokens, as DeepSpeed does per rank, so there the curves
-match up to that term.) `loss_fn` must return the same keys on every process at a step.
+tolerance. (Each process draws its own dropout masks, as in any DDP run. For PR-MoE models that
+holds with `aux_scope="global"`; with "micro" the aux loss is computed over each process's own
+micro-batch, as DeepSpeed does per rank, so there the curves match up to that term; see
+`balance.py`.) `loss_fn` must return the same keys on every process at a step; for a PR-MoE model
+under "global" it must return as `aux` the model's aux loss it adds to `loss` (both built-in ones do).
 
 Output directory: the final model (`config.json` moved in last, so a directory with
 `config.json` is complete), `metrics.jsonl` (one record per logged step and per eval) and
@@ -55,6 +57,7 @@ import torch
 from ..errors import MoEConvertError, one_line
 from ..io import (CHECKPOINTS, DTYPES, apply_umask, check_output_apart, checkpoints, durable_replace, fsync_path,
                   fsync_tree, unfinished_run_hint)
+from .balance import LoadBalance
 from .config import WHERE_ONLY, EvalJob, TrainConfig, TrainJob
 from .data import PackedData
 
@@ -236,6 +239,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler, *extra_state)
+        # PR-MoE: the aux loss at cfg.aux_scope, and expert-load entropies in the log
+        self.balance = LoadBalance(model, cfg.aux_scope, cfg.grad_accum) if hasattr(model, "moe_layers") else None
         self._order: tuple[int, torch.Tensor] = (-1, torch.empty(0))
 
     # -- data: batch `step` is a pure function of (seed, step) -------------------------------------
@@ -330,14 +335,20 @@ class Trainer:
                 self.model.train()
                 t0 = time.perf_counter()
                 sums: dict[str, torch.Tensor] = {}
-                for micro in range(cfg.grad_accum):
-                    batch = self.micro_batch(step, micro).to(acc.device)
+                batches = [self.micro_batch(step, micro).to(acc.device) for micro in range(cfg.grad_accum)]
+                if self.balance:
+                    self.balance.begin(batches)
+                for micro, batch in enumerate(batches):
                     last = micro == cfg.grad_accum - 1
                     with nullcontext() if last else acc.no_sync(self.model):
                         out = self.loss_fn(self.model, batch, step)
+                        if self.balance:
+                            out = self.balance.micro_loss(out)
                         acc.backward(out["loss"] / cfg.grad_accum)
                     for k, v in out.items():  # logged values may live on the CPU (a loss_fn's counters)
                         sums[k] = sums.get(k, 0.0) + v.detach().float().to(acc.device) / cfg.grad_accum
+                if self.balance:
+                    sums |= self.balance.end()
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.clip or float("inf"))
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
