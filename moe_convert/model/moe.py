@@ -29,6 +29,7 @@ class Experts(nn.Module):
                  init_std: float = 0.02):
         super().__init__()
         self.kind, self.num_experts, self.act, self.dropout = kind, num_experts, act, dropout
+        self.backend: str | None = None  # "loop" or "grouped_mm" forces that backend; None: `routing.pick_backend`
         sizes = {"E": num_experts, "d": hidden, "f": inner}
         for name, dims in EXPERT_PARAMS[kind].items():
             param = nn.Parameter(torch.empty(*(sizes[c] for c in dims)))
@@ -43,7 +44,7 @@ class Experts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows grouped by expert (N, d), `counts[e]` of them for expert e -> each through its expert (N, d)."""
-        return expert_ffn(x_sorted, counts, self.stacked(), self.act)
+        return expert_ffn(x_sorted, counts, self.stacked(), self.act, self.backend)
 
     def extra_repr(self) -> str:
         E, d, f = self.w_out.shape[0], self.w_out.shape[2], self.w_out.shape[1]

@@ -117,8 +117,8 @@ def route(
     # Choice-major flattening gives the priority order: every token's first choice, then seconds.
     flat_e = top_e.t().reshape(-1)  # (k*T,)
     order = flat_e.argsort(stable=True)  # (k*T,) assignment ids grouped by expert
-    counts = assigned = torch.bincount(flat_e, minlength=E)  # (E,) before capacity
-    first_counts = counts if top_k == 1 else torch.bincount(top_e[:, 0], minlength=E)  # before capacity
+    counts = assigned = _bincount(flat_e, E)  # (E,) before capacity
+    first_counts = counts if top_k == 1 else _bincount(top_e[:, 0], E)  # before capacity
 
     weight = top_p  # (T, k)
     if capacity_factor is not None:
@@ -128,7 +128,7 @@ def route(
             order = by_p[flat_e[by_p].argsort(stable=True)]
         starts = counts.cumsum(0) - counts  # (E,) first sorted position of each expert
         rank = torch.arange(order.numel(), device=order.device) - starts[flat_e[order]]
-        order = order[rank < cap]
+        order = order[rank < cap]  # the one host sync of the forward on a GPU: how many assignments survive
         counts = counts.clamp(max=cap)
         kept_flat = torch.zeros_like(flat_e, dtype=torch.bool)
         kept_flat[order] = True
@@ -145,6 +145,12 @@ def route(
         routed=first_counts / T if top_k <= 2 else assigned / (T * top_k),
         aux_counts=first_counts if top_k <= 2 else assigned,
     )
+
+
+def _bincount(index: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) int64 occurrences of each value of `index` in [0, n): `torch.bincount` without the host sync
+    (it reads the largest value to size its output) that it costs on a GPU."""
+    return torch.zeros(n, dtype=torch.int64, device=index.device).scatter_add_(0, index, torch.ones_like(index))
 
 
 def expert_slices(counts: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -168,26 +174,40 @@ def _ffn_by_matrix(x: torch.Tensor, stacked: dict[str, torch.Tensor], act, linea
 
 
 def loop_experts(x_sorted: torch.Tensor, counts: torch.Tensor, stacked: dict[str, torch.Tensor], act) -> torch.Tensor:
-    """The "loop" backend: one matmul per expert slice and matrix, concatenated (`out=` would have no backward)."""
-    slices = expert_slices(counts)
+    """The "loop" backend: one matmul per expert slice and matrix, concatenated (`out=` would have no backward).
+
+    Rows are cut with `split` and experts taken with `unbind`, whose backwards write one gradient
+    tensor each; indexing (`h[s:t]`, `w[e]`) would give every expert its own full-size zero gradient
+    to add, which made a 128-expert layer's backward 6x slower.
+    """
+    sizes = counts.tolist()  # a host sync on a GPU: the slices' sizes (`grouped_mm` needs none)
+    live = [e for e, n in enumerate(sizes) if n]
 
     def linear(h, name, bias):
-        w, b = stacked[name], stacked.get(bias)
-        parts = [h[s:t] @ w[e] if b is None else torch.addmm(b[e], h[s:t], w[e]) for e, s, t in slices]
-        return torch.cat(parts) if parts else h.new_zeros(0, w.shape[-1])
+        rows, w = h.split(sizes), stacked[name].unbind(0)
+        b = stacked[bias].unbind(0) if bias in stacked else None
+        parts = [rows[e] @ w[e] if b is None else torch.addmm(b[e], rows[e], w[e]) for e in live]
+        return torch.cat(parts) if parts else h.new_zeros(0, stacked[name].shape[-1])
     return _ffn_by_matrix(x_sorted, stacked, act, linear)
 
 
 def grouped_mm_experts(x_sorted: torch.Tensor, counts: torch.Tensor, stacked: dict[str, torch.Tensor],
                        act) -> torch.Tensor:
     """The "grouped_mm" backend: one `grouped_mm` call per matrix (empty groups skipped); no per-expert
-    slices, so no `counts.tolist()` to sync a GPU."""
+    slices, so no `counts.tolist()` to sync a GPU.
+
+    Autocast does not cover `grouped_mm`: under it, inputs and weights are cast to the autocast dtype
+    here, as autocast casts the loop's matmuls, so both backends give one dtype to the combine.
+    """
+    dtype = compute_dtype(x_sorted)
     offsets = counts.cumsum(0).to(torch.int32)
 
     def linear(h, name, bias):
-        y = F.grouped_mm(h, stacked[name], offs=offsets)
-        if bias in stacked:
-            y = y + stacked[bias].repeat_interleave(counts, dim=0, output_size=h.shape[0])  # (N, out) each row's bias
+        w, b = stacked[name], stacked.get(bias)
+        h, w, b = h.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+        y = F.grouped_mm(h, w, offs=offsets)
+        if b is not None:
+            y = y + b.repeat_interleave(counts, dim=0, output_size=h.shape[0])  # (N, out) each row's bias
         return y
     return _ffn_by_matrix(x_sorted, stacked, act, linear)
 
@@ -225,24 +245,37 @@ def implementation(name: str, *tensors: torch.Tensor) -> Callable:
     return op.no_grad
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts' matmuls compute in: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def grouped_mm_ok(x: torch.Tensor, stacked: dict[str, torch.Tensor]) -> bool:
-    """`grouped_mm` exists and (on CPU) every matrix row stride is a multiple of 16 bytes, as it demands."""
-    if not hasattr(F, "grouped_mm"):
+    """`grouped_mm` exists, has not failed before on this device and dtype, and every matrix row stride is
+    a multiple of 16 bytes, as it demands."""
+    if not hasattr(F, "grouped_mm") or (x.device.type, compute_dtype(x)) in _GROUPED_MM_FAILED:
         return False
     return all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0
                for w in stacked.values() if w.dim() == 3) and x.shape[-1] * x.element_size() % 16 == 0
 
 
+# (device type, dtype) where `grouped_mm` raised: those calls take the loop from then on.
+_GROUPED_MM_FAILED: set[tuple[str, torch.dtype]] = set()
+
+
 def pick_backend(x: torch.Tensor, stacked: dict[str, torch.Tensor]) -> str:
     """The faster expert backend for this call.
 
-    On CPU `grouped_mm` is a loop of matmuls inside ATen and never beat our own per-expert loop
-    (which also skips the bias gather). On CUDA we follow transformers' default: one grouped GEMM
-    kernel for calls big enough to fill the device (not measured here).
+    `grouped_mm` where its fused kernel exists: on a CUDA device of compute capability 9.0 or more
+    (Hopper), in bf16, for calls big enough to fill the device (transformers' default there); torch
+    runs other devices and dtypes as a loop of matmuls after copying the offsets to the host, and on
+    CPU it never beat our own per-expert loop (which also skips the bias gather). Everything else takes
+    the loop.
     """
-    if x.device.type == "cuda" and grouped_mm_ok(x, stacked) and x.shape[0] >= 64:
-        return "grouped_mm"
-    return "loop"
+    fused = (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (9, 0)
+             and compute_dtype(x) == torch.bfloat16)
+    return "grouped_mm" if fused and x.shape[0] >= 64 and grouped_mm_ok(x, stacked) else "loop"
 
 
 def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, stacked: dict[str, torch.Tensor], act,
@@ -250,11 +283,21 @@ def expert_ffn(x_sorted: torch.Tensor, counts: torch.Tensor, stacked: dict[str, 
     """Run each expert on its contiguous slice of the expert-sorted tokens.
 
     x_sorted (N, d), counts (E,), stacked weights [E, in, out] -> (N, d). Experts that received no
-    tokens are skipped: their weights are never read. `backend` forces "loop" or "grouped_mm".
+    tokens are skipped: their weights are never read. `backend` forces "loop" or "grouped_mm"; where
+    `grouped_mm` raises (a build or device without it), the loop runs instead, and from then on for
+    that device and dtype.
     """
     name = backend or pick_backend(x_sorted, stacked)
-    run = implementation(name, x_sorted, *stacked.values())
-    return run(x_sorted, counts, stacked, fused_activation(act))
+    act = fused_activation(act)
+    if name == "grouped_mm":
+        try:
+            return implementation(name, x_sorted, *stacked.values())(x_sorted, counts, stacked, act)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:
+            _GROUPED_MM_FAILED.add((x_sorted.device.type, compute_dtype(x_sorted)))
+            name = "loop"
+    return implementation(name, x_sorted, *stacked.values())(x_sorted, counts, stacked, act)
 
 
 def combine(y_sorted: torch.Tensor, routing: Routing, num_tokens: int,
@@ -274,7 +317,8 @@ def combine(y_sorted: torch.Tensor, routing: Routing, num_tokens: int,
         out = (dense.mul_ if overwrite else dense.mul)(coef[:, 1:].to(dense.dtype))  # (T, d)
         weight = weight * coef[routing.token, 0].to(weight.dtype)
     scale = weight.unsqueeze(-1).to(y_sorted.dtype)  # (N, 1)
-    return out.index_add_(0, routing.token, y_sorted.mul_(scale) if overwrite else y_sorted * scale)
+    source = y_sorted.mul_(scale) if overwrite else y_sorted * scale
+    return out.index_add_(0, routing.token, source.to(out.dtype))  # whatever dtype the experts computed in
 
 
 def moe_forward(x: torch.Tensor, router_weight: torch.Tensor, experts: Callable, top_k: int = 1,
