@@ -14,6 +14,7 @@ from ..errors import MoEConvertError
 MAX_TEMPERATURE = 1e4  # KD softmax temperature: past it every distribution is flat (and T^2 overflows later)
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+ENGINES = ("ddp", "fsdp")  # how the model is spread over processes (training/engines.py)
 SAVE_DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
@@ -38,7 +39,8 @@ def check_types(obj) -> None:
 
 
 # Settings that change where something is kept, not any result: neither `--resume` nor `run` refuses a change.
-WHERE_ONLY = ("teacher_cache",)  # the cache gives what the teacher would, wherever it lives
+# the cache gives what the teacher would, wherever it lives; recomputed activations equal kept ones
+WHERE_ONLY = ("teacher_cache", "activation_checkpointing")
 MAX_SEED = 2**32 - 1  # numpy's seeds (Accelerate's set_seed seeds numpy too) stop here
 
 
@@ -77,6 +79,10 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "Newest checkpoints kept.")
     log_every: int = option(1, "Steps between metrics.jsonl records.")
     mixed_precision: str = option("no", "no | bf16 | fp16 (fp16 needs a GPU).")
+    engine: str = option("ddp", "ddp: every process holds the whole model | fsdp: parameters, gradients and AdamW "
+                                "state sharded per decoder block over the processes (FSDP2; N >= 2 processes).")
+    activation_checkpointing: bool = option(False, "Recompute each decoder block's activations in the backward "
+                                                   "pass instead of keeping them (less memory, ~1/3 more compute).")
     seed: int = option(0, "Seed of the data order and of dropout.")
 
     def __post_init__(self):
@@ -101,6 +107,8 @@ class TrainConfig:
             raise MoEConvertError(
                 f"mixed_precision: must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
             )
+        if self.engine not in ENGINES:
+            raise MoEConvertError(f"engine: must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.batch_size % self.grad_accum:
             raise MoEConvertError(f"batch_size: {self.batch_size} is not divisible by grad_accum={self.grad_accum}")
 
