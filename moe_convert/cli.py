@@ -260,13 +260,18 @@ def train(
     stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) after this step; resume later. Default: run all steps."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-device memory plan from the configs alone (parameters, gradients, optimizer state, teacher, activations of one micro-batch with and without activation checkpointing) and exit."),
+    devices: int = typer.Option(1, "--devices", help="Devices (processes) the --dry-run plan spreads the run over."),
+    device_memory: str = typer.Option("80GB", "--device-memory", help="Memory of one device, which the --dry-run plan must fit, e.g. 80GB."),
     options: dict = None,
 ):
-    """Continue training a dense or PR-MoE model with CE (+ aux loss); 1 process or torchrun (DDP)."""
+    """Continue training a dense or PR-MoE model with CE (+ aux loss); 1 process or torchrun (DDP or FSDP2)."""
     with reporting_errors(json_out):
         from .training.train import run_training
 
         job = TrainJob.from_dict({"model": str(model), "data": data, "output": str(output), **options})
+        if dry_run:
+            return _print_memory_plan(job, devices, device_memory, json_out)
         result = run_training(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
         if not _is_main_process():
             return
@@ -282,6 +287,38 @@ def train(
         table.add_row(str(result.steps), fmt(result.train_ce, ".4f"), fmt(result.eval_loss, ".4f"),
                       fmt(result.eval_ppl, ".2f"), fmt(result.tokens_per_s, ",.0f"), fmt(result.seconds, ".1f"))
         console.print(table)
+
+
+def _print_memory_plan(job, devices: int, device_memory: str, json_out: bool) -> None:
+    """`train/distill --dry-run`: what one device holds, as a table that fits 80 columns."""
+    from rich.table import Table
+
+    from .training.memory import plan_job
+
+    plan = plan_job(job, devices=devices, device_memory=device_memory)
+    if json_out:
+        return print_json(plan.to_dict())
+    table = Table(title=f"{plan.kind} per device: {plan.engine} x {plan.devices}, micro-batch {plan.micro_batch} x "
+                        f"{plan.seq_len}, {plan.mixed_precision}")
+    for col in ("", "kept", "checkpointed"):
+        table.add_column(col, justify="left" if not col else "right")
+    for label, value in memory_rows(plan):
+        table.add_row(label, value, value)
+    table.add_row("activations", _bytes(plan.activations), _bytes(plan.activations_checkpointed))
+    table.add_row("total", _bytes(plan.total(False)), _bytes(plan.total(True)))
+    table.add_row(f"fits {_bytes(plan.device_memory)}", *("yes" if plan.total(c) <= plan.device_memory else "no"
+                                                          for c in (False, True)))
+    console.print(table)
+    console.print(f"this run ({'checkpointed' if plan.activation_checkpointing else 'kept'}): {_bytes(plan.total())} "
+                  f"per device, {'fits' if plan.fits else 'does not fit'} {_bytes(plan.device_memory)}")
+
+
+def memory_rows(plan) -> list[tuple[str, str]]:
+    """The plan's state rows (label, size), the teacher only where there is one."""
+    rows = [("parameters (fp32)", plan.params), ("gradients (fp32)", plan.grads),
+            ("AdamW state (fp32)", plan.optimizer), ("teacher (frozen)", plan.teacher),
+            ("gather buffers" if plan.engine == "fsdp" else "all-reduce buckets", plan.buffers)]
+    return [(label, _bytes(n)) for label, n in rows if n or label != "teacher (frozen)"]
 
 
 def _note_stop(result, job) -> None:
@@ -307,6 +344,9 @@ def distill(
     stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) after this step; resume later. Default: run all steps."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-device memory plan from the configs alone (parameters, gradients, optimizer state, teacher, activations of one micro-batch with and without activation checkpointing) and exit."),
+    devices: int = typer.Option(1, "--devices", help="Devices (processes) the --dry-run plan spreads the run over."),
+    device_memory: str = typer.Option("80GB", "--device-memory", help="Memory of one device, which the --dry-run plan must fit, e.g. 80GB."),
     options: dict = None,
 ):
     """MoE teacher -> shallower Mixture-of-Students with staged knowledge distillation."""
@@ -314,6 +354,8 @@ def distill(
         from .training.distill import run_distill
 
         job = DistillJob.from_dict({"teacher": str(teacher), "data": data, "output": str(output), **options})
+        if dry_run:
+            return _print_memory_plan(job, devices, device_memory, json_out)
         result = run_distill(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
         if not _is_main_process():
             return

@@ -24,7 +24,7 @@ from ..io import DTYPES
 from ..model.layout import parse_int_list
 from ..model.modeling import host_spec
 from .config import DistillJob
-from .engines import module_bytes, shard
+from .engines import module_bytes, reshard, shard
 from .teacher_cache import TeacherCache
 from .train import METRICS, Trainer, TrainResult, causal_lm_loss, clear_output, load_model, prepare_job
 
@@ -252,7 +252,9 @@ class StagedKD:
 
     @torch.inference_mode()
     def _teacher_logits(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.teacher(input_ids=batch).logits  # (B, S, V)
+        logits = self.teacher(input_ids=batch).logits  # (B, S, V)
+        reshard(self.teacher)
+        return logits
 
 
 def _unwrap(model):

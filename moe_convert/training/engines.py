@@ -71,6 +71,13 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Free a sharded model's gathered weights after a forward without backward (FSDP2 keeps the root's
+    gathered for the backward that usually follows, which a frozen teacher or an eval never runs)."""
+    if is_sharded(model):
+        model.reshard()
+
+
 # -- what a process holds, counted from its tensors ---------------------------------------------------
 def local_bytes(t: torch.Tensor | None) -> int:
     """Bytes of `t` in this process: a DTensor's local shard, else the tensor."""

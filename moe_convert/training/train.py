@@ -57,8 +57,8 @@ from ..io import (CHECKPOINTS, DTYPES, apply_umask, check_output_apart, checkpoi
                   fsync_tree, unfinished_run_hint)
 from .config import WHERE_ONLY, TrainConfig, TrainJob, check_eval_args
 from .data import PackedData
-from .engines import (check_engine, grad_bytes, is_sharded, load_sharded, max_over_processes, module_bytes, optimizer_bytes,
-                      save_sharded, shard, write_gathered)
+from .engines import (check_engine, grad_bytes, is_sharded, load_sharded, max_over_processes, module_bytes,
+                      optimizer_bytes, reshard, save_sharded, shard, write_gathered)
 
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
 # Settings a resumed run may change: they decide what is logged, evaluated and kept, not the training.
@@ -176,6 +176,7 @@ def evaluate(model, windows: torch.Tensor, batch_size: int = 8, accelerator=None
     if accelerator is not None:
         totals = accelerator.reduce(totals, reduction="sum")
     seconds = time.perf_counter() - start
+    reshard(model)
     model.train(was_training)
     loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
     n = int(totals[1].item())
