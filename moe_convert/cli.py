@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 
 from .convert.summary import fmt
@@ -708,6 +709,8 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (each step's model: layers, experts, "
                                  "total/active params, size, peak memory) without loading weights. Default: off."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan / summary as JSON. Default: off."),
+    devices: int = typer.Option(1, "--devices", help="Devices (processes) the --dry-run plan spreads train and distill steps over, each with its engine."),
+    device_memory: str = typer.Option("80GB", "--device-memory", help="Memory of one device, which the --dry-run plan must fit, e.g. 80GB."),
 ):
     """Run a recipe: upcycle/train/distill/export/eval/bench steps chained from one YAML file; finished steps are skipped (refused if their settings changed); a missing input is refused before any work; writes report.md."""
     with reporting_errors(json_out):
@@ -718,27 +721,31 @@ def run(
 
         r = load_recipe(recipe, overrides or [])
         if dry_run:
-            plans = plan_recipe(r)
+            plans = plan_recipe(r, devices, device_memory)
             if json_out:
                 print_json([asdict(p) for p in plans])
                 return
             from rich.table import Table
 
-            table = Table(title=f"plan: {recipe} -> {r.output}")
-            for col in ("step", "kind", "status", "layers", "experts per MoE layer", "total", "active", "size",
-                        "peak mem (est.)", "output"):  # noqa: E501
-                table.add_column(col, justify="right" if col in ("total", "active", "size", "layers") else "left")
+            # 80 columns: no vertical rules, outputs and memory plans as lines below the table
+            table = Table(title=f"plan: {recipe} -> {r.output}", box=box.SIMPLE_HEAD)
+            for col in ("#", "kind", "status", "layers", "experts", "params", "active", "peak/dev"):
+                table.add_column(col, justify="left" if col in ("kind", "status", "experts") else "right")
             todo = statuses(plans)
             for p, status in zip(plans, todo):
                 m = p.model or {}
-                experts = _compact(m.get("experts")) if m else ""
+                experts = _compact(m.get("experts")).replace(" + ", "+") if m else ""
                 table.add_row(str(p.index), p.kind, status, str(m.get("layers", "")),
                               experts, _params(m["total_params"]) if m else "", _params(m["active_params"]) if m else "",
-                              _bytes(m.get("size_bytes")) if m else "", _bytes(p.peak_bytes), p.output)
+                              _bytes(p.peak_bytes))
             console.print(table)
             for p, status in zip(plans, todo):
+                size = f" ({_bytes(p.model['size_bytes'])})" if p.model else ""
+                console.print(f"step {p.index} -> {p.output}{size}", highlight=False)
+                if p.memory:
+                    console.print(_memory_line(p.memory), highlight=False)
                 for line in filter(None, (p.note, p.changed if status == "refused" else "")):
-                    console.print(f"step {p.index}: {line}")
+                    console.print(f"  {line}", highlight=False)
             return
 
         def report_step(step, status):
@@ -766,6 +773,20 @@ def run(
                           _params(row["total_params"]), _params(row["active_params"]), f"{row['eval_ppl']:.2f}",
                           f"{row['tokens_per_s']:,.0f}")
         console.print(table)
+
+
+def _memory_line(mem: dict) -> str:
+    """One train/distill step's per-device plan (`MemoryPlan.to_dict`) in two short lines."""
+    ckpt = "checkpointed" if mem["activation_checkpointing"] else "kept"
+    parts = [f"params {_bytes(mem['params'])}", f"grads {_bytes(mem['grads'])}", f"AdamW {_bytes(mem['optimizer'])}"]
+    parts += [f"teacher {_bytes(mem['teacher'])}"] if mem["teacher"] else []
+    parts += [f"buffers {_bytes(mem['buffers'])}", f"activations {_bytes(mem['activations'])} "
+              f"({_bytes(mem['activations_checkpointed'])} checkpointed)"]
+    total = mem["total_checkpointed"] if mem["activation_checkpointing"] else mem["total"]
+    return (f"  {mem['engine']} x {mem['devices']}, micro-batch {mem['micro_batch']}: {', '.join(parts[:3])},\n"
+            f"  {', '.join(parts[3:])}\n"
+            f"  total {_bytes(total)} per device (activations {ckpt}): "
+            f"{'fits' if mem['fits'] else 'does not fit'} {_bytes(mem['device_memory'])}")
 
 
 def _compact(counts) -> str:
