@@ -745,7 +745,7 @@ def run(
                 if p.memory:
                     console.print(_memory_line(p.memory), highlight=False)
                 for line in filter(None, (p.note, p.changed if status == "refused" else "")):
-                    console.print(f"  {line}", highlight=False)
+                    console.print(f"step {p.index}: {line}", highlight=False)
             return
 
         def report_step(step, status):
