@@ -1,4 +1,5 @@
-"""The training loop `train` runs and `distill` reuses: Accelerate, one CPU process or torchrun (DDP).
+"""The training loop `train` runs and `distill` reuses: Accelerate, one CPU process or torchrun (DDP or
+FSDP2, `engines.py`).
 
 Reusable API::
 
