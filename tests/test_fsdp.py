@@ -138,7 +138,8 @@ def test_fsdp_dense_on_two_processes_equals_one(data_file, tmp_path):
     args = ["train", str(model_dir), "--data", str(data_file), "--seq-len", "32", "--batch-size", "4", "--steps", "6",
             "--warmup-steps", "1", "--lr", "3e-3", "--eval-every", "0", "--eval-windows", "5", "--json"]
     torchrun([*args, "-o", str(tmp_path / "two"), "--engine", "fsdp"], env)
-    one = CliRunner(env={"MOE_CONVERT_CACHE": env["MOE_CONVERT_CACHE"]}).invoke(app, [*args, "-o", str(tmp_path / "one")])
+    one = CliRunner(env={"MOE_CONVERT_CACHE": env["MOE_CONVERT_CACHE"]}).invoke(
+        app, [*args, "-o", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
     assert_curves_match(tmp_path / "one", tmp_path / "two")
     assert metrics_of(tmp_path / "two", "eval")[0]["eval_loss"] == pytest.approx(
@@ -197,8 +198,8 @@ def test_memory_plans_fit_80_columns(prmoe_dir):
     assert r.exit_code == 0, r.output
     assert "…" not in r.output and max(map(len, r.output.splitlines())) <= 80
     assert "teacher (frozen)" in r.output and "checkpointed" in r.output
-    r = CliRunner().invoke(app, ["run", str(ROOT / "recipes" / "gpt2-xl-prmoe-32-128.yaml"), "--dry-run", "train.engine=fsdp",
-                                 "--devices", "8"])
+    recipe = ROOT / "recipes" / "gpt2-xl-prmoe-32-128.yaml"
+    r = CliRunner().invoke(app, ["run", str(recipe), "--dry-run", "train.engine=fsdp", "--devices", "8"])
     assert r.exit_code == 0, r.output
     assert "…" not in r.output and max(map(len, r.output.splitlines())) <= 80, r.output
     assert "fsdp x 8" in r.output

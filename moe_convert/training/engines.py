@@ -129,7 +129,8 @@ def load_sharded(path: Path, model, optimizer) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     if not (path / DCP_DIR).is_dir():
-        raise MoEConvertError(f"resume: {path} holds no sharded state ({DCP_DIR}/); it was not written by --engine fsdp")
+        raise MoEConvertError(f"resume: {path} holds no sharded state ({DCP_DIR}/); it was not written by "
+                              f"--engine fsdp")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=str(path / DCP_DIR))
