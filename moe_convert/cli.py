@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 
 from .convert.config import ExportJob, FromDeepSpeedJob, UpcycleJob
@@ -123,12 +124,12 @@ def print_json(obj) -> None:
 
 
 def print_table(title: str, rows, columns: tuple[str, ...] = (), left: tuple[str, ...] = (),
-                no_wrap: tuple[str, ...] = (), out: Console | None = None) -> None:
+                no_wrap: tuple[str, ...] = (), out: Console | None = None, compact: bool = False) -> None:
     """A summary table: `rows` of cells under `columns` (right-justified unless named in `left`), or, with
-    no `columns`, rows of (label, value) and no header."""
+    no `columns`, rows of (label, value) and no header. `compact`: no vertical rules (80 columns)."""
     from rich.table import Table
 
-    table = Table(title=title, show_header=bool(columns))
+    table = Table(title=title, show_header=bool(columns), **({"box": box.SIMPLE_HEAD} if compact else {}))
     for col in columns:
         table.add_column(col, justify="left" if col in left else "right", no_wrap=col in no_wrap)
     for row in rows:
@@ -259,13 +260,18 @@ def train(
     stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) after this step; resume later. Default: run all steps."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-device memory plan from the configs alone (parameters, gradients, optimizer state, teacher, activations of one micro-batch with and without activation checkpointing) and exit."),
+    devices: int = typer.Option(1, "--devices", help="Devices (processes) the --dry-run plan spreads the run over."),
+    device_memory: str = typer.Option("80GB", "--device-memory", help="Memory of one device, which the --dry-run plan must fit, e.g. 80GB."),
     options: dict = None,
 ):
-    """Continue training a dense or PR-MoE model with CE (+ aux loss); 1 process or torchrun (DDP)."""
+    """Continue training a dense or PR-MoE model with CE (+ aux loss); 1 process or torchrun (DDP or FSDP2)."""
     with reporting_errors(json_out):
         from .training.train import run_training
 
         job = TrainJob.from_dict({"model": str(model), "data": data, "output": str(output), **options})
+        if dry_run:
+            return _print_memory_plan(job, devices, device_memory, json_out)
         result = run_training(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
         if not _is_main_process():
             return
@@ -277,6 +283,32 @@ def train(
                                            fmt(result.eval_ppl, ".2f"), fmt(result.tokens_per_s, ",.0f"),
                                            fmt(result.seconds, ".1f"))],
                     ("steps", "train CE (last 10)", "eval loss", "eval ppl", "tokens/s", "seconds"))
+
+
+def _print_memory_plan(job, devices: int, device_memory: str, json_out: bool) -> None:
+    """`train/distill --dry-run`: what one device holds, as a table that fits 80 columns."""
+    from .training.memory import plan_job
+
+    plan = plan_job(job, devices=devices, device_memory=device_memory)
+    if json_out:
+        return print_json(plan.to_dict())
+    rows = [(label, value, value) for label, value in memory_rows(plan)]
+    rows += [("activations", format_bytes(plan.activations), format_bytes(plan.activations_checkpointed)),
+             ("total", format_bytes(plan.total(False)), format_bytes(plan.total(True))),
+             (f"fits {format_bytes(plan.device_memory)}", *("yes" if plan.total(c) <= plan.device_memory else "no"
+                                                           for c in (False, True)))]
+    print_table(f"{plan.kind} per device: {plan.engine} x {plan.devices}, micro-batch {plan.micro_batch} x "
+                f"{plan.seq_len}, {plan.mixed_precision}", rows, ("", "kept", "checkpointed"), left=("",))
+    console.print(f"this run ({'checkpointed' if plan.activation_checkpointing else 'kept'}): {format_bytes(plan.total())} "
+                  f"per device, {'fits' if plan.fits else 'does not fit'} {format_bytes(plan.device_memory)}")
+
+
+def memory_rows(plan) -> list[tuple[str, str]]:
+    """The plan's state rows (label, size), the teacher only where there is one."""
+    rows = [("parameters (fp32)", plan.params), ("gradients (fp32)", plan.grads),
+            ("AdamW state (fp32)", plan.optimizer), ("teacher (frozen)", plan.teacher),
+            ("gather buffers" if plan.engine == "fsdp" else "all-reduce buckets", plan.buffers)]
+    return [(label, format_bytes(n)) for label, n in rows if n or label != "teacher (frozen)"]
 
 
 def _note_stop(result, job) -> None:
@@ -302,6 +334,9 @@ def distill(
     stop_after: Optional[int] = typer.Option(None, help="Stop (with a checkpoint) after this step; resume later. Default: run all steps."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-device memory plan from the configs alone (parameters, gradients, optimizer state, teacher, activations of one micro-batch with and without activation checkpointing) and exit."),
+    devices: int = typer.Option(1, "--devices", help="Devices (processes) the --dry-run plan spreads the run over."),
+    device_memory: str = typer.Option("80GB", "--device-memory", help="Memory of one device, which the --dry-run plan must fit, e.g. 80GB."),
     options: dict = None,
 ):
     """MoE teacher -> shallower Mixture-of-Students with staged knowledge distillation."""
@@ -309,6 +344,8 @@ def distill(
         from .training.distill import run_distill
 
         job = DistillJob.from_dict({"teacher": str(teacher), "data": data, "output": str(output), **options})
+        if dry_run:
+            return _print_memory_plan(job, devices, device_memory, json_out)
         result = run_distill(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
         if not _is_main_process():
             return
@@ -604,6 +641,8 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (each step's model: layers, experts, "
                                  "total/active params, size, peak memory) without loading weights. Default: off."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan / summary as JSON. Default: off."),
+    devices: int = typer.Option(1, "--devices", help="Devices (processes) the --dry-run plan spreads train and distill steps over, each with its engine."),
+    device_memory: str = typer.Option("80GB", "--device-memory", help="Memory of one device, which the --dry-run plan must fit, e.g. 80GB."),
 ):
     """Run a recipe: upcycle/train/distill/export/eval/bench steps chained from one YAML file; finished steps are skipped (refused if their settings changed); a missing input is refused before any work; writes report.md."""
     with reporting_errors(json_out):
@@ -614,7 +653,7 @@ def run(
 
         r = load_recipe(recipe, overrides or [])
         if dry_run:
-            plans = plan_recipe(r)
+            plans = plan_recipe(r, devices, device_memory)
             if json_out:
                 print_json([asdict(p) for p in plans])
                 return
@@ -622,16 +661,21 @@ def run(
             rows = []
             for p, status in zip(plans, todo):
                 m = p.model or {}
-                rows.append((str(p.index), p.kind, status, str(m.get("layers", "")), _compact(m.get("experts")) if m else "",
+                experts = _compact(m.get("experts")).replace(" + ", "+") if m else ""
+                rows.append((str(p.index), p.kind, status, str(m.get("layers", "")), experts,
                              _params(m["total_params"]) if m else "", _params(m["active_params"]) if m else "",
-                             format_bytes(m.get("size_bytes")) if m else "", format_bytes(p.peak_bytes), p.output))
+                             format_bytes(p.peak_bytes)))
+            # 80 columns: no vertical rules; outputs and memory plans as lines below the table
             print_table(f"plan: {recipe} -> {r.output}", rows,
-                        ("step", "kind", "status", "layers", "experts per MoE layer", "total", "active", "size",
-                         "peak mem (est.)", "output"),
-                        left=("step", "kind", "status", "experts per MoE layer", "peak mem (est.)", "output"))
+                        ("#", "kind", "status", "layers", "experts", "params", "active", "peak/dev"),
+                        left=("kind", "status", "experts"), compact=True)
             for p, status in zip(plans, todo):
+                size = f" ({format_bytes(p.model['size_bytes'])})" if p.model else ""
+                console.print(f"step {p.index} -> {p.output}{size}", highlight=False)
+                if p.memory:
+                    console.print(_memory_line(p.memory), highlight=False)
                 for line in filter(None, (p.note, p.changed if status == "refused" else "")):
-                    console.print(f"step {p.index}: {line}")
+                    console.print(f"step {p.index}: {line}", highlight=False)
             return
 
         def report_step(step, status):
@@ -655,6 +699,20 @@ def run(
                      for row in rows],
                     ("model", "layers", "experts per MoE layer", "total", "active", "held-out ppl", "tokens/s"),
                     left=("model", "experts per MoE layer"))
+
+
+def _memory_line(mem: dict) -> str:
+    """One train/distill step's per-device plan (`MemoryPlan.to_dict`) in two short lines."""
+    ckpt = "checkpointed" if mem["activation_checkpointing"] else "kept"
+    parts = [f"params {format_bytes(mem['params'])}", f"grads {format_bytes(mem['grads'])}", f"AdamW {format_bytes(mem['optimizer'])}"]
+    parts += [f"teacher {format_bytes(mem['teacher'])}"] if mem["teacher"] else []
+    parts += [f"buffers {format_bytes(mem['buffers'])}", f"activations {format_bytes(mem['activations'])} "
+              f"({format_bytes(mem['activations_checkpointed'])} checkpointed)"]
+    total = mem["total_checkpointed"] if mem["activation_checkpointing"] else mem["total"]
+    return (f"  {mem['engine']} x {mem['devices']}, micro-batch {mem['micro_batch']}: {', '.join(parts[:3])},\n"
+            f"  {', '.join(parts[3:])}\n"
+            f"  total {format_bytes(total)} per device (activations {ckpt}): "
+            f"{'fits' if mem['fits'] else 'does not fit'} {format_bytes(mem['device_memory'])}")
 
 
 def _compact(counts) -> str:

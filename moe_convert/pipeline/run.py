@@ -3,9 +3,10 @@
 The plan needs no weights: each step's output config follows from its input's (upcycle adds the
 MoE layout, distill removes layers, train/export keep it), and the counts come from the model
 built on the meta device (`summary.summarize_config`). Peak-memory figures are estimates of
-what the step holds: upcycle = dense model + one MoE layer (it streams); train = 16 bytes per
-parameter (fp32 weights, gradients and two Adam moments; activations excluded); distill = that for
-the student + the teacher's weights; export = one stacked tensor (it streams); eval = the weights.
+what the step holds: upcycle = dense model + one MoE layer (it streams); train and distill = the
+per-device memory plan of `training/memory.py` on `devices` devices with the step's engine (weights,
+gradients, AdamW state, teacher, buffers, one micro-batch's activations); export = one stacked tensor
+(it streams); eval = the weights.
 
 A step whose output is complete is skipped, so an interrupted run continues where it stopped; a
 train/distill step with checkpoints resumes from the newest one. Once a step runs, every later one
@@ -44,11 +45,12 @@ class StepPlan:
     output: str
     complete: bool
     model: dict | None  # the model this step produces: layers, experts, params, size
-    peak_bytes: int | None  # estimated (see the module docstring)
+    peak_bytes: int | None  # estimated (see the module docstring); train/distill: per device
     note: str = ""
     changed: str = ""  # a complete step whose settings differ from those it ran with: why `run` refuses it
     missing: str = ""  # an input that is not there (nor made by an earlier step): `--dry-run` notes it, `run` refuses
     starts_over: bool = False  # an earlier step ran again after its checkpoints were made: not resumed
+    memory: dict | None = None  # train/distill: the per-device memory plan (`MemoryPlan.to_dict`)
 
 
 def _load_source_config(step: Step):
@@ -84,20 +86,22 @@ def _model_row(config, dtype_bytes: int) -> dict:
             "size_bytes": s.total_params * dtype_bytes}
 
 
-def plan_recipe(recipe: Recipe) -> list[StepPlan]:
-    """Every step with the model it produces and an estimate of its peak memory, from configs only."""
+def plan_recipe(recipe: Recipe, devices: int = 1, device_memory: str = "80GB") -> list[StepPlan]:
+    """Every step with the model it produces and an estimate of its peak memory, from configs only;
+    train and distill steps per device, on `devices` devices."""
     from ..convert.export import check_ep_size, check_prmoe
     from ..model.configuration_prmoe import PRMoEConfig
     from ..model.layout import build_layout
     from ..training.data import check_data_source
     from ..training.distill import plan_student, student_config
+    from ..training.memory import plan_memory
     from ..training.train import check_job_for_model
 
     configs: dict[str, tuple] = {}  # model dir -> (config, its row)
     state = _read_state(recipe)
     plans = []
     for step in recipe.steps:
-        spec, model, peak, missing = step.spec, None, None, ""
+        spec, model, peak, missing, memory = step.spec, None, None, "", None
         try:
             if getattr(spec, "data", None) is not None:  # train, distill, eval: fail before any step runs
                 check_data_source(spec.data, offline_hub_ok=True)
@@ -127,15 +131,16 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
                     check_ep_size(config, spec.ep_size)
                 else:
                     check_job_for_model(spec, config)
+                teacher = config if step.kind == "distill" else None
                 if step.kind == "distill":
                     config = student_config(config, plan_student(config, spec.student_layers, spec.keep_layers))
                 dtype = spec.dtype if step.kind == "export" else spec.save_dtype
                 out_bytes = row["size_bytes"] // row["total_params"] if dtype == "auto" else _dtype_bytes(dtype)
                 model = _model_row(config, out_bytes)
-                if step.kind == "train":
-                    peak = 16 * model["total_params"]
-                elif step.kind == "distill":
-                    peak = 16 * model["total_params"] + row["total_params"] * _dtype_bytes(spec.teacher_dtype)
+                if step.kind in ("train", "distill"):
+                    memory = plan_memory(spec, config, devices=devices, device_memory=device_memory,
+                                         teacher_config=teacher)
+                    peak, memory = memory.total(), memory.to_dict()
                 else:
                     peak = model["largest_layer_params"] * out_bytes
             elif step.kind == "eval":
@@ -151,7 +156,7 @@ def plan_recipe(recipe: Recipe) -> list[StepPlan]:
         plans.append(StepPlan(step.index, step.kind, step.output, complete, model, peak,
                               missing or _resume_note(step, complete or starts_over),
                               changed=(complete and changed_settings(state, step)) or "", missing=missing,
-                              starts_over=starts_over))
+                              starts_over=starts_over, memory=memory))
     return plans
 
 

@@ -15,12 +15,14 @@ from ..options import check_seed, check_types, option
 MAX_TEMPERATURE = 1e4  # KD softmax temperature: past it every distribution is flat (and T^2 overflows later)
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+ENGINES = ("ddp", "fsdp")  # how the model is spread over processes (training/engines.py)
 SAVE_DTYPE_NAMES = ("fp32", "bf16", "fp16")
 AUX_SCOPES = ("micro", "global")  # the tokens each MoE layer's load-balancing loss is computed over
 
 
 # Settings that change where something is kept, not any result: neither `--resume` nor `run` refuses a change.
-WHERE_ONLY = ("teacher_cache",)  # the cache gives what the teacher would, wherever it lives
+# the cache gives what the teacher would, wherever it lives; recomputed activations equal kept ones
+WHERE_ONLY = ("teacher_cache", "activation_checkpointing")
 
 
 @dataclass
@@ -43,6 +45,10 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "Newest checkpoints kept.")
     log_every: int = option(1, "Steps between metrics.jsonl records.")
     mixed_precision: str = option("no", "no | bf16 | fp16 (fp16 needs a GPU).")
+    engine: str = option("ddp", "ddp: every process holds the whole model | fsdp: parameters, gradients and AdamW "
+                                "state sharded per decoder block over the processes (FSDP2; N >= 2 processes).")
+    activation_checkpointing: bool = option(False, "Recompute each decoder block's activations in the backward "
+                                                   "pass instead of keeping them (less memory, ~1/3 more compute).")
     seed: int = option(0, "Seed of the data order and of dropout.")
     aux_scope: str = option("micro", "Tokens the PR-MoE load-balancing loss balances over: micro = each process's "
                                      "micro-batch (DeepSpeed) | global = the optimizer step's whole batch (all "
@@ -73,6 +79,8 @@ class TrainConfig:
             )
         if self.aux_scope not in AUX_SCOPES:
             raise MoEConvertError(f"aux_scope: must be one of {', '.join(AUX_SCOPES)}, got {self.aux_scope!r}")
+        if self.engine not in ENGINES:
+            raise MoEConvertError(f"engine: must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.batch_size % self.grad_accum:
             raise MoEConvertError(f"batch_size: {self.batch_size} is not divisible by grad_accum={self.grad_accum}")
 

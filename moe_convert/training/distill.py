@@ -24,6 +24,7 @@ from ..io import DTYPES
 from ..model.layout import parse_int_list
 from ..model.modeling import host_spec
 from .config import DistillJob
+from .engines import module_bytes, reshard, shard
 from .teacher_cache import TeacherCache
 from .train import METRICS, Trainer, TrainResult, causal_lm_loss, clear_output, load_model, prepare_job
 
@@ -251,7 +252,9 @@ class StagedKD:
 
     @torch.inference_mode()
     def _teacher_logits(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.teacher(input_ids=batch).logits  # (B, S, V)
+        logits = self.teacher(input_ids=batch).logits  # (B, S, V)
+        reshard(self.teacher)
+        return logits
 
 
 def _unwrap(model):
@@ -312,8 +315,10 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
     kd = StagedKD(teacher if job.kd_steps > 0 else None, job.kd_steps, job.alpha, job.temperature,
                   job.kd_top_k, cache)
     trainer = Trainer(student, data, job.config, out, loss_fn=kd.loss, on_step=kd.on_step, settings=settings,
-                      progress=progress)
+                      progress=progress, held=lambda: {"teacher": module_bytes(kd.teacher)})
     teacher.to(trainer.accelerator.device, DTYPES[job.teacher_dtype]).eval().requires_grad_(False)  # one copy
+    if trainer.sharded:  # frozen, so no gradients or optimizer state: 1/N of its weights per process
+        shard(teacher)
     teacher_eval_file = out / "teacher_eval.json"
     if resume and teacher_eval_file.exists():
         teacher_eval = json.loads(teacher_eval_file.read_text())

@@ -1,4 +1,5 @@
-"""The training loop `train` runs and `distill` reuses: Accelerate, one CPU process or torchrun (DDP).
+"""The training loop `train` runs and `distill` reuses: Accelerate, one CPU process or torchrun (DDP or
+FSDP2, `engines.py`).
 
 Reusable API::
 
@@ -60,6 +61,8 @@ from ..io import (CHECKPOINTS, DTYPES, apply_umask, check_output_apart, checkpoi
 from .balance import LoadBalance
 from .config import WHERE_ONLY, EvalJob, TrainConfig, TrainJob
 from .data import PackedData
+from .engines import (check_engine, grad_bytes, is_sharded, load_sharded, max_over_processes, module_bytes,
+                      optimizer_bytes, reshard, save_sharded, shard, write_gathered)
 
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
 # Settings a resumed run may change: they decide what is logged, evaluated and kept, not the training.
@@ -159,19 +162,25 @@ def evaluate(model, windows: torch.Tensor, batch_size: int = 8, accelerator=None
     shard = windows[rank::world]
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of window losses, windows)
     start, timed = time.perf_counter(), 0  # timed: windows of this process inside the timing
-    for i in range(0, len(shard), batch_size):
-        batch = shard[i:i + batch_size].to(device)
+    starts = range(0, len(shard), batch_size)
+    if world > 1 and is_sharded(model):  # a sharded forward gathers with every process: all run as many
+        starts = range(0, math.ceil(len(windows) / world) or 1, batch_size)
+    for i in starts:
+        batch = shard[i:i + batch_size]
+        n = len(batch)
+        batch = (batch if n else windows[:1]).to(device)  # n = 0: a forward for the others' gathers, scored 0
         out = model(input_ids=batch, labels=batch)
         ce = out.ce_loss if getattr(out, "ce_loss", None) is not None else out.loss
-        totals += torch.stack([ce.double() * len(batch), torch.tensor(len(batch), dtype=torch.float64, device=device)])
+        totals += torch.stack([ce.double() * n, torch.tensor(n, dtype=torch.float64, device=device)])
         if i == 0 and len(shard) > batch_size:
             start = time.perf_counter()
         else:
-            timed += len(batch)
-        progress(i + len(batch), len(shard))
+            timed += n
+        progress(i + n, len(shard))
     if accelerator is not None:
         totals = accelerator.reduce(totals, reduction="sum")
     seconds = time.perf_counter() - start
+    reshard(model)
     model.train(was_training)
     loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
     n = int(totals[1].item())
@@ -211,7 +220,8 @@ class Trainer:
 
     def __init__(self, model, data: PackedData, cfg: TrainConfig, out_dir: str | Path, *,
                  loss_fn: LossFn = causal_lm_loss, on_step: Callable[[int], None] | None = None,
-                 extra_state: Iterable = (), settings: dict | None = None, progress: bool = True):
+                 extra_state: Iterable = (), settings: dict | None = None, progress: bool = True,
+                 held: Callable[[], dict[str, int]] | None = None):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs
@@ -220,6 +230,7 @@ class Trainer:
         self.settings = settings or {}  # beside cfg: recorded, compared on resume
         self.recent: dict[str, list[float]] = {}  # "loss" / "ce" of the last 10 steps (the summary's)
         self.loss_fn, self.on_step, self.progress = loss_fn, on_step, progress
+        self.held = held  # bytes of what the loss holds besides the model (distill: the teacher), per process
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise MoEConvertError("mixed_precision: fp16 needs a GPU; use bf16 on CPU")
         # MoE experts that get no tokens in a step have no gradient: DDP must expect that.
@@ -228,16 +239,19 @@ class Trainer:
             AcceleratorState._reset_state()  # a new run in this process (tests, recipes); keeps the process group
         self.accelerator = acc = Accelerator(cpu=cpu_only(), mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
         world = acc.num_processes
-        if cfg.batch_size % (cfg.grad_accum * world):
-            raise MoEConvertError(
-                f"batch_size: {cfg.batch_size} is not divisible by grad_accum ({cfg.grad_accum}) x processes ({world})"
-            )
+        check_batch(cfg, world)
+        check_engine(cfg.engine, cfg.mixed_precision, world)
         self.micro = cfg.batch_size // (cfg.grad_accum * world)  # windows per process per micro-batch
+        if cfg.activation_checkpointing:
+            model.activation_checkpointing_enable()
+        self.sharded = cfg.engine == "fsdp"
+        if self.sharded:  # the optimizer is built on the shards; Accelerate does not wrap the model
+            model = shard(model.to(acc.device), cfg.mixed_precision)
         optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr,
                                       betas=(cfg.beta1, cfg.beta2))
         # Not prepared: Accelerate would step a prepared scheduler once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = (model, optimizer) if self.sharded else acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler, *extra_state)
         # PR-MoE: the aux loss at cfg.aux_scope, and expert-load entropies in the log
         self.balance = LoadBalance(model, cfg.aux_scope, cfg.grad_accum) if hasattr(model, "moe_layers") else None
@@ -267,6 +281,8 @@ class Trainer:
         acc = self.accelerator
         path = self.out_dir / CHECKPOINTS / f"step-{step:06d}"
         acc.save_state(str(path), safe_serialization=False)  # tied embeddings: plain torch files
+        if self.sharded:  # save_state kept the scheduler, extra state and every RNG; the shards go to DCP
+            save_sharded(path, self.model, self.optimizer)
         acc.wait_for_everyone()
         if acc.is_main_process:  # trainer_state.json marks the checkpoint complete: every file on disk first
             state = {"step": step, "config": asdict(self.cfg), "settings": self.settings, "recent": self.recent}
@@ -285,6 +301,8 @@ class Trainer:
         ckpt, state = check_resume(self.out_dir, self.cfg, self.settings, stop_after)
         step = state["step"]
         self.accelerator.load_state(str(ckpt))
+        if self.sharded:
+            load_sharded(ckpt, self.model, self.optimizer)
         self.recent = state.get("recent", {})
         if self.accelerator.is_main_process:  # drop records the resumed run will write again
             metrics = self.out_dir / METRICS
@@ -340,7 +358,7 @@ class Trainer:
                     self.balance.begin(batches)
                 for micro, batch in enumerate(batches):
                     last = micro == cfg.grad_accum - 1
-                    with nullcontext() if last else acc.no_sync(self.model):
+                    with self._sync_grads(last):
                         out = self.loss_fn(self.model, batch, step)
                         if self.balance:
                             out = self.balance.micro_loss(out)
@@ -350,15 +368,22 @@ class Trainer:
                 if self.balance:
                     sums |= self.balance.end()
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.clip or float("inf"))
+                if hasattr(grad_norm, "full_tensor"):  # fsdp: a DTensor reduced over the shards
+                    grad_norm = grad_norm.full_tensor()
+                held = {"params": module_bytes(self.model), "grads": grad_bytes(self.model)}
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
+                held["optimizer"] = optimizer_bytes(self.optimizer)
+                held.update(self.held() if self.held else {})
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 keys = sorted(sums)
                 means = acc.reduce(torch.stack([sums[k] for k in keys]), reduction="mean").tolist()
                 done, dt = step + 1, time.perf_counter() - t0
                 record = {"kind": "train", "step": done, **dict(zip(keys, means)), "lr": lr,
-                          "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt}
+                          "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt,
+                          # the largest process's bytes of each, counted from the tensors it holds
+                          **{f"held_{k}": v for k, v in zip(held, max_over_processes(list(held.values())))}}
                 for k in ("loss", "ce"):  # the summary's last 10 steps, kept in checkpoints across a resume
                     self.recent[k] = (self.recent.get(k, []) + [record[k]])[-10:]
                 if not math.isfinite(record["loss"]):  # every rank has the same reduced loss: all stop here
@@ -387,18 +412,39 @@ class Trainer:
             output=str(self.out_dir), processes=acc.num_processes, complete=stop == cfg.steps,
         )
 
+    def _sync_grads(self, last: bool):
+        """Gradients are reduced over processes at the last micro-batch of a step only."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+            return nullcontext()
+        return nullcontext() if last else self.accelerator.no_sync(self.model)
+
     def save_model(self, tokenizer, dtype: torch.dtype | None = None) -> None:
-        """Final `save_pretrained` + tokenizer into the output dir; `config.json` is moved in last."""
+        """Final `save_pretrained` + tokenizer into the output dir; `config.json` is moved in last.
+        fsdp: the same files, gathered one tensor at a time (`engines.write_gathered`)."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
-            if dtype is not None:
-                model = model.to(dtype)
-            tmp = self.out_dir / ".final.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
+        tmp = self.out_dir / ".final.tmp"
+        if self.sharded:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            acc.wait_for_everyone()
             try:
-                model.save_pretrained(str(tmp))
+                write_gathered(self.model, tmp, dtype, acc.is_main_process)
+            except BaseException:
+                if acc.is_main_process:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        if acc.is_main_process:
+            model = None if self.sharded else acc.unwrap_model(self.model)
+            if dtype is not None and model is not None:
+                model = model.to(dtype)
+            if not self.sharded:
+                shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                if model is not None:
+                    model.save_pretrained(str(tmp))
                 tokenizer.save_pretrained(str(tmp))
                 apply_umask(tmp)
             except BaseException:  # interrupted or failed: no half-written model left beside the checkpoints
@@ -413,6 +459,12 @@ class Trainer:
             durable_replace(tmp / "config.json", self.out_dir / "config.json")
             tmp.rmdir()
         acc.wait_for_everyone()
+
+
+def check_batch(cfg: TrainConfig, processes: int) -> None:
+    if cfg.batch_size % (cfg.grad_accum * processes):
+        raise MoEConvertError(f"batch_size: {cfg.batch_size} is not divisible by grad_accum ({cfg.grad_accum}) x "
+                              f"processes ({processes})")
 
 
 def check_stop_after(stop_after: int | None) -> None:
@@ -533,9 +585,11 @@ def prepare_job(job: TrainJob, config, *, resume: bool, stop_after: int | None, 
 
     state = claim_output(Path(job.output), resume, overwrite, inputs=[job.model, job.data])
     check_job_for_model(job, config)
+    check_batch(job.config, state.num_processes)
+    check_engine(job.config.engine, job.config.mixed_precision, state.num_processes)
     tokenizer = load_tokenizer(job.model)
     data = load_job_data(job, tokenizer, state, config)
-    settings = job_settings(job, data)
+    settings = {**job_settings(job, data), "processes": state.num_processes}  # checkpoints hold per-process state
     if resume:  # refused before any model loads
         check_resume(Path(job.output), job.config, settings, stop_after)
     else:
