@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 from conftest import VOCAB, tiny_gpt2_config, tiny_prmoe
@@ -140,3 +141,33 @@ def test_kd_is_zero_when_student_equals_teacher():
     logits = torch.randn(2, 7, VOCAB)
     labels = torch.randint(0, VOCAB, (2, 7))
     assert kd_loss(logits, logits.clone(), labels, 0.5, 1.0)["kd"].abs().item() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kd_loss_in_blocks_equals_the_formula_in_float64_with_its_gradient(dtype, monkeypatch):
+    """Blocks of 3 positions (`KD_BLOCK_BYTES`), padding among them: value and gradient of the loss equal the
+    plain formula computed in float64 on the same logits."""
+    from moe_convert.training import distill
+
+    torch.manual_seed(5)
+    V = 13
+    monkeypatch.setattr(distill, "KD_BLOCK_BYTES", 3 * 4 * V)
+    s = (torch.randn(3, 8, V) * 2).to(dtype).requires_grad_()
+    t = (torch.randn(3, 8, V) * 2).to(dtype)
+    labels = torch.randint(0, V, (3, 8))
+    labels[1, 3:6] = -100
+    alpha, T = 0.3, 1.7
+    got = kd_loss(s, t, labels, alpha, T)
+    keep = labels[:, 1:] != -100
+    s64, t64 = s[:, :-1][keep].double(), t[:, :-1][keep].double()
+    ce = F.cross_entropy(s64, labels[:, 1:][keep])
+    log_pt, log_ps = (t64 / T).log_softmax(-1), (s64 / T).log_softmax(-1)
+    kd = T * T * (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+    want = {"ce": ce, "kd": kd, "loss": (1 - alpha) * ce + alpha * kd}
+    for k in want:
+        assert got[k].item() == pytest.approx(want[k].item(), rel=1e-5)
+    (g,) = torch.autograd.grad(got["loss"], s)
+    (w,) = torch.autograd.grad(want["loss"], s)
+    assert g.dtype == dtype
+    tolerance = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-4}
+    torch.testing.assert_close(g.double(), w.double(), **tolerance)

@@ -9,9 +9,9 @@ paper's L21 student. A kept layer stays MoE with its expert count, so the pyrami
 
 from __future__ import annotations
 
-import gc
 import json
 import statistics
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +26,8 @@ from ..model.modeling import host_spec
 from .config import DistillJob
 from .engines import module_bytes, reshard, shard
 from .teacher_cache import TeacherCache
-from .train import METRICS, Trainer, TrainResult, causal_lm_loss, clear_output, load_model, prepare_job
+from .train import (METRICS, Trainer, TrainResult, causal_lm_loss, clear_output, load_model, prepare_job,
+                    release_memory)
 
 
 @dataclass
@@ -152,16 +153,58 @@ def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: f
     """(1 - a) CE + a T^2 KL(p_teacher^T || p_student^T), both over the same non-padding positions.
 
     logits (B, S, V) predict the next token; labels (B, S) with -100 at padding, as transformers'
-    causal-LM loss takes them (shifted here). Returns `ce`, `kd` and their mix `loss`.
+    causal-LM loss takes them (shifted here). Returns `ce`, `kd` and their mix `loss`. Computed in
+    fp32 over blocks of positions (`_CEAndKD`): beside the student's logits of the scored positions it
+    holds one block's (rows, V) temporaries, not several (N, V) fp32 tensors for the backward.
     """
     mask = labels[:, 1:] != -100  # (B, S-1)
-    s = student_logits[:, :-1][mask].float()  # (N, V)
-    t = teacher_logits[:, :-1][mask].float()
-    ce = F.cross_entropy(s, labels[:, 1:][mask])
-    log_ps = F.log_softmax(s / temperature, dim=-1)
-    log_pt = F.log_softmax(t / temperature, dim=-1)
-    kd = temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+    s = student_logits[:, :-1][mask]  # (N, V) in the logits' dtype
+    t = teacher_logits[:, :-1][mask]
+    ce_sum, kd_sum = _CEAndKD.apply(s, t, labels[:, 1:][mask], temperature)
+    n = max(s.shape[0], 1)
+    ce, kd = ce_sum / n, temperature**2 * kd_sum / n
     return {"ce": ce, "kd": kd, "loss": (1 - alpha) * ce + alpha * kd}
+
+
+KD_BLOCK_BYTES = 64 * 2**20  # fp32 (rows, V) temporaries per block of positions in `_CEAndKD`
+
+
+class _CEAndKD(torch.autograd.Function):
+    """(sum of CE, sum of KL(p_t^T || p_s^T)) over positions, student logits s and teacher logits t (N, V),
+    targets (N,), temperature T. Both sums in fp32, a block of rows at a time; the backward recomputes
+    each block's softmaxes from s and t instead of keeping them:
+    d CE / d s = softmax(s) - onehot(target),  d KL / d s = (softmax(s / T) - softmax(t / T)) / T."""
+
+    @staticmethod
+    def forward(ctx, s, t, target, temperature):
+        ctx.save_for_backward(s, t, target)
+        ctx.temperature = temperature
+        sums = torch.zeros(2, dtype=torch.float32, device=s.device)
+        for rows in _blocks(s):
+            sb, tb = s[rows].float(), t[rows].float()
+            sums[0] += F.cross_entropy(sb, target[rows], reduction="sum")
+            log_pt = F.log_softmax(tb / temperature, dim=-1)
+            sums[1] += (log_pt.exp() * (log_pt - F.log_softmax(sb / temperature, dim=-1))).sum()
+        return sums[0], sums[1]
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_kd):
+        s, t, target = ctx.saved_tensors
+        temperature = ctx.temperature
+        grad = torch.empty_like(s)
+        for rows in _blocks(s):
+            sb, tb = s[rows].float(), t[rows].float()
+            g = F.softmax(sb, dim=-1).mul_(grad_ce)
+            g[torch.arange(g.shape[0], device=g.device), target[rows]] -= grad_ce
+            g += (F.softmax(sb / temperature, dim=-1) - F.softmax(tb / temperature, dim=-1)) * (grad_kd / temperature)
+            grad[rows] = g
+        return grad, None, None, None
+
+
+def _blocks(x: torch.Tensor) -> list[slice]:
+    """Row blocks of x (N, V) whose fp32 copies fit `KD_BLOCK_BYTES`."""
+    step = max(1, KD_BLOCK_BYTES // (4 * max(x.shape[-1], 1)))
+    return [slice(i, i + step) for i in range(0, x.shape[0], step)]
 
 
 # Stands in for -inf where a token is masked out of a logsumexp: finite, so a position whose top K hold
@@ -214,11 +257,12 @@ class StagedKD:
                  cache: TeacherCache | None = None):
         self.teacher, self.kd_steps, self.alpha, self.temperature = teacher, kd_steps, alpha, temperature
         self.top_k, self.cache = top_k, cache  # top-K KD (`kd_loss_top_k`), its logits kept in `cache`
+        self.autocast = nullcontext  # the run's mixed precision for the teacher (`Trainer.accelerator.autocast`)
 
     def on_step(self, step: int) -> None:
         if step >= self.kd_steps and self.teacher is not None:
             self.teacher = None
-            gc.collect()
+            release_memory()
 
     def loss(self, model, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         # resident memory of this process, logged so the drop at the switch shows in metrics.jsonl
@@ -252,7 +296,8 @@ class StagedKD:
 
     @torch.inference_mode()
     def _teacher_logits(self, batch: torch.Tensor) -> torch.Tensor:
-        logits = self.teacher(input_ids=batch).logits  # (B, S, V)
+        with self.autocast():
+            logits = self.teacher(input_ids=batch).logits  # (B, S, V)
         reshard(self.teacher)
         return logits
 
@@ -316,6 +361,7 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
                   job.kd_top_k, cache)
     trainer = Trainer(student, data, job.config, out, loss_fn=kd.loss, on_step=kd.on_step, settings=settings,
                       progress=progress, held=lambda: {"teacher": module_bytes(kd.teacher)})
+    kd.autocast = trainer.accelerator.autocast
     teacher.to(trainer.accelerator.device, DTYPES[job.teacher_dtype]).eval().requires_grad_(False)  # one copy
     if trainer.sharded:  # frozen, so no gradients or optimizer state: 1/N of its weights per process
         shard(teacher)
@@ -341,6 +387,7 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
         if r.get("kind") == "train" and r.get("tokens_per_s"):
             times["kd" if r.get("kd_on") else "ce"].append(tokens_per_step / r["tokens_per_s"])
     student_cfg = _unwrap(trainer.model).config
+    trainer.release()
     student_row = {"layers": plan.depth, **_params(student_cfg), "eval_loss": result.eval_loss,
                    "eval_ppl": result.eval_ppl}
     return DistillResult(plan, teacher_row, student_row, job.kd_steps,

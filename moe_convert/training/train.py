@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import math
+import gc
 import os
 import shutil
 import time
@@ -169,7 +170,8 @@ def evaluate(model, windows: torch.Tensor, batch_size: int = 8, accelerator=None
         batch = shard[i:i + batch_size]
         n = len(batch)
         batch = (batch if n else windows[:1]).to(device)  # n = 0: a forward for the others' gathers, scored 0
-        out = model(input_ids=batch, labels=batch)
+        with accelerator.autocast() if accelerator else nullcontext():  # mixed precision: a teacher's too
+            out = model(input_ids=batch, labels=batch)
         ce = out.ce_loss if getattr(out, "ce_loss", None) is not None else out.loss
         totals += torch.stack([ce.double() * n, torch.tensor(n, dtype=torch.float64, device=device)])
         if i == 0 and len(shard) > batch_size:
@@ -215,6 +217,14 @@ def eval_model(model: str | Path, data: str, *, progress: Callable[[int, int], N
     return run_eval(model, EvalJob(data, **options), progress)
 
 
+def release_memory() -> None:
+    """Collect what no longer has a reference (models in reference cycles too) and hand cached device
+    memory back to the GPU, where there is one."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class Trainer:
     """Runs `TrainConfig` over packed data with a pluggable loss; see the module docstring."""
 
@@ -224,7 +234,6 @@ class Trainer:
                  held: Callable[[], dict[str, int]] | None = None):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
-        from accelerate.utils import DistributedDataParallelKwargs
 
         self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
         self.settings = settings or {}  # beside cfg: recorded, compared on resume
@@ -233,11 +242,11 @@ class Trainer:
         self.held = held  # bytes of what the loss holds besides the model (distill: the teacher), per process
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise MoEConvertError("mixed_precision: fp16 needs a GPU; use bf16 on CPU")
-        # MoE experts that get no tokens in a step have no gradient: DDP must expect that.
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=hasattr(model, "moe_layers"))
+        # DDP's default (every parameter gets a gradient) holds: stacked experts get one whenever any expert
+        # of their layer has tokens, and every token goes to some expert.
         if AcceleratorState._shared_state.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision:
             AcceleratorState._reset_state()  # a new run in this process (tests, recipes); keeps the process group
-        self.accelerator = acc = Accelerator(cpu=cpu_only(), mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
+        self.accelerator = acc = Accelerator(cpu=cpu_only(), mixed_precision=cfg.mixed_precision)
         world = acc.num_processes
         check_batch(cfg, world)
         check_engine(cfg.engine, cfg.mixed_precision, world)
@@ -318,7 +327,7 @@ class Trainer:
     def evaluate(self, model=None) -> dict:
         """Held-out CE of the model being trained, or of `model` (on this run's device) on the same windows."""
         windows = self.data.eval[: self.cfg.eval_windows or None]
-        return evaluate(model or self.model, windows, self.micro * self.cfg.grad_accum, self.accelerator)
+        return evaluate(model or self.model, windows, self.micro, self.accelerator)
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
@@ -384,6 +393,8 @@ class Trainer:
                           "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt,
                           # the largest process's bytes of each, counted from the tensors it holds
                           **{f"held_{k}": v for k, v in zip(held, max_over_processes(list(held.values())))}}
+                if acc.device.type == "cuda":  # this process's peak device memory so far
+                    record["gpu_max_gb"] = torch.cuda.max_memory_allocated(acc.device) / 1e9
                 for k in ("loss", "ce"):  # the summary's last 10 steps, kept in checkpoints across a resume
                     self.recent[k] = (self.recent.get(k, []) + [record[k]])[-10:]
                 if not math.isfinite(record["loss"]):  # every rank has the same reduced loss: all stop here
@@ -418,6 +429,13 @@ class Trainer:
             self.model.set_requires_gradient_sync(last)
             return nullcontext()
         return nullcontext() if last else self.accelerator.no_sync(self.model)
+
+    def release(self) -> None:
+        """Drop the model and optimizer (also the accelerator's references) and return their memory, so
+        the next step of a recipe in this process starts without them."""
+        self.accelerator.free_memory()
+        self.model = self.optimizer = self.scheduler = None
+        release_memory()
 
     def save_model(self, tokenizer, dtype: torch.dtype | None = None) -> None:
         """Final `save_pretrained` + tokenizer into the output dir; `config.json` is moved in last.
@@ -611,4 +629,5 @@ def run_training(job: TrainJob, *, resume: bool = False, stop_after: int | None 
     result = trainer.fit(resume=resume, stop_after=stop_after)
     if result.steps == job.config.steps:
         trainer.save_model(tokenizer, DTYPES[job.save_dtype])
+    trainer.release()
     return result
