@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,6 +21,16 @@ from moe_convert.inference.bench import free_port  # noqa: E402,F401  (tests imp
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 CHECKPOINT = ROOT / "checkpoints" / "tiny-gpt2"  # the shipped checkpoint
 VOCAB = 101
+
+
+def torchrun(*args: str, env: dict | None = None, timeout: int = 300, cwd=None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 ARGS` on a free port: CPU processes over gloo, one thread each, whatever
+    devices the machine has (CUDA hidden: with a GPU visible Accelerate picks NCCL, and two ranks cannot
+    share one GPU). The results of such runs are compared bit for bit only here, on the CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {}), "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def metrics_of(out: Path, kind: str = "train") -> list[dict]:

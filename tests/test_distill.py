@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import CHECKPOINT, ROOT, VOCAB, free_port, metrics_of, tiny_prmoe
+from conftest import CHECKPOINT, ROOT, VOCAB, metrics_of, tiny_prmoe, torchrun
 from moe_convert.cli import app
 from moe_convert.training.distill import DistillJob, StagedKD, build_student, plan_student, run_distill
 from moe_convert.errors import MoEConvertError
@@ -226,11 +226,8 @@ def test_two_processes_share_one_teacher_cache(teacher, data_file, tmp_path):
             "--steps", "3", "--warmup-steps", "1", "--lr", "2e-3", "--eval-every", "0", "--eval-windows", "4",
             "--kd-stop", "1", "--kd-top-k", "8", "--teacher-cache", str(tmp_path / "tc"), "--student-layers", "-1",
             "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for name in ("cold", "warm"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "-m", "moe_convert", *args, "-o", str(tmp_path / name)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        proc = torchrun("-m", "moe_convert", *args, "-o", str(tmp_path / name))
         assert proc.returncode == 0, proc.stderr[-3000:]
     one = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
@@ -246,10 +243,7 @@ def test_two_processes_reproduce_one(teacher, data_file, tmp_path):
     args = ["distill", "--teacher", str(teacher), "--data", str(data_file), "--seq-len", "32", "--batch-size", "4",
             "--steps", "4", "--warmup-steps", "1", "--lr", "2e-3", "--eval-every", "0", "--eval-windows", "4",
             "--kd-stop", "0.5", "--student-layers", "-1", "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "moe_convert", *args, "-o", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun("-m", "moe_convert", *args, "-o", str(tmp_path / "two"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output

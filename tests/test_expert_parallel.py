@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT, free_port, tiny_prmoe
+import conftest
+from conftest import ROOT, tiny_prmoe
 from moe_convert.errors import MoEConvertError
 from moe_convert.inference.expert_parallel import from_environment
 from moe_convert.convert.export import export
@@ -39,10 +40,7 @@ WORKER = textwrap.dedent("""
 
 
 def torchrun(*args, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return conftest.torchrun(*args, timeout=timeout, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")

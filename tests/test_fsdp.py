@@ -4,8 +4,6 @@ memory plan's figures for the same runs. The refusals run in process."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,8 @@ from moe_convert.training.config import DistillJob, TrainConfig, TrainJob
 from moe_convert.training.memory import plan_job
 from moe_convert.training.train import load_model
 
-from conftest import CHECKPOINT, ROOT, free_port, metrics_of, tiny_gpt2_config
+import conftest
+from conftest import CHECKPOINT, ROOT, metrics_of, tiny_gpt2_config
 
 STATE = ("params", "grads", "optimizer", "teacher")
 
@@ -53,9 +52,7 @@ def cache_env(tmp_path: Path) -> dict:
 
 
 def torchrun(args: list[str], env: dict) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "moe_convert", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = conftest.torchrun("-m", "moe_convert", *args, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

@@ -6,8 +6,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from moe_convert.io import load_tokenizer
 from moe_convert.training.data import load_documents, load_packed, split_documents, train_bpe_tokenizer
 from moe_convert.training.train import TrainConfig, Trainer, causal_lm_loss, load_model
 
-from conftest import free_port, metrics_of, tiny_gpt2_config
+from conftest import metrics_of, tiny_gpt2_config, torchrun
 
 DATA = "builtin:pydoc"
 SEQ = 32
@@ -289,10 +287,7 @@ def test_cli_defaults_are_the_config_defaults():
 def torchrun_vs_one(model_dir: Path, tmp_path: Path, *extra: str) -> tuple[Path, Path]:
     """Train 4 steps with batch 4 under torchrun --nproc_per_node 2 (gloo) and in this process."""
     args = train_args(model_dir, tmp_path / "two", "--steps", "4", *extra)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "moe_convert", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun("-m", "moe_convert", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["processes"] == 2  # printed once, by rank 0
     invoke(train_args(model_dir, tmp_path / "one", "--steps", "4", *extra))

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from ..errors import MoEConvertError
-from .config import ENGINES  # noqa: F401  (the engines, validated by TrainConfig)
 
 DCP_DIR = "sharded"  # inside a checkpoint directory: the DCP files of model + optimizer
 SAVE_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default: the same files as a DDP run's
@@ -151,7 +150,8 @@ def write_gathered(model: torch.nn.Module, out_dir: Path, dtype: torch.dtype | N
     exists at a time."""
     from torch.distributed.tensor import DTensor
 
-    from ..io import ShardWriter, parse_size
+    from ..io import ShardWriter
+    from ..options import parse_size
 
     params, seen = [], set()
     for name, t in model.state_dict(keep_vars=True).items():

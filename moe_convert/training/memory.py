@@ -115,7 +115,7 @@ def plan_memory(job: TrainJob, model_config, *, devices: int = 1, device_memory:
                 teacher_config=None) -> MemoryPlan:
     """Per-device memory of `job` on `devices` devices; `model_config` is what is trained (distill: the
     student's), `teacher_config` the teacher's (distill)."""
-    from ..io import parse_size
+    from ..options import parse_size
 
     cfg = job.config
     if devices < 1:
