@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's kernel bench runs, for an older commit and for this checkout, back to back.
+# The kernel bench runs of docs/benchmarks.md, for an older commit and for this checkout, back to back.
 #   benchmarks/bench_before_after.sh REV [OUT_DIR]
 # Each run writes OUT_DIR/{before,after}_{prefill,decode,bf16}.json (`bench layer --json`).
 # Check `cat /proc/loadavg` is below ~1 first: the bench wants both cores.

@@ -1,4 +1,4 @@
-"""Staged KD vs full KD vs no KD on the shipped checkpoint (issue 5's quality and speed check).
+"""Staged KD vs full KD vs no KD on the shipped checkpoint.
 
     python benchmarks/distill_staged_kd.py -o runs/mos [--teacher-steps 500] [--steps 200] [--kd-stops 0.5,1,0]
 

@@ -89,7 +89,7 @@ _JSON_STDOUT: list = []  # the stdout each running command started with (`print_
 
 
 def tune_memory_for_inference() -> None:
-    """Process-wide memory settings for `generate` and `bench layer` (README, "Bench results").
+    """Process-wide memory settings for `generate` and `bench layer` (docs/benchmarks.md).
 
     Transparent huge pages for tensors of 2 MiB or more (`THP_MEM_ALLOC_ENABLE`, read once at torch's
     first allocation, so this runs before torch is imported; a value the user set wins): fewer TLB

@@ -137,7 +137,7 @@ def keep_freed_memory_for_reuse() -> bool:
     Inference allocates the same tens of MB of activations every forward; by default glibc trims the
     top of the heap and maps fresh pages again, and the page faults cost 10-25 ms of system time per
     T=4096 MoE layer. With these settings (`M_TRIM_THRESHOLD` 256 MiB, `M_MMAP_THRESHOLD` 32 MiB, the
-    largest glibc takes) the layer ran 6-8% faster at E=8 (README). True when glibc took them.
+    largest glibc takes) the layer ran 6-8% faster at E=8 (docs/benchmarks.md). True when glibc took them.
     """
     import ctypes
 
@@ -173,7 +173,7 @@ def collapse_into_huge_pages(regions: Iterable[tuple[int, int]]) -> int:
     page the regions fill at least `HUGE_PAGE_MIN_SHARE` of (e.g. one shared by two adjacent matrices)
     is marked for huge pages and collapsed into one (Linux >= 6.1 `MADV_COLLAPSE`; addresses and
     contents stay as they are). The MoE layer then ran 0-7% faster, most at E=128, where its 1 GB of
-    experts streams from DRAM (README). Where the kernel refuses (older, THP off, memory short)
+    experts streams from DRAM (docs/benchmarks.md). Where the kernel refuses (older, THP off, memory short)
     nothing changes.
     """
     import ctypes

@@ -284,7 +284,7 @@ def _calibrate(dense, spec: HostSpec, layers: dict[str, _LayerPlan], seed: int) 
     """preserve: fit each MoE layer's router to the dense hidden states entering that FFN.
 
     On one thread: float sums split over threads round differently, and the routers must not depend on
-    the machine's core count (same inputs + seed -> the same bytes). The sample is small (README).
+    the machine's core count (same inputs + seed -> the same bytes). The sample is small (docs/benchmarks.md).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

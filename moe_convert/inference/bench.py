@@ -215,7 +215,7 @@ IMPLS: dict[str, Callable[[LayerWeights], Callable | None]] = {
 # --- the machine and the floor -------------------------------------------------------------------
 # Read before every timed call: larger than the last-level cache, it leaves each implementation the same
 # start, its weights in DRAM and no dirty lines of the previous implementation to write back first
-# (after DeepSpeed's layer those cost our decode ~0.5 ms: 40 GB/s against 60, README).
+# (after DeepSpeed's layer those cost our decode ~0.5 ms: 40 GB/s against 60, docs/benchmarks.md).
 EVICT_BYTES = 256 * 2**20
 
 

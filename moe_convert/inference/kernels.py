@@ -3,7 +3,7 @@
 `model/routing.py` holds the MoE forward in plain torch; importing this module registers faster
 versions of its "linear" (the gate) and "loop" (the experts) for calls without autograd or
 autocast, and the runtime calls `moe_forward` here with packed weights. The choices were measured on
-CPU (`moe-convert bench layer` re-measures them; README and benchmarks/HISTORY.md keep the numbers):
+CPU (`moe-convert bench layer` re-measures them; docs/benchmarks.md keeps the numbers):
 - each expert's whole FFN runs in turn on its contiguous slice, through oneDNN
   (`torch.ops.mkldnn._linear_pointwise`, activation fused into the first matmul, row blocks that keep
   the intermediate in cache), because the fp32 `torch.mm` of this torch build is MKL, which runs

@@ -5,8 +5,8 @@ CPU's bf16 dot product: `bf16_dot`).
 
 With one token per expert, the layer's cost is reading each hit expert's weights from DRAM. oneDNN
 streams its own packed weights at ~40 GB/s for one row; a plain loop over the same bytes, in the
-order they lie in memory, at ~60 GB/s, the rate of torch's own `sum` over them (README, "The native
-few-row kernel"). `csrc/packed_matmul.c` is that loop. With more rows it reads each panel again
+order they lie in memory, at ~60 GB/s, the rate of torch's own `sum` over them (docs/kernels.md,
+"packed_matmul.c"). `csrc/packed_matmul.c` is that loop. With more rows it reads each panel again
 per 6 rows and meanwhile fetches the next panel, which oneDNN's kernel reads cold. A call's jobs
 (e.g. the first matmuls of a batch of experts with 12 to 57 rows each) are cut into shares of equal
 estimated cost, one per thread. It reads the packed weights in place (no second copy). The same

@@ -312,7 +312,7 @@ def run_step(step: Step, fresh: bool = False):
     from ..inference.bench import bench_layer
     from ..io import keep_freed_memory_for_reuse
 
-    # as `bench layer` runs; its other setting, huge pages, must be asked for before torch starts (README)
+    # as `bench layer` runs; its other setting, huge pages, must be asked for before torch starts (docs/kernels.md)
     keep_freed_memory_for_reuse()
     machine, rows = bench_layer(spec.tokens, spec.hidden, parse_int_list(spec.experts, "experts"), spec.dtype,
                                 repeats=spec.repeats)

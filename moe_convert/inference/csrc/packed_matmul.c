@@ -109,7 +109,7 @@ static panel_fn *const panels_bf16[MAX_GROUP] = {panel_bf16_1, panel_bf16_2, pan
 
 /* A unit (one job's rows over one panel) costs about its rows' multiply-adds plus the panel's read from
  * memory, worth ~10 rows: 8 experts' FFNs of d=512 on cold weights took 1.6x as long with 8 rows each
- * as with 1 (README, "The native few-row kernel"). */
+ * as with 1 (docs/kernels.md). */
 #define PANEL_READ_ROWS 10
 static int64_t unit_cost(const job_t *j) { return j->rows + PANEL_READ_ROWS; }
 
