@@ -284,3 +284,23 @@ def test_bench_backward_option_and_recipe_field():
     assert recipe.steps[0].spec.backward is True
     with pytest.raises(MoEConvertError, match="backward: expected bool"):
         parse_recipe({"steps": [{"bench": {"backward": "yes"}}]})
+
+
+@pytest.mark.slow
+def test_gpu_smoke_dry_run_on_the_cpu(tmp_path):
+    """`benchmarks/gpu_smoke.py --device cpu --quick` runs end to end: every section, every layer case passes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_smoke.py"), "--device", "cpu", "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"layer", "demo", "bench", "tests"} <= set(results) and (tmp_path / "summary.md").exists()
+    assert len(results["layer"]) == 16 and all(c["passed"] for c in results["layer"]), results["layer"]
+    assert all(r["device"]["passed"] and r["cpu"]["passed"] for r in results["demo"]), results["demo"]
+    assert {r["backward"] for r in results["bench"]} == {False, True}
+    assert all(r["max_err"] < 1e-4 for r in results["bench"] if r["max_err"] is not None)
+    assert "skipped" in results["tests"]
