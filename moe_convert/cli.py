@@ -575,7 +575,8 @@ def bench_layer(
     repeats: int = typer.Option(5, help="Timed rounds per implementation (median reported)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads. Default: torch's choice."),
     seed: int = typer.Option(0, help="Seed of the weights and inputs."),
-    json_out: bool = typer.Option(False, "--json", help="Print a JSON list of rows (impl, tokens, hidden, experts, dtype, ms, ...). Default: off."),
+    backward: bool = typer.Option(False, "--backward", help="Time training steps (forward, a scalar loss, backward; gradients reset before each) instead of inference; the floor counts 3x the FLOPs and the gradients written, max rel err covers the input's gradient too. Default: off."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON list of rows (impl, tokens, hidden, experts, dtype, ms, backward, ...). Default: off."),
 ):
     """One MoE layer: ours vs DeepSpeed vs transformers vs the hardware floor.
 
@@ -605,7 +606,7 @@ def bench_layer(
         with Progress(SpinnerColumn(), "[progress.description]{task.description}", console=err_console,
                       transient=True, disable=json_out) as bar:
             task = bar.add_task("measuring the machine", total=None)
-            machine, rows = run_bench(tokens, hidden, counts, dtype, names, repeats, seed,
+            machine, rows = run_bench(tokens, hidden, counts, dtype, names, repeats, seed, backward,
                                       on_step=lambda s: bar.update(task, description=s))
         if json_out:
             from .inference.native import cpu_model
@@ -618,7 +619,8 @@ def bench_layer(
         from .inference.native import cpu_model
 
         columns = ("E", "impl", "ms", "x floor", "vs DS", "max rel err", "note")
-        print_table(f"bench layer: T={tokens} d={hidden} top-1+residual {dtype} on {cpu_model()}; "
+        print_table(f"bench layer: T={tokens} d={hidden} top-1+residual {dtype}"
+                    f"{' forward+backward' if backward else ''} on {cpu_model()}; "
                     f"GEMM {machine.gemm_gflops:.0f} GFLOP/s, bandwidth {machine.bandwidth_gbs:.1f} GB/s",
                     [(str(r.experts), escape(r.impl), fmt(r.ms, ".2f"), fmt(r.vs_floor, ".2f"),
                       fmt(r.speedup_vs_deepspeed, ".2f"), fmt(r.max_err, ".1e"), r.note) for r in rows],

@@ -231,3 +231,76 @@ def test_packed_experts_equal_stacked_weights(kind, act, top_k, monkeypatch):
         got, _ = moe_forward(x, router, packed, ACTIVATIONS[act], top_k, residual=residual)
     assert routing.counts[4] == 0
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_layer_backward_every_implementation_agrees():
+    """--backward on a tiny layer with fresh random weights: every implementation's output and input gradient
+    equal ours (max_err covers both), the rows say backward, and the floor counts a training step's work."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    res = CliRunner().invoke(app, ["bench", "layer", "--tokens", "64", "--hidden", "32", "--experts", "4",
+                                   "--repeats", "1", "--seed", str(seed), "--backward", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["impl"]: r for r in json.loads(res.stdout)}
+    assert set(rows) == set(IMPLS) | {"floor"}
+    for r in rows.values():
+        assert r["backward"] is True and r["ms"] is not None and r["ms"] > 0, r
+        if r["impl"] not in ("floor", "dense_ffn"):
+            assert r["max_err"] < 1e-4, (seed, r)
+    w = make_weights(4, 32, torch.float32, seed)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(seed + 1))
+    forward, training = layer_work(w, x), layer_work(w, x, backward=True)
+    assert training == (3 * forward[0], 2 * forward[1])
+    machine = Machine(rows["floor"]["gemm_gflops"], rows["floor"]["bandwidth_gbs"])
+    assert rows["floor"]["ms"] == pytest.approx(floor_ms(training, machine)[0])
+
+
+def test_training_step_gradients_equal_autograd_of_the_formula():
+    """Our training row's input gradient against autograd through the layer's formula in float64."""
+    from moe_convert.inference.bench import build
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    w = make_weights(4, 32, torch.float32, seed=int(torch.randint(0, 2**31 - 1, ())))
+    x = torch.randn(64, 32, requires_grad=True)
+    y = build("moe_convert", w, backward=True)(x)
+    x64 = x.detach().double().requires_grad_()
+    probs = (x64 @ w.router.double().T).softmax(-1)
+    p, e = probs.max(-1)
+    act = ACTIVATIONS["gelu_pytorch_tanh"]
+    experts = torch.stack([naive_ffn(x64[t], {k: v[e[t]] for k, v in w.stacked.items()}, act) for t in range(64)])
+    coef = (x64 @ w.coef_w.double().T + w.coef_b.double()).softmax(-1)
+    ref = coef[:, :1] * p[:, None] * experts + coef[:, 1:] * naive_ffn(x64, w.dense, act)
+    ref.square().mean().backward()
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_bench_backward_option_and_recipe_field():
+    res = CliRunner().invoke(app, ["bench", "layer", "--help"])
+    assert res.exit_code == 0 and "--backward" in res.output
+    from moe_convert.errors import MoEConvertError
+    from moe_convert.pipeline.recipe import parse_recipe
+
+    recipe = parse_recipe({"steps": [{"bench": {"tokens": 8, "hidden": 32, "experts": 4, "backward": True}}]})
+    assert recipe.steps[0].spec.backward is True
+    with pytest.raises(MoEConvertError, match="backward: expected bool"):
+        parse_recipe({"steps": [{"bench": {"backward": "yes"}}]})
+
+
+@pytest.mark.slow
+def test_gpu_smoke_dry_run_on_the_cpu(tmp_path):
+    """`benchmarks/gpu_smoke.py --device cpu --quick` runs end to end: every section, every layer case passes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_smoke.py"), "--device", "cpu", "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"layer", "demo", "bench", "tests"} <= set(results) and (tmp_path / "summary.md").exists()
+    assert len(results["layer"]) == 16 and all(c["passed"] for c in results["layer"]), results["layer"]
+    assert all(r["device"]["passed"] and r["cpu"]["passed"] for r in results["demo"]), results["demo"]
+    assert {r["backward"] for r in results["bench"]} == {False, True}
+    assert all(r["max_err"] < 1e-4 for r in results["bench"] if r["max_err"] is not None)
+    assert "skipped" in results["tests"]

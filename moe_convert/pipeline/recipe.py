@@ -91,6 +91,7 @@ class BenchStep:
     experts: str = "8,32,128"
     dtype: str = "fp32"
     repeats: int = 3
+    backward: bool = False  # time training steps (forward + backward) instead of inference
 
     def __post_init__(self):
         check_types(self)

@@ -122,7 +122,7 @@ def bench_lines(state: dict) -> list[str]:
         m, rows = result["machine"], result["rows"]
         first = rows[0] if rows else {}
         lines += [f"## Step {index}: bench layer (T={first.get('tokens')}, d={first.get('hidden')}, "
-                  f"{first.get('dtype')}; GEMM {m['gemm_gflops']:.0f} GFLOP/s, bandwidth {m['bandwidth_gbs']:.1f} GB/s)",
+                  f"{first.get('dtype')}{', forward+backward' if first.get('backward') else ''}; GEMM {m['gemm_gflops']:.0f} GFLOP/s, bandwidth {m['bandwidth_gbs']:.1f} GB/s)",
                   "", "| experts | impl | ms | x floor | DeepSpeed ms / ms |", "|---:|---|---:|---:|---:|"]
         lines += [f"| {r['experts']} | {r['impl']} | {fmt(r['ms'], '.2f')} | {fmt(r['vs_floor'], '.2f')} | "
                   f"{fmt(r['speedup_vs_deepspeed'], '.2f')} |" for r in rows]

@@ -315,7 +315,7 @@ def run_step(step: Step, fresh: bool = False):
     # as `bench layer` runs; its other setting, huge pages, must be asked for before torch starts (docs/kernels.md)
     keep_freed_memory_for_reuse()
     machine, rows = bench_layer(spec.tokens, spec.hidden, parse_int_list(spec.experts, "experts"), spec.dtype,
-                                repeats=spec.repeats)
+                                repeats=spec.repeats, backward=spec.backward)
     return {"machine": asdict(machine), "rows": [asdict(r) for r in rows]}
 
 
