@@ -24,7 +24,7 @@ def test_the_report_says_what_the_kernels_do_here():
     assert report["native"].startswith("on" if native.library() is not None else "off")
     for (dtype, path), p in paths_of(report).items():
         assert p["on"] == (p["why"] == ""), p  # every path that is off says why
-    fp32 = paths_of(report)[("fp32", "native kernel: decode (up to 8 rows, decode layer)")]
+    fp32 = paths_of(report)[("fp32", "native: decode, <= 8 rows")]
     assert fp32["on"] == (native.library() is not None)
 
 
@@ -32,9 +32,9 @@ def test_a_refused_layout_turns_the_native_paths_of_that_dtype_off(monkeypatch):
     monkeypatch.setattr(native, "_same_layout", lambda packed, w: False)
     monkeypatch.setattr(native, "_layout", {})
     report = diagnose(measure=False)
-    native_paths = [p for p in report.paths if p.path.startswith("native kernel: decode")]
+    native_paths = [p for p in report.paths if p.path.startswith("native: decode")]
     assert native_paths and not any(p.on for p in native_paths)
-    assert all("another layout" in p.why or p.why == native.why_unavailable() for p in native_paths)
+    assert all("another way" in p.why or p.why == native.why_unavailable() for p in native_paths)
 
 
 def test_measured_rates_and_the_kernel_switched_off():

@@ -3,6 +3,7 @@ it assumes, its results against float64 references and against oneDNN, decode th
 and the fallback when it is switched off or cannot be built."""
 
 import ctypes
+import json
 import os
 import subprocess
 import sys
@@ -34,9 +35,12 @@ def require_native(packed, dtype=torch.bfloat16):
 
 @pytest.fixture(autouse=True)
 def pack_small(monkeypatch):
-    """Pack matrices of any size, as the runtime packs large ones; random inputs from a fixed seed (the
-    routing test needs a batch that mixes large and small experts: 1% of seeds do not)."""
+    """Pack matrices of any size, as the runtime packs large ones; FFNs of many rows through the native
+    kernel whichever way `native_prefill` measured this machine (these tests are about its results);
+    random inputs from a fixed seed (the routing test needs a batch that mixes large and small experts:
+    1% of seeds do not)."""
     monkeypatch.setattr(kernels, "PACK_MIN_BYTES", 0)
+    monkeypatch.setattr(kernels, "_PREFILL", {dtype: {"native": True} for dtype in native.LAYOUTS})
     torch.manual_seed(0)
 
 
@@ -571,3 +575,26 @@ def test_the_kernel_refuses_addresses_it_was_not_given():
     with pytest.raises(ValueError, match="rowmajor_matmul does not take"):
         native.rowmajor_matmul(torch.randn(native.ROWMAJOR_MAX_ROWS + 1, 64), torch.randn(32, 64), None)
     assert native.library().mc_rowmajor_matmul(1, 0, 0, 0, 0, 32, 64, 0, 1) != 0
+
+
+@needs_kernel
+def test_ffns_of_many_rows_take_the_path_measured_faster_here(calls, monkeypatch, tmp_path):
+    """Past `NATIVE_MAX_ROWS` rows an FFN goes where `native_prefill` says: oneDNN when it measured oneDNN
+    faster, the native kernel otherwise; the same results either way. The measurement is timed once per
+    build and dtype, kept beside the build, and read back by the next process."""
+    w = ffn_weights("gpt2", 256, 1024)
+    packed, x = pack_ffn(w), torch.randn(300, 256)
+    got = {}
+    for faster in (False, True):
+        monkeypatch.setattr(kernels, "_PREFILL", {torch.float32: {"native": faster}})
+        calls.clear()
+        got[faster] = ffn(x, packed, GELU)
+        assert bool(calls) == faster
+    torch.testing.assert_close(got[False], got[True], rtol=1e-5, atol=1e-5)
+    script = ("import json, torch; from moe_convert.inference import kernels; "
+              "print(json.dumps(kernels.prefill_timing(torch.float32)))")
+    env = {**os.environ, "MOE_CONVERT_CACHE": str(tmp_path)}
+    first, second = (json.loads(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                                               text=True, timeout=300).stdout) for _ in range(2))
+    assert first == second and first["native"] == (first["native_ms"] <= first["onednn_ms"])
+    assert len(list((tmp_path / "native").glob("*-prefill-float32.json"))) == 1

@@ -6,8 +6,9 @@ The rules are derived from what the machine has, not timed at first use: the nat
 it could be built (compiler, GNU OpenMP, `MOE_CONVERT_NATIVE`) and where `native.register`'s probe finds
 that oneDNN packs weights in the layout it reads (on AMX CPUs oneDNN packs bf16 for its tile
 instructions, the probe refuses, and bf16 stays on oneDNN, which then runs on AMX); bf16 beyond decode's
-few rows needs the bf16 dot product in the build (`native.bf16_dot`). The row-count limits within a
-path were measured once (docs/benchmarks.md) and hold across the x86-64 CPUs measured.
+few rows needs the bf16 dot product in the build (`native.bf16_dot`). One choice is timed instead,
+because it went one way on AMD and the other on Intel: FFNs of many rows through the native kernel or
+through oneDNN (`kernels.prefill_timing`, once per machine and build, cached).
 """
 
 from __future__ import annotations
@@ -67,20 +68,25 @@ def kernel_paths() -> list[KernelPath]:
     paths = []
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         onednn = kernels.onednn_ok(torch.zeros(1, 1, dtype=dtype)) and kernels._REORDER_WEIGHT is not None
-        paths.append(KernelPath(name, "oneDNN packed weights, fused activation", onednn,
-                                "" if onednn else "this torch has no oneDNN linear for it"))
+        paths.append(KernelPath(name, "oneDNN, packed weights", onednn,
+                                "" if onednn else "no oneDNN linear in this torch"))
         layout = not off and _layout_accepted(dtype)
-        why = off or ("" if layout else f"oneDNN packs {name} in another layout here"
-                      f"{' (AMX tiles)' if cpu_features()['amx usable'] else ''}: oneDNN runs it")
-        paths.append(KernelPath(name, "native kernel: decode (up to 8 rows, decode layer)", layout, why))
+        why = off or ("" if layout else f"oneDNN packs {name} another way here"
+                      f"{' (AMX)' if cpu_features()['amx usable'] else ''}")
+        paths.append(KernelPath(name, "native: decode, <= 8 rows", layout, why))
         prefill, prefill_why = layout, why
         if layout and dtype == torch.bfloat16 and not native.bf16_dot():
-            prefill, prefill_why = False, "no bf16 dot product in this build (AVX512-BF16): oneDNN beyond 8 rows"
-        paths.append(KernelPath(name, "native kernel: prefill FFNs (any rows)", prefill, prefill_why))
-        paths.append(KernelPath(name, "native kernel: plain LM head (up to 8 rows)", not off, off))
+            prefill, prefill_why = False, "no bf16 dot product in this build"
+        elif layout:
+            timing = kernels.prefill_timing(dtype)
+            prefill = timing["native"]
+            if not prefill and "native_ms" in timing:
+                prefill_why = f"oneDNN faster here: {timing['onednn_ms']:.1f} vs {timing['native_ms']:.1f} ms"
+        paths.append(KernelPath(name, "native: FFNs > 96 rows", prefill, prefill_why))
+        paths.append(KernelPath(name, "native: LM head, <= 8 rows", not off, off))
     fp16 = kernels.native_fp16_matmul()
     paths.append(KernelPath("fp16", "oneDNN fp16 matmul", fp16,
-                            "" if fp16 else "no native fp16 matmul on this CPU: fp16 exports compute in fp32"))
+                            "" if fp16 else "not on this CPU: fp16 exports compute in fp32"))
     return paths
 
 

@@ -18,7 +18,12 @@ CPU (`moe-convert bench layer` re-measures them; docs/benchmarks.md keeps the nu
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import statistics
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -141,12 +146,76 @@ def _native_input(x: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def _native_rows(rows: int, dtype: torch.dtype, *inner: int, ffn: bool = False) -> bool:
-    """The native kernel is the faster one for `rows` rows through `dtype` matrices of these input widths,
-    one matrix or (`ffn`) an FFN's two in row blocks, which it takes at any row count and width (bf16
-    beyond decode's few rows: where the kernel has the CPU's bf16 dot product, `native.bf16_dot`)."""
+    """The native kernel is the faster one for `rows` rows through `dtype` matrices of these input widths:
+    decode's few rows always; up to `NATIVE_MAX_ROWS` rows of inputs up to `NATIVE_MAX_REREAD_IN` wide;
+    past that an FFN's two matrices in row blocks (`ffn`) where `native_prefill` measured it faster on
+    this machine. bf16 beyond decode's few rows only with the CPU's bf16 dot product (`native.bf16_dot`)."""
     return rows <= NATIVE_BATCH_ROWS or (
         (dtype == torch.float32 or (dtype == torch.bfloat16 and native.bf16_dot()))
-        and (ffn or (rows <= NATIVE_MAX_ROWS and max(inner) <= NATIVE_MAX_REREAD_IN)))
+        and ((rows <= NATIVE_MAX_ROWS and max(inner) <= NATIVE_MAX_REREAD_IN) or (ffn and native_prefill(dtype))))
+
+
+# The FFN `native_prefill` times: rows, d, f (a T=1024 slice of a d=512 layer's experts or residual FFN).
+PREFILL_PROBE = (1024, 512, 2048)
+
+
+def native_prefill(dtype: torch.dtype) -> bool:
+    """FFNs of many rows run faster through the native kernel than through oneDNN's on this machine
+    (`prefill_timing`)."""
+    return prefill_timing(dtype)["native"]
+
+
+def prefill_timing(dtype: torch.dtype) -> dict:
+    """{"native": bool, "native_ms", "onednn_ms"}: which of the native kernel and oneDNN runs an FFN of many
+    rows faster here, and their times ({"native": False} alone where the kernel cannot run it).
+
+    It depends on the CPU (the kernel won on AMD EPYC, oneDNN on Intel Xeon: docs/kernels.md), so it is
+    timed once per machine, native build and dtype: an FFN of `PREFILL_PROBE`, both ways, interleaved,
+    medians. The answer is kept beside the build in the cache (delete the file to time it again) and
+    in this process.
+    """
+    if dtype not in _PREFILL:
+        lib = native.library()
+        file = None if lib is None else Path(lib._name).with_name(
+            f"{Path(lib._name).stem}-prefill-{str(dtype).removeprefix('torch.')}.json")
+        try:
+            _PREFILL[dtype] = json.loads(file.read_text()) if file else {"native": False}
+        except (OSError, ValueError):
+            times = _time_prefill(dtype)
+            _PREFILL[dtype] = {"native": False} if times is None else {
+                **times, "native": times["native_ms"] <= times["onednn_ms"]}
+            tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(_PREFILL[dtype]))
+            os.replace(tmp, file)
+    return _PREFILL[dtype]
+
+
+_PREFILL: dict[torch.dtype, dict] = {}  # `prefill_timing`'s answers in this process
+
+
+def _time_prefill(dtype: torch.dtype, rounds: int = 5) -> dict[str, float] | None:
+    """Median ms of a `PREFILL_PROBE` FFN through the native kernel and through oneDNN, or None where the
+    native kernel cannot take its packed weights here."""
+    rows, d, f = PREFILL_PROBE
+    g = torch.Generator().manual_seed(0)
+    w = {"w_in": torch.randn(d, f, generator=g) / d**0.5, "b_in": torch.randn(f, generator=g),
+         "w_out": torch.randn(f, d, generator=g) / f**0.5, "b_out": torch.randn(d, generator=g)}
+    packed = pack_ffn({k: v.to(dtype) for k, v in w.items()})
+    pointers = native_pointers(packed) if is_packed(packed) else None
+    if pointers is None:
+        return None
+    x, act = torch.randn(rows, d, generator=g).to(dtype), ACTIVATIONS["gelu_new"]
+    ways = {"native_ms": lambda: _native_ffn(x, pointers, f, act), "onednn_ms": lambda: _onednn_ffn(x, packed, act, None)}
+    times = {k: [] for k in ways}
+    with torch.inference_mode():
+        for fn in ways.values():  # one-off costs (oneDNN builds its kernels on a first call)
+            fn()
+        for _ in range(rounds):
+            for k, fn in ways.items():
+                t = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _native_ok(x: torch.Tensor, dtype: torch.dtype, width: int, out: torch.Tensor | None, out_width: int,
@@ -189,6 +258,17 @@ def _native_ffns(parts: list[tuple[int, int, int, dict[str, int]]], d: int, f: i
     ha = h.data_ptr()
     packed_matmul([Job(n, ha + row * a, p["w_out"], p.get("b_out", 0), oa) for a, (n, _, oa, p) in zip(starts, parts)],
                   d, f, dtype)
+
+
+def _native_ffn(x: torch.Tensor, pointers: dict[str, int], f: int, act, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One FFN d -> f -> d on x (n, d) through the native kernel (`native_pointers` of its packed weights, act
+    fused as `NATIVE_ACTIVATIONS` has it), in row blocks (`_native_batches`), into `out` (n, d) or a new tensor."""
+    x = x.contiguous()
+    out = x.new_empty(x.shape) if out is None else out
+    d = x.shape[1]
+    for batch in _native_batches([(x.shape[0], x.data_ptr(), out.data_ptr(), pointers)], d, f, x.element_size()):
+        _native_ffns(batch, d, f, act, x.dtype)
+    return out
 
 
 def _native_batches(parts: list[tuple[int, int, int, dict[str, int]]], d: int, f: int,
@@ -298,10 +378,7 @@ def ffn(x: torch.Tensor, w: dict[str, torch.Tensor], act, out: torch.Tensor | No
         pointers = native_pointers(w) if _native_ok(x, w["w_out"].dtype, d, out, d, f, ffn=True) else None
         if pointers is None:
             return _onednn_ffn(x, w, fused_activation(act), out)
-        x, out, act = x.contiguous(), x.new_empty(x.shape[0], d) if out is None else out, fused_activation(act)
-        for batch in _native_batches([(x.shape[0], x.data_ptr(), out.data_ptr(), pointers)], d, f, x.element_size()):
-            _native_ffns(batch, d, f, act, x.dtype)
-        return out
+        return _native_ffn(x, pointers, f, fused_activation(act), out)
     if x.shape[0] >= ONEDNN_MIN_ROWS and onednn_ok(x, *w.values()):
         w_t = {k: v.t() if k.startswith("w_") else v for k, v in w.items()}  # [out, in] views
         return _onednn_ffn(x, w_t, fused_activation(act), out)
