@@ -200,3 +200,16 @@ def test_memory_plans_fit_80_columns(prmoe_dir):
     assert r.exit_code == 0, r.output
     assert "…" not in r.output and max(map(len, r.output.splitlines())) <= 80, r.output
     assert "fsdp x 8" in r.output
+
+
+@pytest.mark.slow
+def test_the_global_aux_loss_under_fsdp_equals_ddp(prmoe_dir, data_file, tmp_path):
+    """--aux-scope global with --grad-accum 2 on 2 processes: the counts' all-reduce and the routing pre-pass
+    under FSDP2 give DDP's losses and aux values."""
+    env = cache_env(tmp_path)
+    args = ["train", str(prmoe_dir), "--data", str(data_file), "--seq-len", "32", "--batch-size", "8", "--steps", "4",
+            "--warmup-steps", "1", "--lr", "3e-3", "--eval-every", "0", "--eval-windows", "4", "--aux-scope", "global",
+            "--grad-accum", "2", "--json"]
+    torchrun([*args, "-o", str(tmp_path / "ddp")], env)
+    torchrun([*args, "-o", str(tmp_path / "fsdp"), "--engine", "fsdp"], env)
+    assert_curves_match(tmp_path / "ddp", tmp_path / "fsdp", ("loss", "ce", "aux"))
