@@ -33,6 +33,15 @@ def torchrun(*args: str, env: dict | None = None, timeout: int = 300, cwd=None) 
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def pydoc_corpus(directory: Path, documents: int) -> Path:
+    """The first `documents` documents of the built-in corpus as one text file: a `--data` that tokenizes fast."""
+    from moe_convert.training.data import load_documents
+
+    path = directory / "corpus.txt"
+    path.write_text("\n\n".join(load_documents("builtin:pydoc").texts[:documents]))
+    return path
+
+
 def metrics_of(out: Path, kind: str = "train") -> list[dict]:
     """A run's `metrics.jsonl` records of one kind (`train`: one per optimizer step; `eval`), in order."""
     return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]

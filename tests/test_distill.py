@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import CHECKPOINT, ROOT, VOCAB, metrics_of, tiny_prmoe, torchrun
+from conftest import CHECKPOINT, ROOT, VOCAB, metrics_of, pydoc_corpus, tiny_prmoe, torchrun
 from moe_convert.cli import app
 from moe_convert.training.distill import DistillJob, StagedKD, build_student, plan_student, run_distill
 from moe_convert.errors import MoEConvertError
@@ -26,12 +26,7 @@ from moe_convert.training.train import TrainConfig, TrainJob, load_model, run_tr
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    """A small slice of the built-in corpus (keeps tokenizing fast)."""
-    from moe_convert.training.data import load_documents
-
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("\n\n".join(load_documents("builtin:pydoc").texts[:600]))
-    return path
+    return pydoc_corpus(tmp_path_factory.mktemp("data"), 600)
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,14 @@ from moe_convert.training.memory import plan_job
 from moe_convert.training.train import load_model
 
 import conftest
-from conftest import CHECKPOINT, ROOT, metrics_of, tiny_gpt2_config
+from conftest import CHECKPOINT, ROOT, metrics_of, pydoc_corpus, tiny_gpt2_config
 
 STATE = ("params", "grads", "optimizer", "teacher")
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    from moe_convert.training.data import load_documents
-
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("\n\n".join(load_documents("builtin:pydoc").texts[:300]))
-    return path
+    return pydoc_corpus(tmp_path_factory.mktemp("data"), 300)
 
 
 @pytest.fixture(scope="module")
