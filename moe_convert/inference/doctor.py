@@ -14,7 +14,6 @@ through oneDNN (`kernels.prefill_timing`, once per machine and build, cached).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -47,11 +46,7 @@ class Report:
 
 
 def cpu_features() -> dict[str, bool]:
-    try:
-        flags = {w for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")
-                 for w in ln.split(":", 1)[1].split()}
-    except OSError:
-        flags = set()
+    flags = {w for line in native.cpuinfo("flags") for w in line.split()}
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return {**{f: f in flags for f in FEATURES}, "amx usable": bool(amx and amx())}
 

@@ -90,23 +90,25 @@ def _compiler() -> str | None:
     return shutil.which(cc)
 
 
-def _cpu_identity() -> str:
-    """What `-march=native` compiles for: a library built on another CPU may not run here."""
+@functools.cache
+def cpuinfo(field: str) -> list[str]:
+    """Every value of a /proc/cpuinfo field (one per CPU), e.g. "model name" or "flags"; [] without the file."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.processor()
-    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+        return []
+    return [value.strip() for key, _, value in (ln.partition(":") for ln in lines) if key.strip() == field]
+
+
+def _cpu_identity() -> str:
+    """What `-march=native` compiles for: a library built on another CPU may not run here."""
+    seen = sorted({*cpuinfo("model name"), *cpuinfo("flags")})
+    return "\n".join(seen) if seen else platform.processor()
 
 
 def cpu_model() -> str:
     """The CPU's model name, as benchmark tables and `moe-convert doctor` print it."""
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else (platform.processor() or platform.machine())
+    return (cpuinfo("model name") or [platform.processor() or platform.machine()])[0]
 
 
 def _torch_uses_libgomp() -> bool:
