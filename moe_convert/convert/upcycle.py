@@ -48,6 +48,7 @@ from ..model.modeling import HostSpec, PRMoEForCausalLM, host_spec
 from ..model.moe import EXPERT_PARAMS
 from ..options import parse_size
 from .config import InitSpec, UpcycleJob
+from .gguf import gguf_to_dir, is_gguf
 
 ROUTER_LOGIT_STD = 1e-5  # preserve: std of router logits over tokens; p_e = 1/E * (1 + O(this))
 WHITEN_KEEP = 0.05  # preserve: whiten only principal directions with singular value >= this * the largest
@@ -86,10 +87,13 @@ class UpcycleSummary:
 
 
 def resolve_source(source: str) -> Path:
-    """A local model directory, or a hub id resolved through the cache (downloading when online)."""
+    """A local model directory, a GGUF file (dequantized once into the cache, `convert/gguf.py`), or a hub id
+    resolved through the cache (downloading when online)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
+    if is_gguf(source):
+        return gguf_to_dir(path)
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError
 
