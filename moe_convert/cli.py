@@ -191,13 +191,14 @@ def _bytes_written_bar(json_out: bool):
 @app.command()
 @with_job_options(UpcycleJob)
 def upcycle(
-    source: str = typer.Argument(..., help="Dense checkpoint: a local model directory or a hub id (from the cache when offline)."),
+    source: str = typer.Argument(..., help="Dense checkpoint: a local model directory, a hub id (from the cache when "
+                                                  "offline) or a .gguf file (dequantized once into the cache; needs the gguf extra)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory (built under a temporary name, renamed when complete)."),
     options: dict = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (only once the new one is complete). Default: off."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table. Default: off."),
 ):
-    """Dense HF checkpoint (hub id or local dir) -> PR-MoE checkpoint dir, streaming."""
+    """Dense HF checkpoint (local dir, hub id or GGUF file) -> PR-MoE checkpoint dir, streaming."""
     with reporting_errors(json_out):
         from .convert.upcycle import run_upcycle
 

@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe_convert.convert.gguf import gguf_to_dir
+from moe_convert.convert.upcycle import resolve_source
 
 pytestmark = pytest.mark.real_model
 
@@ -14,6 +15,7 @@ def test_a_gguf_file_is_a_source_dequantized_once_into_the_cache(smollm2):
 
     gguf = smollm2_gguf()
     assert gguf_to_dir(gguf) == smollm2  # the same cached directory, not a second dequantization
+    assert resolve_source(str(gguf)) == smollm2  # a GGUF file is an upcycle SOURCE
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     assert 134e6 < sum(p.numel() for p in model.parameters()) < 135e6
