@@ -34,6 +34,8 @@ def check_engine(engine: str, mixed_precision: str, processes: int) -> None:
     if engine == "fsdp" and mixed_precision == "fp16":
         raise MoEConvertError("mixed_precision: fp16 under --engine fsdp needs a sharded gradient scaler, which is "
                               "not built; use bf16")
+    if engine == "deepspeed" and mixed_precision == "fp16":
+        raise MoEConvertError("mixed_precision: fp16 under --engine deepspeed is not wired to its loss scaler; use bf16")
     if engine == "ddp" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise MoEConvertError("engine: the accelerate config asks for FSDP; pass --engine fsdp and launch with a "
                               "config without an fsdp section (distributed_type: MULTI_GPU)")
