@@ -178,6 +178,10 @@ class DistillJob(TrainJob):
         if self.teacher_cache is not None and self.kd_top_k is None:
             raise MoEConvertError("teacher_cache: the cache keeps the teacher's top-K logits; give --kd-top-k too "
                                   "(e.g. 32)")
+        if self.teacher_cache is not None and self.config.ep_size > 1:
+            raise MoEConvertError("teacher_cache: under --ep-size > 1 a teacher forward takes every process at once, "
+                                  "and a window cached on one process would leave the others waiting; drop "
+                                  "--teacher-cache or use --ep-size 1")
         if not 0.0 <= self.alpha <= 1.0:
             raise MoEConvertError(f"alpha: must be in [0, 1], got {self.alpha}")
         if not 0 < self.temperature <= MAX_TEMPERATURE:  # T^2 scales the KD term: inf gave NaN weights

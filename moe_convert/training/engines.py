@@ -72,6 +72,12 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def collective_forward(model: torch.nn.Module) -> bool:
+    """Whether a forward takes every process at once: sharded weights are gathered, or tokens reach
+    experts on other processes (a DeepSpeed MoE with ep_size > 1, `deepspeed_engine.py`)."""
+    return is_sharded(model) or any(getattr(m, "ep_size", 1) > 1 for m in model.modules())
+
+
 def reshard(model: torch.nn.Module) -> None:
     """Free a sharded model's gathered weights after a forward without backward (FSDP2 keeps the root's
     gathered for the backward that usually follows, which a frozen teacher or an eval never runs)."""

@@ -63,7 +63,7 @@ from .balance import LoadBalance
 from .config import WHERE_ONLY, EvalJob, TrainConfig, TrainJob
 from . import deepspeed_engine
 from .data import PackedData
-from .engines import (check_engine, grad_bytes, is_sharded, load_sharded, max_over_processes, module_bytes,
+from .engines import (check_engine, collective_forward, grad_bytes, load_sharded, max_over_processes, module_bytes,
                       optimizer_bytes, reshard, save_sharded, shard, write_gathered)
 
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
@@ -165,7 +165,7 @@ def evaluate(model, windows: torch.Tensor, batch_size: int = 8, accelerator=None
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of window losses, windows)
     start, timed = time.perf_counter(), 0  # timed: windows of this process inside the timing
     starts = range(0, len(shard), batch_size)
-    if world > 1 and is_sharded(model):  # a sharded forward gathers with every process: all run as many
+    if world > 1 and collective_forward(model):  # every process takes part in each forward: all run as many
         starts = range(0, math.ceil(len(windows) / world) or 1, batch_size)
     for i in starts:
         batch = shard[i:i + batch_size]
