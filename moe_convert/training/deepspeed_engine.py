@@ -36,6 +36,7 @@ from ..model.routing import route
 from .engines import module_bytes
 
 DS_DIR = "deepspeed"  # inside a checkpoint directory: DeepSpeed's tag folder (model, ZeRO and expert shards)
+BUCKET_ELEMENTS = 500_000_000  # ZeRO's reduce and all-gather buckets (DeepSpeed's default size)
 NO_STEPS_PRINT = 2**31 - 1  # DeepSpeed prints a line every `steps_per_print` steps: our progress bar does
 
 
@@ -215,7 +216,9 @@ def from_deepspeed_moe(model) -> bool:
 def ds_config(cfg, micro_batch: int) -> dict:
     """DeepSpeed's config for a `TrainConfig`: ZeRO-2, its clipping (global norm), bf16 when asked."""
     return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": cfg.grad_accum,
-            "zero_optimization": {"stage": 2}, "gradient_clipping": cfg.clip,
+            "zero_optimization": {"stage": 2, "reduce_bucket_size": BUCKET_ELEMENTS,
+                                  "allgather_bucket_size": BUCKET_ELEMENTS},
+            "gradient_clipping": cfg.clip,
             "bf16": {"enabled": cfg.mixed_precision == "bf16"}, "steps_per_print": NO_STEPS_PRINT}
 
 

@@ -1,5 +1,5 @@
 """The training loop `train` runs and `distill` reuses: Accelerate, one CPU process or torchrun (DDP or
-FSDP2, `engines.py`).
+FSDP2, `engines.py`; DeepSpeed's engine with expert parallelism, `deepspeed_engine.py`).
 
 Reusable API::
 
