@@ -22,7 +22,6 @@ and, for top-2, `top2_2nd_expert_sampling=False`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import sys
 from pathlib import Path
 
@@ -75,7 +74,10 @@ class DeepSpeedPRMoE(PRMoELayer):
     """A PR-MoE layer whose router, experts, residual FFN and coefficient live in a DeepSpeed `MoE`
     (`self.moe`), holding E/ep_size of the experts. Like our layer it leaves `aux_loss` (DeepSpeed's
     l_aux), `load` and `expert_counts` after each forward; the load is the gate's softmax over the
-    same weight again, for `--aux-scope global` and the load entropies."""
+    same weight again, for `--aux-scope global` and the load entropies.
+
+    A `PRMoELayer` to the model (its `moe_layers` and aux loss find it), built from one rather than by
+    that class's constructor, whose router and experts it does not have."""
 
     def __init__(self, layer: PRMoELayer, ep_size: int, spec):
         nn.Module.__init__(self)
@@ -115,8 +117,8 @@ class DeepSpeedPRMoE(PRMoELayer):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (T, d)
-        gate = self.moe.deepspeed_moe.gate.wg.weight  # (E, d), fp32 as in DeepSpeed
-        routing = route(x.float() @ gate.t(), self.top_k, self.capacity_factor, self.min_capacity)
+        gate = self.moe.deepspeed_moe.gate.wg.weight  # (E, d); logits in fp32 as DeepSpeed's gate computes them
+        routing = route(x.float() @ gate.float().t(), self.top_k, self.capacity_factor, self.min_capacity)
         self.load, self.expert_counts = routing.load, routing.first_choice_counts.detach()
         y, self.aux_loss, _ = self.moe(x)  # (T, d)
         return y.reshape(shape)
@@ -139,22 +141,16 @@ class DeepSpeedPRMoE(PRMoELayer):
                 stacked[ours] = full.transpose(1, 2) if transposed else full
         if not main:
             return None
-        first = next(iter(stacked.values()))
-        hidden = self.moe.deepspeed_moe.gate.wg.in_features
-        inner = stacked["w_out"].shape[1]
-        with torch.device("meta"):
-            experts = Experts(self.kind, self.num_experts, hidden, inner, self.act, self.expert_dropout)
+        gate = self.moe.deepspeed_moe.gate.wg
+        with torch.device("meta"):  # shells: every tensor is set below
+            experts = Experts(self.kind, self.num_experts, gate.in_features, stacked["w_out"].shape[1], self.act,
+                              self.expert_dropout)
+            layer = PRMoELayer(gate.in_features, experts, self.moe.mlp, self.top_k, self.capacity_factor,
+                               self.min_capacity)
         for name, t in stacked.items():
-            setattr(experts, name, nn.Parameter(t.to(first.dtype).contiguous()))
-        layer = PRMoELayer.__new__(PRMoELayer)
-        nn.Module.__init__(layer)
-        layer.top_k, layer.capacity_factor, layer.min_capacity = self.top_k, self.capacity_factor, self.min_capacity
-        layer.router = nn.Linear(hidden, self.num_experts, bias=False)
-        layer.router.weight = nn.Parameter(self.moe.deepspeed_moe.gate.wg.weight.detach().clone())
-        layer.experts = experts
-        if self.moe.use_residual:
-            layer.mlp, layer.coefficient = self.moe.mlp, self.moe.coefficient
-        layer.aux_loss = layer.load = layer.expert_counts = None
+            setattr(experts, name, nn.Parameter(t.contiguous()))
+        layer.router.weight = gate.weight
+        layer.coefficient = self.moe.coefficient
         return layer
 
 
@@ -199,18 +195,22 @@ def join_ep_groups(model) -> None:
         getattr(block, attr).moe.set_deepspeed_parallelism()
 
 
-def from_deepspeed_moe(model) -> bool:
-    """Our layers back in place of `model`'s DeepSpeed ones, every expert gathered onto the main process of
-    each ep group; True where this process holds the whole model. A collective: all processes call it."""
-    whole = True
-    for block, attr in _ffn_layers(model):
-        layer = getattr(block, attr)
-        if isinstance(layer, DeepSpeedPRMoE):
-            ours = layer.gathered()
-            whole = ours is not None
-            if whole:
-                setattr(block, attr, ours)
-    return whole
+def final_model(engine):
+    """The trained model with our layers again, on the main process of each ep group (None on the others):
+    under bf16 every weight first becomes its fp32 master copy (ZeRO keeps it partitioned), then every
+    expert is gathered from its owner. A collective: all processes call it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    model = engine.module
+    if engine.bfloat16_enabled():
+        for p in model.parameters():  # one parameter at a time, in the same order on every process
+            p.data = safe_get_full_fp32_param(p)
+    layers = [(block, attr, getattr(block, attr).gathered()) for block, attr in _ffn_layers(model)]  # all gather
+    if any(ours is None for *_, ours in layers):
+        return None
+    for block, attr, ours in layers:
+        setattr(block, attr, ours)
+    return model
 
 
 def ds_config(cfg, micro_batch: int) -> dict:

@@ -488,10 +488,10 @@ class Trainer:
                 if acc.is_main_process:
                     shutil.rmtree(tmp, ignore_errors=True)
                 raise
-        if self.deepspeed:  # every expert back in our layers, on the main process
-            deepspeed_engine.from_deepspeed_moe(self.model.module)
+        model = deepspeed_engine.final_model(self.model) if self.deepspeed else None  # our layers, every expert
         if acc.is_main_process:
-            model = None if self.sharded else self.model.module if self.deepspeed else acc.unwrap_model(self.model)
+            if not self.deepspeed:
+                model = None if self.sharded else acc.unwrap_model(self.model)
             if dtype is not None and model is not None:
                 model = model.to(dtype)
             if not self.sharded:
