@@ -138,3 +138,32 @@ def test_deepspeed_refusals_one_line_nothing_written(prmoe_dir, data_file, tmp_p
     r = CliRunner().invoke(app, [*base, "-o", str(out), "--engine", "deepspeed"])
     assert r.exit_code == 2 and not out.exists(), r.output
     assert r.output.strip() == "error: engine: deepspeed is not installed; pip install 'moe-convert[deepspeed]'"
+
+
+def test_deepspeed_layer_is_ours_both_ways(host, deepspeed_moe):
+    """One process, ep 1: a PR-MoE layer moved into DeepSpeed's MoE (GPT-2's Conv1D experts, Llama's
+    transposed gated ones) gives our layer's output, aux loss, load and gradients on fresh random input,
+    and gathered back it is our layer again, tensor for tensor."""
+    from conftest import tiny_prmoe
+    from moe_convert.model.modeling import host_spec
+    from moe_convert.training.deepspeed_engine import DeepSpeedPRMoE, import_deepspeed
+
+    import_deepspeed().init_distributed(dist_backend="gloo")  # adopts the fixture's process group
+    model = tiny_prmoe(host, num_experts=(4, 6), seed=5)
+    ours = model.moe_layers()[1]
+    theirs = DeepSpeedPRMoE(ours, 1, host_spec(model.config.text_config.model_type))
+    theirs.moe.set_deepspeed_parallelism()
+    x = torch.randn(3, 7, 32) * 3
+    y_ours, y_theirs = ours(x), theirs(x)
+    assert (ours.expert_counts > 0).sum() > 1  # several experts really used
+    torch.testing.assert_close(y_theirs, y_ours, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(theirs.aux_loss, ours.aux_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(theirs.load.prob_sum, ours.load.prob_sum)
+    assert torch.equal(theirs.load.counts, ours.load.counts)
+    (y_ours.square().sum() + ours.aux_loss).backward()
+    (y_theirs.square().sum() + theirs.aux_loss).backward()
+    torch.testing.assert_close(theirs.moe.deepspeed_moe.gate.wg.weight.grad, ours.router.weight.grad,
+                               rtol=1e-4, atol=1e-6)
+    back = theirs.gathered()
+    for name, t in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name

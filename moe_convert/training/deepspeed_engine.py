@@ -87,12 +87,11 @@ class DeepSpeedPRMoE(PRMoELayer):
         self.top_k, self.capacity_factor, self.min_capacity = layer.top_k, layer.capacity_factor, layer.min_capacity
         self.num_experts, self.ep_size, self.spec = experts.num_experts, ep_size, spec
         self.kind, self.act, self.expert_dropout = experts.kind, experts.act, experts.dropout
-        # DeepSpeed keeps `expert` as its residual FFN and copies it for each local expert
-        expert = layer.mlp
-        self.moe = MoE(layer.router.in_features, expert, num_experts=self.num_experts, ep_size=ep_size,
+        # DeepSpeed keeps `expert` (our residual FFN) as its residual FFN and copies it for each local expert
+        self.moe = MoE(layer.router.in_features, layer.mlp, num_experts=self.num_experts, ep_size=ep_size,
                        k=layer.top_k, capacity_factor=layer.capacity_factor or 1.0,
                        eval_capacity_factor=layer.capacity_factor or 1.0, min_capacity=layer.min_capacity,
-                       use_residual=layer.residual, noisy_gate_policy=None,
+                       use_residual=True, noisy_gate_policy=None,
                        drop_tokens=layer.capacity_factor is not None, use_rts=False,
                        top2_2nd_expert_sampling=False)
         self.moe.load_state_dict(self._deepspeed_state(layer), strict=True)
@@ -109,10 +108,8 @@ class DeepSpeedPRMoE(PRMoELayer):
             for ours, (key, transposed) in self.spec.expert_keys.items():
                 t = getattr(layer.experts, ours).detach()[first + j]
                 state[deepspeed_expert_key(j, key)] = t.t() if transposed else t
-        if layer.residual:
-            state |= {f"mlp.{k}": v for k, v in layer.mlp.state_dict().items()}
-            state |= {f"coefficient.{k}": v for k, v in layer.coefficient.state_dict().items()}
-        return state
+        state |= {f"mlp.{k}": v for k, v in layer.mlp.state_dict().items()}
+        return state | {f"coefficient.{k}": v for k, v in layer.coefficient.state_dict().items()}
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
