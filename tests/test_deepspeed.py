@@ -12,8 +12,8 @@ from moe_convert.training.config import DistillJob, TrainConfig, TrainJob
 from moe_convert.training.memory import plan_job
 
 from conftest import metrics_of
-from test_fsdp import (STATE, assert_curves_match, assert_same_model, cache_env, data_file, held,  # noqa: F401
-                       prmoe_dir, torchrun)
+from test_fsdp import (STATE, assert_curves_match, assert_same_model, cache_env, data_file,  # noqa: F401
+                       distill_matches_ddp, held, prmoe_dir, torchrun)
 
 pytest.importorskip("deepspeed")
 EP = ["--engine", "deepspeed", "--ep-size", "2"]
@@ -86,27 +86,9 @@ def test_deepspeed_ep_trains_a_prmoe_as_ddp_does(prmoe_dir, data_file, tmp_path)
 
 @pytest.mark.slow
 def test_deepspeed_ep_distill_matches_ddp_and_splits_the_teacher(prmoe_dir, data_file, tmp_path):
-    """kd-stop 0.5 over 6 steps: per-step loss, CE and KD as DDP's on 2 processes; the PR-MoE teacher, its
-    experts split as the student's, is released at the stop; a run stopped at step 2 and resumed crosses
-    the stop exactly; the saved students are the same."""
-    env = ds_env(tmp_path)
-    args = ["distill", "--teacher", str(prmoe_dir), "--data", str(data_file), "--seq-len", "32", "--batch-size", "4",
-            "--steps", "6", "--warmup-steps", "1", "--lr", "2e-3", "--eval-every", "0", "--eval-windows", "5",
-            "--kd-stop", "0.5", "--student-layers", "-1", "--json"]
-    ddp, ds, part = tmp_path / "ddp", tmp_path / "ds", tmp_path / "part"
-    torchrun([*args, "-o", str(ddp)], env)
-    torchrun([*args, "-o", str(ds), *EP], env)
-    torchrun([*args, "-o", str(part), *EP, "--stop-after", "2"], env)
-    torchrun([*args, "-o", str(part), *EP, "--resume"], env)
-    a, b = metrics_of(ddp), metrics_of(ds)
-    assert [r["kd_on"] for r in b] == [1, 1, 1, 0, 0, 0]
-    assert_curves_match(ddp, ds, ("loss", "ce"))
-    for x, y in zip(a[:3], b[:3]):
-        assert y["kd"] == pytest.approx(x["kd"], rel=1e-4, abs=1e-7)
-    assert [r["held_teacher"] > 0 for r in b] == [True] * 3 + [False] * 3  # released at the stop
+    """`distill_matches_ddp` under EP 2 + ZeRO-2, and the PR-MoE teacher holds half its experts per process."""
+    a, b = distill_matches_ddp(prmoe_dir, data_file, tmp_path, EP, ds_env(tmp_path))
     assert a[0]["held_teacher"] - b[0]["held_teacher"] == 4 * (4 + 8) // 2 * PER_EXPERT  # half its experts, fp32
-    assert [r["loss"] for r in metrics_of(part)] == [r["loss"] for r in b]
-    assert_same_model(ddp, ds)
     job = DistillJob(model=str(prmoe_dir), data=str(data_file), output="-", seq_len=32, student_layers=-1,
                      kd_stop=0.5, config=TrainConfig(steps=6, batch_size=4, engine="deepspeed", ep_size=2))
     assert_plan_is_held(plan_job(job, devices=2), {k: b[0][f"held_{k}"] for k in STATE})
