@@ -304,11 +304,14 @@ def _print_memory_plan(job, devices: int, device_memory: str, json_out: bool) ->
                   f"per device, {'fits' if plan.fits else 'does not fit'} {format_bytes(plan.device_memory)}")
 
 
+BUFFER_LABELS = {"fsdp": "gather buffers", "deepspeed": "ZeRO reduce bucket"}  # ddp: all-reduce buckets
+
+
 def memory_rows(plan) -> list[tuple[str, str]]:
     """The plan's state rows (label, size), the teacher only where there is one."""
     rows = [("parameters (fp32)", plan.params), ("gradients (fp32)", plan.grads),
             ("AdamW state (fp32)", plan.optimizer), ("teacher (frozen)", plan.teacher),
-            ("gather buffers" if plan.engine == "fsdp" else "all-reduce buckets", plan.buffers)]
+            (BUFFER_LABELS.get(plan.engine, "all-reduce buckets"), plan.buffers)]
     return [(label, format_bytes(n)) for label, n in rows if n or label != "teacher (frozen)"]
 
 

@@ -140,27 +140,33 @@ def test_fsdp_dense_on_two_processes_equals_one(data_file, tmp_path):
     assert_same_model(tmp_path / "one", tmp_path / "two")
 
 
-@pytest.mark.slow
-def test_fsdp_distill_matches_ddp_and_shards_the_teacher(prmoe_dir, data_file, tmp_path):
-    """kd-stop 0.5 over 6 steps: per-step CE and KD as DDP's on 2 processes; the teacher (sharded, 1/2 per
-    process) is released at the stop; a run stopped at step 2 and resumed crosses the stop exactly."""
-    env = cache_env(tmp_path)
+def distill_matches_ddp(prmoe_dir, data_file, tmp_path, engine: list[str], env: dict) -> tuple[list, list]:
+    """kd-stop 0.5 over 6 steps under `engine` on 2 processes: per-step loss, CE and KD as DDP's on 2; the
+    teacher released at the stop; a run stopped at step 2 and resumed crosses the stop exactly; the same
+    saved student. Returns both runs' train records (DDP's, the engine's)."""
     args = ["distill", "--teacher", str(prmoe_dir), "--data", str(data_file), "--seq-len", "32", "--batch-size", "4",
             "--steps", "6", "--warmup-steps", "1", "--lr", "2e-3", "--eval-every", "0", "--eval-windows", "5",
             "--kd-stop", "0.5", "--student-layers", "-1", "--json"]
-    ddp, fsdp, part = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "part"
+    ddp, other, part = tmp_path / "ddp", tmp_path / "other", tmp_path / "part"
     torchrun([*args, "-o", str(ddp)], env)
-    torchrun([*args, "-o", str(fsdp), "--engine", "fsdp"], env)
-    torchrun([*args, "-o", str(part), "--engine", "fsdp", "--stop-after", "2"], env)
-    torchrun([*args, "-o", str(part), "--engine", "fsdp", "--resume"], env)
-    a, b = metrics_of(ddp), metrics_of(fsdp)
+    torchrun([*args, "-o", str(other), *engine], env)
+    torchrun([*args, "-o", str(part), *engine, "--stop-after", "2"], env)
+    torchrun([*args, "-o", str(part), *engine, "--resume"], env)
+    a, b = metrics_of(ddp), metrics_of(other)
     assert [r["kd_on"] for r in b] == [1, 1, 1, 0, 0, 0]
-    assert_curves_match(ddp, fsdp, ("loss", "ce"))
+    assert_curves_match(ddp, other, ("loss", "ce"))
     for x, y in zip(a[:3], b[:3]):
         assert y["kd"] == pytest.approx(x["kd"], rel=1e-4, abs=1e-7)
     assert [r["held_teacher"] > 0 for r in b] == [True] * 3 + [False] * 3  # released at the stop
     assert [r["loss"] for r in metrics_of(part)] == [r["loss"] for r in b]
-    assert_same_model(ddp, fsdp)
+    assert_same_model(ddp, other)
+    return a, b
+
+
+@pytest.mark.slow
+def test_fsdp_distill_matches_ddp_and_shards_the_teacher(prmoe_dir, data_file, tmp_path):
+    """`distill_matches_ddp` under fsdp, and the teacher (sharded) takes 1/2 per process."""
+    a, b = distill_matches_ddp(prmoe_dir, data_file, tmp_path, ["--engine", "fsdp"], cache_env(tmp_path))
     kd_bytes = [sum(r[f"held_{k}"] for k in STATE) for r in (a[0], b[0])]  # step 1: teacher held
     assert kd_bytes[1] <= 0.55 * kd_bytes[0], kd_bytes
     assert b[0]["held_teacher"] <= 0.55 * a[0]["held_teacher"]

@@ -25,6 +25,7 @@ class LayerRow:
     experts: int  # 0 for a dense layer
     params: int
     active_params: int
+    expert_params: int = 0  # of all its experts together (what expert parallelism splits)
 
 
 @dataclass
@@ -103,9 +104,9 @@ def summarize_config(config) -> ModelSummary:
         ffn = getattr(layer, spec.ffn_attr)
         params = _count(layer)
         if isinstance(ffn, PRMoELayer):
-            E = ffn.experts.num_experts
-            inactive = (E - top_k) * _count(ffn.experts) // E
-            rows.append(LayerRow(i, "PR-MoE" if ffn.residual else "MoE", E, params, params - inactive))
+            E, experts = ffn.experts.num_experts, _count(ffn.experts)
+            inactive = (E - top_k) * experts // E
+            rows.append(LayerRow(i, "PR-MoE" if ffn.residual else "MoE", E, params, params - inactive, experts))
         else:
             rows.append(LayerRow(i, "dense", 0, params, params))
     total = _count(model)

@@ -66,7 +66,7 @@ class LoadBalance:
         self.model, self.scope, self.grad_accum, self.group = model, scope, grad_accum, group
         self.layers = model.moe_layers()
         self.names = [str(i) for i in model.config.moe_layers]  # decoder-layer index of each MoE layer
-        self.sizes = [m.experts.num_experts for m in self.layers]
+        self.sizes = list(model.config.num_experts)
         self.coef = model.config.aux_loss_coef
         self.world = group_size(group)
         self.step_counts = self.global_counts = None

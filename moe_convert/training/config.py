@@ -15,7 +15,7 @@ from ..options import check_seed, check_types, option
 MAX_TEMPERATURE = 1e4  # KD softmax temperature: past it every distribution is flat (and T^2 overflows later)
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
-ENGINES = ("ddp", "fsdp")  # how the model is spread over processes (training/engines.py)
+ENGINES = ("ddp", "fsdp", "deepspeed")  # how the model is spread over processes (training/engines.py)
 SAVE_DTYPE_NAMES = ("fp32", "bf16", "fp16")
 AUX_SCOPES = ("micro", "global")  # the tokens each MoE layer's load-balancing loss is computed over
 
@@ -46,7 +46,11 @@ class TrainConfig:
     log_every: int = option(1, "Steps between metrics.jsonl records.")
     mixed_precision: str = option("no", "no | bf16 | fp16 (fp16 needs a GPU).")
     engine: str = option("ddp", "ddp: every process holds the whole model | fsdp: parameters, gradients and AdamW "
-                                "state sharded per decoder block over the processes (FSDP2; N >= 2 processes).")
+                                "state sharded per decoder block over the processes (FSDP2; N >= 2 processes) | "
+                                "deepspeed: DeepSpeed's engine, PR-MoE experts split over --ep-size processes, "
+                                "ZeRO-2 for the rest (pip install 'moe-convert[deepspeed]').")
+    ep_size: int = option(1, "--engine deepspeed: processes each MoE layer's experts are split over (expert "
+                             "parallelism); must divide the process count and every layer's expert count.")
     activation_checkpointing: bool = option(False, "Recompute each decoder block's activations in the backward "
                                                    "pass instead of keeping them (less memory, ~1/3 more compute).")
     seed: int = option(0, "Seed of the data order and of dropout.")
@@ -57,7 +61,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_types(self)
-        positive = ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints")
+        positive = ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints", "ep_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise MoEConvertError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -81,6 +85,9 @@ class TrainConfig:
             raise MoEConvertError(f"aux_scope: must be one of {', '.join(AUX_SCOPES)}, got {self.aux_scope!r}")
         if self.engine not in ENGINES:
             raise MoEConvertError(f"engine: must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.ep_size > 1 and self.engine != "deepspeed":
+            raise MoEConvertError(f"ep_size: {self.ep_size} splits experts over processes, which --engine "
+                                  f"{self.engine} does not do; use --engine deepspeed")
         if self.batch_size % self.grad_accum:
             raise MoEConvertError(f"batch_size: {self.batch_size} is not divisible by grad_accum={self.grad_accum}")
 
@@ -171,6 +178,10 @@ class DistillJob(TrainJob):
         if self.teacher_cache is not None and self.kd_top_k is None:
             raise MoEConvertError("teacher_cache: the cache keeps the teacher's top-K logits; give --kd-top-k too "
                                   "(e.g. 32)")
+        if self.teacher_cache is not None and self.config.ep_size > 1:
+            raise MoEConvertError("teacher_cache: under --ep-size > 1 a teacher forward takes every process at once, "
+                                  "and a window cached on one process would leave the others waiting; drop "
+                                  "--teacher-cache or use --ep-size 1")
         if not 0.0 <= self.alpha <= 1.0:
             raise MoEConvertError(f"alpha: must be in [0, 1], got {self.alpha}")
         if not 0 < self.temperature <= MAX_TEMPERATURE:  # T^2 scales the KD term: inf gave NaN weights

@@ -24,6 +24,7 @@ from ..io import DTYPES
 from ..model.layout import parse_int_list
 from ..model.modeling import host_spec
 from .config import DistillJob
+from . import deepspeed_engine
 from .engines import module_bytes, reshard, shard
 from .teacher_cache import TeacherCache
 from .train import (METRICS, Trainer, TrainResult, causal_lm_loss, clear_output, load_model, prepare_job,
@@ -362,6 +363,8 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
     trainer = Trainer(student, data, job.config, out, loss_fn=kd.loss, on_step=kd.on_step, settings=settings,
                       progress=progress, held=lambda: {"teacher": module_bytes(kd.teacher)})
     kd.autocast = trainer.accelerator.autocast
+    if trainer.deepspeed:  # a PR-MoE teacher's experts split as the student's, over the engine's ep groups
+        deepspeed_engine.join_ep_groups(deepspeed_engine.to_deepspeed_moe(teacher, job.config.ep_size))
     teacher.to(trainer.accelerator.device, DTYPES[job.teacher_dtype]).eval().requires_grad_(False)  # one copy
     if trainer.sharded:  # frozen, so no gradients or optimizer state: 1/N of its weights per process
         shard(teacher)

@@ -34,6 +34,8 @@ def check_engine(engine: str, mixed_precision: str, processes: int) -> None:
     if engine == "fsdp" and mixed_precision == "fp16":
         raise MoEConvertError("mixed_precision: fp16 under --engine fsdp needs a sharded gradient scaler, which is "
                               "not built; use bf16")
+    if engine == "deepspeed" and mixed_precision == "fp16":
+        raise MoEConvertError("mixed_precision: fp16 under --engine deepspeed is not wired to its loss scaler; use bf16")
     if engine == "ddp" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise MoEConvertError("engine: the accelerate config asks for FSDP; pass --engine fsdp and launch with a "
                               "config without an fsdp section (distributed_type: MULTI_GPU)")
@@ -68,6 +70,12 @@ def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def collective_forward(model: torch.nn.Module) -> bool:
+    """Whether a forward takes every process at once: sharded weights are gathered, or tokens reach
+    experts on other processes (a DeepSpeed MoE with ep_size > 1, `deepspeed_engine.py`)."""
+    return is_sharded(model) or any(getattr(m, "ep_size", 1) > 1 for m in model.modules())
 
 
 def reshard(model: torch.nn.Module) -> None:

@@ -1,12 +1,15 @@
 """Per-device memory of a `train` or `distill` step, from configs alone (`--dry-run --devices N`).
 
-What each device holds, for `ddp` (everything whole) and `fsdp` (sharded 1/N):
+What each device holds, for `ddp` (everything whole), `fsdp` (sharded 1/N) and `deepspeed` (EP over
+`ep_size` of the N devices, ZeRO-2: weights whole but each MoE layer's experts split E/ep_size per
+device, fp32 master weights, gradients and AdamW state partitioned 1/N):
 
 - parameters: fp32 master weights, 4 bytes each (bf16 is a compute dtype: weights stay fp32);
 - gradients: fp32, 4 bytes each; optimizer: AdamW's two fp32 moments, 8 bytes each;
 - teacher (distill): its weights at `teacher_dtype`, frozen (no gradients, no optimizer state);
 - buffers: ddp keeps a second copy of the gradients in its all-reduce buckets; fsdp gathers one
-  block's full weights in the compute dtype, and prefetches the next;
+  block's full weights in the compute dtype, and prefetches the next; deepspeed reduces gradients
+  through one bucket (`deepspeed_engine.BUCKET_ELEMENTS`, fp32);
 - activations of one micro-batch (`batch_size / (grad_accum x devices)` windows of `seq_len`
   tokens), counted per token as in Korthikanti et al. 2022 (arXiv 2205.05198, sec. 4.1) with SDPA
   attention (no s x s scores kept): about 8h for attention and norms plus 2h + 2f for each FFN the
@@ -105,6 +108,15 @@ def _largest_block_params(config) -> int:
     return max((r.params for r in summarize_config(config).layers), default=0)
 
 
+def _ep_params(config, ep_size: int) -> int:
+    """Parameters one of `ep_size` expert-parallel devices holds: all but the experts, and 1/ep_size of those."""
+    from ..convert.summary import summarize_config
+
+    summary = summarize_config(config)
+    experts = sum(r.expert_params for r in summary.layers)
+    return summary.total_params - experts + experts // ep_size
+
+
 def _total_params(config) -> int:
     from ..convert.summary import summarize_config
 
@@ -122,6 +134,8 @@ def plan_memory(job: TrainJob, model_config, *, devices: int = 1, device_memory:
         raise MoEConvertError(f"devices: must be >= 1, got {devices}")
     if cfg.engine == "fsdp" and devices < 2:
         raise MoEConvertError("devices: --engine fsdp shards over devices; give --devices N (N >= 2)")
+    if devices % cfg.ep_size:
+        raise MoEConvertError(f"devices: --ep-size {cfg.ep_size} does not divide {devices} devices")
     if cfg.batch_size % (cfg.grad_accum * devices):
         raise MoEConvertError(f"batch_size: {cfg.batch_size} is not divisible by grad_accum ({cfg.grad_accum}) x "
                               f"devices ({devices})")
@@ -130,6 +144,7 @@ def plan_memory(job: TrainJob, model_config, *, devices: int = 1, device_memory:
     n = devices if cfg.engine == "fsdp" else 1  # the shards
     compute = 2 if cfg.mixed_precision in ("bf16", "fp16") else 4
     params = _total_params(model_config)
+    held = 4 * params // n  # weights a device holds: fp32, sharded under fsdp
     teacher, kd_bytes, teacher_block = 0, 0, 0
     if isinstance(job, DistillJob) and job.kd_steps > 0 and teacher_config is not None:
         kd_bytes = DTYPE_BYTES[job.teacher_dtype]
@@ -137,13 +152,21 @@ def plan_memory(job: TrainJob, model_config, *, devices: int = 1, device_memory:
         teacher_block = _largest_block_params(teacher_config) * kd_bytes
     if cfg.engine == "fsdp":  # one block gathered and the next prefetched
         buffers = 2 * max(_largest_block_params(model_config) * compute, teacher_block)
+    elif cfg.engine == "deepspeed":  # EP: a 1/ep_size share of the experts; ZeRO-2: fp32 master partition
+        from .deepspeed_engine import BUCKET_ELEMENTS
+
+        held = compute * _ep_params(model_config, cfg.ep_size) + 4 * params // devices
+        n = devices  # gradients and optimizer state partitioned over every device
+        if teacher:
+            teacher = _ep_params(teacher_config, cfg.ep_size) * kd_bytes
+        buffers = 4 * min(params, BUCKET_ELEMENTS)
     else:  # the all-reduce buckets: a second copy of the gradients
         buffers = 4 * params
     tokens = micro * job.seq_len
     return MemoryPlan(
         kind=job.KIND, engine=cfg.engine, devices=devices, micro_batch=micro, seq_len=job.seq_len,
         mixed_precision=cfg.mixed_precision, activation_checkpointing=cfg.activation_checkpointing,
-        params=4 * params // n, grads=4 * params // n, optimizer=8 * params // n, teacher=teacher, buffers=buffers,
+        params=held, grads=4 * params // n, optimizer=8 * params // n, teacher=teacher, buffers=buffers,
         activations=activation_bytes(model_config, tokens, compute, False, kd_bytes),
         activations_checkpointed=activation_bytes(model_config, tokens, compute, True, kd_bytes),
         device_memory=memory)

@@ -1,5 +1,5 @@
 """The training loop `train` runs and `distill` reuses: Accelerate, one CPU process or torchrun (DDP or
-FSDP2, `engines.py`).
+FSDP2, `engines.py`; DeepSpeed's engine with expert parallelism, `deepspeed_engine.py`).
 
 Reusable API::
 
@@ -61,8 +61,9 @@ from ..io import (CHECKPOINTS, DTYPES, apply_umask, check_output_apart, checkpoi
                   fsync_tree, unfinished_run_hint)
 from .balance import LoadBalance
 from .config import WHERE_ONLY, EvalJob, TrainConfig, TrainJob
+from . import deepspeed_engine
 from .data import PackedData
-from .engines import (check_engine, grad_bytes, is_sharded, load_sharded, max_over_processes, module_bytes,
+from .engines import (check_engine, collective_forward, grad_bytes, load_sharded, max_over_processes, module_bytes,
                       optimizer_bytes, reshard, save_sharded, shard, write_gathered)
 
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")  # biases (incl. stacked expert biases) get no weight decay
@@ -164,7 +165,7 @@ def evaluate(model, windows: torch.Tensor, batch_size: int = 8, accelerator=None
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of window losses, windows)
     start, timed = time.perf_counter(), 0  # timed: windows of this process inside the timing
     starts = range(0, len(shard), batch_size)
-    if world > 1 and is_sharded(model):  # a sharded forward gathers with every process: all run as many
+    if world > 1 and collective_forward(model):  # every process takes part in each forward: all run as many
         starts = range(0, math.ceil(len(windows) / world) or 1, batch_size)
     for i in starts:
         batch = shard[i:i + batch_size]
@@ -254,13 +255,20 @@ class Trainer:
         if cfg.activation_checkpointing:
             model.activation_checkpointing_enable()
         self.sharded = cfg.engine == "fsdp"
+        self.deepspeed = cfg.engine == "deepspeed"  # DeepSpeed's engine is `self.model`
         if self.sharded:  # the optimizer is built on the shards; Accelerate does not wrap the model
             model = shard(model.to(acc.device), cfg.mixed_precision)
-        optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                      betas=(cfg.beta1, cfg.beta2))
+        if self.deepspeed:
+            self.model, self.optimizer = deepspeed_engine.initialize(
+                model.to(acc.device), cfg, self.micro, lambda m: decay_groups(m, cfg.weight_decay))
+            optimizer = self.optimizer
+        else:
+            optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                          betas=(cfg.beta1, cfg.beta2))
         # Not prepared: Accelerate would step a prepared scheduler once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
-        self.model, self.optimizer = (model, optimizer) if self.sharded else acc.prepare(model, optimizer)
+        if not self.deepspeed:
+            self.model, self.optimizer = (model, optimizer) if self.sharded else acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler, *extra_state)
         # PR-MoE: the aux loss at cfg.aux_scope, and expert-load entropies in the log
         self.balance = LoadBalance(model, cfg.aux_scope, cfg.grad_accum) if hasattr(model, "moe_layers") else None
@@ -292,6 +300,8 @@ class Trainer:
         acc.save_state(str(path), safe_serialization=False)  # tied embeddings: plain torch files
         if self.sharded:  # save_state kept the scheduler, extra state and every RNG; the shards go to DCP
             save_sharded(path, self.model, self.optimizer)
+        if self.deepspeed:  # and the engine's model, ZeRO and expert shards to DeepSpeed's own files
+            deepspeed_engine.save(self.model, path)
         acc.wait_for_everyone()
         if acc.is_main_process:  # trainer_state.json marks the checkpoint complete: every file on disk first
             state = {"step": step, "config": asdict(self.cfg), "settings": self.settings, "recent": self.recent}
@@ -312,6 +322,8 @@ class Trainer:
         self.accelerator.load_state(str(ckpt))
         if self.sharded:
             load_sharded(ckpt, self.model, self.optimizer)
+        if self.deepspeed:
+            deepspeed_engine.load(self.model, ckpt)
         self.recent = state.get("recent", {})
         if self.accelerator.is_main_process:  # drop records the resumed run will write again
             metrics = self.out_dir / METRICS
@@ -371,21 +383,15 @@ class Trainer:
                         out = self.loss_fn(self.model, batch, step)
                         if self.balance:
                             out = self.balance.micro_loss(out)
-                        acc.backward(out["loss"] / cfg.grad_accum)
+                        self._backward(out["loss"] / cfg.grad_accum, last)
                     for k, v in out.items():  # logged values may live on the CPU (a loss_fn's counters)
                         sums[k] = sums.get(k, 0.0) + v.detach().float().to(acc.device) / cfg.grad_accum
                 if self.balance:
                     sums |= self.balance.end()
-                grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.clip or float("inf"))
-                if hasattr(grad_norm, "full_tensor"):  # fsdp: a DTensor reduced over the shards
-                    grad_norm = grad_norm.full_tensor()
-                held = {"params": module_bytes(self.model), "grads": grad_bytes(self.model)}
                 lr = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
-                held["optimizer"] = optimizer_bytes(self.optimizer)
+                grad_norm, held = self._optimizer_step()
                 held.update(self.held() if self.held else {})
                 self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
                 keys = sorted(sums)
                 means = acc.reduce(torch.stack([sums[k] for k in keys]), reduction="mean").tolist()
                 done, dt = step + 1, time.perf_counter() - t0
@@ -423,17 +429,45 @@ class Trainer:
             output=str(self.out_dir), processes=acc.num_processes, complete=stop == cfg.steps,
         )
 
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """deepspeed: the engine counts micro-batches itself, stepping (and reducing) at the last one."""
+        if not self.deepspeed:
+            self.accelerator.backward(loss)
+            return
+        self.model.backward(loss, scale_wrt_gas=False)  # `loss` is already divided by grad_accum
+        if not last:
+            self.model.step()
+
+    def _optimizer_step(self) -> tuple[float, dict[str, int]]:
+        """Clip to the global norm and step; (that norm before clipping, bytes this process holds of each
+        kind of state)."""
+        if self.deepspeed:  # the engine clipped to the norm over all processes' gradients, experts included
+            held = deepspeed_engine.held_bytes(self.model)
+            self.model.step()
+            return float(self.model.get_global_grad_norm()), held | {"optimizer": optimizer_bytes(self.optimizer)}
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.clip or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # fsdp: a DTensor reduced over the shards
+            grad_norm = grad_norm.full_tensor()
+        held = {"params": module_bytes(self.model), "grads": grad_bytes(self.model)}
+        self.optimizer.step()
+        held["optimizer"] = optimizer_bytes(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm), held
+
     def _sync_grads(self, last: bool):
-        """Gradients are reduced over processes at the last micro-batch of a step only."""
+        """Gradients are reduced over processes at the last micro-batch of a step only (DeepSpeed's engine
+        knows that by itself)."""
         if self.sharded:
             self.model.set_requires_gradient_sync(last)
             return nullcontext()
-        return nullcontext() if last else self.accelerator.no_sync(self.model)
+        return nullcontext() if last or self.deepspeed else self.accelerator.no_sync(self.model)
 
     def release(self) -> None:
         """Drop the model and optimizer (also the accelerator's references) and return their memory, so
         the next step of a recipe in this process starts without them."""
         self.accelerator.free_memory()
+        if self.deepspeed:
+            self.model.destroy()
         self.model = self.optimizer = self.scheduler = None
         release_memory()
 
@@ -454,8 +488,10 @@ class Trainer:
                 if acc.is_main_process:
                     shutil.rmtree(tmp, ignore_errors=True)
                 raise
+        model = deepspeed_engine.final_model(self.model) if self.deepspeed else None  # our layers, every expert
         if acc.is_main_process:
-            model = None if self.sharded else acc.unwrap_model(self.model)
+            if not self.deepspeed:
+                model = None if self.sharded else acc.unwrap_model(self.model)
             if dtype is not None and model is not None:
                 model = model.to(dtype)
             if not self.sharded:
@@ -605,6 +641,8 @@ def prepare_job(job: TrainJob, config, *, resume: bool, stop_after: int | None, 
     check_job_for_model(job, config)
     check_batch(job.config, state.num_processes)
     check_engine(job.config.engine, job.config.mixed_precision, state.num_processes)
+    if job.config.engine == "deepspeed":
+        deepspeed_engine.check_deepspeed(job.config.ep_size, state.num_processes, config)
     tokenizer = load_tokenizer(job.model)
     data = load_job_data(job, tokenizer, state, config)
     settings = {**job_settings(job, data), "processes": state.num_processes}  # checkpoints hold per-process state
