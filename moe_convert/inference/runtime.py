@@ -588,8 +588,9 @@ def load_runtime(path: str | Path, expert_parallel: bool = False, manifest: dict
 
 @dataclass
 class TextGeneration:
-    """What `generate_text` made: the new text and tokens, and how the run went."""
+    """What `generate_text` made of one prompt: the new text and tokens, and how the run went."""
 
+    prompt: str
     text: str
     prompt_tokens: int
     generation: Generation  # prompt + new tokens, timings
@@ -602,18 +603,20 @@ class TextGeneration:
         return self.generation.tokens[self.prompt_tokens:]
 
 
-def generate_text(job: GenerateJob) -> TextGeneration:
-    """The `generate` command: tokenize `job.prompt` with the export's tokenizer, decode, detokenize.
+def generate_text(job: GenerateJob) -> list[TextGeneration]:
+    """The `generate` command: tokenize each prompt with the export's tokenizer, decode them as one batch
+    (`Runtime.generate_batch`), detokenize; one `TextGeneration` per prompt, in order.
 
     Under torchrun on an `--ep-size N` export, each process holds one rank's experts."""
     manifest = read_manifest(job.export_dir)  # an export at all; then its tokenizer, before the weights load
+    prompts = job.all_prompts()
     tokenizer = load_tokenizer(job.export_dir)
     runtime = load_runtime(job.export_dir, expert_parallel=True, manifest=manifest)
-    ids = tokenizer(job.prompt)["input_ids"]
-    out = runtime.generate(ids, job.max_new_tokens, job.temperature, job.top_k, job.top_p, job.seed,
-                           eos_token_ids(job.export_dir, runtime.cfg))
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    outs = runtime.generate_batch(ids, job.max_new_tokens, job.temperature, job.top_k, job.top_p, job.seed,
+                                  eos_token_ids(job.export_dir, runtime.cfg))
     if runtime.ep is not None:
         runtime.ep.close()
-    return TextGeneration(tokenizer.decode(out.tokens[len(ids):], skip_special_tokens=True), len(ids), out,
-                          runtime.context, runtime.ep.rank if runtime.ep is not None else 0,
-                          runtime.dtype != runtime.stored_dtype)
+    return [TextGeneration(text, tokenizer.decode(out.tokens[len(p):], skip_special_tokens=True), len(p), out,
+                           runtime.context, runtime.ep.rank if runtime.ep is not None else 0,
+                           runtime.dtype != runtime.stored_dtype) for text, p, out in zip(prompts, ids, outs)]
