@@ -3,8 +3,10 @@
 No transformers model class runs here: the GPT-2 and Llama-family forwards are written out below
 over the exported tensors (host-native names), and every MoE layer goes through
 `kernels.moe_forward` with the residual mix fused into its combine, or, for a few tokens (decode),
-through `decode.Decoder`: the whole layer in two native calls. `generate` decodes greedily or
-by sampling (temperature, top-k, top-p) and reports tokens/s.
+through `decode.Decoder`: the whole layer in two native calls. In decode the norms (with the residual
+add) and attention (rotary, KV-cache write, grouped-query heads) are one native call each
+(`native.residual_norm`, `native.attend_one`). `generate` decodes greedily or by sampling (temperature,
+top-k, top-p) and reports tokens/s; `generate_batch` decodes several prompts as one left-padded batch.
 """
 
 from __future__ import annotations
