@@ -116,7 +116,7 @@ def main() -> None:
     floor = machine.bandwidth_gbs * 1e9 / nbytes
     print(f"CPU: {cpu_model()}; torch {torch.__version__}; {args.threads} threads; {args.dtype}; "
           f"{args.new} new tokens; medians of {args.rounds} alternating rounds; greedy tokens vs transformers: {same}")
-    print(f"| measure | ours | transformers | ours / transformers |\n|---|---|---|---|")
+    print("| measure | ours | transformers | ours / transformers |\n|---|---|---|---|")
     for name, unit, key in (("decode, 1 prompt", "tokens/s", "decode"), ("prefill, 256 tokens", "ms", "prefill"),
                             (f"decode, batch of {args.batch}", "tokens/s", "batch")):
         a, b = med[f"ours {key}"], med[f"hf {key}"]

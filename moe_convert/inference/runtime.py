@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from ..errors import MoEConvertError
 from ..formats import SHARED_FILE, experts_file, export_weight_files, read_manifest
 from ..io import load_tokenizer, read_safetensors, return_freed_memory
-from .config import GenerateJob, check_sampling
 from . import native
+from .config import GenerateJob, check_sampling
 from .decode import Decoder
 from .expert_parallel import ExpertParallel, from_environment
 from .kernels import (ACTIVATIONS, PackedExperts, back_with_huge_pages, ffn, linear, moe_forward, native_fp16_matmul,
