@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from moe_convert.inference.bench import EVICT_BYTES, measure_machine  # noqa: E402
 from moe_convert.inference.kernels import PackedExperts  # noqa: E402
 from moe_convert.inference.native import cpu_model  # noqa: E402
-from moe_convert.inference.runtime import load_runtime  # noqa: E402
+from moe_convert.inference.runtime import eos_token_ids, load_runtime  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from real_model import smollm2_prmoe  # noqa: E402
@@ -94,8 +94,9 @@ def main() -> None:
     tok.padding_side = "left"
     padded = tok((PROMPTS * args.batch)[:args.batch], return_tensors="pt", padding=True)
 
-    ours = rt.generate(prompt, args.new).tokens
-    ref = hf_generate(hf, torch.tensor([prompt]), None, args.new)[0].tolist()
+    ours = rt.generate(prompt, args.new, eos_token_id=eos_token_ids(export_dir, rt.cfg)).tokens
+    with torch.inference_mode():  # the same stop as ours (the timed runs below force `--new` tokens)
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=args.new, do_sample=False, pad_token_id=0)[0].tolist()
     same = "equal" if ours == ref else f"differ from token {next(i for i, (a, b) in enumerate(zip(ours, ref)) if a != b)}"
     rows = {k: [] for k in ("ours decode", "hf decode", "ours prefill", "hf prefill", "ours batch", "hf batch")}
     for _ in range(args.rounds):
