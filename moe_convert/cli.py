@@ -531,12 +531,13 @@ def doctor(
 @with_job_options(GenerateJob)
 def generate(
     export_dir: Path = typer.Argument(..., metavar="EXPORT", help="A `moe-convert export --format safetensors` directory."),
-    prompt: str = typer.Option(..., help="Prompt text (tokenized with the tokenizer copied into the export)."),
+    prompt: Optional[list[str]] = typer.Option(None, help="Prompt text (tokenized with the tokenizer copied into the "
+                                                          "export); repeat it to decode several prompts as one batch."),
     options: dict = None,
     threads: Optional[int] = typer.Option(None, help="torch CPU threads. Default: torch's choice."),
     json_out: bool = typer.Option(False, "--json", help="Print text, tokens and speed as JSON. Default: off."),
 ):
-    """Text from an export through our inference kernels (KV-cache decoding).
+    """Text from an export through our inference kernels (KV-cache decoding); several prompts decode as one batch.
 
     Started as N processes (`torchrun --nproc_per_node N -m moe_convert generate ...`) on an `--ep-size N` export, each process holds one rank's experts and tokens reach them by all-to-all; rank 0 prints.
 
@@ -546,27 +547,34 @@ def generate(
     with reporting_errors(json_out):
         from .inference.runtime import generate_text
 
-        job = GenerateJob(str(export_dir), prompt, **options)
+        job = GenerateJob(str(export_dir), list(prompt or []), **options)
         set_threads(threads)
-        g = generate_text(job)
-        out = g.generation
-        if g.rank != 0:  # rank 0 reports for the group
+        gens = generate_text(job)
+        if gens[0].rank != 0:  # rank 0 reports for the group
             return
+        records = [{"prompt": g.prompt, "text": g.text, "tokens": g.new_tokens, "new_tokens": g.generation.new_tokens,
+                    "prefill_s": g.generation.prefill_s, "decode_s": g.generation.decode_s,
+                    "tokens_per_s": g.generation.tokens_per_s, "decode_tokens_per_s": g.generation.decode_tokens_per_s,
+                    "stopped_at_context": g.generation.stopped_at_context} for g in gens]
+        new = sum(g.generation.new_tokens for g in gens)
+        prefill_s, decode_s = gens[0].generation.prefill_s, max(g.generation.decode_s for g in gens)
+        decode_rate = (new - len(gens)) / decode_s if decode_s > 0 and new > len(gens) else None  # over the batch
         if json_out:
-            print_json({"prompt": prompt, "text": g.text, "tokens": g.new_tokens, "new_tokens": out.new_tokens,
-                        "prefill_s": out.prefill_s, "decode_s": out.decode_s, "tokens_per_s": out.tokens_per_s,
-                        "decode_tokens_per_s": out.decode_tokens_per_s, "stopped_at_context": out.stopped_at_context})
+            print_json(records[0] if len(records) == 1 else {
+                "completions": records, "new_tokens": new, "prefill_s": prefill_s, "decode_s": decode_s,
+                "decode_tokens_per_s": decode_rate})
             return
         if job.greedy and (job.top_k, job.top_p, job.seed) != (None, None, None):
             err_console.print("note: --top-k, --top-p and --seed apply only with --temperature > 0; decoding greedily")
-        if g.widened_fp16:
+        if gens[0].widened_fp16:
             err_console.print("fp16 export computed in fp32: this CPU has no native fp16 matmul")
-        console.print(prompt + g.text, highlight=False, markup=False)
-        if out.stopped_at_context:
-            err_console.print(f"stopped at the model's context of {g.context} tokens")
-        err_console.print(f"{out.new_tokens} tokens in {(out.prefill_s + out.decode_s) * 1e3:.1f} ms: prefill "
-                          f"{out.prefill_s * 1e3:.1f} ms for {g.prompt_tokens} prompt tokens, then decode "
-                          f"{fmt(out.decode_tokens_per_s, '.1f')} tokens/s")
+        for g in gens:
+            console.print(g.prompt + g.text, highlight=False, markup=False)
+            if g.generation.stopped_at_context:
+                err_console.print(f"stopped at the model's context of {g.context} tokens")
+        prompts = f"{gens[0].prompt_tokens} prompt tokens" if len(gens) == 1 else f"{len(gens)} prompts"
+        err_console.print(f"{new} tokens in {(prefill_s + decode_s) * 1e3:.1f} ms: prefill {prefill_s * 1e3:.1f} ms "
+                          f"for {prompts}, then decode {fmt(decode_rate, '.1f')} tokens/s")
 
 
 @bench_app.command("layer")

@@ -19,3 +19,32 @@ def test_a_gguf_file_is_a_source_dequantized_once_into_the_cache(smollm2):
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     assert 134e6 < sum(p.numel() for p in model.parameters()) < 135e6
+
+
+@pytest.fixture(scope="module")
+def smollm2_prmoe(smollm2):
+    """The real model upcycled (PR-MoE, --pyramid 8,16) and exported in fp32, once into the cache."""
+    from real_model import smollm2_prmoe
+
+    return smollm2_prmoe()
+
+
+def test_generate_on_the_upcycled_real_model_equals_transformers(smollm2_prmoe):
+    """30 layers, d=576, 9 query / 3 key-value heads, a 49K tied LM head: greedy tokens equal transformers'
+    `generate` on the same upcycled model for 3 prompts, one at a time and as one batch."""
+    from transformers import AutoTokenizer
+
+    from moe_convert.inference.runtime import eos_token_ids, load_runtime
+
+    model_dir, export_dir = smollm2_prmoe
+    rt = load_runtime(export_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=True).eval()
+    tok = AutoTokenizer.from_pretrained(export_dir)
+    prompts = [tok(p)["input_ids"] for p in ("The capital of France is", "def fibonacci(n):",
+                                             "Once upon a time, in a small village by the river, there lived")]
+    eos = eos_token_ids(export_dir, rt.cfg)  # as transformers takes it from the generation config
+    batch = rt.generate_batch(prompts, 10, eos_token_id=eos)
+    for p, b in zip(prompts, batch):
+        with torch.inference_mode():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, pad_token_id=0)[0].tolist()
+        assert rt.generate(p, 10, eos_token_id=eos).tokens == b.tokens == ref

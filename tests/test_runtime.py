@@ -308,3 +308,57 @@ def test_generate_and_bench_ask_for_huge_pages_unless_the_user_says_no(user_valu
         env["THP_MEM_ALLOC_ENABLE"] = user_value
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert (int(out) >= 2048) == huge, out  # kB of anonymous huge pages in the process
+
+
+def test_batched_generation_equals_one_prompt_at_a_time_and_transformers(exported, host, packed):
+    """Prompts of different lengths decoded as one left-padded batch: each sequence's greedy tokens equal its
+    own run's and transformers' `generate`, a sequence ending at its EOS leaves the batch while the others go on,
+    and the padded batch's logits equal each prompt's alone (prefill through the mask, decode through the
+    native attention step)."""
+    model, path = exported[host, "fp32", 1]
+    rt = load_runtime(path)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (3, 7, 1, 5)]
+    free = [rt.generate(p, 10).tokens for p in prompts]
+    news = [t[len(p):] for p, t in zip(prompts, free)]
+    row, k = next((row, k) for k in range(1, 9) for row, new in enumerate(news) if new[k] not in new[:k])
+    eos = news[row][k]  # sequence `row` ends at its (k+1)-th token
+    alone = [rt.generate(p, 10, eos_token_id=eos) for p in prompts]
+    batch = rt.generate_batch(prompts, 10, eos_token_id=eos)
+    assert [b.tokens for b in batch] == [a.tokens for a in alone]
+    assert batch[row].new_tokens == k + 1 < 10
+    for p, b in zip(prompts, batch):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=0)
+        assert b.tokens == ref[0].tolist()
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    cache = rt.new_cache(len(prompts), longest + 3, [longest - len(p) for p in prompts])
+    steps = [rt.forward(ids, cache)] + [rt.forward(torch.tensor([[n[t]] for n in news]), cache) for t in range(3)]
+    for row, p in enumerate(prompts):
+        full = rt.logits(torch.tensor([p + news[row][:3]]))[0]  # (len + 3, V)
+        got = torch.cat([steps[0][row, longest - len(p):]] + [s[row] for s in steps[1:]])
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_cli_decodes_several_prompts(exported, tmp_path):
+    """Repeated --prompt and --prompts-file lines: one batch, each completion as its prompt alone gives it."""
+    import json
+
+    _, path = exported["llama", "fp32", 1]
+    (tmp_path / "prompts.txt").write_text("w9 w10 w11 w12\n\nw7\n")
+    args = ["generate", str(path), "--max-new-tokens", "4", "--json"]
+    res = runner.invoke(app, [*args, "--prompt", "w5 w6", "--prompt", "w8", "--prompts-file", str(tmp_path / "prompts.txt")])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert [c["prompt"] for c in out["completions"]] == ["w5 w6", "w8", "w9 w10 w11 w12", "w7"]
+    for c in out["completions"]:
+        alone = json.loads(runner.invoke(app, [*args, "--prompt", c["prompt"]]).stdout)
+        assert c["tokens"] == alone["tokens"] and c["text"] == alone["text"]
+    res = runner.invoke(app, ["generate", str(path), "--prompt", "w5", "w6"])
+    assert res.exit_code != 0
+    res = runner.invoke(app, ["generate", str(path), "--prompts-file", str(tmp_path / "missing.txt")])
+    assert res.exit_code == 2 and "--prompts-file" in res.output and "Traceback" not in res.output, res.output
+    res = runner.invoke(app, ["generate", str(path)])
+    assert res.exit_code == 2 and "needs a --prompt or a --prompts-file" in res.output, res.output

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import MoEConvertError
 from ..options import check_seed, check_types, option
@@ -25,12 +26,15 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, s
 
 @dataclass
 class GenerateJob:
-    """One `generate`: text from `prompt` through an export (`export_dir`, a `--format safetensors` directory)."""
+    """One `generate`: text from each prompt (`prompts`, then the lines of `prompts_file`) through an export
+    (`export_dir`, a `--format safetensors` directory); several prompts decode together as one batch."""
 
     KIND = "generate"
 
     export_dir: str
-    prompt: str
+    prompts: list[str]
+    prompts_file: str | None = option(None, "A text file of prompts, one per line (blank lines skipped), decoded "
+                                            "together with any --prompt as one batch. Default: none.")
     max_new_tokens: int = option(32, "Tokens to generate (fewer if EOS or the model's context comes first).")
     temperature: float = option(0.0, "0 = greedy; > 0 samples from softmax(logits / temperature).")
     top_k: int | None = option(None, "Sample only among the K most likely tokens (with --temperature > 0). "
@@ -44,6 +48,21 @@ class GenerateJob:
         if self.max_new_tokens < 1:
             raise MoEConvertError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         check_sampling(self.temperature, self.top_k, self.top_p, self.seed)
+        if not self.prompts and self.prompts_file is None:
+            raise MoEConvertError("generate needs a --prompt or a --prompts-file")
+
+    def all_prompts(self) -> list[str]:
+        """`prompts`, then `prompts_file`'s non-blank lines."""
+        if self.prompts_file is None:
+            return list(self.prompts)
+        try:
+            lines = Path(self.prompts_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise MoEConvertError(f"--prompts-file {self.prompts_file}: cannot be read ({e})") from None
+        prompts = list(self.prompts) + [line for line in lines if line.strip()]
+        if not prompts:
+            raise MoEConvertError(f"--prompts-file {self.prompts_file}: no prompt in it")
+        return prompts
 
     @property
     def greedy(self) -> bool:

@@ -11,8 +11,9 @@ per 6 rows and meanwhile fetches the next panel, which oneDNN's kernel reads col
 (e.g. the first matmuls of a batch of experts with 12 to 57 rows each) are cut into shares of equal
 estimated cost, one per thread. It reads the packed weights in place (no second copy). The same
 library holds `csrc/moe_decode.c`, a PR-MoE layer's decode step around those matmuls (`decode.py`),
-and `csrc/rowmajor_matmul.c`, a few rows through a large plain row-major matrix (decode's tied LM
-head, which is not packed).
+`csrc/rowmajor_matmul.c`, a few rows through a large plain row-major matrix (decode's tied LM
+head, which is not packed), and `csrc/decode_step.c`, a decode step's residual add + norm and its
+attention (rotary, KV-cache write, grouped-query heads in place) in one call each.
 
 The library is compiled once per machine and source with the system C compiler (`-O3 -march=native
 -fopenmp`) into `$MOE_CONVERT_CACHE/native` (`io.cache_root`), then loaded with ctypes. It runs on torch's OpenMP threads: it links
@@ -45,7 +46,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..io import cache_root
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / name for name in ("packed_matmul.c", "moe_decode.c", "rowmajor_matmul.c")]  # one library
+SOURCES = [CSRC / name for name in ("packed_matmul.c", "moe_decode.c", "rowmajor_matmul.c", "decode_step.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 # Extra compiler flags after FLAGS, e.g. "-mno-avx512bf16" or "-march=x86-64-v3" (AVX2): a build for a
 # narrower CPU than this one, to test the paths such CPUs take. Part of the build's cache key.
@@ -188,6 +189,14 @@ def _load() -> ctypes.CDLL | None:
         lib.mc_rowmajor_matmul.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64,
                                            ctypes.c_int, ctypes.c_int]
         lib.mc_rowmajor_matmul.restype = ctypes.c_int
+        lib.mc_residual_norm.argtypes = [ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 5, ctypes.c_int,
+                                         ctypes.c_float, ctypes.c_int]
+        lib.mc_attend_one.argtypes = [*[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                      ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 3,
+                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
+                                      ctypes.c_void_p, ctypes.c_int]
+        for entry in (lib.mc_residual_norm, lib.mc_attend_one):
+            entry.restype = ctypes.c_int
         return lib
     return None
 
@@ -295,3 +304,52 @@ def rowmajor_matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) ->
                                        y.data_ptr(), *w.shape, w.dtype == torch.bfloat16, torch.get_num_threads()),
           "mc_rowmajor_matmul")
     return y
+
+
+def _rows(*tensors: torch.Tensor | None) -> bool:
+    """Plain contiguous CPU tensors of one dtype the decode-step kernels read (fp32 or bf16); None skipped."""
+    given = [t for t in tensors if t is not None]
+    return all(not t.is_mkldnn and t.device.type == "cpu" and t.is_contiguous() and t.dtype == given[0].dtype
+               for t in given) and given[0].dtype in LAYOUTS
+
+
+def residual_norm(x: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor | None, rms: bool,
+                  eps: float) -> torch.Tensor | None:
+    """x (T, d) += delta in place (when given), then the norm of x times w (+ b) -> (T, d): RMS (`rms`, as Llama's
+    RMSNorm) or LayerNorm; one native call. None where it does not apply (no library, other dtypes or layouts,
+    autograd): the caller runs torch's ops."""
+    if (library() is None or x.dim() != 2 or not _rows(x, delta, w, b) or tuple(w.shape) != (x.shape[1],)
+            or (delta is not None and delta.shape != x.shape) or (b is not None and b.shape != w.shape)
+            or (torch.is_grad_enabled() and x.requires_grad)):
+        return None
+    h = torch.empty_like(x)
+    check(library().mc_residual_norm(x.shape[0], x.shape[1], x.data_ptr(), delta.data_ptr() if delta is not None else 0,
+                                     w.data_ptr(), b.data_ptr() if b is not None else 0, h.data_ptr(), rms, eps,
+                                     x.dtype == torch.bfloat16), "mc_residual_norm")
+    return h
+
+
+def attend_one(qkv: torch.Tensor, heads: int, rope: tuple[torch.Tensor, torch.Tensor] | None, pos: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int, start: torch.Tensor, window: int | None,
+               scale: float) -> torch.Tensor | None:
+    """One new token's attention per sequence (`csrc/decode_step.c`): qkv (B, (H + 2 H_kv) hd) its q, k, v heads;
+    rope = (cos, sin) fp32 tables (positions, hd) or None; pos (B,) int64 its positions; k_cache, v_cache (B,
+    H_kv, capacity, hd) fp32, written at `slot`; start (B,) int64 each sequence's first cache slot; keys within
+    `window` (None: all) -> (B, H hd) in qkv's dtype. None where it does not apply: the caller runs torch's;
+    the kernel refuses positions past the tables and starts past `slot` (ValueError)."""
+    B, width = qkv.shape
+    _, kv_heads, capacity, hd = k_cache.shape
+    if (library() is None or not _rows(qkv) or not _rows(k_cache, v_cache) or k_cache.dtype != torch.float32
+            or v_cache.shape != k_cache.shape or k_cache.shape[0] != B or width != (heads + 2 * kv_heads) * hd
+            or heads % kv_heads or not 0 <= slot < capacity
+            or any(t.dtype != torch.int64 or not t.is_contiguous() or t.shape != (B,) for t in (pos, start))
+            or (rope is not None and not (_rows(*rope) and rope[0].dtype == torch.float32
+                                          and rope[0].shape == rope[1].shape and rope[0].shape[1] == hd))):
+        return None
+    out = qkv.new_empty(B, heads * hd)
+    cos, sin, positions = (0, 0, 0) if rope is None else (rope[0].data_ptr(), rope[1].data_ptr(), rope[0].shape[0])
+    check(library().mc_attend_one(B, heads, kv_heads, hd, qkv.data_ptr(), qkv.dtype == torch.bfloat16, cos, sin,
+                                  positions, pos.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), capacity, slot,
+                                  start.data_ptr(), window or 0, scale, out.data_ptr(), torch.get_num_threads()),
+          "mc_attend_one")
+    return out

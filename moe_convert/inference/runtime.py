@@ -3,8 +3,10 @@
 No transformers model class runs here: the GPT-2 and Llama-family forwards are written out below
 over the exported tensors (host-native names), and every MoE layer goes through
 `kernels.moe_forward` with the residual mix fused into its combine, or, for a few tokens (decode),
-through `decode.Decoder`: the whole layer in two native calls. `generate` decodes greedily or
-by sampling (temperature, top-k, top-p) and reports tokens/s.
+through `decode.Decoder`: the whole layer in two native calls. In decode the norms (with the residual
+add) and attention (rotary, KV-cache write, grouped-query heads) are one native call each
+(`native.residual_norm`, `native.attend_one`). `generate` decodes greedily or by sampling (temperature,
+top-k, top-p) and reports tokens/s; `generate_batch` decodes several prompts as one left-padded batch.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from ..errors import MoEConvertError
 from ..formats import SHARED_FILE, experts_file, export_weight_files, read_manifest
 from ..io import load_tokenizer, read_safetensors, return_freed_memory
+from . import native
 from .config import GenerateJob, check_sampling
 from .decode import Decoder
 from .expert_parallel import ExpertParallel, from_environment
@@ -65,19 +68,26 @@ def attention_dtype(compute: torch.dtype) -> torch.dtype:
     return torch.float32 if compute in (torch.bfloat16, torch.float16) else compute
 
 
-def _attention_mask(past: int, L: int, window: int | None) -> tuple[torch.Tensor | None, bool]:
-    """(attn_mask, is_causal) for attention of L queries at positions past.. over past + L keys: causal,
+def _attention_mask(past: int, L: int, window: int | None, start: torch.Tensor | None
+                    ) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for attention of L queries at cache slots past.. over past + L keys: causal,
     and within `window` positions as transformers masks sliding windows. Where no key falls out of the
     window, SDPA's own causal path for a prefill from position 0 (the same values, 1.55x faster over
-    1024 positions here) and no mask for a single query; otherwise the boolean (L, past + L) mask."""
-    if window is None or window >= past + L:
+    1024 positions here) and no mask for a single query; otherwise the boolean (L, past + L) mask.
+    `start` (B,): each sequence's first slot (left padding; None: all 0) -> a (B, 1, L, past + L) mask where
+    a padding slot's query sees only itself (a row with no key would give NaN)."""
+    if start is None and (window is None or window >= past + L):
         if past == 0:
             return None, L > 1
         if L == 1:
             return None, False
     pos, keys = torch.arange(past, past + L)[:, None], torch.arange(past + L)[None, :]
     mask = keys <= pos
-    return (mask if window is None else mask & (keys > pos - window)), False
+    if window is not None:
+        mask = mask & (keys > pos - window)
+    if start is not None:
+        mask = ((mask & (keys >= start[:, None, None])) | (keys == pos))[:, None]  # (B, 1, L, past + L)
+    return mask, False
 
 
 # Config keys holding the positions a model was built for (GPT-2's learned table; RoPE models' range).
@@ -88,18 +98,37 @@ CACHE_STEP = 256
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer, (B, H_kv, capacity, head_dim), preallocated and doubled when full."""
+    """Keys and values of every layer, (B, H_kv, capacity, head_dim), preallocated and doubled when full.
+
+    Sequences of a batch share the slots: sequence b's start at slot `start[b]` (left padding), its
+    positions count from there."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
+    start: torch.Tensor  # (B,) int64
     length: int = 0
+
+    @property
+    def padded(self) -> torch.Tensor | None:
+        """`start` where some sequence starts after slot 0, else None."""
+        return self.start if bool(self.start.any()) else None
+
+    def reserve(self, layer: int, end: int) -> None:
+        """Room for `end` slots in the layer's tensors (doubled when it runs out)."""
+        if end > self.k[layer].shape[2]:
+            self.k[layer], self.v[layer] = (_grown(t, max(end, 2 * t.shape[2]), self.length)
+                                            for t in (self.k[layer], self.v[layer]))
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these sequences (finished ones leave the batch)."""
+        index = torch.tensor(rows)
+        self.k, self.v = ([t.index_select(0, index) for t in ts] for ts in (self.k, self.v))
+        self.start = self.start.index_select(0, index)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's (B, H_kv, L, hd) keys/values; return all keys/values so far."""
         end = self.length + k.shape[2]
-        if end > self.k[layer].shape[2]:
-            self.k[layer], self.v[layer] = (_grown(t, max(end, 2 * t.shape[2]), self.length)
-                                            for t in (self.k[layer], self.v[layer]))
+        self.reserve(layer, end)
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
@@ -173,8 +202,13 @@ class Runtime:
     """
 
     ATTENTION: str  # a decoder layer's attention attribute in the host's weight names
-    PROJECTIONS: tuple[str, ...]  # its projections, run through `kernels.linear`
+    # Its projections run through `kernels.linear`: ours -> the host's, joined along the outputs at load
+    # (q, k and v: one matmul per decode step); "qkv" gives q, k and v heads side by side, "out" takes them back.
+    PROJECTIONS: dict[str, tuple[str, ...]]
     PROJECTIONS_IN_OUT = False  # stored [in, out] (GPT-2's Conv1D) rather than nn.Linear's [out, in]
+    # The norms' weight names: before attention and before the FFN ({} the layer), and the final one.
+    NORMS: tuple[str, str, str]
+    RMS_NORM = False  # RMSNorm (Llama's: x * rsqrt(mean(x^2) + eps) * w) rather than LayerNorm
 
     def __init__(self, path: Path, manifest: dict, ep: ExpertParallel | None = None):
         from ..model.modeling import host_spec  # the host adapter (weight names), not a model class
@@ -200,8 +234,8 @@ class Runtime:
         self.proj: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # name -> ([out, in] or packed, bias)
         for i in range(self.num_layers):
             self.ffns.append(self._ffn_weights(i))
-            for name in self.PROJECTIONS:
-                self._add_projection(f"{self.spec.layers}.{i}.{self.ATTENTION}.{name}")
+            for ours, parts in self.PROJECTIONS.items():
+                self._add_projection(self._projection(i, ""), ours, parts)
             return_freed_memory()  # this layer's exported copies are packed: peak stays near one model, not two
         ffns = [part for w in self.ffns for part in ((w["moe"].stacked, w["moe"].dense) if "moe" in w else (w["dense"],))
                 if part is not None]
@@ -211,13 +245,22 @@ class Runtime:
     def configure(self, c: dict) -> None:
         """Read the host config (heads, norms, positions); raises before any tensor is read."""
 
-    def _add_projection(self, name: str) -> None:
-        """Take `name.weight` (and bias) out of `self.t` into `self.proj` as `kernels.linear` reads it:
-        [out, in], packed for oneDNN when large."""
-        w = self.t.pop(name + ".weight")
+    def _add_projection(self, prefix: str, ours: str, parts: tuple[str, ...]) -> None:
+        """Take the host's projections `prefix + part` (weights, biases) out of `self.t` into `self.proj[prefix +
+        ours]` as `kernels.linear` reads it: one [out, in] matrix (the parts' outputs in order), packed for oneDNN
+        when large."""
+        w = torch.cat([self.t.pop(prefix + part + ".weight") for part in parts], dim=1 if self.PROJECTIONS_IN_OUT else 0)
+        biases = [self.t.pop(prefix + part + ".bias", None) for part in parts]
+        if len({b is None for b in biases}) > 1:
+            raise MoEConvertError(f"{prefix}: {', '.join(parts)} must all have a bias or none")
         w_in_out = w if self.PROJECTIONS_IN_OUT else w.t()
         packed = pack_matrix(w_in_out)
-        self.proj[name] = (w_in_out.t() if packed is None else packed), self.t.pop(name + ".bias", None)
+        self.proj[prefix + ours] = (w_in_out.t() if packed is None else packed), (
+            None if biases[0] is None else torch.cat(biases))
+
+    def _projection(self, i: int, ours: str) -> str:
+        """`self.proj`'s name of layer i's projection `ours` ("qkv", "out"; "": the prefix)."""
+        return f"{self.spec.layers}.{i}.{self.ATTENTION}.{ours}"
 
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Projection `name` on x (..., in) -> (..., out)."""
@@ -252,24 +295,17 @@ class Runtime:
         return (w["moe"](x) if "moe" in w else ffn(x, w["dense"], self.act)).reshape(shape)
 
     # --- host-specific pieces ------------------------------------------------------------------
+    heads: int
     num_kv_heads: int
     head_dim: int
+    eps: float
 
-    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor: ...
+    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """ids and their positions (B, L) -> (B, L, d)."""
 
-    def attn_norm(self, i: int, x: torch.Tensor) -> torch.Tensor: ...
-
-    def ffn_norm(self, i: int, x: torch.Tensor) -> torch.Tensor: ...
-
-    def final_norm(self, x: torch.Tensor) -> torch.Tensor: ...
-
-    def rotary(self, pos: torch.Tensor, dtype: torch.dtype):
-        """What `qkv` needs of positions `pos` (L,), computed once per forward for every layer."""
+    def rope(self, positions: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rotary (cos, sin) tables, each (P, hd) fp32 with P >= `positions`, or None (no rotary)."""
         return None
-
-    def qkv(self, i: int, x: torch.Tensor, rotary) -> tuple[torch.Tensor, ...]: ...
-
-    def attn_out(self, i: int, o: torch.Tensor) -> torch.Tensor: ...
 
     def attn_scale(self, i: int) -> float:
         return 1.0 / math.sqrt(self.head_dim)
@@ -282,40 +318,81 @@ class Runtime:
     def lm_head(self) -> torch.Tensor: ...
 
     # --- the shared pre-norm decoder --------------------------------------------------------------
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, start: list[int] | None = None) -> KVCache:
+        """An empty cache for `batch` sequences; `start`: where each begins (left padding), default 0."""
         shape = (batch, self.num_kv_heads, max_len, self.head_dim)
         return KVCache([torch.empty(shape, dtype=self.attn_dtype) for _ in range(self.num_layers)],
-                       [torch.empty(shape, dtype=self.attn_dtype) for _ in range(self.num_layers)])
+                       [torch.empty(shape, dtype=self.attn_dtype) for _ in range(self.num_layers)],
+                       torch.tensor(start or [0] * batch, dtype=torch.int64))
+
+    def norm(self, name: str, x: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, the norm `name` of it), x and delta (B, L, d): one native call where it applies, which
+        adds in place (x is the forward's own residual stream)."""
+        w, b = self.t[name + ".weight"], self.t.get(name + ".bias")
+        d = x.shape[-1]
+        h = native.residual_norm(x.view(-1, d), None if delta is None else delta.reshape(-1, d), w, b, self.RMS_NORM,
+                                 self.eps)
+        if h is not None:
+            return x, h.view(x.shape)
+        if delta is not None:
+            x = x + delta
+        if not self.RMS_NORM:
+            return x, F.layer_norm(x, (d,), w, b, self.eps)
+        h = x.float()
+        return x, w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def attention(self, i: int, h: torch.Tensor, cache: KVCache, pos: torch.Tensor, rope, masks: dict) -> torch.Tensor:
+        """Layer i's attention of h (B, L, d) at positions pos (B, L) -> (B, L, H hd), its keys and values
+        into the cache: one new token per sequence in one native call (`native.attend_one`), else torch's
+        ops and SDPA (`masks`: the forward's `_attention_mask`s by window)."""
+        B, L, _ = h.shape
+        H, H_kv, hd = self.heads, self.num_kv_heads, self.head_dim
+        qkv = self.linear(self._projection(i, "qkv"), h)  # (B, L, (H + 2 H_kv) hd)
+        window = self.sliding_window(i)
+        if L == 1:
+            cache.reserve(i, cache.length + 1)
+            o = native.attend_one(qkv.view(B, -1), H, rope, pos.view(B), cache.k[i], cache.v[i], cache.length,
+                                  cache.start, window, self.attn_scale(i))
+            if o is not None:
+                return o.view(B, 1, -1)
+        q, k, v = (t.view(B, L, -1, hd).transpose(1, 2) for t in qkv.split([H * hd, H_kv * hd, H_kv * hd], -1))
+        if rope is not None:  # (B, 1, L, hd) at each sequence's positions
+            cos, sin = (t[pos][:, None].to(qkv.dtype) for t in rope)
+            q, k = (t * cos + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], dim=-1) * sin for t in (q, k))
+        k, v = cache.update(i, k, v)  # (B, H_kv, past + L, hd) in the cache's dtype (`attention_dtype`)
+        if window not in masks:
+            masks[window] = _attention_mask(cache.length, L, window, cache.padded)
+        mask, causal = masks[window]
+        o = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal,
+                                           scale=self.attn_scale(i), enable_gqa=H != H_kv).to(h.dtype)  # (B, H, L, hd)
+        return o.transpose(1, 2).reshape(B, L, -1)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        """ids (B, L) following the cache's `length` positions -> logits (B, L, V), or (B, 1, V) of the last
+        """ids (B, L) following the cache's `length` slots -> logits (B, L, V), or (B, 1, V) of the last
         position with `last_only` (generation: the LM head over a long prompt is skipped); the cache advances."""
         B, L = ids.shape
         past = cache.length
-        if past + L > self.context:
-            raise MoEConvertError(f"{past + L} positions exceed the model's context of {self.context}")
-        pos = torch.arange(past, past + L)  # (L,)
+        pos = torch.arange(past, past + L).repeat(B, 1)  # (B, L): each sequence's positions, from its start
+        padded = cache.padded
+        if padded is not None:
+            pos = (pos - padded[:, None]).clamp_(min=0)
+        if int(pos[:, -1].max()) >= self.context:
+            raise MoEConvertError(f"{int(pos[:, -1].max()) + 1} positions exceed the model's context of {self.context}")
+        rope = self.rope(past + L)
         masks = {}  # per sliding window: `_attention_mask`, built once per forward
-        x = self.embed(ids, pos)  # (B, L, d)
-        rotary = self.rotary(pos, x.dtype)  # the layers' shared position encoding, if any
+        x, delta = self.embed(ids, pos), None  # (B, L, d); the FFN output still to add
+        attn_norm, ffn_norm, final_norm = self.NORMS
         for i in range(self.num_layers):
-            q, k, v = self.qkv(i, self.attn_norm(i, x), rotary)  # (B, H, L, hd), (B, H_kv, L, hd) x2
-            k, v = cache.update(i, k, v)  # in the cache's dtype (`attention_dtype`)
-            window = self.sliding_window(i)
-            if window not in masks:
-                masks[window] = _attention_mask(past, L, window)
-            mask, causal = masks[window]
-            o = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal,
-                                               scale=self.attn_scale(i),
-                                               enable_gqa=q.shape[1] != k.shape[1]).to(x.dtype)  # (B, H, L, hd)
-            x = x + self.attn_out(i, o.transpose(1, 2).reshape(B, L, -1))
-            x = x + self.ffn(i, self.ffn_norm(i, x))
+            x, h = self.norm(attn_norm.format(i), x, delta)
+            o = self.attention(i, h, cache, pos, rope, masks)
+            x, h = self.norm(ffn_norm.format(i), x, self.linear(self._projection(i, "out"), o))
+            delta = self.ffn(i, h)
         cache.length += L
         if last_only:
-            x = x[:, -1:]
-        h = self.final_norm(x).reshape(-1, x.shape[-1])  # (B*L or B, d)
-        return linear(h, self.lm_head).reshape(B, x.shape[1], -1)  # (B, L or 1, V)
+            x, delta = x[:, -1:].contiguous(), delta[:, -1:]
+        _, h = self.norm(final_norm, x, delta)
+        return linear(h.reshape(-1, h.shape[-1]), self.lm_head).reshape(B, h.shape[1], -1)  # (B, L or 1, V)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, L, V) of a whole sequence (one prefill)."""
@@ -327,33 +404,52 @@ class Runtime:
                  ) -> Generation:
         """Greedy (temperature 0) or sampled continuation of `prompt` with a KV cache; stops at an EOS id
         (`eos_token_id`: one or a list, as transformers takes it) or at the model's context."""
+        return self.generate_batch([prompt], max_new_tokens, temperature, top_k, top_p, seed, eos_token_id)[0]
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                       top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                       eos_token_id: int | list[int] | None = None) -> list[Generation]:
+        """`generate` for several prompts decoded together, one forward per step for the batch: prompts are
+        left-padded to one length (each sequence's positions start at its first token; padding is masked),
+        and a sequence leaves the batch at its EOS or its context. Greedy tokens are each prompt's alone;
+        sampling draws from one generator for the batch."""
         check_sampling(temperature, top_k, top_p, seed)
         stop = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])  # any EOS id ends it
-        if not prompt:
-            raise MoEConvertError("generate: the prompt is empty")
-        if len(prompt) >= self.context:
-            raise MoEConvertError(f"the prompt has {len(prompt)} tokens; the model's context is {self.context}")
-        new = min(max_new_tokens, self.context - len(prompt))
+        if not prompts or not all(prompts):
+            raise MoEConvertError("generate: a prompt is empty")
+        if (longest := max(map(len, prompts))) >= self.context:
+            raise MoEConvertError(f"a prompt has {longest} tokens; the model's context is {self.context}")
+        news = [min(max_new_tokens, self.context - len(p)) for p in prompts]
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        cache = self.new_cache(1, len(prompt) + min(new, CACHE_STEP))  # grows as it fills
-        tokens, step = list(prompt), torch.tensor([prompt])
+        cache = self.new_cache(len(prompts), longest + min(max(news), CACHE_STEP),  # grows as it fills
+                               [longest - len(p) for p in prompts])
+        tokens, ended = [list(p) for p in prompts], {}  # ended: when each sequence left the batch
+        step = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])  # (B, longest): left-padded
+        live = list(range(len(prompts)))  # the sequences still in the batch, in its row order
         start = time.perf_counter()
         prefill_s = 0.0
-        for n in range(new):
-            logits = self.forward(step, cache, last_only=True)[0, -1].float()  # (V,)
-            nxt = sample(logits, temperature, top_k, top_p, gen)
-            if self.ep is not None:
-                nxt = self.ep.agree(nxt)
+        for n in range(max(news)):
+            logits = self.forward(step, cache, last_only=True)[:, -1].float()  # (B, V)
+            for row, b in enumerate(live):
+                nxt = sample(logits[row], temperature, top_k, top_p, gen)
+                tokens[b].append(nxt if self.ep is None else self.ep.agree(nxt))
             if n == 0:
                 prefill_s = time.perf_counter() - start
-            tokens.append(nxt)
-            if nxt in stop:
+            going = [row for row, b in enumerate(live) if tokens[b][-1] not in stop and n + 1 < news[b]]
+            ended.update((live[row], time.perf_counter()) for row in set(range(len(live))) - set(going))
+            if not going:
                 break
-            step = torch.tensor([[nxt]])
-        total = time.perf_counter() - start
-        made = len(tokens) - len(prompt)
-        return Generation(tokens, made, prefill_s, total - prefill_s,
-                          stopped_at_context=made == new < max_new_tokens and tokens[-1] not in stop)
+            if len(going) < len(live):
+                cache.keep(going)
+                live = [live[row] for row in going]
+            step = torch.tensor([[tokens[b][-1]] for b in live])  # (B, 1)
+        out = []
+        for b, (p, t, new) in enumerate(zip(prompts, tokens, news)):
+            made = len(t) - len(p)
+            out.append(Generation(t, made, prefill_s, ended.get(b, time.perf_counter()) - start - prefill_s,
+                                  stopped_at_context=made == new < max_new_tokens and t[-1] not in stop))
+        return out
 
 
 def eos_token_ids(path: str | Path, host_config: dict) -> int | list[int] | None:
@@ -388,34 +484,15 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
 class GPT2Runtime(Runtime):
     """GPT-2: learned positions, LayerNorm, fused `c_attn` Conv1D ([in, out]), tied LM head."""
 
-    ATTENTION, PROJECTIONS, PROJECTIONS_IN_OUT = "attn", ("c_attn", "c_proj"), True
+    ATTENTION, PROJECTIONS, PROJECTIONS_IN_OUT = "attn", {"qkv": ("c_attn",), "out": ("c_proj",)}, True
+    NORMS = ("transformer.h.{}.ln_1", "transformer.h.{}.ln_2", "transformer.ln_f")
 
     def configure(self, c):
         self.heads = c["n_head"]
         self.num_kv_heads, self.head_dim, self.eps = self.heads, c["n_embd"] // c["n_head"], c["layer_norm_epsilon"]
 
-    def _ln(self, name: str, x):
-        return F.layer_norm(x, x.shape[-1:], self.t[name + ".weight"], self.t[name + ".bias"], self.eps)
-
     def embed(self, ids, pos):
         return self.t["transformer.wte.weight"][ids] + self.t["transformer.wpe.weight"][pos]
-
-    def attn_norm(self, i, x):
-        return self._ln(f"transformer.h.{i}.ln_1", x)
-
-    def ffn_norm(self, i, x):
-        return self._ln(f"transformer.h.{i}.ln_2", x)
-
-    def final_norm(self, x):
-        return self._ln("transformer.ln_f", x)
-
-    def qkv(self, i, x, rotary):
-        B, L, _ = x.shape
-        qkv = self.linear(f"transformer.h.{i}.attn.c_attn", x)  # (B, L, 3d)
-        return [t.reshape(B, L, self.heads, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1)]
-
-    def attn_out(self, i, o):
-        return self.linear(f"transformer.h.{i}.attn.c_proj", o)
 
     def attn_scale(self, i):
         scale = 1.0 / math.sqrt(self.head_dim) if self.cfg.get("scale_attn_weights", True) else 1.0
@@ -435,13 +512,16 @@ class LlamaRuntime(Runtime):
     """
 
     STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-    ATTENTION, PROJECTIONS = "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")
+    ATTENTION, PROJECTIONS = "self_attn", {"qkv": ("q_proj", "k_proj", "v_proj"), "out": ("o_proj",)}
+    NORMS = ("model.layers.{}.input_layernorm", "model.layers.{}.post_attention_layernorm", "model.norm")
+    RMS_NORM = True
 
     def configure(self, c):
         self.heads, self.num_kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
         self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
         self.eps = c["rms_norm_eps"]
         self.inv_freq, self.rope_scale = self._rope(c)
+        self.rope_tables = self._rope_tables(0)
         window, types = c.get("sliding_window"), c.get("layer_types")
         self.windows = [window if window and (types is None or types[i] == "sliding_attention") else None
                         for i in range(self.num_layers)]
@@ -464,46 +544,20 @@ class LlamaRuntime(Runtime):
     def sliding_window(self, i):
         return self.windows[i]
 
-    def _rms(self, name: str, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.t[name + ".weight"] * h.to(x.dtype)
+    def _rope_tables(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's (cos, sin) of positions 0..positions-1, each (positions, hd) fp32, as transformers computes them."""
+        freqs = torch.arange(positions, dtype=torch.float32)[:, None] * self.inv_freq[None, :]  # (P, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (P, hd)
+        return emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
+
+    def rope(self, positions):
+        if positions > self.rope_tables[0].shape[0]:  # doubled as generations grow, up to the context
+            self.rope_tables = self._rope_tables(min(max(positions, 2 * self.rope_tables[0].shape[0], CACHE_STEP),
+                                                     max(positions, self.context)))
+        return self.rope_tables
 
     def embed(self, ids, pos):
         return self.t["model.embed_tokens.weight"][ids]
-
-    def attn_norm(self, i, x):
-        return self._rms(f"model.layers.{i}.input_layernorm", x)
-
-    def ffn_norm(self, i, x):
-        return self._rms(f"model.layers.{i}.post_attention_layernorm", x)
-
-    def final_norm(self, x):
-        return self._rms("model.norm", x)
-
-    def rotary(self, pos, dtype):
-        """RoPE's (cos, sin), each (L, hd)."""
-        freqs = pos[:, None].float() * self.inv_freq[None, :]  # (L, hd/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (L, hd)
-        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
-
-    def qkv(self, i, x, rotary):
-        p = f"model.layers.{i}.self_attn."
-        B, L, _ = x.shape
-        cos, sin = rotary
-
-        def heads(name, n):
-            return self.linear(p + name, x).reshape(B, L, n, self.head_dim).transpose(1, 2)  # (B, n, L, hd)
-
-        def rotate(t):
-            t1, t2 = t.chunk(2, dim=-1)
-            return t * cos + torch.cat([-t2, t1], dim=-1) * sin
-
-        return rotate(heads("q_proj", self.heads)), rotate(heads("k_proj", self.num_kv_heads)), heads(
-            "v_proj", self.num_kv_heads)
-
-    def attn_out(self, i, o):
-        return self.linear(f"model.layers.{i}.self_attn.o_proj", o)
 
     @property
     def lm_head(self):
@@ -536,8 +590,9 @@ def load_runtime(path: str | Path, expert_parallel: bool = False, manifest: dict
 
 @dataclass
 class TextGeneration:
-    """What `generate_text` made: the new text and tokens, and how the run went."""
+    """What `generate_text` made of one prompt: the new text and tokens, and how the run went."""
 
+    prompt: str
     text: str
     prompt_tokens: int
     generation: Generation  # prompt + new tokens, timings
@@ -550,18 +605,20 @@ class TextGeneration:
         return self.generation.tokens[self.prompt_tokens:]
 
 
-def generate_text(job: GenerateJob) -> TextGeneration:
-    """The `generate` command: tokenize `job.prompt` with the export's tokenizer, decode, detokenize.
+def generate_text(job: GenerateJob) -> list[TextGeneration]:
+    """The `generate` command: tokenize each prompt with the export's tokenizer, decode them as one batch
+    (`Runtime.generate_batch`), detokenize; one `TextGeneration` per prompt, in order.
 
     Under torchrun on an `--ep-size N` export, each process holds one rank's experts."""
     manifest = read_manifest(job.export_dir)  # an export at all; then its tokenizer, before the weights load
+    prompts = job.all_prompts()
     tokenizer = load_tokenizer(job.export_dir)
     runtime = load_runtime(job.export_dir, expert_parallel=True, manifest=manifest)
-    ids = tokenizer(job.prompt)["input_ids"]
-    out = runtime.generate(ids, job.max_new_tokens, job.temperature, job.top_k, job.top_p, job.seed,
-                           eos_token_ids(job.export_dir, runtime.cfg))
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    outs = runtime.generate_batch(ids, job.max_new_tokens, job.temperature, job.top_k, job.top_p, job.seed,
+                                  eos_token_ids(job.export_dir, runtime.cfg))
     if runtime.ep is not None:
         runtime.ep.close()
-    return TextGeneration(tokenizer.decode(out.tokens[len(ids):], skip_special_tokens=True), len(ids), out,
-                          runtime.context, runtime.ep.rank if runtime.ep is not None else 0,
-                          runtime.dtype != runtime.stored_dtype)
+    return [TextGeneration(text, tokenizer.decode(out.tokens[len(p):], skip_special_tokens=True), len(p), out,
+                           runtime.context, runtime.ep.rank if runtime.ep is not None else 0,
+                           runtime.dtype != runtime.stored_dtype) for text, p, out in zip(prompts, ids, outs)]
