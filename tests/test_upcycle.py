@@ -339,7 +339,8 @@ def test_gated_host_with_ffn_biases_is_refused_by_name(tmp_path):
 
 
 def test_fidelity_sample_is_held_out_corpus_text(tmp_path):
-    """With a tokenizer the sample is the first tokens of held-out paragraphs: recomputed here, the shares agree."""
+    """With a tokenizer the sample is 16 rows of held-out text, each starting at one of 16 evenly spaced held-out
+    paragraphs and running on into the next: recomputed here, the shares agree."""
     from moe_convert.io import load_tokenizer
     from moe_convert.training.data import load_documents, split_documents
 
@@ -347,7 +348,8 @@ def test_fidelity_sample_is_held_out_corpus_text(tmp_path):
     assert "held-out builtin:pydoc" in s.fidelity
     tokenizer = load_tokenizer(CHECKPOINT)
     held_out = split_documents(load_documents("builtin:pydoc").texts, 0.1)["eval"]
-    rows = [ids[:32] for ids in map(lambda t: tokenizer(t)["input_ids"], held_out) if len(ids) >= 32][:8]
+    starts = [r * len(held_out) // 16 for r in range(16)]
+    rows = [sum((tokenizer(t)["input_ids"] for t in held_out[i:i + 30]), [])[:64] for i in starts]
     _, moe = load_pair(CHECKPOINT, tmp_path / "moe")
     with torch.no_grad():
         moe(torch.tensor(rows))
