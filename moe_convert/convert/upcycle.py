@@ -287,6 +287,14 @@ def _dense_model(reader: CheckpointReader, spec: HostSpec, host_config) -> Strea
     return StreamedLM(lm, spec, lambda name: reader.get(stored[name]) if name in stored else None)
 
 
+def _upcycled_model(output: Path, spec: HostSpec, config: PRMoEConfig) -> StreamedLM:
+    """The written PR-MoE model's host, run one decoder block at a time from its shards."""
+    reader = CheckpointReader(output)
+    stored = set(reader.keys())
+    model = on_meta(lambda: PRMoEForCausalLM(config))
+    return StreamedLM(model.host, spec, lambda name: reader.get(f"host.{name}") if f"host.{name}" in stored else None)
+
+
 def _calibrate(dense: StreamedLM, src: Path, host_config, layers: dict[str, _LayerPlan], seed: int) -> None:
     """preserve: fit each MoE layer's router to the dense hidden states entering that FFN.
 
@@ -460,10 +468,7 @@ def upcycle(source: str, output: str | Path, *, overwrite: bool = False,
 def _measure_fidelity(summary: UpcycleSummary, output: Path, spec: HostSpec, plan: _Plan, ref: _Reference) -> None:
     """max |dlogits|, mean KL(dense || upcycled) per position, largest expert share per MoE layer: the written
     model run one decoder block at a time from its shards, beside the dense reference."""
-    reader = CheckpointReader(output)
-    stored = set(reader.keys())
-    model = on_meta(lambda: PRMoEForCausalLM(plan.config))
-    upcycled = StreamedLM(model.host, spec, lambda name: reader.get(f"host.{name}") if f"host.{name}" in stored else None)
+    upcycled = _upcycled_model(output, spec, plan.config)
     shares = {}
 
     def share(i: int, x: torch.Tensor, block) -> None:  # x (T, d): the MoE layer's input
