@@ -24,7 +24,7 @@ from torch import nn
 from ..model.modeling import HostSpec
 
 CHUNK_ROWS = 4  # sample rows per chunk of work (one thread each)
-ROUTER_LOGIT_STD = 1e-5  # std of router logits over tokens: p_e = 1/E * (1 + O(this)), function-preserving
+ROUTER_LOGIT_STD = 1e-6  # std of router logits over tokens: p_e = 1/E * (1 + O(this)), function-preserving
 WHITEN_RIDGE = 1e-2  # whitening damps directions with less than this share of the mean variance
 BALANCE_ROUNDS, BALANCE_STEP = 100, 0.1  # per-expert rescalings evening out the argmax shares on the sample
 
