@@ -30,7 +30,9 @@ from moe_convert.convert.upcycle import upcycle
 t = time.perf_counter()
 s = upcycle(sys.argv[1], sys.argv[2], pyramid=sys.argv[3], dtype="bf16", init="preserve",
             fidelity=sys.argv[4] == "fidelity", overwrite=True)
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+# VmHWM, not ru_maxrss: the latter keeps the parent's RSS at fork time across exec
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": peak,
                   "bytes": s.size_on_disk, "total_params": s.total_params, "shards": s.shards,
                   "max_abs_logit_diff": s.max_abs_logit_diff}))
 """

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..io import return_freed_memory
 from ..model.modeling import HostSpec
 
 CHUNK_ROWS = 4  # sample rows per chunk of work (one thread each)
@@ -155,6 +156,7 @@ class StreamedLM:
             if i in taps:
                 taps[i](torch.cat([seen[c] for c in range(len(chunks))]), block)
             block.to_empty(device="meta")  # frees the block
+            return_freed_memory()  # and hands it back: the pool threads' malloc arenas would keep it
         return torch.cat(hidden)
 
     @torch.inference_mode()
