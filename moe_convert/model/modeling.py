@@ -38,6 +38,7 @@ class HostSpec:
     inner_attr: str  # config attribute with the FFN inner size (None -> 4 * hidden)
     dropout_attr: str | None = None  # config attribute with the FFN output dropout
     ffn_attr: str = "mlp"  # attribute of the decoder layer holding the FFN
+    final_norm: str = "model.norm"  # dotted path from the causal LM to the norm after the last decoder layer
 
     def inner_size(self, config) -> int:
         return getattr(config, self.inner_attr, None) or 4 * config.hidden_size
@@ -62,7 +63,7 @@ def _llama_family(causal_lm: str) -> HostSpec:
 
 HOSTS: dict[str, HostSpec] = {
     "gpt2": HostSpec("GPT2LMHeadModel", "transformer.h", "mlp", _GPT2_EXPERT_KEYS, "activation_function", "n_inner",
-                     "resid_pdrop"),
+                     "resid_pdrop", final_norm="transformer.ln_f"),
     "llama": _llama_family("LlamaForCausalLM"),
     "mistral": _llama_family("MistralForCausalLM"),
     "qwen2": _llama_family("Qwen2ForCausalLM"),
