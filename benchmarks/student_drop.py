@@ -44,6 +44,7 @@ def main() -> None:
         choice = choose_dropped(teacher, windows, k)
         print(json.dumps({"k": k, "choice": choice.dropped, "teacher_calibration_ppl": choice.teacher_ppl,
                           "seconds": time.perf_counter() - start,
+                          "candidates": [[c.dropped, c.found_by, c.score, c.calibration_ppl] for c in choice.candidates],
                           "block_influence": [round(x, 4) for x in choice.block_influence],
                           "angular_distance": [round(x, 4) for x in choice.angular_distance]}), flush=True)
         order = sorted(choice.candidates, key=lambda c: (c.dropped != choice.dropped, c.found_by != "front"))
