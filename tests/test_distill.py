@@ -147,10 +147,10 @@ def test_teacher_is_released_at_the_switch():
 
 
 def test_kd_stop_zero_is_plain_training(teacher, data_file, tmp_path):
-    run_distill(job(teacher, data_file, tmp_path / "kd0", kd_stop=0.0), progress=False)
+    kd0 = run_distill(job(teacher, data_file, tmp_path / "kd0", kd_stop=0.0), progress=False)
     # the same student, saved, then trained by `train` with the same settings
     t = load_model(teacher)
-    student = build_student(t, plan_student(t.config, -1))
+    student = build_student(t, plan_student(t.config, None, kd0.plan.kept))
     student.save_pretrained(tmp_path / "student0")
     from moe_convert.io import load_tokenizer
 
