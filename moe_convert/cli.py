@@ -349,7 +349,7 @@ def distill(
 
         job = DistillJob.from_dict({"teacher": str(teacher), "data": data, "output": str(output), **options})
         if dry_run:
-            return _print_memory_plan(job, devices, device_memory, json_out)
+            return _print_distill_plan(job, devices, device_memory, json_out)
         result = run_distill(job, resume=resume, stop_after=stop_after, overwrite=overwrite, progress=not json_out)
         if not _is_main_process():
             return
@@ -358,6 +358,8 @@ def distill(
             print_json(result.to_dict())
             return
         plan = result.plan
+        if result.drop is not None:
+            print_drop_choice(result.drop)
         console.print(f"student: teacher layers {plan.kept} kept, {plan.dropped} dropped; "
                       f"MoE at {plan.moe_layers} with {plan.num_experts} experts; "
                       + (f"KD for steps 1..{result.kd_steps}" if result.kd_steps else "no KD (plain LM loss)"))
@@ -368,6 +370,47 @@ def distill(
             ("student", str(s["layers"]), f"{s['total_params']:,}", f"{s['active_params']:,}", fmt(s["eval_ppl"], ".2f"),
              fmt(times["kd"], ".3f"), fmt(times["ce"], ".3f")),
         ], ("model", "layers", "total params", "active params", "eval ppl", "step s (KD)", "step s (CE)"))
+
+
+def _print_distill_plan(job, devices: int, device_memory: str, json_out: bool) -> None:
+    """`distill --dry-run`: the student's layers (measured on the teacher with `--drop-by measured`) and
+    the memory plan of that student."""
+    import dataclasses
+
+    from .training.distill import preview_plan
+    from .training.memory import plan_job
+
+    plan, drop = preview_plan(job)
+    job = dataclasses.replace(job, keep_layers=",".join(map(str, plan.kept)), student_layers=None, drop_by=None)
+    if json_out:
+        return print_json({**plan_job(job, devices=devices, device_memory=device_memory).to_dict(),
+                           "student": dataclasses.asdict(plan), "drop": drop and dataclasses.asdict(drop)})
+    if drop is not None:
+        print_drop_choice(drop)
+    console.print(f"student: teacher layers {layer_ranges(plan.dropped)} dropped; MoE at {plan.moe_layers} with "
+                  f"{plan.num_experts} experts")
+    _print_memory_plan(job, devices, device_memory, json_out)
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """[1, 2, 3, 7] -> "1-3, 7": a set of layers short enough for a table cell."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
+
+
+def print_drop_choice(drop) -> None:
+    """The measured candidates for the dropped layers: what proposed each, its score, and the student's
+    perplexity at init on the calibration sample (the lowest is chosen)."""
+    rows = [(layer_ranges(c.dropped), c.found_by, fmt(c.score, ".4f"), fmt(c.calibration_ppl, ",.2f"),
+             "yes" if c.dropped == drop.dropped else "") for c in drop.candidates]
+    print_table(f"dropped layers, measured on {drop.calibration_tokens:,} training tokens (teacher ppl "
+                f"{drop.teacher_ppl:,.2f})", rows, ("dropped", "found by", "score", "student ppl", "chosen"),
+                left=("dropped", "found by"), compact=True)
 
 
 @app.command()

@@ -57,6 +57,8 @@ def losses(out: Path) -> list[tuple[int, float, float]]:
 def test_resume_across_the_kd_stop_is_exact(teacher, data_file, tmp_path, stop_at):
     full = run_distill(job(teacher, data_file, tmp_path / "full", kd_stop=0.5), progress=False)
     assert full.kd_steps == 3
+    recorded = json.loads((tmp_path / "full" / "layer_drop.json").read_text())  # --drop-by measured, the default
+    assert recorded["dropped"] == full.drop.dropped == full.plan.dropped
     ref = losses(tmp_path / "full")
     assert [kd for _, _, kd in ref] == [1, 1, 1, 0, 0, 0]
     ce = [r["ce"] for r in metrics_of(tmp_path / "full")]  # logged on every step, with KD on or off
@@ -145,10 +147,10 @@ def test_teacher_is_released_at_the_switch():
 
 
 def test_kd_stop_zero_is_plain_training(teacher, data_file, tmp_path):
-    run_distill(job(teacher, data_file, tmp_path / "kd0", kd_stop=0.0), progress=False)
+    kd0 = run_distill(job(teacher, data_file, tmp_path / "kd0", kd_stop=0.0), progress=False)
     # the same student, saved, then trained by `train` with the same settings
     t = load_model(teacher)
-    student = build_student(t, plan_student(t.config, -1))
+    student = build_student(t, plan_student(t.config, None, kd0.plan.kept))
     student.save_pretrained(tmp_path / "student0")
     from moe_convert.io import load_tokenizer
 
@@ -189,6 +191,23 @@ def test_bad_options_one_line_nothing_written(teacher, data_file, tmp_path, extr
     out = tmp_path / "s"
     r = _cli(["--teacher", str(teacher), "--data", str(data_file), "-o", str(out), "--steps", "2", *extra])
     assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not out.exists()
+
+
+def test_dry_run_shows_the_measured_choice_and_writes_nothing(teacher, data_file, tmp_path):
+    out = tmp_path / "s"
+    args = ["--teacher", str(teacher), "--data", str(data_file), "-o", str(out), "--seq-len", "32"]
+    r = _cli([*args, "--dry-run", "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.output)
+    drop = plan["drop"]
+    assert plan["student"]["kept"] == drop["kept"] and len(drop["dropped"]) == 1 and plan["teacher"] > 0
+    assert drop["dropped"] == min(drop["candidates"], key=lambda c: c["calibration_ppl"])["dropped"]
+    r = _cli([*args, "--dry-run"])
+    assert r.exit_code == 0 and "dropped layers, measured on" in r.output and "student ppl" in r.output, r.output
+    assert f"teacher layers {drop['dropped'][0]} dropped" in r.output
+    r = _cli([*args, "--dry-run", "--drop-by", "front"])
+    assert r.exit_code == 0 and "measured" not in r.output and "teacher layers 1 dropped" in r.output, r.output
     assert not out.exists()
 
 

@@ -1,6 +1,8 @@
 """Mixture-of-Students construction and the KD loss formula."""
 
+import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -9,8 +11,12 @@ from transformers import GPT2LMHeadModel
 
 from conftest import VOCAB, tiny_gpt2_config, tiny_prmoe
 from moe_convert.model.configuration_prmoe import PRMoEConfig
-from moe_convert.training.distill import build_student, kd_loss, kd_loss_top_k, plan_student, student_config, top_k_of
 from moe_convert.errors import MoEConvertError
+from moe_convert.training.config import DistillJob
+from moe_convert.training.distill import (build_student, kd_loss, kd_loss_top_k, measure_plan, plan_student,
+                                          student_config, top_k_of)
+from moe_convert.training.layer_drop import (Candidate, DropChoice, calibration_windows, choose_dropped,
+                                             decoder_layers)
 
 
 def paper_teacher_config():
@@ -171,3 +177,89 @@ def test_kd_loss_in_blocks_equals_the_formula_in_float64_with_its_gradient(dtype
     assert g.dtype == dtype
     tolerance = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-4}
     torch.testing.assert_close(g.double(), w.double(), **tolerance)
+
+
+# --- which layers a student drops (`--drop-by`) ---------------------------------------------------
+
+# the projections whose outputs a decoder layer adds to the residual stream: zeroed, the layer is the identity
+RESIDUAL_WRITERS = {"gpt2": ("attn.c_proj", "mlp.c_proj"), "llama": ("self_attn.o_proj", "mlp.down_proj")}
+
+
+def teacher_with_an_identity_layer(host, layer=2, seed=0):
+    """A tiny PR-MoE (MoE at 1 and 3, weights scaled up so every layer matters) whose layer `layer`
+    writes nothing to the residual stream, and 16 windows of 24 tokens it wrote itself (sampled)."""
+    teacher = tiny_prmoe(host, moe_layers=(1, 3), num_experts=(3, 5), seed=seed).eval()
+    layers, _ = decoder_layers(teacher)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(4)
+        for name, p in getattr(layers, _).named_parameters():
+            if name.startswith(f"{layer}.") and name.rsplit(".", 1)[0].endswith(RESIDUAL_WRITERS[host]):
+                p.zero_()
+        torch.manual_seed(seed)
+        ids = torch.randint(0, VOCAB, (16, 1))
+        for _ in range(23):  # on its own text the teacher is best, and any student that differs from it is worse
+            probs = teacher(input_ids=ids).logits[:, -1].softmax(-1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1)], dim=1)
+    return teacher, ids
+
+
+def test_measured_drop_finds_the_identity_layer_and_scores_on_the_sample(host):
+    teacher, windows = teacher_with_an_identity_layer(host)
+    choice = choose_dropped(teacher, windows, 1)
+    assert choice.dropped == [2] and choice.kept == [0, 1, 3]
+    assert choice.block_influence[2] < 1e-6 and choice.angular_distance[2] < 1e-3
+    chosen = next(c for c in choice.candidates if c.dropped == [2])
+    assert chosen.calibration_ppl == pytest.approx(choice.teacher_ppl, rel=1e-5)  # the student is the teacher
+    # oracle: the scores from the hidden states transformers returns (the last one is after the final norm)
+    with torch.no_grad():
+        hs = teacher(input_ids=windows, output_hidden_states=True).hidden_states
+    for i in range(len(hs) - 2):
+        cos = F.cosine_similarity(hs[i], hs[i + 1], dim=-1)
+        assert choice.block_influence[i] == pytest.approx((1 - cos).mean().item(), rel=1e-4, abs=1e-6)
+        assert choice.angular_distance[i] == pytest.approx((cos.clamp(-1, 1).arccos() / math.pi).mean().item(),
+                                                           rel=1e-3, abs=1e-4)
+
+
+def test_each_candidate_is_scored_as_the_student_build_student_makes():
+    """The teacher run without the dropped layers is the teacher-initialised student: the candidates'
+    perplexities are the built students', and the choice is the lowest."""
+    from moe_convert.training.train import evaluate
+
+    teacher, windows = teacher_with_an_identity_layer("llama", seed=3)
+    choice = choose_dropped(teacher, windows, 2)
+    assert sorted(c.dropped for c in choice.candidates) == [[0, 1], [1, 2], [2, 3]]  # every block of 2 (front: 1, 2)
+    for c in choice.candidates:
+        student = build_student(teacher, plan_student(teacher.config, None, [i for i in range(4) if i not in c.dropped]))
+        assert evaluate(student, windows)["ppl"] == pytest.approx(c.calibration_ppl, rel=1e-5), c.dropped
+    assert choice.dropped == min(choice.candidates, key=lambda c: c.calibration_ppl).dropped
+
+
+def test_the_calibration_sample_and_the_choice_are_deterministic_for_a_seed():
+    train = torch.arange(40 * 8).view(40, 8)
+    a, b = calibration_windows(train, 0, tokens=80), calibration_windows(train, 0, tokens=80)
+    assert a.shape == (10, 8) and torch.equal(a, b) and not torch.equal(a, calibration_windows(train, 1, tokens=80))
+    assert len(calibration_windows(train, 0, tokens=10**6)) == 40  # never more windows than there are
+    teacher, windows = teacher_with_an_identity_layer("gpt2", seed=1)
+    assert choose_dropped(teacher, windows, 2) == choose_dropped(teacher, windows, 2)
+
+
+def test_drop_by_options_and_the_recorded_choice(tmp_path):
+    common = dict(model="t", data="d", output="o")
+    assert DistillJob(**common).drop_rule == "measured"
+    assert DistillJob(**common, student_init="scratch").drop_rule == "front"
+    assert DistillJob(**common, keep_layers="0,2").drop_rule is None
+    for bad, message in [(dict(drop_by="best"), "drop_by: must be one of measured, front"),
+                         (dict(drop_by="front", keep_layers="0,2"), "give one of them"),
+                         (dict(drop_by="measured", student_init="scratch"), "scratch student uses front")]:
+        with pytest.raises(MoEConvertError, match=message):
+            DistillJob(**common, **bad)
+    cfg = paper_teacher_config()  # front and --keep-layers plans need no teacher
+    assert measure_plan(DistillJob(**common, drop_by="front", student_layers=-3), cfg, None, None)[0].dropped == [1, 2, 3]
+    assert measure_plan(DistillJob(**common, keep_layers="0,1,2"), cfg, None, None)[1] is None
+    # a resumed run keeps the student its output records
+    recorded = DropChoice([5, 6, 7], [i for i in range(24) if i not in (5, 6, 7)], 64, 9.0, [0.1] * 24, [0.2] * 22,
+                          [Candidate([5, 6, 7], "angular distance", 0.2, 10.0)])
+    (tmp_path / "layer_drop.json").write_text(json.dumps(asdict(recorded)))
+    plan, choice = measure_plan(DistillJob(**common, student_layers=-3), cfg, None, None, tmp_path / "layer_drop.json")
+    assert plan.dropped == [5, 6, 7] and choice == recorded

@@ -193,7 +193,7 @@ def test_engine_refusals_one_line_nothing_written(prmoe_dir, data_file, tmp_path
 def test_memory_plans_fit_80_columns(prmoe_dir):
     """Rich renders at 80 columns off a terminal: no truncated cell (an ellipsis) in either plan."""
     r = CliRunner().invoke(app, ["distill", "--teacher", str(prmoe_dir), "--data", "x", "-o", "y", "--dry-run",
-                                 "--devices", "2", "--engine", "fsdp", "--steps", "10"])
+                                 "--devices", "2", "--engine", "fsdp", "--steps", "10", "--drop-by", "front"])
     assert r.exit_code == 0, r.output
     assert "…" not in r.output and max(map(len, r.output.splitlines())) <= 80
     assert "teacher (frozen)" in r.output and "checkpointed" in r.output

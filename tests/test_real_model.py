@@ -55,3 +55,17 @@ def test_generate_on_the_upcycled_real_model_equals_transformers(smollm2_upcycle
         with torch.inference_mode():
             ref = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, pad_token_id=0)[0].tolist()
         assert rt.generate(p, 10, eos_token_id=eos).tokens == b.tokens == ref
+
+
+def test_measured_layers_to_drop_keep_the_real_student_near_its_teacher(smollm2):
+    """SmolLM2 without 3 of its 30 layers: the measured choice starts far closer to the teacher than the
+    front rule's (layers 1-3), on the training windows it was measured on."""
+    from moe_convert.io import load_tokenizer
+    from moe_convert.training.data import load_packed
+    from moe_convert.training.layer_drop import calibration_windows, choose_dropped
+
+    train = load_packed("builtin:pydoc", load_tokenizer(smollm2), 64).train
+    choice = choose_dropped(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32),
+                            calibration_windows(train, 0, tokens=256), 3)
+    ppl = {tuple(c.dropped): c.calibration_ppl for c in choice.candidates}
+    assert ppl[tuple(choice.dropped)] * 50 < ppl[(1, 2, 3)] and ppl[tuple(choice.dropped)] < 10 * choice.teacher_ppl

@@ -18,7 +18,7 @@ from conftest import ROOT, metrics_of
 from moe_convert.cli import app
 from moe_convert.errors import MoEConvertError
 from moe_convert.pipeline.recipe import apply_overrides, load_recipe, parse_recipe
-from moe_convert.pipeline.run import plan_recipe
+from moe_convert.pipeline.run import MEASURED_NOTE, plan_recipe
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
@@ -362,3 +362,22 @@ def test_a_setting_added_since_a_step_ran_counts_at_its_default():
     ran = {k: v for k, v in asdict(step.spec).items() if k != "split"}
     assert changed_settings({"0": {"settings": ran}}, step) is None
     assert "max_windows: 3 -> 0" in changed_settings({"0": {"settings": {**ran, "max_windows": 3}}}, step)
+
+
+def test_the_report_shows_a_measured_student_and_the_plan_notes_it():
+    from moe_convert.pipeline.report import drop_lines
+
+    candidates = [{"dropped": [2, 3], "found_by": "angular distance", "score": 0.11, "calibration_ppl": 47.7},
+                  {"dropped": [1, 2], "found_by": "front", "score": None, "calibration_ppl": 30870.0}]
+    state = {"1": {"kind": "train", "result": {}},
+             "2": {"kind": "distill", "result": {"drop": {"dropped": [2, 3], "calibration_tokens": 4096,
+                                                          "teacher_ppl": 38.0, "candidates": candidates}}},
+             "3": {"kind": "distill", "result": {"drop": None}}}  # --drop-by front: nothing measured
+    lines = drop_lines(state)
+    assert lines[0] == "## Step 2: student layers (dropped [2, 3], measured on 4,096 training tokens; teacher ppl 38.00)"
+    assert "| [2, 3] | angular distance | 0.1100 | 47.70 | yes |" in lines
+    assert "| [1, 2] | front | - | 30,870.00 |  |" in lines and len([x for x in lines if x.startswith("## ")]) == 1
+    plans = plan_recipe(load_recipe(ROOT / "recipes" / "demo.yaml"))
+    assert [p.note for p in plans if p.kind == "distill"] == [MEASURED_NOTE]
+    paper = plan_recipe(load_recipe(ROOT / "recipes" / "paper-350m-prmoe-32-64-mos.yaml"))
+    assert MEASURED_NOTE not in [p.note for p in paper]  # drop_by: front, the paper's L21 student

@@ -1,4 +1,5 @@
-"""The run report: a summary table, loss curves with the KD stop marked, and expert-load heatmaps."""
+"""The run report: a summary table, measured student layers, loss curves with the KD stop marked, and
+expert-load heatmaps."""
 
 from __future__ import annotations
 
@@ -130,6 +131,25 @@ def bench_lines(state: dict) -> list[str]:
     return lines
 
 
+def drop_lines(state: dict) -> list[str]:
+    """Markdown tables of the run's distill steps whose dropped layers were measured (`--drop-by measured`):
+    each candidate, what proposed it, its score and the student's perplexity at init on the calibration sample."""
+    from ..convert.summary import fmt
+
+    lines = []
+    for index, result in _results(state, "distill"):
+        drop = result.get("drop")
+        if not drop:
+            continue
+        lines += [f"## Step {index}: student layers (dropped {drop['dropped']}, measured on "
+                  f"{drop['calibration_tokens']:,} training tokens; teacher ppl {drop['teacher_ppl']:,.2f})", "",
+                  "| dropped | found by | score | student ppl at init | chosen |", "|---|---|---:|---:|---|"]
+        lines += [f"| {c['dropped']} | {c['found_by']} | {fmt(c['score'], '.4f')} | {c['calibration_ppl']:,.2f} | "
+                  f"{'yes' if c['dropped'] == drop['dropped'] else ''} |" for c in drop["candidates"]]
+        lines.append("")
+    return lines
+
+
 def _eval_windows(recipe, model: str, count: int = 32):
     """A few held-out windows for expert-load plots, from the run's eval (or distill/train) data."""
     from ..io import load_tokenizer
@@ -160,7 +180,7 @@ def write_report(recipe, state: dict) -> tuple[Path, list[dict]]:
             lines.append(f"| {r['model']} | {r['layers']} | {experts} | {r['total_params']:,} | "
                          f"{r['active_params']:,} | {r['eval_ppl']:.2f} | {r['tokens_per_s']:,.0f} |")
         lines.append("")
-    lines += bench_lines(state)
+    lines += bench_lines(state) + drop_lines(state)
     for step in recipe.steps:
         metrics = Path(step.output) / "metrics.jsonl"
         if step.kind not in ("train", "distill") or not metrics.is_file():

@@ -36,6 +36,8 @@ DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "fl
 STATE_FILE = "run_state.json"
 RESULTS_FILE = "results.json"  # what an eval or bench step writes in its output directory
 NOT_MADE = "not a model directory (and no earlier step makes it)"  # an input or eval model of no step
+# a distill step with `drop_by: measured` scores the teacher's layers when it runs; its plan shows the front rule's
+MEASURED_NOTE = "the dropped layers are measured on the teacher when the step runs (planned here by the front rule)"
 
 
 @dataclass
@@ -101,7 +103,7 @@ def plan_recipe(recipe: Recipe, devices: int = 1, device_memory: str = "80GB") -
     state = _read_state(recipe)
     plans = []
     for step in recipe.steps:
-        spec, model, peak, missing, memory = step.spec, None, None, "", None
+        spec, model, peak, missing, memory, measured = step.spec, None, None, "", None, False
         try:
             if getattr(spec, "data", None) is not None:  # train, distill, eval: fail before any step runs
                 check_data_source(spec.data, offline_hub_ok=True)
@@ -134,6 +136,7 @@ def plan_recipe(recipe: Recipe, devices: int = 1, device_memory: str = "80GB") -
                 teacher = config if step.kind == "distill" else None
                 if step.kind == "distill":
                     config = student_config(config, plan_student(config, spec.student_layers, spec.keep_layers))
+                    measured = spec.drop_rule == "measured"
                 dtype = spec.dtype if step.kind == "export" else spec.save_dtype
                 out_bytes = row["size_bytes"] // row["total_params"] if dtype == "auto" else _dtype_bytes(dtype)
                 model = _model_row(config, out_bytes)
@@ -154,7 +157,8 @@ def plan_recipe(recipe: Recipe, devices: int = 1, device_memory: str = "80GB") -
             configs[step.output] = (config, model)  # a model directory later steps may name
         complete, starts_over = is_complete(recipe, step, state), _starts_over(step, state)
         plans.append(StepPlan(step.index, step.kind, step.output, complete, model, peak,
-                              missing or _resume_note(step, complete or starts_over),
+                              missing or _resume_note(step, complete or starts_over)
+                              or (MEASURED_NOTE if measured else ""),
                               changed=(complete and changed_settings(state, step)) or "", missing=missing,
                               starts_over=starts_over, memory=memory))
     return plans

@@ -18,6 +18,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 ENGINES = ("ddp", "fsdp", "deepspeed")  # how the model is spread over processes (training/engines.py)
 SAVE_DTYPE_NAMES = ("fp32", "bf16", "fp16")
 AUX_SCOPES = ("micro", "global")  # the tokens each MoE layer's load-balancing loss is computed over
+DROP_BY = ("measured", "front")  # how a --student-layers student picks the layers it drops (training/layer_drop.py)
 
 
 # Settings that change where something is kept, not any result: neither `--resume` nor `run` refuses a change.
@@ -156,8 +157,13 @@ class DistillJob(TrainJob):
 
     student_layers: int | None = option(None, "Student depth: -k = teacher depth minus k, or an absolute depth. "
                                               "Default: -1, or what --keep-layers keeps (given both, they must agree).")
-    keep_layers: str | None = option(None, "Teacher layers to keep, e.g. 0,4,5,...; default: drop the layers right "
-                                           "after layer 0 (the paper's L21 student for -3).")
+    keep_layers: str | None = option(None, "Teacher layers to keep, e.g. 0,4,5,...; default: drop the layers "
+                                           "--drop-by chooses.")
+    drop_by: str | None = option(None, "Which layers a --student-layers student drops: measured = the block (or "
+                                       "set) whose removal costs the teacher-initialised student least on a "
+                                       "calibration sample of the training split | front = the layers right after "
+                                       "layer 0 (the paper's L21 student for -3). Default: measured with "
+                                       "--student-init teacher, front with scratch.")
     student_init: str = option("teacher", "teacher: copy kept layers, embeddings, final norm | scratch: random "
                                           "(the paper).")
     alpha: float = option(0.5, "Weight of the KD term: (1 - alpha) CE + alpha T^2 KL.")
@@ -190,6 +196,13 @@ class DistillJob(TrainJob):
             raise MoEConvertError(f"kd_stop: must be in [0, 1] (a fraction of the steps), got {self.kd_stop}")
         if self.student_init not in ("teacher", "scratch"):
             raise MoEConvertError(f"student_init: must be 'teacher' or 'scratch', got {self.student_init!r}")
+        if self.drop_by is not None and self.drop_by not in DROP_BY:
+            raise MoEConvertError(f"drop_by: must be one of {', '.join(DROP_BY)}, got {self.drop_by!r}")
+        if self.drop_by is not None and self.keep_layers is not None:
+            raise MoEConvertError("drop_by: --keep-layers names the kept layers itself; give one of them")
+        if self.drop_by == "measured" and self.student_init == "scratch":
+            raise MoEConvertError("drop_by: measured scores the teacher's layers for a student that starts from "
+                                  "them; a scratch student uses front")
         if self.kd_stop > 0 and self.kd_steps == 0:
             raise MoEConvertError(f"kd_stop: {self.kd_stop} of {self.config.steps} steps rounds to no KD step; "
                                   f"raise it (or the steps), or give 0 for no KD")
@@ -200,6 +213,13 @@ class DistillJob(TrainJob):
         if self.teacher_dtype not in SAVE_DTYPE_NAMES:
             raise MoEConvertError(f"teacher_dtype: must be one of {', '.join(SAVE_DTYPE_NAMES)}, "
                                   f"got {self.teacher_dtype!r}")
+
+    @property
+    def drop_rule(self) -> str | None:
+        """How the student's dropped layers are chosen: measured | front; None when --keep-layers names them."""
+        if self.keep_layers is not None:
+            return None
+        return self.drop_by or ("measured" if self.student_init == "teacher" else "front")
 
     @property
     def kd_steps(self) -> int:

@@ -1,10 +1,9 @@
 """Mixture-of-Students: build a shallower student from a (PR-MoE or dense) teacher, and the KD loss.
 
 Student construction (Mixture-of-Students with staged KD, arXiv 2201.05596): the student keeps a
-subset of the teacher's decoder layers in order. The default drops the `k` layers right after
-layer 0 — for the paper's 24-layer PR-MoE-32/64 and k=3 that removes two early, small MoE layers
-and one dense layer and keeps every deep, large MoE layer (21 layers, 8x32 + 2x64), exactly the
-paper's L21 student. A kept layer stays MoE with its expert count, so the pyramid is preserved.
+subset of the teacher's decoder layers in order: those `--keep-layers` names, or all but `k` chosen
+by `--drop-by` (`layer_drop.py`: measured on the teacher, or the paper's rule). A kept layer stays
+MoE with its expert count, so the pyramid is preserved.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from ..model.modeling import host_spec
 from .config import DistillJob
 from . import deepspeed_engine
 from .engines import module_bytes, reshard, shard
+from .layer_drop import DropChoice, calibration_windows, choose_dropped, front_kept
 from .teacher_cache import TeacherCache
 from .train import (METRICS, Trainer, TrainResult, causal_lm_loss, clear_output, load_model, prepare_job,
                     release_memory)
@@ -64,8 +64,8 @@ DEFAULT_STUDENT_LAYERS = -1  # a student one layer shallower than its teacher
 
 
 def plan_student(teacher_config, student_layers: int | None, keep_layers: str | list[int] | None = None) -> StudentPlan:
-    """The student's layer plan: `student_layers` deep (None: `DEFAULT_STUDENT_LAYERS`), or the teacher
-    layers `keep_layers` names (then `student_layers`, if given, must agree)."""
+    """The student's layer plan: `student_layers` deep (None: `DEFAULT_STUDENT_LAYERS`) by the `front`
+    rule, or the teacher layers `keep_layers` names (then `student_layers`, if given, must agree)."""
     host, moe = _host_and_moe(teacher_config)
     L = host.num_hidden_layers
     if keep_layers is not None:
@@ -78,11 +78,43 @@ def plan_student(teacher_config, student_layers: int | None, keep_layers: str | 
             raise MoEConvertError(f"keep_layers keeps {len(kept)} layers, student_layers {student_layers} asks for "
                                   f"{student_depth(L, student_layers)}; give one of them")
     else:
-        depth = student_depth(L, DEFAULT_STUDENT_LAYERS if student_layers is None else student_layers)
-        drop = L - depth
-        kept = [0] + list(range(1 + drop, L)) if depth > 1 else [L - 1]
+        kept = front_kept(L, student_depth(L, DEFAULT_STUDENT_LAYERS if student_layers is None else student_layers))
     moe_layers = [i for i, t in enumerate(kept) if t in moe]
     return StudentPlan(L, kept, moe_layers, [moe[kept[i]] for i in moe_layers])
+
+
+DROP_FILE = "layer_drop.json"  # the measured choice in the output: a resumed run keeps its student
+
+
+def measure_plan(job: DistillJob, config, teacher, train: torch.Tensor,
+                 recorded: Path | None = None) -> tuple[StudentPlan, DropChoice | None]:
+    """The job's student plan and, for `--drop-by measured`, the choice behind it: `choose_dropped` on a
+    calibration sample of the training windows `train` (N, S), or the choice `recorded` holds."""
+    plan = plan_student(config, job.student_layers, job.keep_layers)
+    if job.drop_rule != "measured":
+        return plan, None
+    if recorded is not None and recorded.is_file():
+        choice = DropChoice.from_dict(json.loads(recorded.read_text()))
+    else:
+        choice = choose_dropped(teacher, calibration_windows(train, job.config.seed), plan.teacher_depth - plan.depth)
+    return plan_student(config, None, choice.kept), choice
+
+
+def preview_plan(job: DistillJob) -> tuple[StudentPlan, DropChoice | None]:
+    """`distill --dry-run`: `measure_plan` without touching the output (loads the teacher and the data
+    only where `--drop-by measured` asks)."""
+    from accelerate import PartialState
+
+    from ..convert.summary import load_config
+    from ..io import load_tokenizer
+    from .train import check_job_for_model, cpu_only, load_job_data
+
+    config = load_config(job.model)
+    if job.drop_rule != "measured":
+        return measure_plan(job, config, None, None)
+    check_job_for_model(job, config)
+    data = load_job_data(job, load_tokenizer(job.model), PartialState(cpu=cpu_only()), config)
+    return measure_plan(job, config, load_model(job.model), data.train)
 
 
 def _host_and_moe(config) -> tuple:
@@ -312,6 +344,7 @@ class DistillResult:
     plan: StudentPlan
     teacher: dict  # layers, total/active params, eval loss/ppl
     student: dict
+    drop: DropChoice | None  # `--drop-by measured`: the scores behind `plan`
     kd_steps: int
     step_seconds: dict[str, float | None]  # median step time while KD is on / after the switch
     train: TrainResult
@@ -356,6 +389,7 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
                                                    overwrite=overwrite)
     cache = _teacher_cache(job, config, settings["teacher"]) if job.teacher_cache else None
     teacher = load_model(job.model)
+    plan, drop = measure_plan(job, config, teacher, data.train, out / DROP_FILE if resume else None)
     student = build_student(teacher, plan, job.student_init, seed=job.config.seed)
     clear_output(state, out, resume, overwrite)  # every input and option checked: only now is anything removed
     kd = StagedKD(teacher if job.kd_steps > 0 else None, job.kd_steps, job.alpha, job.temperature,
@@ -379,6 +413,8 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
     if trainer.accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         teacher_eval_file.write_text(json.dumps(teacher_eval))
+        if drop is not None:
+            (out / DROP_FILE).write_text(json.dumps(asdict(drop), indent=1))
     result = trainer.fit(resume=resume, stop_after=stop_after)
     if result.steps == job.config.steps:
         trainer.save_model(tokenizer, DTYPES[job.save_dtype])
@@ -393,5 +429,5 @@ def run_distill(job: DistillJob, *, resume: bool = False, stop_after: int | None
     trainer.release()
     student_row = {"layers": plan.depth, **_params(student_cfg), "eval_loss": result.eval_loss,
                    "eval_ppl": result.eval_ppl}
-    return DistillResult(plan, teacher_row, student_row, job.kd_steps,
+    return DistillResult(plan, teacher_row, student_row, drop, job.kd_steps,
                          {phase: _median(v) for phase, v in times.items()}, result)
