@@ -90,7 +90,7 @@ def test_deepspeed_ep_distill_matches_ddp_and_splits_the_teacher(prmoe_dir, data
     a, b = distill_matches_ddp(prmoe_dir, data_file, tmp_path, EP, ds_env(tmp_path))
     assert a[0]["held_teacher"] - b[0]["held_teacher"] == 4 * (4 + 8) // 2 * PER_EXPERT  # half its experts, fp32
     job = DistillJob(model=str(prmoe_dir), data=str(data_file), output="-", seq_len=32, student_layers=-1,
-                     kd_stop=0.5, config=TrainConfig(steps=6, batch_size=4, engine="deepspeed", ep_size=2))
+                     drop_by="front", kd_stop=0.5, config=TrainConfig(steps=6, batch_size=4, engine="deepspeed", ep_size=2))
     assert_plan_is_held(plan_job(job, devices=2), {k: b[0][f"held_{k}"] for k in STATE})
 
 

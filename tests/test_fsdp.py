@@ -146,7 +146,7 @@ def distill_matches_ddp(prmoe_dir, data_file, tmp_path, engine: list[str], env: 
     saved student. Returns both runs' train records (DDP's, the engine's)."""
     args = ["distill", "--teacher", str(prmoe_dir), "--data", str(data_file), "--seq-len", "32", "--batch-size", "4",
             "--steps", "6", "--warmup-steps", "1", "--lr", "2e-3", "--eval-every", "0", "--eval-windows", "5",
-            "--kd-stop", "0.5", "--student-layers", "-1", "--json"]
+            "--kd-stop", "0.5", "--student-layers", "-1", "--drop-by", "front", "--json"]
     ddp, other, part = tmp_path / "ddp", tmp_path / "other", tmp_path / "part"
     torchrun([*args, "-o", str(ddp)], env)
     torchrun([*args, "-o", str(other), *engine], env)
@@ -171,7 +171,7 @@ def test_fsdp_distill_matches_ddp_and_shards_the_teacher(prmoe_dir, data_file, t
     assert kd_bytes[1] <= 0.55 * kd_bytes[0], kd_bytes
     assert b[0]["held_teacher"] <= 0.55 * a[0]["held_teacher"]
     job = DistillJob(model=str(prmoe_dir), data=str(data_file), output="-", seq_len=32, student_layers=-1,
-                     kd_stop=0.5, config=TrainConfig(steps=6, batch_size=4, engine="fsdp"))
+                     drop_by="front", kd_stop=0.5, config=TrainConfig(steps=6, batch_size=4, engine="fsdp"))
     plan, first = plan_job(job, devices=2), b[0]
     for k in STATE:
         assert abs(getattr(plan, k) - first[f"held_{k}"]) <= 0.2 * first[f"held_{k}"], k
