@@ -42,11 +42,8 @@ PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "def fibo
 
 def active_bytes(rt) -> int:
     """Bytes of the weights one decode token reads (module docstring)."""
-    def size(t):
-        return t.numel() * t.element_size()
-
-    total = sum(size(w) + (0 if b is None else size(b)) for w, b in rt.proj.values()) + size(rt.lm_head)
-    total += sum(size(v) for k, v in rt.t.items() if "norm" in k or "ln_" in k)
+    total = sum(w.nbytes + (0 if b is None else b.nbytes) for w, b in rt.proj.values()) + rt.lm_head.nbytes
+    total += sum(v.nbytes for k, v in rt.t.items() if "norm" in k or "ln_" in k)
     for w in rt.ffns:
         if "dense" in w:
             total += sum(size(v) for v in w["dense"].values())
@@ -112,7 +109,7 @@ def main() -> None:
         t_one, _ = timed(lambda: hf_generate(hf, padded["input_ids"], padded["attention_mask"], 1))
         rows["hf batch"].append(args.batch * (args.new - 1) / (t_new - t_one))
     med = {k: statistics.median(v) for k, v in rows.items()}
-    machine = measure_machine(576, dtype, torch.ones(EVICT_BYTES // 4))
+    machine = measure_machine(rt.lm_head.shape[1], dtype, torch.ones(EVICT_BYTES // 4))
     nbytes = active_bytes(rt)
     floor = machine.bandwidth_gbs * 1e9 / nbytes
     print(f"CPU: {cpu_model()}; torch {torch.__version__}; {args.threads} threads; {args.dtype}; "
