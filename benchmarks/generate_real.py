@@ -46,16 +46,16 @@ def active_bytes(rt) -> int:
     total += sum(v.nbytes for k, v in rt.t.items() if "norm" in k or "ln_" in k)
     for w in rt.ffns:
         if "dense" in w:
-            total += sum(size(v) for v in w["dense"].values())
+            total += sum(v.nbytes for v in w["dense"].values())
             continue
         moe = w["moe"]
         if isinstance(moe.stacked, PackedExperts):
-            per_expert = sum(size(v) for v in moe.stacked.weights[0].values())
+            per_expert = sum(v.nbytes for v in moe.stacked.weights[0].values())
         else:  # stacked [E, in, out]
-            per_expert = sum(size(v) for v in moe.stacked.values()) // moe.router.shape[0]
-        total += size(moe.router) + moe.top_k * per_expert
+            per_expert = sum(v.nbytes for v in moe.stacked.values()) // moe.router.shape[0]
+        total += moe.router.nbytes + moe.top_k * per_expert
         if moe.dense is not None:
-            total += sum(size(v) for v in moe.dense.values()) + sum(size(c) for c in moe.coef)
+            total += sum(v.nbytes for v in moe.dense.values()) + sum(c.nbytes for c in moe.coef)
     return total
 
 
