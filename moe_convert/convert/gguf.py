@@ -17,12 +17,9 @@ GGUF_SUFFIX = ".gguf"
 _HASH_PREFIX = 16  # hex digits of the sha256 naming the cached directory
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def is_gguf(source: str) -> bool:

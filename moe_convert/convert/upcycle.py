@@ -17,8 +17,9 @@ Init modes (`--init`):
 - `preserve` (default): function-preserving. Coefficient weight and bias 0 (c = 0.5 / 0.5), every
   expert a copy of the dense FFN with its output projection scaled by E, and a router so small
   that p_e = 1/E (1 + O(1e-6)) for every token: y = 0.5 * p_e * E * M(x) + 0.5 * M(x) = M(x). The
-  router's directions are a balanced clustering of the dense hidden states entering that FFN
-  (`calibrate.balanced_router`), so its argmax gives every expert a near-equal share of the tokens.
+  router's directions are random in the whitened space of the dense hidden states entering that FFN,
+  with one scale per expert fitted so that its argmax gives every expert a near-equal share of the
+  calibration tokens (`calibrate.balanced_router`).
   Top-k > 1 renormalises the k weights to 1, so there the experts are plain copies.
 - `copy`: DeepSpeed / sparse upcycling: experts and residual FFN = dense FFN, router normal(0,
   initializer_range), coefficient `nn.Linear` default init.

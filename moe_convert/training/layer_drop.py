@@ -119,8 +119,8 @@ def without_layers(model, dropped: list[int]):
     """The model computes as the teacher-initialised student that drops `dropped`: its layer list holds
     only the others (the same modules) until the block ends."""
     parent, name = decoder_layers(model)
-    full = getattr(parent, name)
-    setattr(parent, name, torch.nn.ModuleList([layer for i, layer in enumerate(full) if i not in set(dropped)]))
+    full, gone = getattr(parent, name), set(dropped)
+    setattr(parent, name, torch.nn.ModuleList([layer for i, layer in enumerate(full) if i not in gone]))
     try:
         yield model
     finally:
