@@ -72,12 +72,12 @@ def timed(fn):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8)
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the export's and transformers' dtype")
+    ap.add_argument("--new", type=int, default=64, help="new tokens per generation (no EOS stop in the timed runs)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds; the medians are printed")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (ours and transformers')")
+    ap.add_argument("--batch", type=int, default=8, help="prompts decoded together in the batched rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir, export_dir = smollm2_prmoe(dtype=args.dtype)

@@ -400,10 +400,10 @@ def test_shapes_that_do_not_fit_are_refused_not_computed(calls):
 @needs_kernel
 @pytest.mark.parametrize("host, top_k, dtype", [("gpt2", 1, "fp32"), ("llama", 1, "fp32"), ("llama", 2, "fp32"),
                                                 ("gpt2", 1, "bf16")])
-def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, top_k, dtype, tmp_path, calls,
-                                                                     monkeypatch):
-    """KV-cache decoding one token at a time (every FFN, expert and projection on few rows; the MoE layers
-    through `decode.Decoder`) against the source PRMoEForCausalLM's logits (a bf16 export: to bf16 tolerance)."""
+def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, top_k, dtype, tmp_path, monkeypatch):
+    """KV-cache decoding one token at a time (every FFN, expert and projection on few rows, in the batch
+    size's `plan.DecodePlan`; the MoE layers through `decode.Decoder`) against the source PRMoEForCausalLM's
+    logits (a bf16 export: to bf16 tolerance)."""
     from moe_convert.inference.decode import Decoder
     from moe_convert.model.configuration_prmoe import PRMoEConfig
     from moe_convert.model.modeling import PRMoEForCausalLM
@@ -422,13 +422,12 @@ def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, top_k
     if dtype == "bf16" and None in rt.ffns[1]["moe"].stacked.pointers:
         pytest.skip(REFUSED.format(dtype))
     assert all(p is not None for p in rt.ffns[1]["moe"].stacked.pointers)
-    decoded, real = [], Decoder.__call__
+    decoded, real = [], Decoder.run
 
-    def counted(self, x):
-        y = real(self, x)
-        decoded.append(y is not None and x.shape[0])
-        return y
-    monkeypatch.setattr(Decoder, "__call__", counted)
+    def counted(self, T, *args):
+        decoded.append(T)
+        real(self, T, *args)
+    monkeypatch.setattr(Decoder, "run", counted)
     ids = torch.randint(0, VOCAB, (2, 9))
     cache = rt.new_cache(2, 9)
     steps = [rt.forward(ids[:, :1], cache)] + [rt.forward(ids[:, t:t + 1], cache) for t in range(1, 9)]
@@ -439,7 +438,7 @@ def test_runtime_decoding_through_the_kernel_equals_the_source_model(host, top_k
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     else:  # as test_runtime's bf16 logits: bf16 keeps ~3 significant digits
         assert (got.float() - ref).norm() / ref.norm() < 2e-2
-    assert calls  # the decode steps went through the kernel
+    assert rt.decode_plans[2] is not None  # the decode steps went through the kernel, prepared
     assert decoded == [2] * 2 * 9  # each step's two MoE layers took the batch's 2 tokens
 
 

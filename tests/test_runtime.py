@@ -10,12 +10,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import VOCAB, save_tiny_prmoes, tiny_llama_config
+from conftest import VOCAB, save_tiny_prmoes, tiny_gpt2_config, tiny_llama_config
 from moe_convert.cli import app
 from moe_convert.convert.export import export
 from moe_convert.formats import SINGLE_FILE
-from moe_convert.inference import kernels, runtime
+from moe_convert.errors import MoEConvertError
+from moe_convert.inference import kernels, native, runtime
 from moe_convert.inference.kernels import PackedExperts
+from moe_convert.inference.plan import DecodePlan
 from moe_convert.inference.runtime import load_runtime
 
 runner = CliRunner()
@@ -362,3 +364,76 @@ def test_generate_cli_decodes_several_prompts(exported, tmp_path):
     assert res.exit_code == 2 and "--prompts-file" in res.output and "Traceback" not in res.output, res.output
     res = runner.invoke(app, ["generate", str(path)])
     assert res.exit_code == 2 and "needs a --prompt or a --prompts-file" in res.output, res.output
+
+
+def export_for_the_kernel(tmp_path, host: str, dtype: str = "fp32", **host_overrides):
+    """Export dir of a tiny PR-MoE whose FFNs the native kernel reads (f = 128; GPT-2 with nonzero biases)."""
+    from transformers import MistralConfig
+
+    from moe_convert.model.configuration_prmoe import PRMoEConfig
+    from moe_convert.model.modeling import PRMoEForCausalLM
+
+    text = (tiny_gpt2_config(n_inner=128, **host_overrides) if host == "gpt2" else
+            tiny_llama_config(MistralConfig if host == "mistral" else None, intermediate_size=128, **host_overrides))
+    torch.manual_seed(13)
+    model = PRMoEForCausalLM(PRMoEConfig(text_config=text.to_dict(), moe_layers=[1, 3], num_experts=[4, 6])).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)  # GPT-2 starts its biases at zero
+    model.save_pretrained(tmp_path / "src")
+    export(tmp_path / "src", tmp_path / dtype, dtype=dtype)
+    return tmp_path / dtype
+
+
+def planned_and_own(rt, B: int, starts: list[int], prompt: torch.Tensor, tokens: torch.Tensor) -> list[tuple]:
+    """(decode logits (steps, B, V), keys, values) of a prefill of `prompt` and one step per row of `tokens`,
+    first through the batch size's `DecodePlan`, then through `Runtime.forward`'s own way."""
+    runs = []
+    for plans in ({}, {B: None}):  # {B: None}: no plan for B
+        rt.decode_plans = plans
+        cache = rt.new_cache(B, prompt.shape[1] + 1, starts)  # one slot free: the cache grows while decoding
+        rt.forward(prompt, cache)
+        logits = torch.stack([rt.forward(t, cache)[:, 0] for t in tokens])
+        runs.append((logits, *(torch.stack([t[:, :, :cache.length] for t in ts]) for ts in (cache.k, cache.v))))
+    return runs
+
+
+needs_kernel = pytest.mark.skipif(native.library() is None, reason=f"no native kernel here: {native.why_unavailable()}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_decode_plan_equals_the_runtimes_own_forward_bit_for_bit(host, dtype, tmp_path):
+    """Decode steps through the prepared native calls (`plan.DecodePlan`) leave the very logits and KV cache of
+    `Runtime.forward`'s own calls: one sequence, and three left-padded ones."""
+    rt = load_runtime(export_for_the_kernel(tmp_path, host, dtype))
+    g = torch.Generator().manual_seed(11)
+    for B, starts in ((1, [0]), (3, [0, 2, 5])):
+        if DecodePlan.build(rt, B) is None:
+            pytest.skip(f"the native kernel does not read this machine's packed {dtype} layout")
+        prompt, tokens = torch.randint(2, VOCAB, (B, 6), generator=g), torch.randint(2, VOCAB, (5, B, 1), generator=g)
+        planned, own = planned_and_own(rt, B, starts, prompt, tokens)
+        assert all(torch.equal(a, b) for a, b in zip(planned, own))
+
+
+@needs_kernel
+def test_decode_plan_keeps_sliding_windows_and_the_context(tmp_path, monkeypatch):
+    """Mistral's sliding window (keys leave it while decoding) through the plan equals the forward's own way; a
+    step past the model's context is the same one-line error; without the kernel's layouts no plan is built."""
+    path = export_for_the_kernel(tmp_path, "mistral", sliding_window=4, max_position_embeddings=9)
+    rt = load_runtime(path)
+    if DecodePlan.build(rt, 2) is None:
+        pytest.skip("the native kernel does not read this machine's packed fp32 layout")
+    g = torch.Generator().manual_seed(12)
+    prompt, tokens = torch.randint(2, VOCAB, (2, 4), generator=g), torch.randint(2, VOCAB, (5, 2, 1), generator=g)
+    planned, own = planned_and_own(rt, 2, [0, 1], prompt, tokens)
+    assert all(torch.equal(a, b) for a, b in zip(planned, own))
+    rt.decode_plans = {}
+    cache = rt.new_cache(1, 9)
+    rt.forward(torch.randint(2, VOCAB, (1, 8), generator=g), cache)
+    rt.forward(tokens[0, :1], cache)
+    with pytest.raises(MoEConvertError, match="10 positions exceed the model's context of 9"):
+        rt.forward(tokens[1, :1], cache)
+    monkeypatch.setattr(kernels, "register", lambda *args: False)  # as without the native kernel's layouts
+    assert DecodePlan.build(load_runtime(path), 1) is None

@@ -124,14 +124,20 @@ class Decoder:
                 or x.device.type != "cpu" or x.shape[1] != self.state.d
                 or (x.requires_grad and torch.is_grad_enabled())):
             return None
-        threads = torch.get_num_threads()
-        s, x, out = self.state, x.contiguous(), x.new_empty(T, x.shape[1])
-        s.tokens, s.x, s.out = T, x.data_ptr(), out.data_ptr()
+        x, out = x.contiguous(), x.new_empty(T, x.shape[1])
+        self.run(T, x.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def run(self, T: int, x: int, out: int, threads: int) -> None:
+        """The layer on T tokens at address x (T, d) into address out (T, d), on `threads` threads: the two
+        native calls, the activation and gated product between them (`__call__` checks what it takes;
+        `plan.DecodePlan` calls this with its own buffers)."""
+        s = self.state
+        s.tokens, s.x, s.out = T, x, out
         native.check(self._lib.mc_moe_decode_first(self._at, threads), "mc_moe_decode_first")
         rows = T * self.rows_per_token
-        h = self._h[:rows] if self.state.act != native.ACT_NONE else self.act(self._h[:rows])
+        h = self._h[:rows] if s.act != native.ACT_NONE else self.act(self._h[:rows])
         if self.gated:
             h.mul_(self._up[:rows])
         s.act_h = h.data_ptr()
         native.check(self._lib.mc_moe_decode_second(self._at, threads), "mc_moe_decode_second")
-        return out

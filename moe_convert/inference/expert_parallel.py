@@ -56,14 +56,15 @@ class ExpertParallel:
         dist.all_to_all_single(back, y, sent_per_rank, got_per_rank)
         return back
 
-    def agree(self, token: int) -> int:
-        """Rank 0's next token, on every rank: the ranks decode one sequence together, so they run the same
-        number of forwards (each one's all-to-alls wait for every rank) and stop together."""
+    def agree(self, tokens: list[int]) -> list[int]:
+        """Rank 0's next tokens (one per sequence of the batch), on every rank, in one broadcast: the ranks
+        decode the batch together, so they run the same number of forwards (each one's all-to-alls wait for
+        every rank) and stop together."""
         import torch.distributed as dist
 
-        t = torch.tensor([token])
+        t = torch.tensor(tokens)
         dist.broadcast(t, 0)
-        return int(t)
+        return t.tolist()
 
     def check_all_loaded(self, error: BaseException | None) -> None:
         """Every rank reports whether it loaded its part (`error`: why not) before any all-to-all, so a rank

@@ -30,6 +30,7 @@ from .decode import Decoder
 from .expert_parallel import ExpertParallel, from_environment
 from .kernels import (ACTIVATIONS, PackedExperts, back_with_huge_pages, ffn, linear, moe_forward, native_fp16_matmul,
                       pack_experts, pack_ffn, pack_matrix, packed_matrices)
+from .plan import DecodePlan
 
 
 def load_export(path: str | Path, manifest: dict, rank: int | None = None) -> dict[str, torch.Tensor]:
@@ -241,6 +242,7 @@ class Runtime:
                 if part is not None]
         back_with_huge_pages([m for part in ffns for m in packed_matrices(part)]
                              + [w for w, _ in self.proj.values() if w.is_mkldnn])
+        self.decode_plans: dict[int, DecodePlan | None] = {}  # batch size -> its plan (None: `forward`'s own way)
 
     def configure(self, c: dict) -> None:
         """Read the host config (heads, norms, positions); raises before any tensor is read."""
@@ -372,13 +374,17 @@ class Runtime:
         """ids (B, L) following the cache's `length` slots -> logits (B, L, V), or (B, 1, V) of the last
         position with `last_only` (generation: the LM head over a long prompt is skipped); the cache advances."""
         B, L = ids.shape
+        if L == 1:  # decode: the batch size's prepared native calls where they apply
+            if B not in self.decode_plans:
+                self.decode_plans[B] = DecodePlan.build(self, B)
+            if self.decode_plans[B] is not None:
+                return self.decode_plans[B].step(ids, cache)
         past = cache.length
         pos = torch.arange(past, past + L).repeat(B, 1)  # (B, L): each sequence's positions, from its start
         padded = cache.padded
         if padded is not None:
             pos = (pos - padded[:, None]).clamp_(min=0)
-        if int(pos[:, -1].max()) >= self.context:
-            raise MoEConvertError(f"{int(pos[:, -1].max()) + 1} positions exceed the model's context of {self.context}")
+        self.check_positions(int(pos[:, -1].max()))
         rope = self.rope(past + L)
         masks = {}  # per sliding window: `_attention_mask`, built once per forward
         x, delta = self.embed(ids, pos), None  # (B, L, d); the FFN output still to add
@@ -393,6 +399,11 @@ class Runtime:
             x, delta = x[:, -1:].contiguous(), delta[:, -1:]
         _, h = self.norm(final_norm, x, delta)
         return linear(h.reshape(-1, h.shape[-1]), self.lm_head).reshape(B, h.shape[1], -1)  # (B, L or 1, V)
+
+    def check_positions(self, last: int) -> None:
+        """Raise where position `last` (from 0) is past the model's context."""
+        if last >= self.context:
+            raise MoEConvertError(f"{last + 1} positions exceed the model's context of {self.context}")
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, L, V) of a whole sequence (one prefill)."""
@@ -431,9 +442,10 @@ class Runtime:
         prefill_s = 0.0
         for n in range(max(news)):
             logits = self.forward(step, cache, last_only=True)[:, -1].float()  # (B, V)
-            for row, b in enumerate(live):
-                nxt = sample(logits[row], temperature, top_k, top_p, gen)
-                tokens[b].append(nxt if self.ep is None else self.ep.agree(nxt))
+            nxt = (logits.argmax(-1).tolist() if temperature <= 0
+                   else [sample(row, temperature, top_k, top_p, gen) for row in logits])
+            for b, t in zip(live, nxt if self.ep is None else self.ep.agree(nxt)):
+                tokens[b].append(t)
             if n == 0:
                 prefill_s = time.perf_counter() - start
             going = [row for row, b in enumerate(live) if tokens[b][-1] not in stop and n + 1 < news[b]]
@@ -465,9 +477,8 @@ def eos_token_ids(path: str | Path, host_config: dict) -> int | list[int] | None
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
            gen: torch.Generator | None) -> int:
-    """Next token from logits (V,): argmax at temperature 0, else top-k / top-p (nucleus) sampling."""
-    if temperature <= 0:
-        return int(logits.argmax())
+    """Next token from logits (V,) by top-k / top-p (nucleus) sampling at `temperature` > 0 (greedy decoding
+    takes the argmax, in `Runtime.generate_batch`)."""
     logits = logits.double()
     logits = (logits - logits.max()) / temperature  # <= 0: a tiny temperature gives -inf, never +inf or nan
     if top_k:
