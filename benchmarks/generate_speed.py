@@ -77,18 +77,20 @@ def native_ab(rt, prompt: list[int], args) -> None:
 
     if native.library() is None:
         sys.exit(f"the native kernel is off here: {native.why_unavailable()}")
-    switched = [(native, "ROWMAJOR_MAX_ROWS")]  # the row limits of the native kernels
-    if args.native_ab == "all":  # the packed-weight kernel's, which the decoder also obeys
-        switched += [(kernels, "NATIVE_BATCH_ROWS"), (kernels, "NATIVE_MAX_ROWS"), (kernels, "NATIVE_FFN_ANY_ROWS")]
-    limits = {(module, name): getattr(module, name) for module, name in switched}
+    switched = [(native, "ROWMAJOR_MAX_ROWS", 0)]  # (module, name, its value for "off"): the row limits
+    if args.native_ab == "all":  # the packed-weight kernel's, which the decoder also obeys, and prefill's FFNs
+        switched += [(kernels, "NATIVE_BATCH_ROWS", 0), (kernels, "NATIVE_MAX_ROWS", 0),
+                     (kernels, "native_prefill", lambda dtype: False)]
+    on = {(module, name): getattr(module, name) for module, name, _ in switched}
     runs = {"native": [], "oneDNN": []}
     for i in range(2 * (args.repeats + 1)):
         name = "native" if i % 2 == 0 else "oneDNN"
-        for (module, limit), rows in limits.items():
-            setattr(module, limit, rows if name == "native" else 0)
+        for module, attr, off in switched:
+            setattr(module, attr, on[module, attr] if name == "native" else off)
+        rt.decode_plans.clear()  # a decode step's prepared calls are built for the kernels switched on
         runs[name].append(rt.generate(prompt, args.new))
-    for (module, limit), rows in limits.items():
-        setattr(module, limit, rows)
+    for (module, attr), value in on.items():
+        setattr(module, attr, value)
     decode = {k: statistics.median(r.decode_tokens_per_s for r in v[1:]) for k, v in runs.items()}  # first: warm-up
     tokens = {k: [round(r.decode_tokens_per_s, 1) for r in v[1:]] for k, v in runs.items()}
     print(f"decode tokens/s, median of {args.repeats} alternating runs: native ({args.native_ab}) "
