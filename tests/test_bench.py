@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from moe_convert.inference.bench import IMPLS, Machine, floor_ms, layer_work, make_weights
 from moe_convert.cli import app
+from moe_convert.errors import MoEConvertError
 from moe_convert.inference import kernels
 from moe_convert.inference.kernels import (ACTIVATIONS, PackedExperts, ffn, fused_activation, is_packed, moe_forward,
                                            pack_experts, pack_ffn)
@@ -64,7 +65,7 @@ def test_bench_layer_without_deepspeed(monkeypatch):
     from moe_convert.inference import bench
 
     def not_installed():
-        raise ImportError("No module named 'deepspeed'")
+        raise MoEConvertError("engine: deepspeed is not installed; pip install 'moe-convert[deepspeed]'")
     monkeypatch.setattr(bench, "deepspeed_moe_class", not_installed)
     args = ["bench", "layer", "--tokens", "8", "--hidden", "32", "--experts", "4", "--repeats", "1"]
     res = CliRunner().invoke(app, [*args, "--impls", "moe_convert,deepspeed"])
@@ -277,7 +278,6 @@ def test_training_step_gradients_equal_autograd_of_the_formula():
 def test_bench_backward_option_and_recipe_field():
     res = CliRunner().invoke(app, ["bench", "layer", "--help"])
     assert res.exit_code == 0 and "--backward" in res.output
-    from moe_convert.errors import MoEConvertError
     from moe_convert.pipeline.recipe import parse_recipe
 
     recipe = parse_recipe({"steps": [{"bench": {"tokens": 8, "hidden": 32, "experts": 4, "backward": True}}]})

@@ -43,13 +43,13 @@ import transformers
 from .. import __version__
 from ..errors import MoEConvertError, one_line
 from ..io import (DTYPES, CheckpointReader, ShardWriter, atomic_output_dir, cast_float, check_output_apart,
-                  write_model_files)
+                  return_freed_memory, write_model_files)
 from ..model.configuration_prmoe import PRMoEConfig
 from ..model.layout import MoELayout, build_layout
 from ..model.modeling import HostSpec, PRMoEForCausalLM, host_spec
 from ..model.moe import EXPERT_PARAMS
 from ..options import parse_size
-from .calibrate import CHUNK_ROWS, StreamedLM, balanced_router, host_names, on_meta, one_thread
+from .calibrate import StreamedLM, balanced_router, host_names, on_meta, one_thread
 from .config import InitSpec, UpcycleJob
 from .gguf import gguf_to_dir, is_gguf
 
@@ -478,9 +478,10 @@ def _measure_fidelity(summary: UpcycleSummary, output: Path, spec: HostSpec, pla
         shares[i] = (counts.max() / counts.sum()).item()
 
     hidden = upcycled.run(ref.sample, {i: lambda x, block, i=i: share(i, x, block) for i in plan.layout.moe_layers})
+    return_freed_memory()
     max_diff, kl = 0.0, 0.0
-    with torch.inference_mode():
-        for dense_h, moe_h in zip(ref.hidden.split(CHUNK_ROWS), hidden.split(CHUNK_ROWS)):  # (b, L, d) each
+    with torch.inference_mode():  # a row at a time: its (L, V) logits and float64 log-probabilities are transient
+        for dense_h, moe_h in zip(ref.hidden.split(1), hidden.split(1)):  # (1, L, d) each
             dense_logits, logits = ref.dense.logits(dense_h), upcycled.logits(moe_h)  # (b, L, V)
             max_diff = max(max_diff, (logits - dense_logits).abs().max().item())
             log_p, log_q = dense_logits.double().log_softmax(-1), logits.double().log_softmax(-1)

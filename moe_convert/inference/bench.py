@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import socket
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,10 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MoEConvertError
+from ..formats import DEEPSPEED_ROUTER, deepspeed_expert_key
 from ..io import DTYPES
 from ..options import check_seed
 from . import kernels
 from .kernels import ACTIVATIONS, back_with_huge_pages, ffn, pack_experts, pack_ffn, packed_matrices
+from ..model.modeling import host_spec
 from ..model.moe import Experts, PRMoELayer
 from .runtime import MoELayer
 
@@ -71,18 +72,13 @@ def init_single_process_dist() -> None:
 
 
 def deepspeed_moe_class():
-    """`deepspeed.moe.layer.MoE`, ready to build (process group up), its log kept off stdout.
+    """`deepspeed.moe.layer.MoE`, ready to build (process group up), its log kept off stdout
+    (`deepspeed_engine.import_deepspeed`). MoEConvertError when DeepSpeed is not installed."""
+    from ..training.deepspeed_engine import import_deepspeed
 
-    DeepSpeed's logger binds to `sys.stdout` when first imported, so it is imported with stdout
-    pointed at stderr: `--json` output must stand alone. ImportError when DeepSpeed is not installed.
-    """
-    import contextlib
+    import_deepspeed()
+    from deepspeed.moe.layer import MoE
 
-    with contextlib.redirect_stdout(sys.stderr):
-        from deepspeed.moe.layer import MoE
-    from deepspeed.utils import logger
-
-    logger.setLevel("WARNING")
     init_single_process_dist()
     return MoE
 
@@ -211,12 +207,11 @@ def _deepspeed_layer(w: LayerWeights) -> torch.nn.Module:
     cfg = GPT2Config(n_embd=d, activation_function=ACT, resid_pdrop=0.0)
     # min_capacity 1: dropless, capacity is the largest count anyway; DeepSpeed refuses fewer tokens than it
     layer = MoE(d, GPT2MLP(4 * d, cfg), num_experts=E, k=1, use_residual=True, drop_tokens=False, min_capacity=1)
-    sd = {"deepspeed_moe.gate.wg.weight": w.router, "coefficient.weight": w.coef_w, "coefficient.bias": w.coef_b}
-    conv = {"c_fc.weight": "w_in", "c_fc.bias": "b_in", "c_proj.weight": "w_out", "c_proj.bias": "b_out"}
-    for key, ours in conv.items():
+    sd = {DEEPSPEED_ROUTER: w.router, "coefficient.weight": w.coef_w, "coefficient.bias": w.coef_b}
+    for ours, (key, _) in host_spec("gpt2").expert_keys.items():  # Conv1D: [in, out] as ours
         sd[f"mlp.{key}"] = w.dense[ours]
         for j in range(E):
-            sd[f"deepspeed_moe.experts.deepspeed_experts.{j}.{key}"] = w.stacked[ours][j]
+            sd[deepspeed_expert_key(j, key)] = w.stacked[ours][j]
     layer.load_state_dict({k: v.detach().float() for k, v in sd.items()})
     return layer.to(w.router.dtype).to(w.router.device)
 
@@ -452,7 +447,7 @@ def bench_layer(tokens: int, hidden: int, experts: list[int], dtype: str = "fp32
     if "deepspeed" in (impls or IMPLS):
         try:
             deepspeed_moe_class()
-        except ImportError:
+        except MoEConvertError:
             if impls:  # asked for by name
                 raise MoEConvertError("--impls deepspeed: DeepSpeed is not installed (pip install deepspeed)") from None
             no_deepspeed = True

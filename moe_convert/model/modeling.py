@@ -78,6 +78,14 @@ def host_spec(model_type: str) -> HostSpec:
     return HOSTS[model_type]
 
 
+def decoder_layers(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """(the module holding the decoder-layer list, the list's attribute name) of a host causal LM, or of a
+    PR-MoE model's host, from the host table."""
+    host = getattr(model, "host", model)  # PR-MoE wraps its host causal LM
+    parent, _, name = host_spec(host.config.model_type).layers.rpartition(".")
+    return host.get_submodule(parent), name
+
+
 @dataclass
 class PRMoECausalLMOutput(MoeCausalLMOutputWithPast):
     """`loss` = `ce_loss` + aux_loss_coef * `aux_loss` when labels are given."""

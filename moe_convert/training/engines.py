@@ -42,13 +42,11 @@ def check_engine(engine: str, mixed_precision: str, processes: int) -> None:
 
 
 def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's decoder-layer list (the host's, for a PR-MoE), from the host table."""
-    from ..model.modeling import host_spec
+    """The model's decoder-layer list (the host's, for a PR-MoE)."""
+    from ..model.modeling import decoder_layers
 
-    config = model.config
-    host = config.get_text_config()
-    root = model.host if getattr(config, "model_type", None) == "prmoe" else model
-    return root.get_submodule(host_spec(host.model_type).layers)
+    parent, name = decoder_layers(model)
+    return getattr(parent, name)
 
 
 def shard(model: torch.nn.Module, mixed_precision: str = "no") -> torch.nn.Module:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..model.modeling import host_spec
+from ..model.modeling import decoder_layers
 from .train import evaluate
 
 CALIBRATION_TOKENS = 4096  # tokens of training windows the teacher is scored on
@@ -105,13 +105,6 @@ class _Redundancy:
         for handle in self.handles:
             handle.remove()
         self.states.clear()
-
-
-def decoder_layers(model) -> tuple[torch.nn.Module, str]:
-    """(module holding the decoder-layer list, its attribute name) of a dense host or a PR-MoE model."""
-    host = getattr(model, "host", model)  # PR-MoE wraps its host causal LM
-    parent, _, name = host_spec(host.config.model_type).layers.rpartition(".")
-    return host.get_submodule(parent), name
 
 
 @contextmanager
