@@ -1,9 +1,10 @@
 """A decode step (one new token per sequence) as native calls prepared once per batch size.
 
-On a deep, narrow model the Python around a decode step's native calls costs as much as a third of
-the step: SmolLM2-135M (30 layers, d=576) spent ~6.5 ms of a ~25 ms bf16 step outside them, as
-every layer's norms, projections, attention and FFN checked their arguments, made views and new
-tensors and built the kernels' job lists anew. A `DecodePlan` does that once for a batch size:
+On a deep, narrow model the Python around a decode step's native calls, made one by one as
+`Runtime.forward` makes them, costs as much as a third of the step: ~6.5 ms of a ~25 ms bf16 step of
+SmolLM2-135M (30 layers, d=576), where every layer's norms, projections, attention and FFN check their
+arguments, make views and new tensors and build the kernels' job lists anew. A `DecodePlan` does that
+once for a batch size:
 every activation has a fixed buffer, every matmul's job list holds those buffers' addresses, and a
 step is the same native calls in a row (`native.residual_norm`'s, `native.attend_one`'s and
 `native.packed_matmul`'s entry points, `decode.Decoder.run`) with only the cache slot, the positions
