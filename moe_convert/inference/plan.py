@@ -27,8 +27,6 @@ from . import kernels, native
 from .kernels import NATIVE_ACTIVATIONS, fused_activation, native_pointers
 from .native import Job
 
-FIRST, SECOND = 0, 1  # an FFN's job lists: the first matmuls (d -> f), the second (f -> d)
-
 
 def _jobs(*jobs: Job) -> ctypes.Array:
     return (Job * len(jobs))(*jobs)
