@@ -1,5 +1,7 @@
 """A GGUF file (llama.cpp's format) as a source: transformers reads it and dequantizes it into a regular
-model, written once as a safetensors directory into the cache, keyed by the file's content hash.
+model, written once as a safetensors directory into the cache, keyed by the file's content hash. The hash
+is computed once per (path, size, modification time) and remembered beside the cache: a GGUF of tens of
+GB is not read whole again on every use.
 
 Why a directory and not the in-memory model: every reader in this package streams safetensors tensor by
 tensor (`io.CheckpointReader`); the dequantized copy gives it exactly that, and later runs reuse it.
@@ -8,6 +10,7 @@ tensor (`io.CheckpointReader`); the dequantized copy gives it exactly that, and 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from ..errors import MoEConvertError, one_line
@@ -22,6 +25,24 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _content_key(path: Path) -> str:
+    """The first `_HASH_PREFIX` hex digits of the file's sha256, read back from `cache_root()/gguf/hashes/` when
+    this path was hashed before at the same size and modification time."""
+    st = path.stat()
+    memo = cache_root() / "gguf" / "hashes" / hashlib.sha256(
+        f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:_HASH_PREFIX]
+    try:
+        return memo.read_text().strip()
+    except OSError:
+        pass
+    digest = file_sha256(path)[:_HASH_PREFIX]
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+    tmp.write_text(digest)
+    os.replace(tmp, memo)
+    return digest
+
+
 def is_gguf(source: str) -> bool:
     path = Path(source).expanduser()
     return path.suffix.lower() == GGUF_SUFFIX and path.is_file()
@@ -31,7 +52,7 @@ def gguf_to_dir(gguf_file: str | Path) -> Path:
     """The dequantized model directory of `gguf_file` (fp32 safetensors, config, tokenizer), built on first use
     under `cache_root()/gguf/<stem>-<sha256 prefix>`."""
     path = Path(gguf_file).expanduser().resolve()
-    out = cache_root() / "gguf" / f"{path.stem}-{file_sha256(path)[:_HASH_PREFIX]}"
+    out = cache_root() / "gguf" / f"{path.stem}-{_content_key(path)}"
     if (out / "config.json").is_file():
         return out
     try:
