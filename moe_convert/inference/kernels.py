@@ -240,24 +240,33 @@ def _native_ffns(parts: list[tuple[int, int, int, dict[str, int]]], d: int, f: i
     addresses, not views, because a decode step's dozen views cost more than the arithmetic).
     Results are written into each out.
     """
-    starts = list(itertools.accumulate((n for n, *_ in parts), initial=0))  # each part's first intermediate row
-    row = f * dtype.itemsize  # bytes of an intermediate row
     code = NATIVE_ACTIVATIONS.get(act, native.ACT_NONE)  # the kernel's own activation, where it has `act`
-    gated = "w_gate" in parts[0][3]
-    h = torch.empty(starts[-1], f, dtype=dtype)  # (sum of rows, f): act(x w_in + b_in), or act(x w_gate)
-    up = torch.empty_like(h) if gated else None  # x w_up
-    jobs = [Job(n, xa, p["w_gate" if gated else "w_in"], p.get("b_in", 0), h.data_ptr() + row * a, code)
-            for a, (n, xa, _, p) in zip(starts, parts)]
-    if gated:
-        jobs += [Job(n, xa, p["w_up"], 0, up.data_ptr() + row * a) for a, (n, xa, _, p) in zip(starts, parts)]
-    packed_matmul(jobs, f, d, dtype)  # every first matmul in one call
+    h = torch.empty(sum(n for n, *_ in parts), f, dtype=dtype)  # (sum of rows, f): act(x w_in + b_in), or act(x w_gate)
+    up = torch.empty_like(h) if "w_gate" in parts[0][3] else None  # x w_up
+    first, second = ffn_jobs(parts, h, up, code)
+    packed_matmul(first, f, d, dtype)  # every first matmul in one call
     if code == native.ACT_NONE:
-        h = act(h)
-    if gated:
+        h.copy_(act(h))  # in place: the second jobs read h's rows
+    if up is not None:
         h.mul_(up)
-    ha = h.data_ptr()
-    packed_matmul([Job(n, ha + row * a, p["w_out"], p.get("b_out", 0), oa) for a, (n, _, oa, p) in zip(starts, parts)],
-                  d, f, dtype)
+    packed_matmul(second, d, f, dtype)
+
+
+def ffn_jobs(parts: list[tuple[int, int, int, dict[str, int]]], h: torch.Tensor, up: torch.Tensor | None,
+             code: int) -> tuple[list[Job], list[Job]]:
+    """The native kernel's jobs of FFNs (`_native_ffns`'s parts): every first matmul into its rows of h (sum of
+    rows, f), the activation `code` applied, and of up for the gated kind; every second matmul from h's rows
+    into its out."""
+    row = h.shape[1] * h.element_size()  # bytes of an intermediate row
+    starts = itertools.accumulate((n for n, *_ in parts), initial=0)  # each part's first intermediate row
+    first, second, ups = [], [], []
+    for a, (n, x, out, p) in zip(starts, parts):
+        first.append(Job(n, x, p["w_gate" if up is not None else "w_in"], p.get("b_in", 0), h.data_ptr() + row * a,
+                         code))
+        if up is not None:
+            ups.append(Job(n, x, p["w_up"], 0, up.data_ptr() + row * a))
+        second.append(Job(n, h.data_ptr() + row * a, p["w_out"], p.get("b_out", 0), out))
+    return first + ups, second
 
 
 def _native_ffn(x: torch.Tensor, pointers: dict[str, int], f: int, act, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,16 +20,44 @@ returns None otherwise, and the runtime's own forward runs.
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
 import torch
 
 from . import kernels, native
-from .kernels import NATIVE_ACTIVATIONS, fused_activation, native_pointers
+from .decode import Decoder
+from .kernels import NATIVE_ACTIVATIONS, ffn_jobs, fused_activation, native_pointers
 from .native import Job
 
 
 def _jobs(*jobs: Job) -> ctypes.Array:
     return (Job * len(jobs))(*jobs)
+
+
+@dataclass(frozen=True)
+class DenseFFN:
+    """A dense FFN's two calls: jobs h -> hidden (and up), then hidden -> delta."""
+
+    first: ctypes.Array
+    second: ctypes.Array
+    f: int
+    hidden: torch.Tensor  # (B, f)
+    up: torch.Tensor | None  # (B, f): the gated kind's x w_up, multiplied into hidden between the calls
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One decoder layer's prepared calls and the buffers they name."""
+
+    attn_norm: tuple[int, int]  # (weight, bias or 0) addresses
+    ffn_norm: tuple[int, int]
+    qkv_buffer: torch.Tensor  # (B, (H + 2 H_kv) hd)
+    qkv: tuple  # (jobs, out, in): h -> qkv_buffer
+    out: tuple  # (jobs, out, in): attention's heads -> delta
+    window: int  # 0: the whole prefix
+    scale: float
+    moe: Decoder | None  # an MoE layer's decoder, h -> delta
+    dense: DenseFFN | None
 
 
 class DecodePlan:
@@ -83,32 +111,24 @@ class DecodePlan:
         w, b = self.rt.proj[self.rt._projection(i, ours)]
         return _jobs(Job(self.B, x.data_ptr(), native.address(w), 0 if b is None else b.data_ptr(), y.data_ptr())), *w.shape
 
-    def _ffn(self, w: dict[str, torch.Tensor]) -> tuple:
-        """A dense FFN's (first jobs, second jobs, f, (act(h), up) or None): `kernels._native_ffns`'s jobs on
-        the plan's buffers, h -> delta."""
+    def _ffn(self, w: dict[str, torch.Tensor]) -> DenseFFN:
+        """A dense FFN's jobs (`kernels.ffn_jobs`, as `kernels._native_ffns` runs them) on the plan's buffers, h -> delta."""
         p, f = native_pointers(w), w["w_out"].shape[1]
-        gated, code = "w_gate" in p, NATIVE_ACTIVATIONS[fused_activation(self.rt.act)]
         hidden = torch.empty(self.B, f, dtype=self.rt.dtype)
-        up = torch.empty_like(hidden) if gated else None
-        first = [Job(self.B, self.h.data_ptr(), p["w_gate" if gated else "w_in"], p.get("b_in", 0), hidden.data_ptr(),
-                     code)]
-        if gated:
-            first.append(Job(self.B, self.h.data_ptr(), p["w_up"], 0, up.data_ptr()))
-        second = Job(self.B, hidden.data_ptr(), p["w_out"], p.get("b_out", 0), self.delta.data_ptr())
-        return _jobs(*first), _jobs(second), f, (hidden, up) if gated else (hidden,)
+        up = torch.empty_like(hidden) if "w_gate" in p else None
+        first, second = ffn_jobs([(self.B, self.h.data_ptr(), self.delta.data_ptr(), p)], hidden, up,
+                                 NATIVE_ACTIVATIONS[fused_activation(self.rt.act)])
+        return DenseFFN(_jobs(*first), _jobs(*second), f, hidden, up)
 
-    def _layer(self, i: int) -> dict:
+    def _layer(self, i: int) -> Layer:
         rt = self.rt
         attn_norm, ffn_norm, _ = rt.NORMS
-        qkv_width = (rt.heads + 2 * rt.num_kv_heads) * rt.head_dim
-        qkv = torch.empty(self.B, qkv_width, dtype=rt.dtype)
+        qkv = torch.empty(self.B, (rt.heads + 2 * rt.num_kv_heads) * rt.head_dim, dtype=rt.dtype)
         ffn = rt.ffns[i]
-        return {"attn_norm": self._norm(attn_norm.format(i)), "ffn_norm": self._norm(ffn_norm.format(i)),
-                "qkv_buffer": qkv, "qkv": self._projection(i, "qkv", self.h, qkv),
-                "out": self._projection(i, "out", self.o, self.delta),
-                "window": rt.sliding_window(i) or 0, "scale": rt.attn_scale(i),
-                "moe": ffn["moe"].decoder if "moe" in ffn else None,
-                "dense": None if "moe" in ffn else self._ffn(ffn["dense"])}
+        return Layer(self._norm(attn_norm.format(i)), self._norm(ffn_norm.format(i)), qkv,
+                     self._projection(i, "qkv", self.h, qkv), self._projection(i, "out", self.o, self.delta),
+                     rt.sliding_window(i) or 0, rt.attn_scale(i), ffn["moe"].decoder if "moe" in ffn else None,
+                     None if "moe" in ffn else self._ffn(ffn["dense"]))
 
     def _residual_norm(self, norm: tuple[int, int], delta: bool) -> None:
         """x += delta (when `delta`), h = norm(x): `native.residual_norm`'s call on the plan's buffers."""
@@ -130,24 +150,24 @@ class DecodePlan:
         cos, sin, positions = (0, 0, 0) if rope is None else (rope[0].data_ptr(), rope[1].data_ptr(), rope[0].shape[0])
         self.x.copy_(rt.embed(ids, self.pos.view(B, 1)).view(B, self.d))
         for i, layer in enumerate(self.layers):
-            self._residual_norm(layer["attn_norm"], delta=i > 0)
-            self._matmul(*layer["qkv"], threads)
+            self._residual_norm(layer.attn_norm, delta=i > 0)
+            self._matmul(*layer.qkv, threads)
             cache.reserve(i, slot + 1)
             k, v = cache.k[i], cache.v[i]
-            native.check(lib.mc_attend_one(B, rt.heads, rt.num_kv_heads, rt.head_dim, layer["qkv_buffer"].data_ptr(),
+            native.check(lib.mc_attend_one(B, rt.heads, rt.num_kv_heads, rt.head_dim, layer.qkv_buffer.data_ptr(),
                                            self.bf16, cos, sin, positions, self.pos.data_ptr(), k.data_ptr(),
-                                           v.data_ptr(), k.shape[2], slot, cache.start.data_ptr(), layer["window"],
-                                           layer["scale"], self.o.data_ptr(), threads), "mc_attend_one")
-            self._matmul(*layer["out"], threads)
-            self._residual_norm(layer["ffn_norm"], delta=True)
-            if layer["moe"] is not None:
-                layer["moe"].run(B, self.h.data_ptr(), self.delta.data_ptr(), threads)
+                                           v.data_ptr(), k.shape[2], slot, cache.start.data_ptr(), layer.window,
+                                           layer.scale, self.o.data_ptr(), threads), "mc_attend_one")
+            self._matmul(*layer.out, threads)
+            self._residual_norm(layer.ffn_norm, delta=True)
+            if layer.moe is not None:
+                layer.moe.run(B, self.h.data_ptr(), self.delta.data_ptr(), threads)
                 continue
-            first, second, f, hidden = layer["dense"]
-            self._matmul(first, f, self.d, threads)
-            if len(hidden) == 2:  # gated: act(x w_gate) * x w_up
-                hidden[0].mul_(hidden[1])
-            self._matmul(second, self.d, f, threads)
+            dense = layer.dense
+            self._matmul(dense.first, dense.f, self.d, threads)
+            if dense.up is not None:  # gated: act(x w_gate) * x w_up
+                dense.hidden.mul_(dense.up)
+            self._matmul(dense.second, self.d, dense.f, threads)
         cache.length += 1
         self._residual_norm(self.final_norm, delta=True)
         return kernels.linear(self.h, rt.lm_head).view(B, 1, -1)  # (B, 1, V)
